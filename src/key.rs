@@ -1,0 +1,365 @@
+//! Key derivation: who is asking (scope), what is asked (fingerprint), and the dedup key.
+//!
+//! Every digest is blake3 in keyed mode with the deployment secret, so a reader of the store
+//! cannot derive the key of a guessable request. Every field is length- or count-prefixed so
+//! that no two different requests collide by moving bytes between fields. The body comes last
+//! and its length is appended after it, which lets the body be hashed as it streams in while
+//! the encoding stays injective (everything before it is self-delimiting).
+//!
+//! Keyed and fingerprint keys are derived under different domain tags, so an
+//! `Idempotency-Key` can never name the same entry as a keyless request.
+
+use std::fmt;
+
+/// The 32-byte identity of one logical request: the map key for flights and stored entries.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DedupKey(pub [u8; 32]);
+
+impl DedupKey {
+    /// A short, non-reversible prefix for logs and the admin view: never the raw key.
+    pub fn short(&self) -> String {
+        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for DedupKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DedupKey({})", self.short())
+    }
+}
+
+/// Digest of method, path, query, fingerprint headers and body.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({:02x}{:02x}..)", self.0[0], self.0[1])
+    }
+}
+
+/// Digest of who is asking: the authority plus the scope header values.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Scope {
+    digest: [u8; 32],
+    /// No scope header was present: responses served into this scope drop `Set-Cookie`.
+    pub anonymous: bool,
+}
+
+/// Domain tags keep the different digests apart even for identical inputs.
+mod domain {
+    pub const SCOPE: u8 = 1;
+    pub const FINGERPRINT: u8 = 2;
+    pub const KEYED: u8 = 3;
+    pub const BY_FINGERPRINT: u8 = 4;
+}
+
+/// Derives scopes, fingerprints and keys with the deployment secret.
+#[derive(Clone)]
+pub struct KeyDeriver {
+    secret: [u8; 32],
+}
+
+impl fmt::Debug for KeyDeriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyDeriver(..)")
+    }
+}
+
+impl KeyDeriver {
+    /// From the configured secret; `None` draws a random per-process secret (fine for the
+    /// memory store, whose keys die with the process anyway).
+    pub fn new(secret: Option<&str>) -> KeyDeriver {
+        let secret = match secret {
+            Some(s) => blake3::derive_key("idem 2026-11 dedup key secret", s.as_bytes()),
+            None => random_secret(),
+        };
+        KeyDeriver { secret }
+    }
+
+    fn hasher(&self, domain: u8) -> blake3::Hasher {
+        let mut h = blake3::Hasher::new_keyed(&self.secret);
+        h.update(&[domain]);
+        h
+    }
+
+    /// The scope of a request. `headers` yields, for each configured scope header in order,
+    /// its values as sent (an empty list when absent).
+    pub fn scope<'a>(
+        &self,
+        authority: &[u8],
+        headers: impl Iterator<Item = Vec<&'a [u8]>>,
+    ) -> Scope {
+        let mut h = self.hasher(domain::SCOPE);
+        field(&mut h, &authority.to_ascii_lowercase());
+        let mut anonymous = true;
+        for values in headers {
+            anonymous &= values.is_empty();
+            list(&mut h, &values);
+        }
+        Scope {
+            digest: *h.finalize().as_bytes(),
+            anonymous,
+        }
+    }
+
+    /// Starts a fingerprint; feed the body with [`FingerprintHasher::update`].
+    pub fn fingerprint<'a>(
+        &self,
+        method: &[u8],
+        path: &[u8],
+        query: &[u8],
+        headers: impl Iterator<Item = (&'a str, Vec<&'a [u8]>)>,
+    ) -> FingerprintHasher {
+        let mut h = self.hasher(domain::FINGERPRINT);
+        field(&mut h, method);
+        field(&mut h, path);
+        field(&mut h, query);
+        let headers: Vec<_> = headers.collect();
+        h.update(&(headers.len() as u64).to_le_bytes());
+        for (name, values) in headers {
+            field(&mut h, name.as_bytes());
+            list(&mut h, &values);
+        }
+        FingerprintHasher {
+            hasher: h,
+            body_len: 0,
+        }
+    }
+
+    /// The key of a request that carries an `Idempotency-Key` (already decoded).
+    pub fn keyed(&self, scope: &Scope, key: &[u8]) -> DedupKey {
+        let mut h = self.hasher(domain::KEYED);
+        h.update(&scope.digest);
+        field(&mut h, key);
+        DedupKey(*h.finalize().as_bytes())
+    }
+
+    /// The key of a keyless request on a fingerprint route.
+    pub fn by_fingerprint(&self, scope: &Scope, fp: &Fingerprint) -> DedupKey {
+        let mut h = self.hasher(domain::BY_FINGERPRINT);
+        h.update(&scope.digest);
+        h.update(&fp.0);
+        DedupKey(*h.finalize().as_bytes())
+    }
+}
+
+/// A fingerprint being computed while the body streams in.
+pub struct FingerprintHasher {
+    hasher: blake3::Hasher,
+    body_len: u64,
+}
+
+impl FingerprintHasher {
+    /// Adds a chunk of the request body.
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+        self.body_len += chunk.len() as u64;
+    }
+
+    /// Finishes; the body length goes last so the encoding stays injective.
+    pub fn finish(mut self) -> Fingerprint {
+        self.hasher.update(&self.body_len.to_le_bytes());
+        Fingerprint(*self.hasher.finalize().as_bytes())
+    }
+}
+
+fn field(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+/// Absent (count 0) and present-but-empty (count 1, length 0) stay distinct.
+fn list(h: &mut blake3::Hasher, values: &[&[u8]]) {
+    h.update(&(values.len() as u64).to_le_bytes());
+    for v in values {
+        field(h, v);
+    }
+}
+
+fn random_secret() -> [u8; 32] {
+    let mut buf = [0u8; 32];
+    // SAFETY: getrandom writes at most buf.len() bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    assert_eq!(n, 32, "getrandom failed: cannot draw a key secret");
+    buf
+}
+
+/// Largest decoded `Idempotency-Key` value.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Why an `Idempotency-Key` header was refused (all answered with 400 key-malformed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyHeaderError {
+    /// The header appeared more than once.
+    #[error("the Idempotency-Key header appears more than once")]
+    Repeated,
+    /// The value is empty.
+    #[error("the Idempotency-Key value is empty")]
+    Empty,
+    /// The value is neither an RFC 8941 string nor a bare token.
+    #[error("the Idempotency-Key value is neither a quoted string nor a token of visible ASCII without quotes, commas or spaces")]
+    Malformed,
+    /// The decoded value is longer than 255 bytes.
+    #[error("the Idempotency-Key value is longer than 255 bytes")]
+    TooLong,
+}
+
+/// Parses the `Idempotency-Key` header values of a request: `Ok(None)` when absent.
+/// Accepts an RFC 8941 string (`"abc"`, with `\"` and `\\` escapes) or a bare token; both
+/// decode to the same value, so `"abc"` and `abc` are the same key.
+pub fn parse_idempotency_key<'a>(
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<Vec<u8>>, KeyHeaderError> {
+    let Some(raw) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyHeaderError::Repeated);
+    }
+    let raw = raw.trim_ascii();
+    if raw.is_empty() {
+        return Err(KeyHeaderError::Empty);
+    }
+    let decoded = if raw[0] == b'"' {
+        decode_sf_string(raw)?
+    } else {
+        if !raw
+            .iter()
+            .all(|&b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b',')
+        {
+            return Err(KeyHeaderError::Malformed);
+        }
+        raw.to_vec()
+    };
+    if decoded.is_empty() {
+        return Err(KeyHeaderError::Empty);
+    }
+    if decoded.len() > MAX_KEY_LEN {
+        return Err(KeyHeaderError::TooLong);
+    }
+    Ok(Some(decoded))
+}
+
+fn decode_sf_string(raw: &[u8]) -> Result<Vec<u8>, KeyHeaderError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut it = raw[1..].iter();
+    while let Some(&b) = it.next() {
+        match b {
+            b'\\' => match it.next() {
+                Some(&e @ (b'"' | b'\\')) => out.push(e),
+                _ => return Err(KeyHeaderError::Malformed),
+            },
+            // The closing quote must end the value: parameters or lists are not keys.
+            b'"' => {
+                return if it.next().is_none() {
+                    Ok(out)
+                } else {
+                    Err(KeyHeaderError::Malformed)
+                }
+            }
+            0x20..=0x7e => out.push(b),
+            _ => return Err(KeyHeaderError::Malformed),
+        }
+    }
+    Err(KeyHeaderError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k() -> KeyDeriver {
+        KeyDeriver::new(Some("test secret, long enough"))
+    }
+
+    fn fp(method: &str, path: &str, query: &str, ct: Option<&str>, body: &[&[u8]]) -> Fingerprint {
+        let vals: Vec<&[u8]> = ct.map(|c| vec![c.as_bytes()]).unwrap_or_default();
+        let mut h = k().fingerprint(
+            method.as_bytes(),
+            path.as_bytes(),
+            query.as_bytes(),
+            std::iter::once(("content-type", vals)),
+        );
+        for c in body {
+            h.update(c);
+        }
+        h.finish()
+    }
+
+    #[test]
+    fn fingerprint_fields_do_not_shift_into_each_other() {
+        let a = fp("POST", "/ab", "", None, &[b""]);
+        let b = fp("POST", "/a", "b", None, &[b""]);
+        let c = fp("POST", "/a", "", None, &[b"b"]);
+        assert_ne!(a, b);
+        assert_ne!(b, c);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn body_chunking_does_not_matter_but_absent_header_differs_from_empty() {
+        assert_eq!(
+            fp("POST", "/a", "q", None, &[b"hello ", b"world"]),
+            fp("POST", "/a", "q", None, &[b"hello world"])
+        );
+        assert_eq!(fp("POST", "/a", "", None, &[]), fp("POST", "/a", "", None, &[b""]));
+        assert_ne!(fp("POST", "/a", "", None, &[]), fp("POST", "/a", "", Some(""), &[]));
+    }
+
+    #[test]
+    fn scopes_separate_users_and_hosts() {
+        let d = k();
+        let anon = d.scope(b"example.com", [vec![], vec![]].into_iter());
+        assert!(anon.anonymous);
+        let alice = d.scope(b"example.com", [vec![&b"Bearer a"[..]], vec![]].into_iter());
+        let bob = d.scope(b"example.com", [vec![&b"Bearer b"[..]], vec![]].into_iter());
+        let other_host = d.scope(b"other.com", [vec![], vec![]].into_iter());
+        assert!(!alice.anonymous);
+        assert_ne!(d.keyed(&alice, b"k"), d.keyed(&bob, b"k"));
+        assert_ne!(d.keyed(&anon, b"k"), d.keyed(&other_host, b"k"));
+        // Authorization "x" vs Cookie "x" are different scopes.
+        let as_auth = d.scope(b"h", [vec![&b"x"[..]], vec![]].into_iter());
+        let as_cookie = d.scope(b"h", [vec![], vec![&b"x"[..]]].into_iter());
+        assert_ne!(as_auth, as_cookie);
+        // Host is case-insensitive.
+        assert_eq!(
+            d.scope(b"Example.COM", [vec![], vec![]].into_iter()),
+            anon
+        );
+    }
+
+    #[test]
+    fn keyed_and_fingerprint_domains_differ_and_secret_matters() {
+        let d = k();
+        let s = d.scope(b"h", std::iter::empty());
+        let f = Fingerprint([7; 32]);
+        assert_ne!(d.keyed(&s, &f.0), d.by_fingerprint(&s, &f));
+        let other = KeyDeriver::new(Some("another secret, long enough"));
+        let s2 = other.scope(b"h", std::iter::empty());
+        assert_ne!(d.keyed(&s, b"k"), other.keyed(&s2, b"k"));
+    }
+
+    fn parse(values: &[&str]) -> Result<Option<Vec<u8>>, KeyHeaderError> {
+        parse_idempotency_key(values.iter().map(|v| v.as_bytes()))
+    }
+
+    #[test]
+    fn key_header_forms() {
+        assert_eq!(parse(&[]), Ok(None));
+        assert_eq!(parse(&["abc-123"]), Ok(Some(b"abc-123".to_vec())));
+        assert_eq!(parse(&["\"abc-123\""]), Ok(Some(b"abc-123".to_vec())));
+        assert_eq!(parse(&["\"a b\\\"c\""]), Ok(Some(b"a b\"c".to_vec())));
+        assert_eq!(parse(&["a", "b"]), Err(KeyHeaderError::Repeated));
+        assert_eq!(parse(&[""]), Err(KeyHeaderError::Empty));
+        assert_eq!(parse(&["\"\""]), Err(KeyHeaderError::Empty));
+        assert_eq!(parse(&["a,b"]), Err(KeyHeaderError::Malformed));
+        assert_eq!(parse(&["a b"]), Err(KeyHeaderError::Malformed));
+        assert_eq!(parse(&["\"abc"]), Err(KeyHeaderError::Malformed));
+        assert_eq!(parse(&["\"abc\";x=1"]), Err(KeyHeaderError::Malformed));
+        assert_eq!(parse(&["\"a\\nb\""]), Err(KeyHeaderError::Malformed));
+        assert_eq!(parse(&["ab\u{7f}"]), Err(KeyHeaderError::Malformed));
+        assert_eq!(parse(&[&"x".repeat(255)]).unwrap().unwrap().len(), 255);
+        assert_eq!(parse(&[&"x".repeat(256)]), Err(KeyHeaderError::TooLong));
+    }
+}

@@ -1,0 +1,38 @@
+//! idem: a deduplicating reverse proxy. The backend does the work once, however many times
+//! and however impatiently the client sends the request.
+//!
+//! Life of an eligible request (see `proxy.rs`, top to bottom):
+//! route + admission from the head -> body read and hashed -> scope, fingerprint, dedup key
+//! -> join: leader (detached upstream call), waiter (waits for it), replay (stored), or a
+//! problem -> answer written by idem.
+//!
+//! Lifecycle of a key: absent -> in flight (one leader, waiters) -> stored | not-replayable |
+//! held (outcome unknown) | freed -> expired. The rule that outranks convenience: idem never
+//! starts a second upstream call for a key while an earlier call for it may still be
+//! executing or its result is retained.
+//!
+//! ```text
+//! Idem (proxy.rs)
+//! ├── Settings        validated proxy.toml (settings.rs, config.rs)
+//! ├── KeyDeriver      keyed blake3 (key.rs)
+//! ├── Coordinator     flights: DashMap<DedupKey, Flight> (inflight.rs)
+//! │   └── MemoryStore bounded LRU + expiry (store.rs)
+//! ├── Upstream        load balancer + Pingora Connector (upstream.rs); flights run in flight.rs
+//! └── Metrics         Prometheus registry, /metrics /healthz /readyz (metrics.rs)
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod admission;
+pub mod config;
+pub mod flight;
+pub mod inflight;
+pub mod key;
+pub mod metrics;
+pub mod problem;
+pub mod proxy;
+pub mod respond;
+pub mod server;
+pub mod settings;
+pub mod store;
+pub mod upstream;

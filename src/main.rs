@@ -1,0 +1,64 @@
+//! The `idem` command line: run the proxy, or check a configuration file.
+
+use clap::{Parser, Subcommand};
+use idem::settings::Settings;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// A deduplicating reverse proxy: the backend does the work once, however often the client retries.
+#[derive(Parser)]
+#[command(name = "idem", version, about)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = "proxy.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration file and exit: 0 when valid, 1 with file:line and the reason otherwise.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&cli.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("idem: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            println!("{}: ok", cli.config.display());
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            init_logging(settings.log_format);
+            match idem::server::run(settings) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("idem: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: idem::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        idem::config::LogFormat::Json => builder.json().init(),
+        idem::config::LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,341 @@
+//! Prometheus metrics (DESIGN section 7) and the metrics listener's small HTTP app.
+//!
+//! One [`Metrics`] value owns a private registry; methods are named for events. Labels are
+//! bounded: route names come from the config and outcomes from [`Outcome`], never keys or
+//! paths. Every route x outcome series is created at start-up so that rates and ratios are
+//! defined from the first scrape. Gauges that mirror state (in flight, waiters, store size)
+//! are read from their owners at scrape time rather than updated on every request.
+
+use crate::inflight::Coordinator;
+use crate::store::StoreStats;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Index of a route in [`Metrics`]' label table (0 is the default route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteId(pub usize);
+
+/// How idem answered one request: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// First request for a key: made the upstream call.
+    Leader,
+    /// Attached to a call in flight and got its response.
+    Collapsed,
+    /// Got a stored response.
+    Replayed,
+    /// Passed through (not eligible, no key on a keyed route, off or shadow route).
+    Bypass,
+    /// 409 in-progress.
+    Conflict,
+    /// 422: same key, different request.
+    Mismatch,
+    /// 400: key required but absent, or malformed.
+    MissingKey,
+    /// Body over `max_body`: 413, or passed through uncounted by dedup.
+    TooLarge,
+    /// 502/504 outcome unknown (live or held).
+    OutcomeUnknown,
+    /// 409 not-replayable.
+    NotReplayable,
+    /// Everything else idem answered with an error (store full, unreachable, body timeout).
+    Error,
+}
+
+impl Outcome {
+    /// Every outcome, for series pre-registration.
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Leader,
+        Outcome::Collapsed,
+        Outcome::Replayed,
+        Outcome::Bypass,
+        Outcome::Conflict,
+        Outcome::Mismatch,
+        Outcome::MissingKey,
+        Outcome::TooLarge,
+        Outcome::OutcomeUnknown,
+        Outcome::NotReplayable,
+        Outcome::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Leader => "leader",
+            Outcome::Collapsed => "collapsed",
+            Outcome::Replayed => "replayed",
+            Outcome::Bypass => "bypass",
+            Outcome::Conflict => "conflict",
+            Outcome::Mismatch => "mismatch",
+            Outcome::MissingKey => "missing_key",
+            Outcome::TooLarge => "too_large",
+            Outcome::OutcomeUnknown => "outcome_unknown",
+            Outcome::NotReplayable => "not_replayable",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+const UPSTREAM_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
+
+/// All of idem's metric families.
+pub struct Metrics {
+    registry: Registry,
+    routes: Vec<String>,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    detached: IntCounterVec,
+    inflight: IntGauge,
+    waiters: IntGauge,
+    held: IntGauge,
+    store_entries: IntGauge,
+    store_bytes: IntGauge,
+    store_evictions: IntCounterVec,
+    store_operations: IntCounterVec,
+    shadow_duplicates: IntCounterVec,
+    /// Requests refused before idem could answer (client gone while idem read the body).
+    client_aborts: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every family and pre-creates every route x outcome series.
+    pub fn new(route_names: Vec<String>) -> Arc<Metrics> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let buckets = vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0, 120.0, 300.0,
+            ];
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let client_aborts = IntCounter::new(
+            "idem_client_aborts_total",
+            "Requests whose client left while idem read the request body.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(client_aborts.clone()))
+            .expect("unique metric");
+        let m = Metrics {
+            requests: counter(
+                "idem_requests_total",
+                "Requests by route and how idem answered them.",
+                &["route", "outcome"],
+            ),
+            request_duration: histogram(
+                "idem_request_duration_seconds",
+                "Time from request head to the end of idem's answer.",
+                &["route", "outcome"],
+            ),
+            upstream_requests: counter(
+                "idem_upstream_requests_total",
+                "Upstream calls made by leaders, by response class or failed.",
+                &["route", "class"],
+            ),
+            upstream_duration: histogram(
+                "idem_upstream_duration_seconds",
+                "Time from the start of a leader's upstream call to its response header.",
+                &["route"],
+            ),
+            detached: counter(
+                "idem_detached_completions_total",
+                "Leader calls that completed after their client had left.",
+                &["route"],
+            ),
+            inflight: gauge("idem_inflight_keys", "Keys with an upstream call in flight."),
+            waiters: gauge("idem_waiters", "Requests waiting for a call in flight."),
+            held: gauge("idem_held_keys", "Keys held as outcome unknown."),
+            store_entries: gauge("idem_store_entries", "Records kept in the store."),
+            store_bytes: gauge("idem_store_bytes", "Bytes of records kept in the store."),
+            store_evictions: counter(
+                "idem_store_evictions_total",
+                "Records removed from the store: capacity (weakens the guarantee) or expired.",
+                &["reason"],
+            ),
+            store_operations: counter(
+                "idem_store_operations_total",
+                "Store operations by result.",
+                &["op", "result"],
+            ),
+            shadow_duplicates: counter(
+                "idem_shadow_duplicates_total",
+                "Requests a shadow route would have collapsed or replayed.",
+                &["route", "kind"],
+            ),
+            client_aborts,
+            routes: route_names,
+            registry,
+        };
+        for route in &m.routes {
+            for o in Outcome::ALL {
+                m.requests.with_label_values(&[route, o.as_str()]);
+                m.request_duration.with_label_values(&[route, o.as_str()]);
+            }
+            for class in UPSTREAM_CLASSES {
+                m.upstream_requests.with_label_values(&[route, class]);
+            }
+            m.upstream_duration.with_label_values(&[route]);
+            m.detached.with_label_values(&[route]);
+            for kind in ["collapsed", "replayed"] {
+                m.shadow_duplicates.with_label_values(&[route, kind]);
+            }
+        }
+        for reason in ["capacity", "expired"] {
+            m.store_evictions.with_label_values(&[reason]);
+        }
+        Arc::new(m)
+    }
+
+    fn route(&self, r: RouteId) -> &str {
+        &self.routes[r.0]
+    }
+
+    /// One request answered.
+    pub fn request(&self, route: RouteId, outcome: Outcome, took: Duration) {
+        let labels = [self.route(route), outcome.as_str()];
+        self.requests.with_label_values(&labels).inc();
+        self.request_duration
+            .with_label_values(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// A leader's upstream call got a response header.
+    pub fn upstream_answered(&self, route: RouteId, status: u16, took: Duration) {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.upstream_requests
+            .with_label_values(&[self.route(route), class])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[self.route(route)])
+            .observe(took.as_secs_f64());
+    }
+
+    /// A leader's upstream call failed without a response header.
+    pub fn upstream_failed(&self, route: RouteId, took: Duration) {
+        self.upstream_requests
+            .with_label_values(&[self.route(route), "failed"])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[self.route(route)])
+            .observe(took.as_secs_f64());
+    }
+
+    /// A leader's call completed after its client left.
+    pub fn detached_completion(&self, route: RouteId) {
+        self.detached.with_label_values(&[self.route(route)]).inc();
+    }
+
+    /// A shadow route saw a request it would have collapsed or replayed.
+    pub fn shadow_duplicate(&self, route: RouteId, kind: &'static str) {
+        self.shadow_duplicates
+            .with_label_values(&[self.route(route), kind])
+            .inc();
+    }
+
+    /// A store operation (`op`: lookup, write) and its result (hit, miss, ok, full, error).
+    pub fn store_op(&self, op: &'static str, result: &'static str) {
+        self.store_operations.with_label_values(&[op, result]).inc();
+    }
+
+    /// A client left while idem read its request body.
+    pub fn client_abort(&self) {
+        self.client_aborts.inc();
+    }
+
+    /// Renders the text exposition, refreshing state gauges from their owners.
+    pub fn render(&self, coordinator: &Coordinator, store: &StoreStats) -> Vec<u8> {
+        let counts = coordinator.counts();
+        self.inflight.set(counts.inflight as i64);
+        self.waiters.set(counts.waiters as i64);
+        self.held.set(store.held.load(Ordering::Relaxed) as i64);
+        self.store_entries
+            .set(store.entries.load(Ordering::Relaxed) as i64);
+        self.store_bytes.set(store.bytes.load(Ordering::Relaxed) as i64);
+        for (reason, total) in [
+            ("capacity", &store.evicted_capacity),
+            ("expired", &store.evicted_expired),
+        ] {
+            let c = self.store_evictions.with_label_values(&[reason]);
+            let now = total.load(Ordering::Relaxed);
+            c.inc_by(now.saturating_sub(c.get()));
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        out
+    }
+}
+
+/// The metrics listener: `/metrics`, `/healthz` (process up), `/readyz` (listeners bound and
+/// at least one healthy backend).
+pub struct MetricsApp {
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+    /// For the in-flight gauges.
+    pub coordinator: Arc<Coordinator>,
+    /// For the store gauges.
+    pub store: Arc<StoreStats>,
+    /// Readiness: set once listeners are bound.
+    pub ready: Arc<AtomicBool>,
+    /// Readiness: at least one backend healthy.
+    pub upstream: Arc<crate::upstream::Upstream>,
+}
+
+#[async_trait::async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        let (status, ctype, body) = match path.as_str() {
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4",
+                self.metrics.render(&self.coordinator, &self.store),
+            ),
+            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => {
+                if !self.ready.load(Ordering::Relaxed) {
+                    (503, "text/plain", b"listeners not bound\n".to_vec())
+                } else if !self.upstream.any_healthy() {
+                    (503, "text/plain", b"no healthy backend\n".to_vec())
+                } else {
+                    (200, "text/plain", b"ready\n".to_vec())
+                }
+            }
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        http::Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, ctype)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .expect("static response parts")
+    }
+}

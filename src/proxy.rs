@@ -1,0 +1,499 @@
+//! The Pingora glue: the life of a request, top to bottom, in `request_filter`.
+//!
+//! 1. Route and admission from the head alone ([`crate::admission`]): pass-through requests
+//!    return `Ok(false)` and take Pingora's streamed proxy path untouched.
+//! 2. Read the whole body up to `max_body` within `body_read_timeout`, hashing it as it
+//!    arrives. A body that turns out too large is refused (key present) or forwarded by idem
+//!    itself (never handed back to Pingora: it was consumed).
+//! 3. Derive scope, fingerprint and dedup key ([`crate::key`]).
+//! 4. Join ([`crate::inflight`]): the leader spawns the detached call ([`crate::flight`]),
+//!    waiters wait, others are replayed or refused.
+//! 5. Write the answer ([`crate::respond`]) and return `Ok(true)`.
+//!
+//! Metrics and the access log are recorded once, in `logging`, from the outcome kept in
+//! [`Ctx`].
+
+use crate::admission::{admit, Admission};
+use crate::flight::{self, LeaderReply, Plan};
+use crate::inflight::{Coordinator, JoinRequest, Joined, Outcome, Retention};
+use crate::key::{Fingerprint, KeyDeriver};
+use crate::metrics::{self, Metrics, RouteId};
+use crate::problem::Problem;
+use crate::respond::{self, Disposition};
+use crate::settings::{RoutePolicy, Settings};
+use crate::upstream::{self, Upstream};
+use crate::config::{LogFormat, Mode};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType, Result};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The proxy: shared state for every request.
+pub struct Idem {
+    /// The configuration in force.
+    pub settings: Arc<Settings>,
+    /// Key derivation with the deployment secret.
+    pub keys: KeyDeriver,
+    /// Flights and the store.
+    pub coordinator: Arc<Coordinator>,
+    /// Backends and the connection pool for detached calls.
+    pub upstream: Arc<Upstream>,
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+    /// Requests being processed, for the SIGTERM drain.
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    started: Instant,
+    route: RouteId,
+    outcome: metrics::Outcome,
+    /// Pass-through on an eligible route: tag the response `fwd=bypass`.
+    mark_bypass: bool,
+    /// Backends already tried by the pass-through path.
+    tried: Vec<SocketAddr>,
+    /// Short key hash for the access log.
+    key: Option<String>,
+    status: u16,
+    _active: ActiveGuard,
+}
+
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Result of reading a request body that idem buffers.
+enum BodyRead {
+    Complete(Bytes, Fingerprint),
+    TooLarge(Bytes),
+    TimedOut,
+}
+
+impl Idem {
+    fn route(&self, path: &str) -> (RouteId, &RoutePolicy) {
+        let s = &self.settings;
+        match s
+            .routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| path.starts_with(r.path_prefix.as_str()))
+            .max_by_key(|(_, r)| r.path_prefix.len())
+        {
+            Some((i, r)) => (RouteId(i + 1), r),
+            None => (RouteId(0), &s.default_route),
+        }
+    }
+
+    /// Steps 2 to 5 for a request admitted to dedup.
+    async fn dedup(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        route: &RoutePolicy,
+        idem_key: Option<Vec<u8>>,
+    ) -> Result<bool> {
+        if is_expect_continue(session.req_header()) {
+            session.downstream_session.write_continue_response().await?;
+        }
+        let body = match self.read_body(session, route).await? {
+            BodyRead::Complete(body, fp) => (body, fp),
+            BodyRead::TimedOut => return self.problem(session, ctx, Problem::BodyTimeout).await,
+            BodyRead::TooLarge(prefix) => {
+                if idem_key.is_some() || route.mode == Mode::RequireKey {
+                    return self.problem(session, ctx, Problem::TooLarge).await;
+                }
+                ctx.outcome = metrics::Outcome::TooLarge;
+                return self.forward_consumed(session, ctx, prefix).await;
+            }
+        };
+        let (body, fingerprint) = body;
+        let req = session.req_header();
+        let authority = req
+            .headers
+            .get(header::HOST)
+            .map(|v| v.as_bytes())
+            .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()))
+            .unwrap_or_default();
+        let scope = self.keys.scope(
+            authority,
+            route
+                .scope_headers
+                .iter()
+                .map(|h| req.headers.get_all(h.as_str()).iter().map(|v| v.as_bytes()).collect()),
+        );
+        let key = match &idem_key {
+            Some(k) => self.keys.keyed(&scope, k),
+            None => self.keys.by_fingerprint(&scope, &fingerprint),
+        };
+        ctx.key = Some(key.short());
+        let joined = self.coordinator.join(JoinRequest {
+            key,
+            fingerprint,
+            keyed: idem_key.is_some(),
+            reject_concurrent: route.on_concurrent == crate::config::OnConcurrent::Reject,
+            max_waiters_per_key: route.max_waiters_per_key,
+            hold_for: self.settings.upstream.total_timeout,
+        });
+        self.metrics.store_op(
+            "lookup",
+            match &joined {
+                Joined::Leader(_) => "miss",
+                Joined::StoreFull => "full",
+                Joined::Waiter(_) | Joined::InProgress | Joined::TooManyWaiters => "inflight",
+                _ => "hit",
+            },
+        );
+        let retention = Retention {
+            ttl: if idem_key.is_some() {
+                route.ttl
+            } else {
+                route.fingerprint_ttl
+            },
+        };
+        match joined {
+            Joined::Leader(permit) => {
+                ctx.outcome = metrics::Outcome::Leader;
+                let request = upstream::upstream_request(
+                    session.req_header(),
+                    session.client_addr().and_then(|a| a.as_inet()),
+                    body.len(),
+                )?;
+                let plan = Plan {
+                    request,
+                    body,
+                    store_statuses: route.store_statuses,
+                    max_response_body: route.max_response_body,
+                    retention,
+                    deadline: tokio::time::Instant::now() + self.settings.upstream.total_timeout,
+                    route: ctx.route,
+                };
+                let reply = flight::spawn(permit, self.upstream.clone(), self.metrics.clone(), plan);
+                let reply = tokio::select! {
+                    r = reply => r,
+                    e = client_gone(session) => return Err(e),
+                };
+                match reply {
+                    Ok(LeaderReply::Outcome(o)) => self.answer(session, ctx, o, true, scope.anonymous).await,
+                    Ok(stream @ LeaderReply::Stream { .. }) => {
+                        ctx.status = 200;
+                        respond::write_stream(session, stream).await?;
+                        Ok(true)
+                    }
+                    // The task died without a word: its permit held the key.
+                    Err(_) => {
+                        let p = Problem::OutcomeUnknown {
+                            status: 502,
+                            retry_after: self.settings.upstream.total_timeout,
+                        };
+                        self.problem(session, ctx, p).await
+                    }
+                }
+            }
+            Joined::Waiter(waiter) => {
+                ctx.outcome = metrics::Outcome::Collapsed;
+                let outcome = tokio::select! {
+                    o = waiter.wait(route.wait_timeout) => o,
+                    e = client_gone(session) => return Err(e),
+                };
+                match outcome {
+                    Some(o) => self.answer(session, ctx, o, false, scope.anonymous).await,
+                    None => {
+                        let p = Problem::InProgress {
+                            retry_after: Duration::from_secs(1),
+                        };
+                        self.problem(session, ctx, p).await
+                    }
+                }
+            }
+            Joined::Replay { response, expires } => {
+                ctx.outcome = metrics::Outcome::Replayed;
+                ctx.status = response.status;
+                let ttl = expires
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .as_secs();
+                respond::write_stored(session, &response, Disposition::Replay { ttl }, scope.anonymous).await?;
+                Ok(true)
+            }
+            Joined::Held(h) => {
+                let p = Problem::OutcomeUnknown {
+                    status: h.status,
+                    retry_after: h.until.saturating_duration_since(tokio::time::Instant::now()),
+                };
+                self.problem(session, ctx, p).await
+            }
+            Joined::NotReplayable => self.problem(session, ctx, Problem::NotReplayable).await,
+            Joined::Mismatch => self.problem(session, ctx, Problem::FingerprintMismatch).await,
+            Joined::InProgress => {
+                let p = Problem::InProgress {
+                    retry_after: Duration::from_secs(1),
+                };
+                self.problem(session, ctx, p).await
+            }
+            Joined::StoreFull => self.problem(session, ctx, Problem::StoreFull).await,
+            Joined::TooManyWaiters => self.problem(session, ctx, Problem::TooManyWaiters).await,
+        }
+    }
+
+    /// Writes a settled outcome to the leader (`leader`) or a waiter.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        outcome: Outcome,
+        leader: bool,
+        anonymous: bool,
+    ) -> Result<bool> {
+        match outcome {
+            Outcome::Response { response, stored } => {
+                ctx.status = response.status;
+                let how = if leader {
+                    Disposition::Leader { stored }
+                } else {
+                    Disposition::Collapsed
+                };
+                respond::write_stored(session, &response, how, anonymous).await?;
+                Ok(true)
+            }
+            Outcome::Unknown(h) => {
+                let p = Problem::OutcomeUnknown {
+                    status: h.status,
+                    retry_after: h.until.saturating_duration_since(tokio::time::Instant::now()),
+                };
+                self.problem(session, ctx, p).await
+            }
+            Outcome::NotReplayable => self.problem(session, ctx, Problem::NotReplayable).await,
+            Outcome::Unreachable => self.problem(session, ctx, Problem::UpstreamUnreachable).await,
+        }
+    }
+
+    async fn problem(&self, session: &mut Session, ctx: &mut Ctx, p: Problem) -> Result<bool> {
+        ctx.status = p.status();
+        ctx.outcome = match p {
+            Problem::MissingKey | Problem::KeyMalformed(_) => metrics::Outcome::MissingKey,
+            Problem::FingerprintMismatch => metrics::Outcome::Mismatch,
+            Problem::InProgress { .. } => metrics::Outcome::Conflict,
+            Problem::OutcomeUnknown { .. } => metrics::Outcome::OutcomeUnknown,
+            Problem::NotReplayable => metrics::Outcome::NotReplayable,
+            Problem::TooLarge => metrics::Outcome::TooLarge,
+            Problem::BodyTimeout
+            | Problem::StoreFull
+            | Problem::TooManyWaiters
+            | Problem::UpstreamUnreachable
+            | Problem::Internal => metrics::Outcome::Error,
+        };
+        respond::write_problem(session, p).await?;
+        Ok(true)
+    }
+
+    /// Reads the body up to `max_body` within the body deadline, hashing it on the way.
+    async fn read_body(&self, session: &mut Session, route: &RoutePolicy) -> Result<BodyRead> {
+        let req = session.req_header();
+        let path = req.uri.path().as_bytes().to_vec();
+        let query = req.uri.query().unwrap_or("").as_bytes().to_vec();
+        let mut hasher = self.keys.fingerprint(
+            req.method.as_str().as_bytes(),
+            &path,
+            &query,
+            route.fingerprint_headers.iter().map(|h| {
+                (
+                    h.as_str(),
+                    req.headers.get_all(h.as_str()).iter().map(|v| v.as_bytes()).collect(),
+                )
+            }),
+        );
+        let expected = crate::admission::declared_length(&req.headers).unwrap_or(0);
+        let mut buf = BytesMut::with_capacity(expected.min(route.max_body) as usize);
+        let deadline = tokio::time::Instant::now() + self.settings.body_read_timeout;
+        loop {
+            let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    self.metrics.client_abort();
+                    return Err(e);
+                }
+                Err(_) => return Ok(BodyRead::TimedOut),
+            };
+            let Some(chunk) = chunk else { break };
+            buf.extend_from_slice(&chunk);
+            if buf.len() as u64 > route.max_body {
+                return Ok(BodyRead::TooLarge(buf.freeze()));
+            }
+            hasher.update(&chunk);
+        }
+        Ok(BodyRead::Complete(buf.freeze(), hasher.finish()))
+    }
+
+    /// Forwards a request whose body idem already started reading (a keyless chunked body
+    /// over `max_body` on a fingerprint route): it is not deduplicated, and Pingora cannot
+    /// take it back, so idem streams it through itself.
+    async fn forward_consumed(&self, session: &mut Session, ctx: &mut Ctx, prefix: Bytes) -> Result<bool> {
+        let status = self.upstream.forward_streaming(session, prefix).await?;
+        ctx.status = status;
+        Ok(true)
+    }
+}
+
+/// Resolves when the client goes away (H1 FIN/RST, H2 RST_STREAM): its wait ends, nothing else.
+async fn client_gone(session: &mut Session) -> Box<Error> {
+    match session.downstream_session.read_body_or_idle(true).await {
+        Err(e) => e.into_down(),
+        Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client left").into_down(),
+    }
+}
+
+fn is_expect_continue(req: &RequestHeader) -> bool {
+    req.headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+#[async_trait]
+impl ProxyHttp for Idem {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Ctx {
+            started: Instant::now(),
+            route: RouteId(0),
+            outcome: metrics::Outcome::Bypass,
+            mark_bypass: false,
+            tried: Vec::new(),
+            key: None,
+            status: 0,
+            _active: ActiveGuard(self.active.clone()),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Pingora has no idle timeout on keep-alive header reads; during shutdown it turns
+        // keep-alive off, which must not be undone here.
+        if !session.is_process_shutting_down() {
+            session.set_keepalive(Some(self.settings.keepalive_timeout.as_secs().max(1)));
+        }
+        let path = session.req_header().uri.path().to_string();
+        let (route_id, route) = self.route(&path);
+        ctx.route = route_id;
+        let req = session.req_header();
+        match admit(route, &req.method, &req.headers) {
+            Admission::PassThrough { mark, too_large } => {
+                ctx.mark_bypass = mark;
+                ctx.outcome = if too_large {
+                    metrics::Outcome::TooLarge
+                } else {
+                    metrics::Outcome::Bypass
+                };
+                Ok(false)
+            }
+            Admission::Refuse(p) => self.problem(session, ctx, p).await,
+            Admission::Dedup { key } => self.dedup(session, ctx, route, key).await,
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let backend = self.upstream.select(&ctx.tried).ok_or_else(|| {
+            Error::explain(ErrorType::ConnectNoRoute, "no backend left to try")
+        })?;
+        if let Some(a) = backend.addr.as_inet() {
+            ctx.tried.push(*a);
+        }
+        Ok(Box::new(self.upstream.peer(&backend)))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the backend: another one may take it.
+        if ctx.tried.len() < self.upstream.backend_count() {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream::add_forwarded(
+            upstream_request,
+            session.client_addr().and_then(|a| a.as_inet()),
+        )
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.status = resp.status.as_u16();
+        if ctx.mark_bypass {
+            respond::append_cache_status(resp, respond::CACHE_STATUS_BYPASS)?;
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let took = ctx.started.elapsed();
+        self.metrics.request(ctx.route, ctx.outcome, took);
+        let status = session
+            .response_written()
+            .map(|h| h.status.as_u16())
+            .unwrap_or(ctx.status);
+        let req = session.req_header();
+        let route = &self.route_name(ctx.route);
+        let error = e.map(|e| e.to_string());
+        match self.settings.log_format {
+            LogFormat::Json => tracing::info!(
+                target: "idem::access",
+                method = %req.method,
+                route = %route,
+                status,
+                outcome = ctx.outcome.as_str(),
+                key = ctx.key.as_deref().unwrap_or("-"),
+                ms = took.as_millis() as u64,
+                error = error.as_deref().unwrap_or(""),
+                "request"
+            ),
+            LogFormat::Text => tracing::info!(
+                target: "idem::access",
+                "{} {} route={} status={} outcome={} key={} ms={}{}",
+                req.method,
+                req.uri.path(),
+                route,
+                status,
+                ctx.outcome.as_str(),
+                ctx.key.as_deref().unwrap_or("-"),
+                took.as_millis(),
+                error.map(|e| format!(" error={e:?}")).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+impl Idem {
+    fn route_name(&self, r: RouteId) -> String {
+        match r.0 {
+            0 => self.settings.default_route.name.clone(),
+            i => self.settings.routes[i - 1].name.clone(),
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Process assembly: builds the Pingora server from [`Settings`], runs it, and handles
+//! signals.
+//!
+//! Services: the proxy (h1 + h2c) on each `[server] listen` address, the metrics app on
+//! `[metrics] listen`, the backend health check, and a housekeeping task that sweeps expired
+//! records and announces the bound addresses.
+//!
+//! Shutdown: SIGTERM (and SIGQUIT, since idem does not hand sockets to a successor) stop the
+//! listeners; Pingora then waits up to `grace_period`. idem exits as soon as no request is
+//! being processed and no flight is running, instead of sleeping the whole period. SIGINT
+//! exits at once. SIGHUP is caught so that it does not kill the process (its default action).
+
+use crate::inflight::Coordinator;
+use crate::key::KeyDeriver;
+use crate::metrics::{Metrics, MetricsApp};
+use crate::proxy::Idem;
+use crate::settings::Settings;
+use crate::store::MemoryStore;
+use crate::upstream::{self, Upstream};
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{
+    ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often expired records are swept and the drain condition is checked.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Errors that stop idem from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A backend address could not be resolved.
+    #[error("upstream backends: {0}")]
+    Backends(std::io::Error),
+}
+
+/// Runs idem until it is told to stop. Returns only on a start-up error.
+pub fn run(settings: Settings) -> Result<(), StartError> {
+    let listen: Vec<SocketAddr> = settings
+        .listen
+        .iter()
+        .map(|a| concrete(a))
+        .collect::<Result<_, _>>()?;
+    let metrics_listen = concrete(&settings.metrics_listen)?;
+
+    let mut conf = ServerConf {
+        threads: settings.threads,
+        grace_period_seconds: Some(settings.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    // Keep-alive pool sized for many concurrent leaders.
+    conf.upstream_keepalive_pool_size = conf.upstream_keepalive_pool_size.max(1024);
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+
+    let lb = upstream::load_balancer(&settings.upstream).map_err(StartError::Backends)?;
+    let health = background_service("health check", lb);
+    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
+        &server.configuration,
+    )));
+    let upstream = Arc::new(Upstream::new(
+        health.task(),
+        connector,
+        settings.upstream.clone(),
+    ));
+
+    let store = MemoryStore::new(settings.store.max_entries, settings.store.max_bytes);
+    let store_stats = store.stats();
+    let coordinator = Coordinator::new(store, settings.max_waiters);
+    let route_names = settings.all_routes().map(|r| r.name.clone()).collect();
+    let metrics = Metrics::new(route_names);
+    let active = Arc::new(AtomicUsize::new(0));
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let idem = Idem {
+        keys: KeyDeriver::new(settings.secret.as_deref()),
+        settings: Arc::new(settings),
+        coordinator: coordinator.clone(),
+        upstream: upstream.clone(),
+        metrics: metrics.clone(),
+        active: active.clone(),
+    };
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, idem);
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    proxy
+        .app_logic_mut()
+        .expect("fresh proxy service has its app")
+        .server_options = Some(options);
+    for a in &listen {
+        proxy.add_tcp(&a.to_string());
+    }
+
+    let mut metrics_service = Service::new(
+        "metrics".to_string(),
+        HttpServer::new_app(MetricsApp {
+            metrics,
+            coordinator: coordinator.clone(),
+            store: store_stats,
+            ready: ready.clone(),
+            upstream,
+        }),
+    );
+    metrics_service.add_tcp(&metrics_listen.to_string());
+
+    let housekeeping = background_service(
+        "housekeeping",
+        Housekeeping {
+            coordinator: coordinator.clone(),
+            ready,
+            announce: format!(
+                "listening proxy={} metrics={metrics_listen}",
+                listen
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        },
+    );
+
+    server.add_service(proxy);
+    server.add_service(metrics_service);
+    server.add_service(health);
+    server.add_service(housekeeping);
+
+    spawn_drain_watcher(&server, active, coordinator);
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
+    std::process::exit(0)
+}
+
+/// Resolves `addr`; port 0 is replaced by a free port found by binding it, so that the
+/// announced address is the one Pingora listens on.
+fn concrete(addr: &str) -> Result<SocketAddr, StartError> {
+    let err = |source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let a = addr
+        .to_socket_addrs()
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(std::io::Error::other("no address")))?;
+    if a.port() != 0 {
+        return Ok(a);
+    }
+    let l = TcpListener::bind(a).map_err(err)?;
+    l.local_addr().map_err(err)
+}
+
+/// Sweeps expired records, marks readiness and prints the listening line once.
+struct Housekeeping {
+    coordinator: Arc<Coordinator>,
+    ready: Arc<AtomicBool>,
+    announce: String,
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeping {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        self.ready.store(true, Ordering::Relaxed);
+        tracing::info!("{}", self.announce);
+        println!("{}", self.announce);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.coordinator.store().sweep(tokio::time::Instant::now()),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Exits the process once a graceful shutdown has nothing left to drain.
+fn spawn_drain_watcher(server: &Server, active: Arc<AtomicUsize>, coordinator: Arc<Coordinator>) {
+    let mut phases = server.watch_execution_phase();
+    std::thread::spawn(move || loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::ShutdownGracePeriod) => {
+                loop {
+                    let requests = active.load(Ordering::Acquire);
+                    let flights = coordinator.counts().inflight;
+                    if requests == 0 && flights == 0 {
+                        tracing::info!("graceful shutdown: nothing left in flight, exiting");
+                        std::process::exit(0);
+                    }
+                    std::thread::sleep(TICK);
+                }
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    });
+}
+
+/// idem's signal policy (see the module doc).
+struct Signals;
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut quit = signal(SignalKind::quit()).expect("install SIGQUIT handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining");
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = quit.recv() => {
+                    tracing::info!("SIGQUIT: draining (idem does not hand its sockets over)");
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = int.recv() => return ShutdownSignal::FastShutdown,
+                // TODO(#7): reload proxy.toml. Until then SIGHUP must at least not kill idem.
+                _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not implemented yet; keeping the running configuration"),
+            }
+        }
+    }
+}

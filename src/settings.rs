@@ -1,0 +1,728 @@
+//! Validated, resolved configuration: what the proxy runs with.
+//!
+//! [`Settings::load`] parses proxy.toml ([`crate::config`]), fills every route from `[dedup]`
+//! and the built-in defaults, and checks cross-field rules. Every error names the file, the
+//! line and what to do, so `idem check` and a failed start read alike. After this point no
+//! field is optional "to be filled later".
+
+use crate::config::{
+    HealthCheckKind, LogFormat, Mode, OnConcurrent, RawConfig, RawPolicy, RawRoute, StoreKind,
+};
+use http::Method;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration error located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The file that was read.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong and, where possible, what to write instead.
+    pub message: String,
+}
+
+/// Everything idem runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Proxy listeners (h1 and h2c).
+    pub listen: Vec<String>,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// SIGTERM drain budget; covers the upstream total deadline.
+    pub grace_period: Duration,
+    /// How long an idle keep-alive client connection is kept.
+    pub keepalive_timeout: Duration,
+    /// Total deadline for reading a request body that idem buffers.
+    pub body_read_timeout: Duration,
+    /// Cap on waiters across all keys; past it a new waiter gets 503.
+    pub max_waiters: usize,
+    /// Access log format.
+    pub log_format: LogFormat,
+    /// Upstream backends and timeouts.
+    pub upstream: UpstreamSettings,
+    /// Metrics, health and readiness listener.
+    pub metrics_listen: String,
+    /// Store bounds.
+    pub store: StoreSettings,
+    /// Secret for keyed blake3; `None` means a random per-process secret.
+    pub secret: Option<String>,
+    /// Policy for paths that match no route.
+    pub default_route: RoutePolicy,
+    /// Configured routes, in file order.
+    pub routes: Vec<RoutePolicy>,
+}
+
+/// `[upstream]`, resolved.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// `host:port` of each backend, tried round robin.
+    pub backends: Vec<String>,
+    /// TCP connect deadline per attempt.
+    pub connect_timeout: Duration,
+    /// Per-read deadline on the upstream connection.
+    pub read_timeout: Duration,
+    /// Deadline for a whole upstream call, from its start; also how long an unknown outcome is held.
+    pub total_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept; keep it below the backend's own.
+    pub pool_idle_timeout: Duration,
+    /// How backends are health checked.
+    pub health_check: HealthCheckSettings,
+    /// How often backends are checked.
+    pub health_check_interval: Duration,
+}
+
+/// A backend health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheckSettings {
+    /// Every backend always eligible.
+    None,
+    /// TCP connect.
+    Tcp,
+    /// `GET path` expecting 2xx.
+    Http {
+        /// Request path.
+        path: String,
+    },
+}
+
+/// `[store]`, resolved.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Which store.
+    pub kind: StoreKind,
+    /// Bound on keys: stored, held and in flight together.
+    pub max_entries: usize,
+    /// Bound on stored bytes (status, headers and body of each stored response).
+    pub max_bytes: u64,
+    /// Redis URL (for `kind = "redis"`).
+    pub url: Option<String>,
+}
+
+/// One route with every field filled.
+#[derive(Debug, Clone)]
+pub struct RoutePolicy {
+    /// Metric label and log name.
+    pub name: String,
+    /// Matched against the request path; the longest match wins.
+    pub path_prefix: String,
+    /// How eligible requests are treated.
+    pub mode: Mode,
+    /// Methods eligible for dedup.
+    pub methods: Vec<Method>,
+    /// Headers whose values join the authority in the scope, lowercase.
+    pub scope_headers: Vec<String>,
+    /// Headers whose values are part of the fingerprint, lowercase.
+    pub fingerprint_headers: Vec<String>,
+    /// Retention of keyed entries, from completion.
+    pub ttl: Duration,
+    /// Retention of fingerprint entries, from completion.
+    pub fingerprint_ttl: Duration,
+    /// What a request for a key in flight does.
+    pub on_concurrent: OnConcurrent,
+    /// How long a waiter waits before 409 in-progress.
+    pub wait_timeout: Duration,
+    /// Cap on waiters for one key.
+    pub max_waiters_per_key: usize,
+    /// Largest request body idem buffers and hashes.
+    pub max_body: u64,
+    /// Largest response body idem stores.
+    pub max_response_body: u64,
+    /// Which response statuses are stored.
+    pub store_statuses: StatusSet,
+}
+
+impl RoutePolicy {
+    /// Whether `method` is eligible for dedup on this route.
+    pub fn is_eligible_method(&self, method: &Method) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+}
+
+/// A set of HTTP status codes 100..=599, as a bitset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let codes: Vec<u16> = (100..600).filter(|c| self.contains(*c)).collect();
+        write!(f, "StatusSet({} codes)", codes.len())
+    }
+}
+
+impl StatusSet {
+    /// Whether `code` is in the set.
+    pub fn contains(&self, code: u16) -> bool {
+        (100..600).contains(&code) && self.0[(code / 64) as usize] & (1 << (code % 64)) != 0
+    }
+
+    fn set(&mut self, code: u16, on: bool) {
+        let (w, b) = ((code / 64) as usize, code % 64);
+        if on {
+            self.0[w] |= 1 << b;
+        } else {
+            self.0[w] &= !(1 << b);
+        }
+    }
+
+    /// Parses entries like `"2xx"`, `"404"` and exclusions like `"!429"`, applied in order.
+    pub fn parse(items: &[String]) -> Result<Self, String> {
+        let mut set = StatusSet([0; 10]);
+        for item in items {
+            let (on, body) = match item.strip_prefix('!') {
+                Some(rest) => (false, rest),
+                None => (true, item.as_str()),
+            };
+            let range = if let Some(class) = body.strip_suffix("xx") {
+                match class.parse::<u16>() {
+                    Ok(c @ 1..=5) => c * 100..=c * 100 + 99,
+                    _ => return Err(format!("{item:?} is not a status class; use 1xx to 5xx")),
+                }
+            } else {
+                match body.parse::<u16>() {
+                    Ok(c @ 100..=599) => c..=c,
+                    _ => {
+                        return Err(format!(
+                            "{item:?} is not a status; use a code like \"404\", a class like \"2xx\" or an exclusion like \"!429\""
+                        ))
+                    }
+                }
+            };
+            for code in range {
+                set.set(code, on);
+            }
+        }
+        Ok(set)
+    }
+}
+
+/// Built-in defaults, one place, quoted by README's reference.
+pub mod defaults {
+    use std::time::Duration;
+    /// `[server] listen`
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    /// `[server] grace_period`
+    pub const GRACE_PERIOD: Duration = Duration::from_secs(330);
+    /// `[server] keepalive_timeout`
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `[server] body_read_timeout`
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `[server] max_waiters`
+    pub const MAX_WAITERS: usize = 100_000;
+    /// `[upstream] backends`
+    pub const BACKEND: &str = "127.0.0.1:8000";
+    /// `[upstream] connect_timeout`
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `[upstream] read_timeout`
+    pub const READ_TIMEOUT: Duration = Duration::from_secs(300);
+    /// `[upstream] total_timeout`
+    pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(310);
+    /// `[upstream] pool_idle_timeout`
+    pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `[upstream] health_check_interval`
+    pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+    /// `[metrics] listen`
+    pub const METRICS_LISTEN: &str = "127.0.0.1:9464";
+    /// `[store] max_entries`
+    pub const MAX_ENTRIES: usize = 100_000;
+    /// `[store] max_bytes`
+    pub const MAX_BYTES: u64 = 256 * 1024 * 1024;
+    /// `[dedup] methods`
+    pub const METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
+    /// `[dedup] scope_headers`
+    pub const SCOPE_HEADERS: [&str; 2] = ["authorization", "cookie"];
+    /// `[dedup] fingerprint_headers`
+    pub const FINGERPRINT_HEADERS: [&str; 1] = ["content-type"];
+    /// `[dedup] ttl`
+    pub const TTL: Duration = Duration::from_secs(24 * 3600);
+    /// `[dedup] fingerprint_ttl`
+    pub const FINGERPRINT_TTL: Duration = Duration::from_secs(60);
+    /// `[dedup] max_waiters_per_key`
+    pub const MAX_WAITERS_PER_KEY: usize = 10_000;
+    /// `[dedup] max_body`
+    pub const MAX_BODY: u64 = 1024 * 1024;
+    /// `[dedup] max_response_body`
+    pub const MAX_RESPONSE_BODY: u64 = 1024 * 1024;
+    /// `[dedup] store_statuses`
+    pub const STORE_STATUSES: [&str; 6] = ["2xx", "3xx", "4xx", "!408", "!425", "!429"];
+}
+
+/// Methods that `idem check` refuses as dedup-eligible: safe or tunnel methods.
+const REFUSED_METHODS: [&str; 4] = ["GET", "HEAD", "OPTIONS", "CONNECT"];
+
+impl Settings {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Settings::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates `text`, naming `path` in errors.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: e.span().map(|s| line_of(text, s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        let err = |line: Option<usize>, message: String| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            message,
+        };
+        let at = |section: &str, key: &str| locate(text, section, key);
+        resolve(raw, text).map_err(|(section, key, message)| {
+            err(at(&section, &key), format!("{section}.{key}: {message}"))
+        })
+    }
+
+    /// The policy for a request path: the route with the longest matching prefix, or the default.
+    pub fn route_for(&self, path: &str) -> &RoutePolicy {
+        self.routes
+            .iter()
+            .filter(|r| path.starts_with(r.path_prefix.as_str()))
+            .max_by_key(|r| r.path_prefix.len())
+            .unwrap_or(&self.default_route)
+    }
+
+    /// Every route including the default one, for metric label pre-registration.
+    pub fn all_routes(&self) -> impl Iterator<Item = &RoutePolicy> {
+        std::iter::once(&self.default_route).chain(self.routes.iter())
+    }
+}
+
+type Problem = (String, String, String);
+
+fn problem(section: &str, key: &str, msg: impl Into<String>) -> Problem {
+    (section.to_string(), key.to_string(), msg.into())
+}
+
+fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
+    let listen = raw
+        .server
+        .listen
+        .map(|l| l.into_vec())
+        .unwrap_or_else(|| vec![defaults::LISTEN.to_string()]);
+    if listen.is_empty() {
+        return Err(problem("server", "listen", "needs at least one address"));
+    }
+    for a in &listen {
+        check_addr(a).map_err(|m| problem("server", "listen", m))?;
+    }
+    let threads = raw.server.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if threads == 0 {
+        return Err(problem("server", "threads", "must be at least 1"));
+    }
+
+    let up = raw.upstream;
+    let backends = up
+        .backends
+        .unwrap_or_else(|| vec![defaults::BACKEND.to_string()]);
+    if backends.is_empty() {
+        return Err(problem("upstream", "backends", "needs at least one backend"));
+    }
+    for b in &backends {
+        check_addr(b).map_err(|m| problem("upstream", "backends", m))?;
+    }
+    let upstream = UpstreamSettings {
+        backends,
+        connect_timeout: up.connect_timeout.unwrap_or(defaults::CONNECT_TIMEOUT),
+        read_timeout: up.read_timeout.unwrap_or(defaults::READ_TIMEOUT),
+        total_timeout: up.total_timeout.unwrap_or(defaults::TOTAL_TIMEOUT),
+        pool_idle_timeout: up.pool_idle_timeout.unwrap_or(defaults::POOL_IDLE_TIMEOUT),
+        health_check: match up.health_check.unwrap_or(HealthCheckKind::Tcp) {
+            HealthCheckKind::None => HealthCheckSettings::None,
+            HealthCheckKind::Tcp => HealthCheckSettings::Tcp,
+            HealthCheckKind::Http => HealthCheckSettings::Http {
+                path: up.health_check_path.clone().unwrap_or_else(|| "/".to_string()),
+            },
+        },
+        health_check_interval: up
+            .health_check_interval
+            .unwrap_or(defaults::HEALTH_CHECK_INTERVAL),
+    };
+    for (key, d) in [
+        ("connect_timeout", upstream.connect_timeout),
+        ("read_timeout", upstream.read_timeout),
+        ("total_timeout", upstream.total_timeout),
+        ("health_check_interval", upstream.health_check_interval),
+    ] {
+        if d.is_zero() {
+            return Err(problem("upstream", key, "must be above zero"));
+        }
+    }
+    if upstream.total_timeout < upstream.connect_timeout {
+        return Err(problem(
+            "upstream",
+            "total_timeout",
+            "must be at least connect_timeout",
+        ));
+    }
+    if up.health_check_path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+        return Err(problem(
+            "upstream",
+            "health_check_path",
+            "must start with '/'",
+        ));
+    }
+    let grace_period = raw.server.grace_period.unwrap_or(defaults::GRACE_PERIOD);
+    if grace_period < upstream.total_timeout {
+        return Err(problem(
+            "server",
+            "grace_period",
+            format!(
+                "{} is shorter than upstream.total_timeout ({}); a SIGTERM would cut calls still running. Raise it to at least the total timeout",
+                humantime::format_duration(grace_period),
+                humantime::format_duration(upstream.total_timeout)
+            ),
+        ));
+    }
+
+    let metrics_listen = raw
+        .metrics
+        .listen
+        .unwrap_or_else(|| defaults::METRICS_LISTEN.to_string());
+    check_addr(&metrics_listen).map_err(|m| problem("metrics", "listen", m))?;
+
+    let store = StoreSettings {
+        kind: raw.store.kind.unwrap_or(StoreKind::Memory),
+        max_entries: raw.store.max_entries.unwrap_or(defaults::MAX_ENTRIES),
+        max_bytes: raw.store.max_bytes.unwrap_or(defaults::MAX_BYTES),
+        url: raw.store.url,
+    };
+    if store.kind == StoreKind::Redis {
+        return Err(problem(
+            "store",
+            "kind",
+            "\"redis\" is not available in this build yet; use \"memory\"",
+        ));
+    }
+    if store.max_entries == 0 {
+        return Err(problem("store", "max_entries", "must be at least 1"));
+    }
+
+    let dedup = raw.dedup;
+    let secret = dedup
+        .secret
+        .clone()
+        .or_else(|| std::env::var("IDEM_SECRET").ok());
+    if let Some(s) = &secret {
+        if s.len() < 16 {
+            return Err(problem(
+                "dedup",
+                "secret",
+                "is shorter than 16 bytes; use a long random string shared by all replicas",
+            ));
+        }
+    }
+    let base = base_policy(&dedup, &upstream, &store)?;
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let section = format!("route[{i}]");
+        let policy = route_policy(&base, r, &store).map_err(|(_, k, m)| problem(&section, &k, m))?;
+        if routes
+            .iter()
+            .any(|o: &RoutePolicy| o.path_prefix == policy.path_prefix)
+        {
+            return Err(problem(
+                &section,
+                "path_prefix",
+                format!("{:?} is used by an earlier route", policy.path_prefix),
+            ));
+        }
+        if policy.name == "default" || routes.iter().any(|o: &RoutePolicy| o.name == policy.name) {
+            return Err(problem(
+                &section,
+                "name",
+                format!("{:?} is used by another route (or reserved)", policy.name),
+            ));
+        }
+        routes.push(policy);
+    }
+
+    Ok(Settings {
+        listen,
+        threads,
+        grace_period,
+        keepalive_timeout: raw
+            .server
+            .keepalive_timeout
+            .unwrap_or(defaults::KEEPALIVE_TIMEOUT),
+        body_read_timeout: raw
+            .server
+            .body_read_timeout
+            .unwrap_or(defaults::BODY_READ_TIMEOUT),
+        max_waiters: raw.server.max_waiters.unwrap_or(defaults::MAX_WAITERS),
+        log_format: raw.server.log_format.unwrap_or(LogFormat::Text),
+        upstream,
+        metrics_listen,
+        store,
+        secret,
+        default_route: base,
+        routes,
+    })
+}
+
+fn base_policy(
+    d: &RawPolicy,
+    upstream: &UpstreamSettings,
+    store: &StoreSettings,
+) -> Result<RoutePolicy, Problem> {
+    let p = RoutePolicy {
+        name: "default".to_string(),
+        path_prefix: "/".to_string(),
+        mode: d.mode.unwrap_or(Mode::Keyed),
+        methods: methods(d.methods.as_deref(), "dedup")?,
+        scope_headers: lower(d.scope_headers.as_deref(), &defaults::SCOPE_HEADERS),
+        fingerprint_headers: lower(
+            d.fingerprint_headers.as_deref(),
+            &defaults::FINGERPRINT_HEADERS,
+        ),
+        ttl: d.ttl.unwrap_or(defaults::TTL),
+        fingerprint_ttl: d.fingerprint_ttl.unwrap_or(defaults::FINGERPRINT_TTL),
+        on_concurrent: d.on_concurrent.unwrap_or(OnConcurrent::Wait),
+        // Waiting longer than the leader's own deadline could never be answered.
+        wait_timeout: d.wait_timeout.unwrap_or(upstream.total_timeout),
+        max_waiters_per_key: d
+            .max_waiters_per_key
+            .unwrap_or(defaults::MAX_WAITERS_PER_KEY),
+        max_body: d.max_body.unwrap_or(defaults::MAX_BODY),
+        max_response_body: d.max_response_body.unwrap_or(defaults::MAX_RESPONSE_BODY),
+        store_statuses: statuses(d.store_statuses.as_deref(), "dedup")?,
+    };
+    check_policy(&p, store).map_err(|(k, m)| problem("dedup", &k, m))?;
+    Ok(p)
+}
+
+fn route_policy(base: &RoutePolicy, r: RawRoute, store: &StoreSettings) -> Result<RoutePolicy, Problem> {
+    if !r.path_prefix.starts_with('/') {
+        return Err(problem("", "path_prefix", format!("{:?} must start with '/'", r.path_prefix)));
+    }
+    let p = RoutePolicy {
+        name: r.name.unwrap_or_else(|| r.path_prefix.clone()),
+        path_prefix: r.path_prefix,
+        mode: r.mode.unwrap_or(base.mode),
+        methods: match r.methods {
+            Some(m) => methods(Some(&m), "")?,
+            None => base.methods.clone(),
+        },
+        scope_headers: r
+            .scope_headers
+            .map(|h| lower(Some(&h), &[]))
+            .unwrap_or_else(|| base.scope_headers.clone()),
+        fingerprint_headers: r
+            .fingerprint_headers
+            .map(|h| lower(Some(&h), &[]))
+            .unwrap_or_else(|| base.fingerprint_headers.clone()),
+        ttl: r.ttl.unwrap_or(base.ttl),
+        fingerprint_ttl: r.fingerprint_ttl.unwrap_or(base.fingerprint_ttl),
+        on_concurrent: r.on_concurrent.unwrap_or(base.on_concurrent),
+        wait_timeout: r.wait_timeout.unwrap_or(base.wait_timeout),
+        max_waiters_per_key: r.max_waiters_per_key.unwrap_or(base.max_waiters_per_key),
+        max_body: r.max_body.unwrap_or(base.max_body),
+        max_response_body: r.max_response_body.unwrap_or(base.max_response_body),
+        store_statuses: match r.store_statuses {
+            Some(s) => statuses(Some(&s), "")?,
+            None => base.store_statuses,
+        },
+    };
+    check_policy(&p, store).map_err(|(k, m)| problem("", &k, m))?;
+    Ok(p)
+}
+
+fn check_policy(p: &RoutePolicy, store: &StoreSettings) -> Result<(), (String, String)> {
+    if p.ttl.is_zero() {
+        return Err(("ttl".into(), "must be above zero".into()));
+    }
+    if p.fingerprint_ttl.is_zero() {
+        return Err(("fingerprint_ttl".into(), "must be above zero".into()));
+    }
+    if p.max_response_body > store.max_bytes {
+        return Err((
+            "max_response_body".into(),
+            format!(
+                "is larger than store.max_bytes ({} bytes): such a response could never be stored",
+                store.max_bytes
+            ),
+        ));
+    }
+    if p.methods.is_empty() {
+        return Err(("methods".into(), "needs at least one method".into()));
+    }
+    Ok(())
+}
+
+fn methods(items: Option<&[String]>, section: &str) -> Result<Vec<Method>, Problem> {
+    let Some(items) = items else {
+        return Ok(defaults::METHODS
+            .iter()
+            .map(|m| Method::from_bytes(m.as_bytes()).expect("default methods are valid"))
+            .collect());
+    };
+    items
+        .iter()
+        .map(|m| {
+            let up = m.to_ascii_uppercase();
+            if REFUSED_METHODS.contains(&up.as_str()) {
+                return Err(problem(
+                    section,
+                    "methods",
+                    format!("{m} is not eligible for dedup: safe and tunnel methods (GET, HEAD, OPTIONS, CONNECT) must pass through"),
+                ));
+            }
+            Method::from_bytes(up.as_bytes())
+                .map_err(|_| problem(section, "methods", format!("{m:?} is not an HTTP method")))
+        })
+        .collect()
+}
+
+fn statuses(items: Option<&[String]>, section: &str) -> Result<StatusSet, Problem> {
+    match items {
+        Some(items) => StatusSet::parse(items).map_err(|m| problem(section, "store_statuses", m)),
+        None => {
+            let d: Vec<String> = defaults::STORE_STATUSES.iter().map(|s| s.to_string()).collect();
+            Ok(StatusSet::parse(&d).expect("default statuses are valid"))
+        }
+    }
+}
+
+fn lower(items: Option<&[String]>, default: &[&str]) -> Vec<String> {
+    match items {
+        Some(items) => items.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        None => default.iter().map(|h| h.to_string()).collect(),
+    }
+}
+
+fn check_addr(a: &str) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    match a.to_socket_addrs() {
+        Ok(it) if it.len() > 0 => Ok(()),
+        _ => Err(format!("{a:?} is not a host:port address")),
+    }
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text[..byte.min(text.len())].matches('\n').count() + 1
+}
+
+/// Finds the line of `key` inside `section` (`"server"`, `"route[2]"`), for errors found
+/// after parsing. toml keeps no spans on plain values, and a best-effort scan is enough to
+/// point an operator at the right line.
+fn locate(text: &str, section: &str, key: &str) -> Option<usize> {
+    let (name, index) = match section.split_once('[') {
+        Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+        None => (section, None),
+    };
+    let mut in_section = false;
+    let mut route_seen = 0usize;
+    let mut section_line = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_section = match index {
+                Some(want) if t.starts_with("[[route]]") => {
+                    route_seen += 1;
+                    route_seen - 1 == want
+                }
+                Some(_) => false,
+                None => t == format!("[{name}]"),
+            };
+            if in_section {
+                section_line = Some(i + 1);
+            }
+            continue;
+        }
+        if in_section {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim() == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    section_line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml_str(text, Path::new("proxy.toml"))
+    }
+
+    #[test]
+    fn empty_file_gets_every_default() {
+        let s = load("").unwrap();
+        assert_eq!(s.listen, vec!["127.0.0.1:8080"]);
+        assert_eq!(s.default_route.mode, Mode::Keyed);
+        assert_eq!(s.default_route.ttl, Duration::from_secs(86400));
+        assert!(s.default_route.store_statuses.contains(404));
+        assert!(!s.default_route.store_statuses.contains(429));
+        assert!(!s.default_route.store_statuses.contains(500));
+        assert_eq!(s.default_route.wait_timeout, s.upstream.total_timeout);
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let e = load("[server]\nthreads = 2\nlisten_addr = \"x\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("listen_addr"), "{e}");
+        let e = load("[[route]]\npath_prefix = \"/a\"\nmdoe = \"off\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_size_explain_the_format() {
+        let e = load("[dedup]\nttl = \"24\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("24h"), "{e}");
+        let e = load("[dedup]\nmax_body = \"lots\"\n").unwrap_err();
+        assert!(e.message.contains("1MiB"), "{e}");
+        let s = load("[dedup]\nmax_body = \"1KiB\"\n").unwrap();
+        assert_eq!(s.default_route.max_body, 1024);
+    }
+
+    #[test]
+    fn routes_inherit_and_longest_prefix_wins() {
+        let s = load(
+            "[dedup]\nttl = \"1h\"\n[[route]]\npath_prefix = \"/api/\"\nmode = \"fingerprint\"\n[[route]]\nname = \"orders\"\npath_prefix = \"/api/orders\"\nmode = \"require-key\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.route_for("/api/orders/1").name, "orders");
+        assert_eq!(s.route_for("/api/x").name, "/api/");
+        assert_eq!(s.route_for("/api/x").ttl, Duration::from_secs(3600));
+        assert_eq!(s.route_for("/other").name, "default");
+    }
+
+    #[test]
+    fn safe_methods_are_refused() {
+        let e = load("[[route]]\npath_prefix = \"/a\"\nmethods = [\"GET\"]\n").unwrap_err();
+        assert!(e.message.contains("route[0].methods"), "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn grace_period_must_cover_total_timeout() {
+        let e = load("[server]\ngrace_period = \"10s\"\n[upstream]\ntotal_timeout = \"60s\"\n")
+            .unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn status_set_parses_classes_and_exclusions() {
+        let s = StatusSet::parse(&["2xx".into(), "!204".into(), "404".into()]).unwrap();
+        assert!(s.contains(200) && !s.contains(204) && s.contains(404) && !s.contains(403));
+        assert!(StatusSet::parse(&["6xx".into()]).is_err());
+        assert!(StatusSet::parse(&["99".into()]).is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! Shared harness for idem's integration tests: a fault-injecting backend,
+//! a supervisor for the real `idem` binary, config builders and clients.
+//!
+//! Everything lives in one test binary so the crate links once; each test
+//! module uses only part of this API, hence the blanket allowances.
+#![allow(dead_code, unused_imports)]
+
+pub mod backend;
+pub mod client;
+pub mod config;
+pub mod proxy;
+
+use std::time::Duration;
+
+pub use backend::{free_addr, free_port, pattern, Backend, Counts, Gate, RecordedRequest, Row};
+pub use client::{
+    chunked_body, client, h2c_client, http_request, raw_request, send_and_abort,
+    send_expecting_continue, RawConn, RawError, RawResponse,
+};
+pub use config::{config_for, Config, Route};
+pub use proxy::{Idem, IdemBuilder, TempDir};
+
+/// Upper bound for every event-driven wait in the harness. Generous on
+/// purpose: the machine is shared, and a wait that expires is a test failure,
+/// never a way of pacing a test.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
