@@ -2,6 +2,10 @@
 
 mod support;
 
+mod dedup;
+mod failures;
+mod passthrough_ops;
+
 /// The backend is the yardstick for every idem test, so it is tested on its
 /// own first: if these fail, idem test failures mean nothing.
 mod backend_selftest {

@@ -1,0 +1,1 @@
+//! Coalescing, detachment, replay, scopes and key misuse (DESIGN sections 2, 4, 5).

@@ -1,0 +1,1 @@
+//! Upstream failure classes and store limits (DESIGN section 4).

@@ -1,0 +1,1 @@
+//! Pass-through streaming, the incident reproduction, shutdown and operations.
