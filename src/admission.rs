@@ -49,7 +49,12 @@ pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admis
     if !route.is_eligible_method(method) || is_upgrade(headers) {
         return pass(true);
     }
-    let key = match parse_idempotency_key(headers.get_all(IDEMPOTENCY_KEY).iter().map(|v| v.as_bytes())) {
+    let key = match parse_idempotency_key(
+        headers
+            .get_all(IDEMPOTENCY_KEY)
+            .iter()
+            .map(|v| v.as_bytes()),
+    ) {
         Ok(k) => k,
         Err(e) => return Admission::Refuse(Problem::KeyMalformed(key_error_detail(e))),
     };
@@ -120,7 +125,10 @@ mod tests {
         let none = headers(&[]);
         assert_eq!(
             admit(&route("keyed"), &Method::POST, &none),
-            Admission::PassThrough { mark: true, too_large: false }
+            Admission::PassThrough {
+                mark: true,
+                too_large: false
+            }
         );
         assert_eq!(
             admit(&route("fingerprint"), &Method::POST, &none),
@@ -131,8 +139,15 @@ mod tests {
             Admission::Refuse(Problem::MissingKey)
         );
         assert_eq!(
-            admit(&route("off"), &Method::POST, &headers(&[("idempotency-key", "k")])),
-            Admission::PassThrough { mark: false, too_large: false }
+            admit(
+                &route("off"),
+                &Method::POST,
+                &headers(&[("idempotency-key", "k")])
+            ),
+            Admission::PassThrough {
+                mark: false,
+                too_large: false
+            }
         );
     }
 
@@ -141,7 +156,10 @@ mod tests {
         let h = headers(&[("idempotency-key", "k")]);
         assert_eq!(
             admit(&route("require-key"), &Method::GET, &h),
-            Admission::PassThrough { mark: true, too_large: false }
+            Admission::PassThrough {
+                mark: true,
+                too_large: false
+            }
         );
     }
 
@@ -159,7 +177,10 @@ mod tests {
         let big = headers(&[("content-length", "11")]);
         assert_eq!(
             admit(&route("fingerprint"), &Method::POST, &big),
-            Admission::PassThrough { mark: true, too_large: true }
+            Admission::PassThrough {
+                mark: true,
+                too_large: true
+            }
         );
         let big_keyed = headers(&[("content-length", "11"), ("idempotency-key", "k")]);
         assert_eq!(
@@ -169,7 +190,9 @@ mod tests {
         let fits = headers(&[("content-length", "10"), ("idempotency-key", "k")]);
         assert_eq!(
             admit(&route("keyed"), &Method::POST, &fits),
-            Admission::Dedup { key: Some(b"k".to_vec()) }
+            Admission::Dedup {
+                key: Some(b"k".to_vec())
+            }
         );
     }
 }

@@ -244,10 +244,13 @@ fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
     }
     match Size::deserialize(d)? {
         Size::Int(n) => Ok(Some(n)),
-        Size::Text(s) => s.parse::<bytesize::ByteSize>().map(|b| Some(b.as_u64())).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a size ({e}); write it like \"64KiB\", \"1MiB\" or \"256MiB\""
-            ))
-        }),
+        Size::Text(s) => s
+            .parse::<bytesize::ByteSize>()
+            .map(|b| Some(b.as_u64()))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{s:?} is not a size ({e}); write it like \"64KiB\", \"1MiB\" or \"256MiB\""
+                ))
+            }),
     }
 }

@@ -90,7 +90,10 @@ async fn run(
             Outcome::Unknown(permit.hold(status))
         }
         Err(_elapsed) => {
-            tracing::warn!(key, "upstream deadline passed before the response header: key held");
+            tracing::warn!(
+                key,
+                "upstream deadline passed before the response header: key held"
+            );
             Outcome::Unknown(permit.hold(504))
         }
     };
@@ -114,7 +117,11 @@ async fn finish(
     metrics.upstream_answered(plan.route, status, started.elapsed());
     // A gateway behind idem gave up while the app may still run the request.
     if status == 502 || status == 504 {
-        tracing::warn!(key, status, "upstream answered {status}: outcome unknown, key held");
+        tracing::warn!(
+            key,
+            status,
+            "upstream answered {status}: outcome unknown, key held"
+        );
         ex.abort().await;
         let o = Outcome::Unknown(permit.hold(status));
         permit.settle(o.clone(), plan.retention);
@@ -157,7 +164,10 @@ async fn finish(
                     return;
                 }
                 Err(_elapsed) => {
-                    tracing::warn!(key, "upstream deadline passed while reading the body: key held");
+                    tracing::warn!(
+                        key,
+                        "upstream deadline passed while reading the body: key held"
+                    );
                     ex.abort().await;
                     let o = Outcome::Unknown(permit.hold(504));
                     permit.settle(o.clone(), plan.retention);
@@ -169,7 +179,11 @@ async fn finish(
     }
     // Not replayable: waiters and later requests are answered now; the leader's client gets
     // the stream; the body is read to the end whether or not anyone still listens.
-    tracing::info!(key, status, "response not replayable: streaming it to the leader only");
+    tracing::info!(
+        key,
+        status,
+        "response not replayable: streaming it to the leader only"
+    );
     permit.settle(Outcome::NotReplayable, plan.retention);
     let (tx, rx) = mpsc::channel(16);
     let header = Box::new(stream_header(ex.header()));

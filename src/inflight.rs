@@ -261,10 +261,7 @@ impl LeaderPermit {
             Outcome::Response {
                 response,
                 stored: true,
-            } => Some((
-                Record::Response(response.clone()),
-                now + retention.ttl,
-            )),
+            } => Some((Record::Response(response.clone()), now + retention.ttl)),
             Outcome::NotReplayable => Some((Record::NotReplayable, now + retention.ttl)),
             Outcome::Unknown(h) => Some((Record::Held(*h), h.until)),
             Outcome::Response { stored: false, .. } | Outcome::Unreachable => None,
@@ -390,7 +387,13 @@ mod tests {
         let p = leader(c.join(req(1, 1, true)));
         let w1 = waiter(c.join(req(1, 1, true)));
         let w2 = waiter(c.join(req(1, 1, true)));
-        assert_eq!(c.counts(), Counts { inflight: 1, waiters: 2 });
+        assert_eq!(
+            c.counts(),
+            Counts {
+                inflight: 1,
+                waiters: 2
+            }
+        );
         let t1 = tokio::spawn(w1.wait(Duration::from_secs(10)));
         let t2 = tokio::spawn(w2.wait(Duration::from_secs(10)));
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -403,13 +406,22 @@ mod tests {
         );
         for t in [t1, t2] {
             match t.await.unwrap() {
-                Some(Outcome::Response { response, stored: true }) => {
+                Some(Outcome::Response {
+                    response,
+                    stored: true,
+                }) => {
                     assert_eq!(response.body, "made")
                 }
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(c.counts(), Counts { inflight: 0, waiters: 0 });
+        assert_eq!(
+            c.counts(),
+            Counts {
+                inflight: 0,
+                waiters: 0
+            }
+        );
         assert!(matches!(c.join(req(1, 1, true)), Joined::Replay { .. }));
         // The retention ends 60s after completion.
         tokio::time::sleep(Duration::from_secs(61)).await;
@@ -484,9 +496,21 @@ mod tests {
         let p = leader(c.join(req(1, 1, true)));
         let w = waiter(c.join(req(1, 1, true)));
         assert!(w.wait(Duration::from_secs(5)).await.is_none());
-        assert_eq!(c.counts(), Counts { inflight: 1, waiters: 0 });
+        assert_eq!(
+            c.counts(),
+            Counts {
+                inflight: 1,
+                waiters: 0
+            }
+        );
         p.settle(Outcome::Unreachable, TTL);
-        assert_eq!(c.counts(), Counts { inflight: 0, waiters: 0 });
+        assert_eq!(
+            c.counts(),
+            Counts {
+                inflight: 0,
+                waiters: 0
+            }
+        );
         let _free = leader(c.join(req(1, 1, true)));
     }
 

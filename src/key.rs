@@ -303,8 +303,14 @@ mod tests {
             fp("POST", "/a", "q", None, &[b"hello ", b"world"]),
             fp("POST", "/a", "q", None, &[b"hello world"])
         );
-        assert_eq!(fp("POST", "/a", "", None, &[]), fp("POST", "/a", "", None, &[b""]));
-        assert_ne!(fp("POST", "/a", "", None, &[]), fp("POST", "/a", "", Some(""), &[]));
+        assert_eq!(
+            fp("POST", "/a", "", None, &[]),
+            fp("POST", "/a", "", None, &[b""])
+        );
+        assert_ne!(
+            fp("POST", "/a", "", None, &[]),
+            fp("POST", "/a", "", Some(""), &[])
+        );
     }
 
     #[test]
@@ -323,10 +329,7 @@ mod tests {
         let as_cookie = d.scope(b"h", [vec![], vec![&b"x"[..]]].into_iter());
         assert_ne!(as_auth, as_cookie);
         // Host is case-insensitive.
-        assert_eq!(
-            d.scope(b"Example.COM", [vec![], vec![]].into_iter()),
-            anon
-        );
+        assert_eq!(d.scope(b"Example.COM", [vec![], vec![]].into_iter()), anon);
     }
 
     #[test]

@@ -112,22 +112,28 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             let buckets = vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                30.0, 60.0, 120.0, 300.0,
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 120.0, 300.0,
             ];
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
                 .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let client_aborts = IntCounter::new(
@@ -164,7 +170,10 @@ impl Metrics {
                 "Leader calls that completed after their client had left.",
                 &["route"],
             ),
-            inflight: gauge("idem_inflight_keys", "Keys with an upstream call in flight."),
+            inflight: gauge(
+                "idem_inflight_keys",
+                "Keys with an upstream call in flight.",
+            ),
             waiters: gauge("idem_waiters", "Requests waiting for a call in flight."),
             held: gauge("idem_held_keys", "Keys held as outcome unknown."),
             store_entries: gauge("idem_store_entries", "Records kept in the store."),
@@ -277,7 +286,8 @@ impl Metrics {
         self.held.set(store.held.load(Ordering::Relaxed) as i64);
         self.store_entries
             .set(store.entries.load(Ordering::Relaxed) as i64);
-        self.store_bytes.set(store.bytes.load(Ordering::Relaxed) as i64);
+        self.store_bytes
+            .set(store.bytes.load(Ordering::Relaxed) as i64);
         for (reason, total) in [
             ("capacity", &store.evicted_capacity),
             ("expired", &store.evicted_expired),

@@ -32,6 +32,8 @@ pub enum Problem {
     },
     /// 409: the key's response was streamed to its first client only and cannot be replayed.
     NotReplayable,
+    /// 406: the stored body has a content coding this client did not accept.
+    NotAcceptable,
     /// 413: a body over `max_body` on a request that asked for protection.
     TooLarge,
     /// 408: the request body did not arrive within `body_read_timeout`.
@@ -53,6 +55,7 @@ impl Problem {
             Problem::MissingKey | Problem::KeyMalformed(_) => 400,
             Problem::FingerprintMismatch => 422,
             Problem::InProgress { .. } | Problem::NotReplayable => 409,
+            Problem::NotAcceptable => 406,
             Problem::OutcomeUnknown { status, .. } => *status,
             Problem::TooLarge => 413,
             Problem::BodyTimeout => 408,
@@ -71,6 +74,7 @@ impl Problem {
             Problem::InProgress { .. } => "in-progress",
             Problem::OutcomeUnknown { .. } => "outcome-unknown",
             Problem::NotReplayable => "not-replayable",
+            Problem::NotAcceptable => "not-acceptable",
             Problem::TooLarge => "too-large",
             Problem::BodyTimeout => "body-timeout",
             Problem::StoreFull => "store-full",
@@ -88,6 +92,7 @@ impl Problem {
             Problem::InProgress { .. } => "Request in progress",
             Problem::OutcomeUnknown { .. } => "Outcome unknown",
             Problem::NotReplayable => "Response not replayable",
+            Problem::NotAcceptable => "Stored response not acceptable",
             Problem::TooLarge => "Request body too large",
             Problem::BodyTimeout => "Request body timeout",
             Problem::StoreFull => "Dedup store full",
@@ -105,6 +110,7 @@ impl Problem {
             Problem::InProgress { .. } => "An identical request is still being processed. Retry later to receive its response.",
             Problem::OutcomeUnknown { .. } => "The upstream call may have been executed but no usable response was received. It will not be repeated before the hold ends.",
             Problem::NotReplayable => "The response for this request was streamed to the first client only and cannot be replayed.",
+            Problem::NotAcceptable => "The stored response uses a content coding this request does not accept.",
             Problem::TooLarge => "The request body is larger than this route deduplicates.",
             Problem::BodyTimeout => "The request body did not arrive in time.",
             Problem::StoreFull => "No room for a new key: every entry is in flight or held. Retry later.",

@@ -14,6 +14,7 @@
 //! [`Ctx`].
 
 use crate::admission::{admit, Admission};
+use crate::config::{LogFormat, Mode};
 use crate::flight::{self, LeaderReply, Plan};
 use crate::inflight::{Coordinator, JoinRequest, Joined, Outcome, Retention};
 use crate::key::{Fingerprint, KeyDeriver};
@@ -22,7 +23,6 @@ use crate::problem::Problem;
 use crate::respond::{self, Disposition};
 use crate::settings::{RoutePolicy, Settings};
 use crate::upstream::{self, Upstream};
-use crate::config::{LogFormat, Mode};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header;
@@ -128,10 +128,13 @@ impl Idem {
             .unwrap_or_default();
         let scope = self.keys.scope(
             authority,
-            route
-                .scope_headers
-                .iter()
-                .map(|h| req.headers.get_all(h.as_str()).iter().map(|v| v.as_bytes()).collect()),
+            route.scope_headers.iter().map(|h| {
+                req.headers
+                    .get_all(h.as_str())
+                    .iter()
+                    .map(|v| v.as_bytes())
+                    .collect()
+            }),
         );
         let key = match &idem_key {
             Some(k) => self.keys.keyed(&scope, k),
@@ -179,13 +182,16 @@ impl Idem {
                     deadline: tokio::time::Instant::now() + self.settings.upstream.total_timeout,
                     route: ctx.route,
                 };
-                let reply = flight::spawn(permit, self.upstream.clone(), self.metrics.clone(), plan);
+                let reply =
+                    flight::spawn(permit, self.upstream.clone(), self.metrics.clone(), plan);
                 let reply = tokio::select! {
                     r = reply => r,
                     e = client_gone(session) => return Err(e),
                 };
                 match reply {
-                    Ok(LeaderReply::Outcome(o)) => self.answer(session, ctx, o, true, scope.anonymous).await,
+                    Ok(LeaderReply::Outcome(o)) => {
+                        self.answer(session, ctx, o, true, scope.anonymous).await
+                    }
                     Ok(stream @ LeaderReply::Stream { .. }) => {
                         ctx.status = 200;
                         respond::write_stream(session, stream).await?;
@@ -217,24 +223,43 @@ impl Idem {
                     }
                 }
             }
+            Joined::Replay { response, .. }
+                if !respond::readable_by(
+                    &response,
+                    session.req_header().headers.get(header::ACCEPT_ENCODING),
+                ) =>
+            {
+                self.problem(session, ctx, Problem::NotAcceptable).await
+            }
             Joined::Replay { response, expires } => {
                 ctx.outcome = metrics::Outcome::Replayed;
                 ctx.status = response.status;
                 let ttl = expires
                     .saturating_duration_since(tokio::time::Instant::now())
                     .as_secs();
-                respond::write_stored(session, &response, Disposition::Replay { ttl }, scope.anonymous).await?;
+                respond::write_stored(
+                    session,
+                    &response,
+                    Disposition::Replay { ttl },
+                    scope.anonymous,
+                )
+                .await?;
                 Ok(true)
             }
             Joined::Held(h) => {
                 let p = Problem::OutcomeUnknown {
                     status: h.status,
-                    retry_after: h.until.saturating_duration_since(tokio::time::Instant::now()),
+                    retry_after: h
+                        .until
+                        .saturating_duration_since(tokio::time::Instant::now()),
                 };
                 self.problem(session, ctx, p).await
             }
             Joined::NotReplayable => self.problem(session, ctx, Problem::NotReplayable).await,
-            Joined::Mismatch => self.problem(session, ctx, Problem::FingerprintMismatch).await,
+            Joined::Mismatch => {
+                self.problem(session, ctx, Problem::FingerprintMismatch)
+                    .await
+            }
             Joined::InProgress => {
                 let p = Problem::InProgress {
                     retry_after: Duration::from_secs(1),
@@ -256,6 +281,15 @@ impl Idem {
         anonymous: bool,
     ) -> Result<bool> {
         match outcome {
+            Outcome::Response { response, .. }
+                if !leader
+                    && !respond::readable_by(
+                        &response,
+                        session.req_header().headers.get(header::ACCEPT_ENCODING),
+                    ) =>
+            {
+                self.problem(session, ctx, Problem::NotAcceptable).await
+            }
             Outcome::Response { response, stored } => {
                 ctx.status = response.status;
                 let how = if leader {
@@ -269,12 +303,17 @@ impl Idem {
             Outcome::Unknown(h) => {
                 let p = Problem::OutcomeUnknown {
                     status: h.status,
-                    retry_after: h.until.saturating_duration_since(tokio::time::Instant::now()),
+                    retry_after: h
+                        .until
+                        .saturating_duration_since(tokio::time::Instant::now()),
                 };
                 self.problem(session, ctx, p).await
             }
             Outcome::NotReplayable => self.problem(session, ctx, Problem::NotReplayable).await,
-            Outcome::Unreachable => self.problem(session, ctx, Problem::UpstreamUnreachable).await,
+            Outcome::Unreachable => {
+                self.problem(session, ctx, Problem::UpstreamUnreachable)
+                    .await
+            }
         }
     }
 
@@ -288,6 +327,7 @@ impl Idem {
             Problem::NotReplayable => metrics::Outcome::NotReplayable,
             Problem::TooLarge => metrics::Outcome::TooLarge,
             Problem::BodyTimeout
+            | Problem::NotAcceptable
             | Problem::StoreFull
             | Problem::TooManyWaiters
             | Problem::UpstreamUnreachable
@@ -309,7 +349,11 @@ impl Idem {
             route.fingerprint_headers.iter().map(|h| {
                 (
                     h.as_str(),
-                    req.headers.get_all(h.as_str()).iter().map(|v| v.as_bytes()).collect(),
+                    req.headers
+                        .get_all(h.as_str())
+                        .iter()
+                        .map(|v| v.as_bytes())
+                        .collect(),
                 )
             }),
         );
@@ -338,7 +382,12 @@ impl Idem {
     /// Forwards a request whose body idem already started reading (a keyless chunked body
     /// over `max_body` on a fingerprint route): it is not deduplicated, and Pingora cannot
     /// take it back, so idem streams it through itself.
-    async fn forward_consumed(&self, session: &mut Session, ctx: &mut Ctx, prefix: Bytes) -> Result<bool> {
+    async fn forward_consumed(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        prefix: Bytes,
+    ) -> Result<bool> {
         let status = self.upstream.forward_streaming(session, prefix).await?;
         ctx.status = status;
         Ok(true)
@@ -403,9 +452,10 @@ impl ProxyHttp for Idem {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let backend = self.upstream.select(&ctx.tried).ok_or_else(|| {
-            Error::explain(ErrorType::ConnectNoRoute, "no backend left to try")
-        })?;
+        let backend = self
+            .upstream
+            .select(&ctx.tried)
+            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend left to try"))?;
         if let Some(a) = backend.addr.as_inet() {
             ctx.tried.push(*a);
         }

@@ -59,6 +59,35 @@ pub fn append_cache_status(h: &mut ResponseHeader, member: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether a client sending `accept_encoding` can read a body with `resp`'s content coding.
+/// idem asks upstream for `identity`, so this only bites when a backend ignores that.
+/// No `Accept-Encoding` at all means any coding is acceptable (RFC 9110 12.5.3).
+pub fn readable_by(resp: &StoredResponse, accept_encoding: Option<&http::HeaderValue>) -> bool {
+    let coding = resp
+        .headers
+        .iter()
+        .find(|(n, _)| n == header::CONTENT_ENCODING)
+        .and_then(|(_, v)| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let Some(coding) = coding.filter(|c| !c.is_empty() && c != "identity") else {
+        return true;
+    };
+    let Some(accept) = accept_encoding.and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    accept.split(',').any(|item| {
+        let mut parts = item.split(';');
+        let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        !refused && (name == coding || name == "*")
+    })
+}
+
 /// Writes a stored response.
 pub async fn write_stored(
     session: &mut Session,
@@ -76,7 +105,9 @@ pub async fn write_stored(
     }
     if replayed {
         h.insert_header("idempotent-replayed", "true")?;
-        let age = Instant::now().saturating_duration_since(resp.completed_at).as_secs();
+        let age = Instant::now()
+            .saturating_duration_since(resp.completed_at)
+            .as_secs();
         h.insert_header(header::AGE, age.to_string())?;
     }
     append_cache_status(&mut h, &how.cache_status())?;
@@ -96,7 +127,11 @@ pub async fn write_stored(
 /// Streams a response the leader's call could not store. An upstream cut-off aborts the
 /// client connection (an `Err`), so the client sees a truncated response, never a complete one.
 pub async fn write_stream(session: &mut Session, reply: LeaderReply) -> Result<()> {
-    let LeaderReply::Stream { mut header, mut body } = reply else {
+    let LeaderReply::Stream {
+        mut header,
+        mut body,
+    } = reply
+    else {
         return Err(Error::explain(ErrorType::InternalError, "not a stream"));
     };
     append_cache_status(&mut header, "idem; fwd=uri-miss")?;
@@ -133,4 +168,38 @@ pub async fn write_problem(session: &mut Session, p: Problem) -> Result<()> {
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn with_coding(coding: Option<&'static str>) -> StoredResponse {
+        StoredResponse {
+            status: 200,
+            headers: coding
+                .map(|c| vec![(header::CONTENT_ENCODING, HeaderValue::from_static(c))])
+                .unwrap_or_default(),
+            body: Bytes::new(),
+            completed_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn encoded_bodies_go_only_to_clients_that_accept_them() {
+        let gz = with_coding(Some("gzip"));
+        let accept = |v: &'static str| Some(HeaderValue::from_static(v));
+        assert!(readable_by(&with_coding(None), accept("br").as_ref()));
+        assert!(readable_by(
+            &with_coding(Some("identity")),
+            accept("br").as_ref()
+        ));
+        assert!(readable_by(&gz, None));
+        assert!(readable_by(&gz, accept("br, GZIP;q=0.5").as_ref()));
+        assert!(readable_by(&gz, accept("*").as_ref()));
+        assert!(!readable_by(&gz, accept("br").as_ref()));
+        assert!(!readable_by(&gz, accept("gzip;q=0").as_ref()));
+        assert!(!readable_by(&gz, accept("identity").as_ref()));
+    }
 }

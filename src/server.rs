@@ -197,17 +197,15 @@ fn spawn_drain_watcher(server: &Server, active: Arc<AtomicUsize>, coordinator: A
     let mut phases = server.watch_execution_phase();
     std::thread::spawn(move || loop {
         match phases.blocking_recv() {
-            Ok(ExecutionPhase::ShutdownGracePeriod) => {
-                loop {
-                    let requests = active.load(Ordering::Acquire);
-                    let flights = coordinator.counts().inflight;
-                    if requests == 0 && flights == 0 {
-                        tracing::info!("graceful shutdown: nothing left in flight, exiting");
-                        std::process::exit(0);
-                    }
-                    std::thread::sleep(TICK);
+            Ok(ExecutionPhase::ShutdownGracePeriod) => loop {
+                let requests = active.load(Ordering::Acquire);
+                let flights = coordinator.counts().inflight;
+                if requests == 0 && flights == 0 {
+                    tracing::info!("graceful shutdown: nothing left in flight, exiting");
+                    std::process::exit(0);
                 }
-            }
+                std::thread::sleep(TICK);
+            },
             Ok(_) => {}
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

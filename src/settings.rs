@@ -328,7 +328,11 @@ fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
         .backends
         .unwrap_or_else(|| vec![defaults::BACKEND.to_string()]);
     if backends.is_empty() {
-        return Err(problem("upstream", "backends", "needs at least one backend"));
+        return Err(problem(
+            "upstream",
+            "backends",
+            "needs at least one backend",
+        ));
     }
     for b in &backends {
         check_addr(b).map_err(|m| problem("upstream", "backends", m))?;
@@ -343,7 +347,10 @@ fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
             HealthCheckKind::None => HealthCheckSettings::None,
             HealthCheckKind::Tcp => HealthCheckSettings::Tcp,
             HealthCheckKind::Http => HealthCheckSettings::Http {
-                path: up.health_check_path.clone().unwrap_or_else(|| "/".to_string()),
+                path: up
+                    .health_check_path
+                    .clone()
+                    .unwrap_or_else(|| "/".to_string()),
             },
         },
         health_check_interval: up
@@ -367,7 +374,11 @@ fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
             "must be at least connect_timeout",
         ));
     }
-    if up.health_check_path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+    if up
+        .health_check_path
+        .as_deref()
+        .is_some_and(|p| !p.starts_with('/'))
+    {
         return Err(problem(
             "upstream",
             "health_check_path",
@@ -428,7 +439,8 @@ fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.into_iter().enumerate() {
         let section = format!("route[{i}]");
-        let policy = route_policy(&base, r, &store).map_err(|(_, k, m)| problem(&section, &k, m))?;
+        let policy =
+            route_policy(&base, r, &store).map_err(|(_, k, m)| problem(&section, &k, m))?;
         if routes
             .iter()
             .any(|o: &RoutePolicy| o.path_prefix == policy.path_prefix)
@@ -503,9 +515,17 @@ fn base_policy(
     Ok(p)
 }
 
-fn route_policy(base: &RoutePolicy, r: RawRoute, store: &StoreSettings) -> Result<RoutePolicy, Problem> {
+fn route_policy(
+    base: &RoutePolicy,
+    r: RawRoute,
+    store: &StoreSettings,
+) -> Result<RoutePolicy, Problem> {
     if !r.path_prefix.starts_with('/') {
-        return Err(problem("", "path_prefix", format!("{:?} must start with '/'", r.path_prefix)));
+        return Err(problem(
+            "",
+            "path_prefix",
+            format!("{:?} must start with '/'", r.path_prefix),
+        ));
     }
     let p = RoutePolicy {
         name: r.name.unwrap_or_else(|| r.path_prefix.clone()),
@@ -589,7 +609,10 @@ fn statuses(items: Option<&[String]>, section: &str) -> Result<StatusSet, Proble
     match items {
         Some(items) => StatusSet::parse(items).map_err(|m| problem(section, "store_statuses", m)),
         None => {
-            let d: Vec<String> = defaults::STORE_STATUSES.iter().map(|s| s.to_string()).collect();
+            let d: Vec<String> = defaults::STORE_STATUSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
             Ok(StatusSet::parse(&d).expect("default statuses are valid"))
         }
     }

@@ -292,9 +292,10 @@ impl MemoryStore {
     }
 
     fn publish(&self, inner: &Inner) {
-        self.stats
-            .entries
-            .store((inner.lru.len() + inner.held.len()) as u64, Ordering::Relaxed);
+        self.stats.entries.store(
+            (inner.lru.len() + inner.held.len()) as u64,
+            Ordering::Relaxed,
+        );
         self.stats.bytes.store(inner.bytes, Ordering::Relaxed);
     }
 }
@@ -336,7 +337,10 @@ mod tests {
         s.reserve(now).unwrap();
         assert!(s.settle(key(1), Some((resp(b"a", now), fp(), far)), now));
         s.reserve(now).unwrap();
-        let held = Held { status: 502, until: far };
+        let held = Held {
+            status: 502,
+            until: far,
+        };
         assert!(s.settle(key(2), Some((Record::Held(held), fp(), far)), now));
         // Full: one stored, one held. A new flight evicts the stored record.
         s.reserve(now).unwrap();
@@ -344,7 +348,10 @@ mod tests {
         assert_eq!(s.stats().evicted_capacity.load(Ordering::Relaxed), 1);
         // Now one held + one reserved: nothing evictable.
         assert_eq!(s.reserve(now), Err(StoreFull));
-        assert!(matches!(s.get(&key(2), now).unwrap().record, Record::Held(_)));
+        assert!(matches!(
+            s.get(&key(2), now).unwrap().record,
+            Record::Held(_)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -352,7 +359,11 @@ mod tests {
         let s = MemoryStore::new(10, 1 << 20);
         let now = Instant::now();
         s.reserve(now).unwrap();
-        s.settle(key(1), Some((resp(b"a", now), fp(), now + Duration::from_secs(5))), now);
+        s.settle(
+            key(1),
+            Some((resp(b"a", now), fp(), now + Duration::from_secs(5))),
+            now,
+        );
         assert!(s.get(&key(1), now + Duration::from_secs(4)).is_some());
         assert!(s.get(&key(1), now + Duration::from_secs(5)).is_none());
         assert_eq!(s.stats().evicted_expired.load(Ordering::Relaxed), 1);
@@ -365,7 +376,9 @@ mod tests {
         let now = Instant::now();
         let far = now + Duration::from_secs(60);
         let one = resp(b"0123456789", now);
-        let Record::Response(r) = &one else { unreachable!() };
+        let Record::Response(r) = &one else {
+            unreachable!()
+        };
         let s = MemoryStore::new(100, r.weight() * 2);
         for n in 1..=2 {
             s.reserve(now).unwrap();

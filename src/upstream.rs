@@ -65,7 +65,8 @@ pub struct Upstream {
 
 /// Builds the load balancer with its health check; the caller runs it as a background service.
 pub fn load_balancer(settings: &UpstreamSettings) -> std::io::Result<LoadBalancer<RoundRobin>> {
-    let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(settings.backends.iter().map(String::as_str))?;
+    let mut lb =
+        LoadBalancer::<RoundRobin>::try_from_iter(settings.backends.iter().map(String::as_str))?;
     match &settings.health_check {
         HealthCheckSettings::None => {}
         HealthCheckSettings::Tcp => {
@@ -90,7 +91,11 @@ pub fn load_balancer(settings: &UpstreamSettings) -> std::io::Result<LoadBalance
 
 impl Upstream {
     /// Wraps the running load balancer and a connector for detached calls.
-    pub fn new(lb: Arc<LoadBalancer<RoundRobin>>, connector: Connector, settings: UpstreamSettings) -> Upstream {
+    pub fn new(
+        lb: Arc<LoadBalancer<RoundRobin>>,
+        connector: Connector,
+        settings: UpstreamSettings,
+    ) -> Upstream {
         Upstream {
             lb,
             connector,
@@ -111,12 +116,7 @@ impl Upstream {
     /// The next backend not in `tried`: healthy ones first, then any (a health check may lag
     /// behind a backend that just came back).
     pub fn select(&self, tried: &[SocketAddr]) -> Option<Backend> {
-        let untried = |b: &Backend| {
-            b.addr
-                .as_inet()
-                .map(|a| !tried.contains(a))
-                .unwrap_or(true)
-        };
+        let untried = |b: &Backend| b.addr.as_inet().map(|a| !tried.contains(a)).unwrap_or(true);
         let n = self.settings.backends.len() * 2 + 1;
         self.lb
             .select_with(b"", n, |b, healthy| healthy && untried(b))
@@ -189,7 +189,11 @@ impl Upstream {
     /// Forwards a request whose body idem has partly consumed (`prefix`), streaming the rest
     /// of the body up and the response down. Not deduplicated and not detached: this is a
     /// pass-through that Pingora's proxy path can no longer perform. Returns the status.
-    pub async fn forward_streaming(&self, session: &mut Session, prefix: Bytes) -> pingora::Result<u16> {
+    pub async fn forward_streaming(
+        &self,
+        session: &mut Session,
+        prefix: Bytes,
+    ) -> pingora::Result<u16> {
         let backend = self
             .select(&[])
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend"))?;
@@ -209,7 +213,10 @@ impl Upstream {
         read_final_header(&mut s).await?;
         let mut h = s.response_header().expect("header read").clone();
         let length = h.headers.get(header::CONTENT_LENGTH).cloned();
-        for name in HOP_BY_HOP.iter().chain(connection_nominated(&h.headers.clone()).iter()) {
+        for name in HOP_BY_HOP
+            .iter()
+            .chain(connection_nominated(&h.headers.clone()).iter())
+        {
             h.remove_header(name);
         }
         match length {
@@ -321,13 +328,16 @@ pub fn upstream_request(
 
 /// The request head as forwarded: end-to-end headers, `Host`, forwarding headers; framing
 /// is left to the caller.
-fn forwarded_request(req: &RequestHeader, client: Option<&SocketAddr>) -> pingora::Result<RequestHeader> {
-    let path = req
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let mut out = RequestHeader::build(req.method.clone(), path.as_bytes(), Some(req.headers.len() + 3))?;
+fn forwarded_request(
+    req: &RequestHeader,
+    client: Option<&SocketAddr>,
+) -> pingora::Result<RequestHeader> {
+    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut out = RequestHeader::build(
+        req.method.clone(),
+        path.as_bytes(),
+        Some(req.headers.len() + 3),
+    )?;
     let nominated = connection_nominated(&req.headers);
     for (name, value) in req.headers.iter() {
         if is_hop_by_hop(name) || nominated.contains(name) {
@@ -348,7 +358,11 @@ fn forwarded_request(req: &RequestHeader, client: Option<&SocketAddr>) -> pingor
 pub fn add_forwarded(req: &mut RequestHeader, client: Option<&SocketAddr>) -> pingora::Result<()> {
     if let Some(addr) = client {
         let ip = addr.ip().to_string();
-        let value = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let value = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(prev) => format!("{prev}, {ip}"),
             None => ip,
         };
