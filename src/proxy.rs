@@ -63,6 +63,12 @@ pub struct Ctx {
     /// Short key hash for the access log.
     key: Option<String>,
     status: u16,
+    /// Pass-through: when the first upstream peer was chosen.
+    upstream_started: Option<Instant>,
+    /// Access log: upstream latency to the response header (leaders and pass-through).
+    upstream: Option<Duration>,
+    /// Access log: waiters that received this leader's outcome.
+    waiters_served: Option<usize>,
     _active: ActiveGuard,
 }
 
@@ -188,6 +194,11 @@ impl Idem {
                     r = reply => r,
                     e = client_gone(session) => return Err(e),
                 };
+                let reply = reply.map(|(reply, report)| {
+                    ctx.upstream = Some(report.upstream);
+                    ctx.waiters_served = Some(report.waiters_served);
+                    reply
+                });
                 match reply {
                     Ok(LeaderReply::Outcome(o)) => {
                         self.answer(session, ctx, o, true, scope.anonymous).await
@@ -402,10 +413,14 @@ async fn client_gone(session: &mut Session) -> Box<Error> {
     }
 }
 
+/// An HTTP/1.1+ request expecting `100 Continue` (RFC 9110 10.1.1: a server ignores the
+/// expectation in an HTTP/1.0 request).
 fn is_expect_continue(req: &RequestHeader) -> bool {
-    req.headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    req.version != http::Version::HTTP_10
+        && req
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 #[async_trait]
@@ -422,6 +437,9 @@ impl ProxyHttp for Idem {
             tried: Vec::new(),
             key: None,
             status: 0,
+            upstream_started: None,
+            upstream: None,
+            waiters_served: None,
             _active: ActiveGuard(self.active.clone()),
         }
     }
@@ -444,6 +462,13 @@ impl ProxyHttp for Idem {
                 } else {
                     metrics::Outcome::Bypass
                 };
+                // Pingora forwards `Expect` and relays only an origin's own `100 Continue`;
+                // many app servers never send one, so client and origin would wait for each
+                // other. idem answers it itself (as nginx and Envoy do) and strips `Expect`
+                // upstream (`upstream_request_filter`).
+                if is_expect_continue(session.req_header()) {
+                    session.downstream_session.write_continue_response().await?;
+                }
                 Ok(false)
             }
             Admission::Refuse(p) => self.problem(session, ctx, p).await,
@@ -459,6 +484,7 @@ impl ProxyHttp for Idem {
         if let Some(a) = backend.addr.as_inet() {
             ctx.tried.push(*a);
         }
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(Box::new(self.upstream.peer(&backend)))
     }
 
@@ -482,6 +508,8 @@ impl ProxyHttp for Idem {
         upstream_request: &mut RequestHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
+        // idem answered any `100-continue` itself (see `request_filter`).
+        upstream_request.remove_header(&header::EXPECT);
         upstream::add_forwarded(
             upstream_request,
             session.client_addr().and_then(|a| a.as_inet()),
@@ -495,6 +523,7 @@ impl ProxyHttp for Idem {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.status = resp.status.as_u16();
+        ctx.upstream = ctx.upstream_started.map(|t| t.elapsed());
         if ctx.mark_bypass {
             respond::append_cache_status(resp, respond::CACHE_STATUS_BYPASS)?;
         }
@@ -511,6 +540,8 @@ impl ProxyHttp for Idem {
         let req = session.req_header();
         let route = &self.route_name(ctx.route);
         let error = e.map(|e| e.to_string());
+        // Milliseconds with microsecond precision.
+        let upstream_ms = ctx.upstream.map(|d| d.as_micros() as f64 / 1000.0);
         match self.settings.log_format {
             LogFormat::Json => tracing::info!(
                 target: "idem::access",
@@ -520,12 +551,14 @@ impl ProxyHttp for Idem {
                 outcome = ctx.outcome.as_str(),
                 key = ctx.key.as_deref().unwrap_or("-"),
                 ms = took.as_millis() as u64,
+                upstream_ms,
+                waiters_served = ctx.waiters_served.map(|n| n as u64),
                 error = error.as_deref().unwrap_or(""),
                 "request"
             ),
             LogFormat::Text => tracing::info!(
                 target: "idem::access",
-                "{} {} route={} status={} outcome={} key={} ms={}{}",
+                "{} {} route={} status={} outcome={} key={} ms={} upstream_ms={} waiters_served={}{}",
                 req.method,
                 req.uri.path(),
                 route,
@@ -533,6 +566,9 @@ impl ProxyHttp for Idem {
                 ctx.outcome.as_str(),
                 ctx.key.as_deref().unwrap_or("-"),
                 took.as_millis(),
+                upstream_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),
+                ctx.waiters_served
+                    .map_or_else(|| "-".to_string(), |n| n.to_string()),
                 error.map(|e| format!(" error={e:?}")).unwrap_or_default()
             ),
         }

@@ -32,6 +32,7 @@ use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// How often expired records are swept and the drain condition is checked.
 const TICK: Duration = Duration::from_millis(50);
@@ -88,8 +89,14 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     let coordinator = Coordinator::new(store, settings.max_waiters);
     let route_names = settings.all_routes().map(|r| r.name.clone()).collect();
     let metrics = Metrics::new(route_names);
+    metrics.set_bounds(
+        settings.store.max_entries,
+        settings.store.max_bytes,
+        settings.max_waiters,
+    );
     let active = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicBool::new(false));
+    let signals_installed = Arc::new(Notify::new());
 
     let idem = Idem {
         keys: KeyDeriver::new(settings.secret.as_deref()),
@@ -127,6 +134,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         Housekeeping {
             coordinator: coordinator.clone(),
             ready,
+            signals_installed: signals_installed.clone(),
             announce: format!(
                 "listening proxy={} metrics={metrics_listen}",
                 listen
@@ -145,7 +153,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
 
     spawn_drain_watcher(&server, active, coordinator);
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals),
+        shutdown_signal: Box::new(Signals {
+            installed: signals_installed,
+        }),
     });
     std::process::exit(0)
 }
@@ -173,12 +183,16 @@ fn concrete(addr: &str) -> Result<SocketAddr, StartError> {
 struct Housekeeping {
     coordinator: Arc<Coordinator>,
     ready: Arc<AtomicBool>,
+    /// The listening line waits for the signal handlers: before them, SIGTERM or SIGHUP
+    /// would get the default action and kill the process.
+    signals_installed: Arc<Notify>,
     announce: String,
 }
 
 #[async_trait]
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        self.signals_installed.notified().await;
         self.ready.store(true, Ordering::Relaxed);
         tracing::info!("{}", self.announce);
         println!("{}", self.announce);
@@ -214,7 +228,9 @@ fn spawn_drain_watcher(server: &Server, active: Arc<AtomicUsize>, coordinator: A
 }
 
 /// idem's signal policy (see the module doc).
-struct Signals;
+struct Signals {
+    installed: Arc<Notify>,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
@@ -224,6 +240,7 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("install SIGQUIT handler");
         let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
         let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+        self.installed.notify_one();
         loop {
             tokio::select! {
                 _ = term.recv() => {
