@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant};
 
@@ -55,13 +56,22 @@ pub enum LeaderReply {
     },
 }
 
+/// What the access log reports about the call, delivered with the leader's reply.
+#[derive(Debug, Clone, Copy)]
+pub struct CallReport {
+    /// From the start of the call to its response header (or to its failure).
+    pub upstream: Duration,
+    /// Waiters attached when the outcome was settled: they receive it too.
+    pub waiters_served: usize,
+}
+
 /// Starts the detached call; the returned receiver yields the leader client's answer.
 pub fn spawn(
     permit: LeaderPermit,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     plan: Plan,
-) -> oneshot::Receiver<LeaderReply> {
+) -> oneshot::Receiver<(LeaderReply, CallReport)> {
     let (tx, rx) = oneshot::channel();
     tokio::spawn(run(permit, upstream, metrics, plan, tx));
     rx
@@ -72,7 +82,7 @@ async fn run(
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     plan: Plan,
-    reply: oneshot::Sender<LeaderReply>,
+    reply: oneshot::Sender<(LeaderReply, CallReport)>,
 ) {
     let started = std::time::Instant::now();
     let key = permit.key().short();
@@ -97,9 +107,20 @@ async fn run(
             Outcome::Unknown(permit.hold(504))
         }
     };
-    metrics.upstream_failed(plan.route, started.elapsed());
-    permit.settle(failure.clone(), plan.retention);
-    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(failure));
+    let took = started.elapsed();
+    metrics.upstream_failed(plan.route, took);
+    let served = permit.settle(failure.clone(), plan.retention);
+    let report = CallReport {
+        upstream: took,
+        waiters_served: served,
+    };
+    deliver(
+        &metrics,
+        plan.route,
+        reply,
+        LeaderReply::Outcome(failure),
+        report,
+    );
 }
 
 /// Reads the response once its header has arrived, and settles.
@@ -108,13 +129,18 @@ async fn finish(
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     plan: Plan,
-    reply: oneshot::Sender<LeaderReply>,
+    reply: oneshot::Sender<(LeaderReply, CallReport)>,
     mut ex: Exchange,
     started: std::time::Instant,
 ) {
     let key = permit.key().short();
     let status = ex.header().status.as_u16();
-    metrics.upstream_answered(plan.route, status, started.elapsed());
+    let took = started.elapsed();
+    metrics.upstream_answered(plan.route, status, took);
+    let report = |waiters_served| CallReport {
+        upstream: took,
+        waiters_served,
+    };
     // A gateway behind idem gave up while the app may still run the request.
     if status == 502 || status == 504 {
         tracing::warn!(
@@ -124,8 +150,9 @@ async fn finish(
         );
         ex.abort().await;
         let o = Outcome::Unknown(permit.hold(status));
-        permit.settle(o.clone(), plan.retention);
-        deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o));
+        let served = permit.settle(o.clone(), plan.retention);
+        let r = report(served);
+        deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
         return;
     }
     let declared = ex
@@ -151,16 +178,18 @@ async fn finish(
                     let stored = plan.store_statuses.contains(status);
                     upstream.release(ex).await;
                     let o = Outcome::Response { response, stored };
-                    permit.settle(o.clone(), plan.retention);
-                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o));
+                    let served = permit.settle(o.clone(), plan.retention);
+                    let r = report(served);
+                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
                     return;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(key, error = %e, "upstream response cut off: key held");
                     ex.abort().await;
                     let o = Outcome::Unknown(permit.hold(502));
-                    permit.settle(o.clone(), plan.retention);
-                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o));
+                    let served = permit.settle(o.clone(), plan.retention);
+                    let r = report(served);
+                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
                     return;
                 }
                 Err(_elapsed) => {
@@ -170,8 +199,9 @@ async fn finish(
                     );
                     ex.abort().await;
                     let o = Outcome::Unknown(permit.hold(504));
-                    permit.settle(o.clone(), plan.retention);
-                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o));
+                    let served = permit.settle(o.clone(), plan.retention);
+                    let r = report(served);
+                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
                     return;
                 }
             }
@@ -184,7 +214,7 @@ async fn finish(
         status,
         "response not replayable: streaming it to the leader only"
     );
-    permit.settle(Outcome::NotReplayable, plan.retention);
+    let served = permit.settle(Outcome::NotReplayable, plan.retention);
     let (tx, rx) = mpsc::channel(16);
     let header = Box::new(stream_header(ex.header()));
     deliver(
@@ -192,6 +222,7 @@ async fn finish(
         plan.route,
         reply,
         LeaderReply::Stream { header, body: rx },
+        report(served),
     );
     if !body.is_empty() {
         let _ = tx.send(Ok(body.freeze())).await;
@@ -216,8 +247,14 @@ async fn finish(
     }
 }
 
-fn deliver(metrics: &Metrics, route: RouteId, reply: oneshot::Sender<LeaderReply>, r: LeaderReply) {
-    if reply.send(r).is_err() {
+fn deliver(
+    metrics: &Metrics,
+    route: RouteId,
+    reply: oneshot::Sender<(LeaderReply, CallReport)>,
+    r: LeaderReply,
+    report: CallReport,
+) {
+    if reply.send((r, report)).is_err() {
         // The leader's client left before the answer: the reason idem exists.
         metrics.detached_completion(route);
     }

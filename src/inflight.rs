@@ -249,12 +249,14 @@ impl LeaderPermit {
         }
     }
 
-    /// Records the outcome, frees or keeps the key, and wakes every waiter.
-    pub fn settle(mut self, outcome: Outcome, retention: Retention) {
-        self.settle_inner(outcome, retention);
+    /// Records the outcome, frees or keeps the key, and wakes every waiter. Returns how many
+    /// waiters were attached at that moment: they receive this outcome (the access log's
+    /// "waiters served").
+    pub fn settle(mut self, outcome: Outcome, retention: Retention) -> usize {
+        self.settle_inner(outcome, retention)
     }
 
-    fn settle_inner(&mut self, outcome: Outcome, retention: Retention) {
+    fn settle_inner(&mut self, outcome: Outcome, retention: Retention) -> usize {
         self.settled = true;
         let now = Instant::now();
         let record = match &outcome {
@@ -275,7 +277,10 @@ impl LeaderPermit {
         );
         c.flights
             .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flight));
+        // Off the map, the flight gains no waiter; those attached now get the outcome.
+        let served = self.flight.waiters.load(Ordering::Relaxed);
         self.flight.state.send_replace(Some(outcome));
+        served
     }
 }
 
@@ -397,13 +402,14 @@ mod tests {
         let t1 = tokio::spawn(w1.wait(Duration::from_secs(10)));
         let t2 = tokio::spawn(w2.wait(Duration::from_secs(10)));
         tokio::time::sleep(Duration::from_secs(3)).await;
-        p.settle(
+        let served = p.settle(
             Outcome::Response {
                 response: response(201, "made"),
                 stored: true,
             },
             TTL,
         );
+        assert_eq!(served, 2, "both waiters receive the outcome");
         for t in [t1, t2] {
             match t.await.unwrap() {
                 Some(Outcome::Response {

@@ -56,7 +56,8 @@ fn init_logging(format: idem::config::LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         idem::config::LogFormat::Json => builder.json().init(),
         idem::config::LogFormat::Text => builder.init(),

@@ -85,6 +85,10 @@ impl Outcome {
 
 const UPSTREAM_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
 
+/// Results of the `lookup` store operation, pre-registered so that error ratios and alerts
+/// are defined from the first scrape (`error` comes from a remote store only).
+const STORE_LOOKUP_RESULTS: [&str; 5] = ["hit", "miss", "inflight", "full", "error"];
+
 /// All of idem's metric families.
 pub struct Metrics {
     registry: Registry,
@@ -102,6 +106,10 @@ pub struct Metrics {
     store_evictions: IntCounterVec,
     store_operations: IntCounterVec,
     shadow_duplicates: IntCounterVec,
+    /// Configured bounds, so dashboards and alerts can relate usage to them.
+    store_max_entries: IntGauge,
+    store_max_bytes: IntGauge,
+    max_waiters: IntGauge,
     /// Requests refused before idem could answer (client gone while idem read the body).
     client_aborts: IntCounter,
 }
@@ -193,6 +201,18 @@ impl Metrics {
                 "Requests a shadow route would have collapsed or replayed.",
                 &["route", "kind"],
             ),
+            store_max_entries: gauge(
+                "idem_store_max_entries",
+                "Configured bound on store keys (store.max_entries).",
+            ),
+            store_max_bytes: gauge(
+                "idem_store_max_bytes",
+                "Configured bound on stored bytes (store.max_bytes).",
+            ),
+            max_waiters: gauge(
+                "idem_max_waiters",
+                "Configured bound on waiters across all keys (server.max_waiters).",
+            ),
             client_aborts,
             routes: route_names,
             registry,
@@ -214,7 +234,19 @@ impl Metrics {
         for reason in ["capacity", "expired"] {
             m.store_evictions.with_label_values(&[reason]);
         }
+        for result in STORE_LOOKUP_RESULTS {
+            m.store_operations.with_label_values(&["lookup", result]);
+        }
         Arc::new(m)
+    }
+
+    /// Publishes the configured bounds (`idem_store_max_entries`, `idem_store_max_bytes`,
+    /// `idem_max_waiters`).
+    pub fn set_bounds(&self, max_entries: usize, max_bytes: u64, max_waiters: usize) {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.store_max_entries.set(clamp(max_entries as u64));
+        self.store_max_bytes.set(clamp(max_bytes));
+        self.max_waiters.set(clamp(max_waiters as u64));
     }
 
     fn route(&self, r: RouteId) -> &str {
@@ -268,7 +300,7 @@ impl Metrics {
             .inc();
     }
 
-    /// A store operation (`op`: lookup, write) and its result (hit, miss, ok, full, error).
+    /// A store operation (`op`: lookup) and its result (hit, miss, inflight, full, error).
     pub fn store_op(&self, op: &'static str, result: &'static str) {
         self.store_operations.with_label_values(&[op, result]).inc();
     }

@@ -4,6 +4,8 @@ mod support;
 
 mod dedup;
 mod failures;
+mod observability;
+mod operations;
 mod passthrough_ops;
 
 /// The backend is the yardstick for every idem test, so it is tested on its

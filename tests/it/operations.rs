@@ -1,0 +1,1 @@
+//! Reload, shadow mode, the admin listener and packaging.
