@@ -6,6 +6,7 @@ mod dedup;
 mod failures;
 mod observability;
 mod operations;
+mod reliability;
 mod passthrough_ops;
 
 /// The backend is the yardstick for every idem test, so it is tested on its

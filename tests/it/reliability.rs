@@ -1,0 +1,1 @@
+//! Client aborts at every point, upstream faults, and hostile requests.
