@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -211,8 +212,20 @@ impl Call {
     }
 }
 
-/// The value of one series on idem's metrics endpoint, named as exposed
-/// (`idem_waiters`, `idem_store_evictions_total{reason="capacity"}`).
+/// A series name and its sorted labels: `a{x="1",y="2"}` equals `a{y="2",x="1"}`.
+fn series_id(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, labels)) => {
+            let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+            labels.sort_unstable();
+            (name, labels)
+        }
+        None => (series, Vec::new()),
+    }
+}
+
+/// The value of one series on idem's metrics endpoint, named as exposed, labels in any
+/// order (`idem_waiters`, `idem_store_evictions_total{reason="capacity"}`).
 async fn metric(idem: &Idem, name: &str) -> f64 {
     let text = client()
         .get(idem.metrics_url("/metrics"))
@@ -222,8 +235,13 @@ async fn metric(idem: &Idem, name: &str) -> f64 {
         .text()
         .await
         .expect("metrics body");
+    let wanted = series_id(name);
     text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series_id(series) == wanted).then_some(value)
+        })
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
         .trim()
         .parse()
@@ -233,7 +251,8 @@ async fn metric(idem: &Idem, name: &str) -> f64 {
 const EVICTED_CAPACITY: &str = "idem_store_evictions_total{reason=\"capacity\"}";
 const EVICTED_EXPIRED: &str = "idem_store_evictions_total{reason=\"expired\"}";
 
-/// Polls a gauge until it shows `want` (how a test knows that waiters have attached).
+/// Polls a series until it shows `want`: how a test knows that waiters have attached, or
+/// that a request was accounted (idem records metrics after the response is written).
 async fn wait_metric(idem: &Idem, name: &str, want: f64) {
     let deadline = Instant::now() + WAIT_TIMEOUT;
     loop {
@@ -260,12 +279,8 @@ async fn refused_backend_is_skipped_and_the_live_one_runs_each_key_once() {
     let live = Backend::start().await;
     // Without a health check both backends stay eligible, so round robin really offers the
     // refused one first for some of the keys below.
-    let config = base(
-        &[free_addr(), live.addr()],
-        Duration::from_secs(2),
-        Duration::from_secs(1),
-    )
-    .set("upstream.health_check", "none");
+    let config = base(&[free_addr(), live.addr()], TOTAL, Duration::from_secs(1))
+        .set("upstream.health_check", "none");
     let idem = Idem::start(&config.to_string()).await;
     for n in 1..=4 {
         let path = format!("/refused/{n}");
@@ -283,8 +298,7 @@ async fn refused_backend_is_skipped_and_the_live_one_runs_each_key_once() {
 #[tokio::test]
 async fn unreachable_upstream_frees_the_key() {
     let addr = free_addr();
-    let config = base(&[addr], Duration::from_secs(2), Duration::from_secs(1))
-        .set("upstream.health_check", "none");
+    let config = base(&[addr], TOTAL, Duration::from_secs(1)).set("upstream.health_check", "none");
     let idem = Idem::start(&config.to_string()).await;
     let call = Call::new(&idem, "/unreachable").key("unreachable-1");
     for _ in 0..2 {
@@ -392,6 +406,12 @@ async fn close_after_the_request_was_sent_holds_the_key() {
 }
 
 #[tokio::test]
+async fn malformed_response_head_holds_the_key() {
+    let steer = [("x-fault", "malformed-status")];
+    held_scenario("/held/malformed", &steer, 502, TOTAL, LONG_READ).await;
+}
+
+#[tokio::test]
 async fn upstream_read_timeout_holds_the_key() {
     // The read timeout (1s) fires well inside the hold (3s) so that retries land in it.
     let steer = [("x-fault", "stall")];
@@ -451,6 +471,8 @@ async fn app_500_and_503_are_delivered_not_stored_and_retried() {
 // B. Limits
 // ---------------------------------------------------------------------------------------
 
+const TOO_LARGE_FP: &str = "idem_requests_total{route=\"fp\",outcome=\"too_large\"}";
+
 /// `max_body` = 1 KiB everywhere; `/fp/` deduplicates keyless requests by fingerprint.
 fn body_limit_config(backend: SocketAddr) -> Config {
     base(&[backend], Duration::from_secs(5), Duration::from_secs(5))
@@ -504,6 +526,15 @@ async fn body_over_max_body_by_content_length() {
     small.send().await.assert_replay_of(1);
     assert_eq!(b.settled("/fp/small").await.started, 1);
     assert_eq!(b.total().started, 3);
+
+    // Refused and passed-through oversized requests are all counted as too_large.
+    wait_metric(&idem, TOO_LARGE_FP, 3.0).await;
+    wait_metric(
+        &idem,
+        "idem_requests_total{route=\"default\",outcome=\"too_large\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -564,6 +595,7 @@ async fn chunked_body_over_max_body() {
         seen.iter().map(|r| r.body.len()).collect::<Vec<_>>()
     );
     assert_eq!(b.total().started, 2);
+    wait_metric(&idem, TOO_LARGE_FP, 3.0).await;
 }
 
 /// A response over `max_response_body`, declared by Content-Length or found while reading a
@@ -644,22 +676,41 @@ async fn streamed_response_cut_off_is_truncated_for_the_leader_and_never_repeate
         ("x-fault", "slow-body"),
         ("x-chunk-ms", "3000"),
     ];
+    // Same authority as the reqwest retry below, so both share the key's scope.
+    let host = idem.addr().to_string();
+    let mut raw_headers = vec![("host", host.as_str())];
+    raw_headers.extend_from_slice(&steer);
     let mut conn = RawConn::connect(idem.addr()).await;
-    conn.send(&http_request("POST", path, &steer, b"{}")).await;
-    match tokio::time::timeout(WAIT_TIMEOUT, conn.try_read_response(false)).await {
-        Ok(Err(RawError::Closed { partial })) => {
-            let text = String::from_utf8_lossy(&partial).to_ascii_lowercase();
-            assert!(
-                text.starts_with("http/1.1 200") && text.contains("content-length: 5000"),
-                "{text:?}"
-            );
+    conn.send(&http_request("POST", path, &raw_headers, b"{}"))
+        .await;
+    // Everything the leader's client receives until idem ends the connection.
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(WAIT_TIMEOUT, conn.stream().read(&mut chunk)).await {
+            Err(_) => panic!(
+                "the leader's connection stayed open: {} bytes so far",
+                got.len()
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
         }
-        Ok(Err(RawError::Io(e))) => {
-            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}")
-        }
-        Ok(other) => panic!("the leader's client must see a truncated response, got {other:?}"),
-        Err(_) => panic!("the leader's connection was neither completed nor closed"),
     }
+    let split = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&got)));
+    let head = String::from_utf8_lossy(&got[..split]).to_ascii_lowercase();
+    let body = &got[split + 4..];
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("content-length: 5000"),
+        "{head}"
+    );
+    assert!(
+        body.len() < 5000 && pattern(5000).starts_with(body),
+        "the leader got {} body bytes of 5000: it must see the cut",
+        body.len()
+    );
     let mut call = Call::new(&idem, path).body(b"{}");
     for (n, v) in steer {
         call = if n == "idempotency-key" {
