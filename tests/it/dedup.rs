@@ -131,6 +131,7 @@ impl Seen {
         assert_eq!(self.header("age"), None, "{self:#?}");
     }
 
+    /// A waiter's copy of the leader's response.
     fn assert_collapsed(&self) {
         assert_eq!(
             self.cache_status(),
@@ -142,6 +143,12 @@ impl Seen {
             Some("true"),
             "{self:#?}"
         );
+        let age: u64 = self
+            .header("age")
+            .unwrap_or_else(|| panic!("collapsed response without Age: {self:#?}"))
+            .parse()
+            .expect("Age is a number");
+        assert!(age < 5, "Age {age} for a response just received");
     }
 }
 
@@ -217,10 +224,15 @@ async fn wait_metric(idem: &Idem, name: &str, labels: &[(&str, &str)], want: f64
         if got == Some(want) {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "metric {name}{labels:?}: expected {want}, still {got:?} after {WAIT_TIMEOUT:?}"
-        );
+        if Instant::now() >= deadline {
+            let log = idem.stderr_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "metric {name}{labels:?}: expected {want}, still {got:?} after {WAIT_TIMEOUT:?}; \
+                 idem's last log lines (newest first):\n{}",
+                tail.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -419,6 +431,102 @@ async fn replay_carries_markers_and_the_stored_response() {
     other.assert_stored_leader();
     assert_eq!(
         backend.settled("/fp/charge").await,
+        Counts {
+            started: 2,
+            completed: 2,
+            aborted: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_key_on_a_fingerprint_route_names_the_request() {
+    let backend = Backend::start().await;
+    let config = Config::new(backend.addr()).route(
+        Route::new("fp", "/fp/", "fingerprint")
+            .set("ttl", "1h")
+            .set("fingerprint_ttl", "60s"),
+    );
+    let idem = Idem::start(&config.to_string()).await;
+    async fn send(idem: &Idem, key: Option<&str>) -> Seen {
+        let mut headers = vec![("content-type", "text/plain")];
+        if let Some(k) = key {
+            headers.push(("idempotency-key", k));
+        }
+        raw(idem, "POST", "/fp/job", &headers, b"run").await
+    }
+    // Keyed and keyless requests live in separate key domains, even when
+    // they are otherwise identical.
+    let keyless = send(&idem, None).await;
+    keyless.assert_stored_leader();
+    let keyed = send(&idem, Some("job-1")).await;
+    keyed.assert_stored_leader();
+    assert_eq!(keyed.header("x-backend-call"), Some("2"));
+    // Another key for the same body is another request.
+    let other_key = send(&idem, Some("job-2")).await;
+    other_key.assert_stored_leader();
+    assert_eq!(other_key.header("x-backend-call"), Some("3"));
+
+    // Each is replayed with its own retention: `ttl` for keys,
+    // `fingerprint_ttl` for fingerprints.
+    let replay = send(&idem, Some("job-1")).await;
+    assert_eq!(replay.header("x-backend-call"), Some("2"));
+    let ttl = replay.assert_replay();
+    assert!((3590..=3600).contains(&ttl), "keyed ttl={ttl}");
+    let replay = send(&idem, None).await;
+    assert_eq!(replay.header("x-backend-call"), Some("1"));
+    let ttl = replay.assert_replay();
+    assert!((50..=60).contains(&ttl), "fingerprint ttl={ttl}");
+    assert_eq!(
+        backend.settled("/fp/job").await,
+        Counts {
+            started: 3,
+            completed: 3,
+            aborted: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_fingerprint_is_replayed_for_its_window_only() {
+    let backend = Backend::start().await;
+    let config = Config::new(backend.addr())
+        .route(Route::new("fp", "/fp/", "fingerprint").set("fingerprint_ttl", "1s"));
+    let idem = Idem::start(&config.to_string()).await;
+    let add_one = || raw(&idem, "POST", "/fp/cart/add", &[], b"item=1");
+
+    let first = add_one().await;
+    let completed = Instant::now();
+    first.assert_stored_leader();
+    let replay = add_one().await;
+    replay.assert_replay();
+    assert_eq!(replay.header("x-backend-call"), Some("1"));
+
+    // Retry until the window has passed (bounded); the first non-replay must
+    // be a new call, and it must not come early.
+    let deadline = completed + WAIT_TIMEOUT;
+    let fresh = loop {
+        let sent = Instant::now();
+        let resp = add_one().await;
+        if resp.header("idempotent-replayed").is_none() {
+            assert!(
+                sent.duration_since(completed) >= Duration::from_millis(900),
+                "the 1s window ended after {:?}",
+                sent.duration_since(completed)
+            );
+            break resp;
+        }
+        assert_eq!(resp.header("x-backend-call"), Some("1"));
+        assert!(
+            Instant::now() < deadline,
+            "still replayed after {WAIT_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    fresh.assert_stored_leader();
+    assert_eq!(fresh.header("x-backend-call"), Some("2"));
+    assert_eq!(
+        backend.settled("/fp/cart/add").await,
         Counts {
             started: 2,
             completed: 2,
@@ -773,11 +881,22 @@ async fn same_key_with_another_body_is_refused_in_flight_and_after() {
         during.body
     );
     assert_eq!(metric(&idem, "idem_waiters", &[]).await, Some(0.0));
+    // The same key with the same request, meanwhile, waits for the first.
+    let retry = tokio::spawn(raw_owned(
+        idem.addr(),
+        path.into(),
+        headers(key),
+        br#"{"amount":10}"#.to_vec(),
+    ));
+    wait_metric(&idem, "idem_waiters", &[], 1.0).await;
 
     gate.open();
     let first = first.await.unwrap();
     assert_eq!(first.status, 200);
     first.assert_stored_leader();
+    let retry = retry.await.unwrap();
+    retry.assert_collapsed();
+    assert_eq!(retry.body, first.body);
 
     misuse().await.assert_problem(422, "fingerprint-mismatch");
     // The same key from another user is another key: no misuse, its own call.
@@ -929,6 +1048,72 @@ async fn missing_and_malformed_keys_are_refused() {
     bare.assert_replay();
     assert_eq!(bare.body, quoted.body);
     assert_eq!(backend.settled("/keys/same").await, ONE_CALL);
+
+    // A string may hold what a token may not: spaces, escaped quotes.
+    for (i, key) in [r#""a b""#, r#""say \"hi\"""#].into_iter().enumerate() {
+        let path = format!("/keys/string{i}");
+        let first = raw(&idem, "POST", &path, &[("idempotency-key", key)], b"x=1").await;
+        assert_eq!(first.status, 200, "{key}: {first:#?}");
+        first.assert_stored_leader();
+        raw(&idem, "POST", &path, &[("idempotency-key", key)], b"x=1")
+            .await
+            .assert_replay();
+        assert_eq!(backend.settled(&path).await, ONE_CALL, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn configured_scope_and_fingerprint_headers_decide_what_is_shared() {
+    let backend = Backend::start().await;
+    let config = Config::new(backend.addr()).route(
+        Route::new("tenants", "/t/", "fingerprint")
+            .set("scope_headers", vec!["X-Tenant"])
+            .set("fingerprint_headers", vec!["Content-Type", "X-Api-Version"]),
+    );
+    let idem = Idem::start(&config.to_string()).await;
+    let path = "/t/report";
+    let send =
+        |headers: &'static [(&'static str, &'static str)]| raw(&idem, "POST", path, headers, b"q");
+    // (headers, expected call whose response is served)
+    let cases: [(&[(&str, &str)], &str); 9] = [
+        (&[("x-tenant", "a"), ("x-api-version", "1")], "1"),
+        (&[("x-tenant", "b"), ("x-api-version", "1")], "2"),
+        (&[("x-tenant", "a"), ("x-api-version", "2")], "3"),
+        (&[("x-tenant", "a")], "4"),
+        (&[("x-tenant", "a"), ("x-api-version", "")], "5"),
+        (&[("x-api-version", "1")], "6"),
+        // Header names are case-insensitive, in the config and on the wire.
+        (&[("X-TENANT", "a"), ("X-Api-VERSION", "1")], "1"),
+        // Authorization is no longer part of the scope on this route.
+        (
+            &[
+                ("x-tenant", "b"),
+                ("x-api-version", "1"),
+                ("authorization", "Bearer z"),
+            ],
+            "2",
+        ),
+        (&[("x-tenant", "a"), ("x-api-version", "")], "5"),
+    ];
+    let mut calls = 0;
+    for (headers, call) in cases {
+        let resp = send(headers).await;
+        assert_eq!(resp.header("x-backend-call"), Some(call), "{headers:?}");
+        if call.parse::<u64>().unwrap() > calls {
+            calls += 1;
+            resp.assert_stored_leader();
+        } else {
+            resp.assert_replay();
+        }
+    }
+    assert_eq!(
+        backend.settled(path).await,
+        Counts {
+            started: 6,
+            completed: 6,
+            aborted: 0
+        }
+    );
 }
 
 // ---------------------------------------------------------------------------
