@@ -31,6 +31,12 @@ pub enum Admission {
         /// The decoded `Idempotency-Key`, if any; `None` on a fingerprint route.
         key: Option<Vec<u8>>,
     },
+    /// Shadow route: pass through untouched (no mark), and derive the key from the body as
+    /// it streams through, to count would-be duplicates ([`crate::shadow`]).
+    Shadow {
+        /// The decoded `Idempotency-Key`, if any; keyless requests count by fingerprint.
+        key: Option<Vec<u8>>,
+    },
 }
 
 /// Decides admission for a request on `route`.
@@ -41,9 +47,7 @@ pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admis
     };
     match route.mode {
         Mode::Off => return pass(false),
-        // TODO(#7): shadow mode computes keys and counts would-be duplicates; until then it
-        // is a plain pass-through.
-        Mode::Shadow => return pass(false),
+        Mode::Shadow => return shadow(route, method, headers),
         Mode::Keyed | Mode::Fingerprint | Mode::RequireKey => {}
     }
     if !route.is_eligible_method(method) || is_upgrade(headers) {
@@ -76,6 +80,31 @@ pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admis
         };
     }
     Admission::Dedup { key }
+}
+
+/// Shadow routes measure what an enforcing `fingerprint` route would deduplicate. Requests it
+/// would not deduplicate (ineligible method, upgrade, body over `max_body`) or would refuse
+/// (malformed key) are passed through uncounted.
+fn shadow(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admission {
+    let pass = Admission::PassThrough {
+        mark: false,
+        too_large: false,
+    };
+    if !route.is_eligible_method(method)
+        || is_upgrade(headers)
+        || declared_length(headers).is_some_and(|n| n > route.max_body)
+    {
+        return pass;
+    }
+    match parse_idempotency_key(
+        headers
+            .get_all(IDEMPOTENCY_KEY)
+            .iter()
+            .map(|v| v.as_bytes()),
+    ) {
+        Ok(key) => Admission::Shadow { key },
+        Err(_) => pass,
+    }
 }
 
 fn key_error_detail(e: KeyHeaderError) -> &'static str {
@@ -149,6 +178,41 @@ mod tests {
                 too_large: false
             }
         );
+    }
+
+    #[test]
+    fn shadow_routes_pass_everything_through_and_hash_what_dedup_would_take() {
+        let shadow = route("shadow");
+        let none = headers(&[]);
+        let plain = Admission::PassThrough {
+            mark: false,
+            too_large: false,
+        };
+        assert_eq!(
+            admit(&shadow, &Method::POST, &none),
+            Admission::Shadow { key: None }
+        );
+        assert_eq!(
+            admit(
+                &shadow,
+                &Method::POST,
+                &headers(&[("idempotency-key", "k")])
+            ),
+            Admission::Shadow {
+                key: Some(b"k".to_vec())
+            }
+        );
+        assert_eq!(admit(&shadow, &Method::GET, &none), plain);
+        assert_eq!(
+            admit(
+                &shadow,
+                &Method::POST,
+                &headers(&[("content-length", "11")])
+            ),
+            plain
+        );
+        let repeated = headers(&[("idempotency-key", "a"), ("idempotency-key", "b")]);
+        assert_eq!(admit(&shadow, &Method::POST, &repeated), plain);
     }
 
     #[test]

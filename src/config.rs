@@ -25,6 +25,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub metrics: RawMetrics,
     #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
     pub store: RawStore,
     #[serde(default)]
     pub dedup: RawPolicy,
@@ -74,6 +76,13 @@ pub struct RawMetrics {
     pub listen: Option<String>,
 }
 
+/// `[admin]`: off unless `listen` is set; loopback only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
 /// `[store]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +91,7 @@ pub struct RawStore {
     pub max_entries: Option<usize>,
     #[serde(default, deserialize_with = "de_size_opt")]
     pub max_bytes: Option<u64>,
+    pub max_keys_per_scope: Option<usize>,
     pub url: Option<String>,
 }
 

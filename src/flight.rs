@@ -261,7 +261,7 @@ fn deliver(
 }
 
 /// Event streams, gRPC and responses with trailers are not replayable as a stored body.
-fn is_storable(h: &ResponseHeader) -> bool {
+pub fn is_storable(h: &ResponseHeader) -> bool {
     let ct = h
         .headers
         .get(header::CONTENT_TYPE)

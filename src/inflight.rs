@@ -17,8 +17,9 @@
 //! * Waiters are counted per key and in total; a [`Waiter`] that is dropped (its client left)
 //!   just gives its place back.
 
-use crate::key::{DedupKey, Fingerprint};
-use crate::store::{Found, Held, MemoryStore, Record, StoreFull, StoredResponse};
+use crate::key::{DedupKey, Fingerprint, ScopeId};
+use crate::metrics::RouteId;
+use crate::store::{Found, Held, MemoryStore, Record, Refusal, StoredResponse};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -69,6 +70,8 @@ pub enum Joined {
     InProgress,
     /// No room for a new key.
     StoreFull,
+    /// The request's scope holds its quota of keys (`store.max_keys_per_scope`).
+    ScopeQuota,
     /// Waiter caps reached.
     TooManyWaiters,
 }
@@ -88,11 +91,17 @@ pub struct JoinRequest {
     pub max_waiters_per_key: usize,
     /// How long an unknown outcome is held, from the call's start (the upstream total deadline).
     pub hold_for: Duration,
+    /// The request's route, for the admin view.
+    pub route: RouteId,
+    /// Who asks, for the store's per-scope quota.
+    pub scope: ScopeId,
 }
 
 struct Flight {
     fingerprint: Fingerprint,
     started: Instant,
+    route: RouteId,
+    scope: ScopeId,
     /// `None` while running; the outcome once settled. `send_replace` is used because the
     /// value must be kept even when no waiter is subscribed yet.
     state: watch::Sender<Option<Outcome>>,
@@ -104,7 +113,21 @@ pub struct Coordinator {
     flights: DashMap<DedupKey, Arc<Flight>>,
     store: MemoryStore,
     waiters_total: AtomicUsize,
-    max_waiters: usize,
+    /// Changed by a configuration reload.
+    max_waiters: AtomicUsize,
+}
+
+/// One key in flight, for the admin view.
+#[derive(Debug, Clone)]
+pub struct FlightInfo {
+    /// The key.
+    pub key: DedupKey,
+    /// The route of the request that leads it.
+    pub route: RouteId,
+    /// Time since the leader was registered.
+    pub age: Duration,
+    /// Requests waiting for it.
+    pub waiters: usize,
 }
 
 /// Point-in-time counts for the metrics gauges.
@@ -123,8 +146,36 @@ impl Coordinator {
             flights: DashMap::new(),
             store,
             waiters_total: AtomicUsize::new(0),
-            max_waiters,
+            max_waiters: AtomicUsize::new(max_waiters),
         })
+    }
+
+    /// Sets the cap on waiters across all keys (configuration reload); waiters already
+    /// attached stay.
+    pub fn set_max_waiters(&self, max_waiters: usize) {
+        self.max_waiters.store(max_waiters, Ordering::Relaxed);
+    }
+
+    /// Every key in flight, oldest first.
+    pub fn flights(&self) -> Vec<FlightInfo> {
+        let now = Instant::now();
+        let mut all: Vec<FlightInfo> = self
+            .flights
+            .iter()
+            .map(|e| FlightInfo {
+                key: *e.key(),
+                route: e.value().route,
+                age: now.saturating_duration_since(e.value().started),
+                waiters: e.value().waiters.load(Ordering::Relaxed),
+            })
+            .collect();
+        all.sort_by_key(|f| std::cmp::Reverse(f.age));
+        all
+    }
+
+    /// Whether `key` has a call in flight.
+    pub fn is_in_flight(&self, key: &DedupKey) -> bool {
+        self.flights.contains_key(key)
     }
 
     /// The store underneath.
@@ -155,7 +206,9 @@ impl Coordinator {
                 if flight.waiters.load(Ordering::Relaxed) >= req.max_waiters_per_key {
                     return Joined::TooManyWaiters;
                 }
-                if self.waiters_total.fetch_add(1, Ordering::Relaxed) >= self.max_waiters {
+                if self.waiters_total.fetch_add(1, Ordering::Relaxed)
+                    >= self.max_waiters.load(Ordering::Relaxed)
+                {
                     self.waiters_total.fetch_sub(1, Ordering::Relaxed);
                     return Joined::TooManyWaiters;
                 }
@@ -182,12 +235,16 @@ impl Coordinator {
                         Record::Held(h) => Joined::Held(h),
                     };
                 }
-                if let Err(StoreFull) = self.store.reserve(now) {
-                    return Joined::StoreFull;
+                match self.store.reserve_for(now, req.scope) {
+                    Ok(()) => {}
+                    Err(Refusal::Full) => return Joined::StoreFull,
+                    Err(Refusal::ScopeQuota) => return Joined::ScopeQuota,
                 }
                 let flight = Arc::new(Flight {
                     fingerprint: req.fingerprint,
                     started: now,
+                    route: req.route,
+                    scope: req.scope,
                     state: watch::Sender::new(None),
                     waiters: AtomicUsize::new(0),
                 });
@@ -270,8 +327,9 @@ impl LeaderPermit {
         };
         let c = &self.coordinator;
         // Store first, then remove the flight: see the module doc.
-        c.store.settle(
+        c.store.settle_for(
             self.key,
+            self.flight.scope,
             record.map(|(r, exp)| (r, self.flight.fingerprint, exp)),
             now,
         );
@@ -360,6 +418,8 @@ mod tests {
             reject_concurrent: false,
             max_waiters_per_key: 100,
             hold_for: HOLD,
+            route: RouteId(0),
+            scope: ScopeId::default(),
         }
     }
 
@@ -518,6 +578,27 @@ mod tests {
             }
         );
         let _free = leader(c.join(req(1, 1, true)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flights_are_listed_with_route_age_and_waiters() {
+        let c = coordinator(10);
+        let mut r = req(1, 1, true);
+        r.route = RouteId(3);
+        let _p = leader(c.join(r));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _w = waiter(c.join(r));
+        let _q = leader(c.join(req(2, 2, true)));
+        let flights = c.flights();
+        assert_eq!(flights.len(), 2);
+        assert_eq!(flights[0].key, DedupKey([1; 32]), "oldest first");
+        assert_eq!(flights[0].route, RouteId(3));
+        assert_eq!(flights[0].age, Duration::from_secs(2));
+        assert_eq!(flights[0].waiters, 1);
+        assert_eq!(flights[1].waiters, 0);
+        assert!(c.is_in_flight(&DedupKey([2; 32])));
+        c.set_max_waiters(1);
+        assert!(matches!(c.join(req(2, 2, true)), Joined::TooManyWaiters));
     }
 
     #[tokio::test(start_paused = true)]

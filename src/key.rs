@@ -20,6 +20,18 @@ impl DedupKey {
     pub fn short(&self) -> String {
         self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// Whether the key's lowercase hex form starts with `prefix` (hex digits, any case;
+    /// the admin purge names keys this way).
+    pub fn has_hex_prefix(&self, prefix: &str) -> bool {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        prefix.len() <= 64
+            && prefix.bytes().enumerate().all(|(i, c)| {
+                let byte = self.0[i / 2];
+                let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0xf };
+                c.to_ascii_lowercase() == HEX[nibble as usize]
+            })
+    }
 }
 
 impl fmt::Debug for DedupKey {
@@ -44,6 +56,21 @@ pub struct Scope {
     digest: [u8; 32],
     /// No scope header was present: responses served into this scope drop `Set-Cookie`.
     pub anonymous: bool,
+}
+
+/// A short identity of a scope, for per-scope accounting in the store
+/// (`store.max_keys_per_scope`). Half of the keyed scope digest: not reversible, and two
+/// scopes share one only by a 128-bit collision.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct ScopeId(pub [u8; 16]);
+
+impl Scope {
+    /// This scope's identity for per-scope accounting.
+    pub fn id(&self) -> ScopeId {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&self.digest[..16]);
+        ScopeId(id)
+    }
 }
 
 /// Domain tags keep the different digests apart even for identical inputs.
@@ -285,6 +312,22 @@ mod tests {
             h.update(c);
         }
         h.finish()
+    }
+
+    #[test]
+    fn hex_prefix_matches_the_short_form_and_odd_lengths() {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0xab;
+        bytes[1] = 0x1f;
+        let key = DedupKey(bytes);
+        assert!(key.has_hex_prefix(""));
+        assert!(key.has_hex_prefix("a"));
+        assert!(key.has_hex_prefix("AB1"));
+        assert!(key.has_hex_prefix(&key.short()));
+        assert!(!key.has_hex_prefix("ab2"));
+        assert!(!key.has_hex_prefix("xyz"));
+        assert!(key.has_hex_prefix(&"0".repeat(60).replacen("0000", "ab1f", 1)));
+        assert!(!key.has_hex_prefix(&"0".repeat(65)));
     }
 
     #[test]

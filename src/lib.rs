@@ -13,26 +13,36 @@
 //!
 //! ```text
 //! Idem (proxy.rs)
-//! ├── Settings        validated proxy.toml (settings.rs, config.rs)
+//! ├── Live            the Settings in force, swapped by SIGHUP (reload.rs; settings.rs, config.rs)
 //! ├── KeyDeriver      keyed blake3 (key.rs)
 //! ├── Coordinator     flights: DashMap<DedupKey, Flight> (inflight.rs)
 //! │   └── MemoryStore bounded LRU + expiry (store.rs)
 //! ├── Upstream        load balancer + Pingora Connector (upstream.rs); flights run in flight.rs
+//! ├── ShadowTable     keys seen on shadow routes, would-be duplicates (shadow.rs)
 //! └── Metrics         Prometheus registry, /metrics /healthz /readyz (metrics.rs)
+//! AdminApp            /flights /held /store, purge (admin.rs), on its own listener
 //! ```
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod flight;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzz_props;
 pub mod inflight;
+#[cfg(test)]
+mod inflight_props;
 pub mod key;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;
+pub mod reload;
 pub mod respond;
 pub mod server;
 pub mod settings;
+pub mod shadow;
 pub mod store;
 pub mod upstream;

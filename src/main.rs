@@ -5,6 +5,9 @@ use idem::settings::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The shipped, commented proxy.toml: what `--print-default-config` prints.
+const DEFAULT_CONFIG: &str = include_str!("../proxy.toml");
+
 /// A deduplicating reverse proxy: the backend does the work once, however often the client retries.
 #[derive(Parser)]
 #[command(name = "idem", version, about)]
@@ -12,6 +15,9 @@ struct Cli {
     /// Configuration file.
     #[arg(long, short, global = true, default_value = "proxy.toml")]
     config: PathBuf,
+    /// Print the shipped, commented proxy.toml (a starting point) and exit.
+    #[arg(long, exclusive = true)]
+    print_default_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -26,6 +32,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{DEFAULT_CONFIG}");
+        return ExitCode::SUCCESS;
+    }
     let settings = match Settings::load(&cli.config) {
         Ok(s) => s,
         Err(e) => {
@@ -40,7 +50,7 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             init_logging(settings.log_format);
-            match idem::server::run(settings) {
+            match idem::server::run(settings, cli.config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("idem: {e}");

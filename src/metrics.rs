@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Index of a route in [`Metrics`]' label table (0 is the default route).
+/// Index of a route name in [`Metrics`]' label table (0 is the default route). The table
+/// only grows: a configuration reload appends the names it introduces
+/// ([`Metrics::register_routes`]), so an id taken before a reload stays valid after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteId(pub usize);
 
@@ -83,6 +85,29 @@ impl Outcome {
     }
 }
 
+/// What a shadow route would have done with a duplicate: the `kind` label of
+/// `idem_shadow_duplicates_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowKind {
+    /// The same key was in flight: it would have waited for that call.
+    Collapsed,
+    /// The same key had a stored response: it would have been replayed.
+    Replayed,
+}
+
+impl ShadowKind {
+    /// Every kind, for series pre-registration.
+    pub const ALL: [ShadowKind; 2] = [ShadowKind::Collapsed, ShadowKind::Replayed];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowKind::Collapsed => "collapsed",
+            ShadowKind::Replayed => "replayed",
+        }
+    }
+}
+
 const UPSTREAM_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
 
 /// Results of the `lookup` store operation, pre-registered so that error ratios and alerts
@@ -92,7 +117,8 @@ const STORE_LOOKUP_RESULTS: [&str; 5] = ["hit", "miss", "inflight", "full", "err
 /// All of idem's metric families.
 pub struct Metrics {
     registry: Registry,
-    routes: Vec<String>,
+    /// Route label values by [`RouteId`]; append-only.
+    routes: parking_lot::RwLock<Vec<Arc<str>>>,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_requests: IntCounterVec,
@@ -214,23 +240,10 @@ impl Metrics {
                 "Configured bound on waiters across all keys (server.max_waiters).",
             ),
             client_aborts,
-            routes: route_names,
+            routes: parking_lot::RwLock::new(Vec::new()),
             registry,
         };
-        for route in &m.routes {
-            for o in Outcome::ALL {
-                m.requests.with_label_values(&[route, o.as_str()]);
-                m.request_duration.with_label_values(&[route, o.as_str()]);
-            }
-            for class in UPSTREAM_CLASSES {
-                m.upstream_requests.with_label_values(&[route, class]);
-            }
-            m.upstream_duration.with_label_values(&[route]);
-            m.detached.with_label_values(&[route]);
-            for kind in ["collapsed", "replayed"] {
-                m.shadow_duplicates.with_label_values(&[route, kind]);
-            }
-        }
+        m.register_routes(&route_names);
         for reason in ["capacity", "expired"] {
             m.store_evictions.with_label_values(&[reason]);
         }
@@ -238,6 +251,41 @@ impl Metrics {
             m.store_operations.with_label_values(&["lookup", result]);
         }
         Arc::new(m)
+    }
+
+    /// The id of each of `names`, in order, adding the names not seen before and creating
+    /// their series (every route x outcome series exists from the moment a route does).
+    /// Called at start-up and on every configuration reload.
+    pub fn register_routes(&self, names: &[String]) -> Vec<RouteId> {
+        let mut routes = self.routes.write();
+        names
+            .iter()
+            .map(|name| {
+                if let Some(i) = routes.iter().position(|r| **r == **name) {
+                    return RouteId(i);
+                }
+                self.create_route_series(name);
+                routes.push(Arc::from(name.as_str()));
+                RouteId(routes.len() - 1)
+            })
+            .collect()
+    }
+
+    fn create_route_series(&self, route: &str) {
+        for o in Outcome::ALL {
+            self.requests.with_label_values(&[route, o.as_str()]);
+            self.request_duration
+                .with_label_values(&[route, o.as_str()]);
+        }
+        for class in UPSTREAM_CLASSES {
+            self.upstream_requests.with_label_values(&[route, class]);
+        }
+        self.upstream_duration.with_label_values(&[route]);
+        self.detached.with_label_values(&[route]);
+        for kind in ShadowKind::ALL {
+            self.shadow_duplicates
+                .with_label_values(&[route, kind.as_str()]);
+        }
     }
 
     /// Publishes the configured bounds (`idem_store_max_entries`, `idem_store_max_bytes`,
@@ -249,13 +297,24 @@ impl Metrics {
         self.max_waiters.set(clamp(max_waiters as u64));
     }
 
-    fn route(&self, r: RouteId) -> &str {
-        &self.routes[r.0]
+    /// The label value of `r` ("default" for an id this table never issued).
+    pub fn route_name(&self, r: RouteId) -> Arc<str> {
+        let routes = self.routes.read();
+        routes
+            .get(r.0)
+            .or_else(|| routes.first())
+            .cloned()
+            .unwrap_or_else(|| Arc::from("default"))
+    }
+
+    fn route(&self, r: RouteId) -> Arc<str> {
+        self.route_name(r)
     }
 
     /// One request answered.
     pub fn request(&self, route: RouteId, outcome: Outcome, took: Duration) {
-        let labels = [self.route(route), outcome.as_str()];
+        let route = self.route(route);
+        let labels = [&*route, outcome.as_str()];
         self.requests.with_label_values(&labels).inc();
         self.request_duration
             .with_label_values(&labels)
@@ -271,32 +330,34 @@ impl Metrics {
             _ => "5xx",
         };
         self.upstream_requests
-            .with_label_values(&[self.route(route), class])
+            .with_label_values(&[&*self.route(route), class])
             .inc();
         self.upstream_duration
-            .with_label_values(&[self.route(route)])
+            .with_label_values(&[&*self.route(route)])
             .observe(took.as_secs_f64());
     }
 
     /// A leader's upstream call failed without a response header.
     pub fn upstream_failed(&self, route: RouteId, took: Duration) {
         self.upstream_requests
-            .with_label_values(&[self.route(route), "failed"])
+            .with_label_values(&[&*self.route(route), "failed"])
             .inc();
         self.upstream_duration
-            .with_label_values(&[self.route(route)])
+            .with_label_values(&[&*self.route(route)])
             .observe(took.as_secs_f64());
     }
 
     /// A leader's call completed after its client left.
     pub fn detached_completion(&self, route: RouteId) {
-        self.detached.with_label_values(&[self.route(route)]).inc();
+        self.detached
+            .with_label_values(&[&*self.route(route)])
+            .inc();
     }
 
     /// A shadow route saw a request it would have collapsed or replayed.
-    pub fn shadow_duplicate(&self, route: RouteId, kind: &'static str) {
+    pub fn shadow_duplicate(&self, route: RouteId, kind: ShadowKind) {
         self.shadow_duplicates
-            .with_label_values(&[self.route(route), kind])
+            .with_label_values(&[&*self.route(route), kind.as_str()])
             .inc();
     }
 

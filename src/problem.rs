@@ -40,6 +40,8 @@ pub enum Problem {
     BodyTimeout,
     /// 503: no room for a new key (everything is in flight or held).
     StoreFull,
+    /// 429: the caller's scope holds its quota of keys (`store.max_keys_per_scope`).
+    ScopeQuota,
     /// 503: waiter caps reached.
     TooManyWaiters,
     /// 502: no backend could be reached; nothing was sent, a retry may run.
@@ -60,6 +62,7 @@ impl Problem {
             Problem::TooLarge => 413,
             Problem::BodyTimeout => 408,
             Problem::StoreFull | Problem::TooManyWaiters => 503,
+            Problem::ScopeQuota => 429,
             Problem::UpstreamUnreachable => 502,
             Problem::Internal => 500,
         }
@@ -78,6 +81,7 @@ impl Problem {
             Problem::TooLarge => "too-large",
             Problem::BodyTimeout => "body-timeout",
             Problem::StoreFull => "store-full",
+            Problem::ScopeQuota => "scope-quota",
             Problem::TooManyWaiters => "too-many-waiters",
             Problem::UpstreamUnreachable => "upstream-unreachable",
             Problem::Internal => "internal",
@@ -96,6 +100,7 @@ impl Problem {
             Problem::TooLarge => "Request body too large",
             Problem::BodyTimeout => "Request body timeout",
             Problem::StoreFull => "Dedup store full",
+            Problem::ScopeQuota => "Too many keys for this client",
             Problem::TooManyWaiters => "Too many waiting requests",
             Problem::UpstreamUnreachable => "Upstream unreachable",
             Problem::Internal => "Internal error",
@@ -114,6 +119,7 @@ impl Problem {
             Problem::TooLarge => "The request body is larger than this route deduplicates.",
             Problem::BodyTimeout => "The request body did not arrive in time.",
             Problem::StoreFull => "No room for a new key: every entry is in flight or held. Retry later.",
+            Problem::ScopeQuota => "This client has its full share of keys in flight, held or stored, and may not evict other clients' responses. Retry later.",
             Problem::TooManyWaiters => "Too many requests are waiting for identical calls. Retry later.",
             Problem::UpstreamUnreachable => "No upstream server could be reached; the request was not sent. It is safe to retry.",
             Problem::Internal => "idem failed to process the request.",
@@ -126,7 +132,7 @@ impl Problem {
         match self {
             Problem::InProgress { retry_after } => Some(secs(retry_after).max(1)),
             Problem::OutcomeUnknown { retry_after, .. } => Some(secs(retry_after).max(1)),
-            Problem::StoreFull | Problem::TooManyWaiters => Some(1),
+            Problem::StoreFull | Problem::TooManyWaiters | Problem::ScopeQuota => Some(1),
             _ => None,
         }
     }

@@ -12,16 +12,24 @@
 //!
 //! Metrics and the access log are recorded once, in `logging`, from the outcome kept in
 //! [`Ctx`].
+//!
+//! Each request takes the configuration snapshot in force when it starts ([`Ctx::config`])
+//! and keeps it to its end, whatever a reload does meanwhile. Shadow routes take the
+//! pass-through path; their key is hashed in `request_body_filter` as the body streams to the
+//! backend, and the would-be leader's response settles the key in the response filters
+//! ([`crate::shadow`]).
 
 use crate::admission::{admit, Admission};
 use crate::config::{LogFormat, Mode};
 use crate::flight::{self, LeaderReply, Plan};
 use crate::inflight::{Coordinator, JoinRequest, Joined, Outcome, Retention};
-use crate::key::{Fingerprint, KeyDeriver};
+use crate::key::{Fingerprint, FingerprintHasher, KeyDeriver, Scope};
 use crate::metrics::{self, Metrics, RouteId};
 use crate::problem::Problem;
+use crate::reload::{Live, Snapshot};
 use crate::respond::{self, Disposition};
-use crate::settings::{RoutePolicy, Settings};
+use crate::settings::{RoutePolicy, Settings, StatusSet};
+use crate::shadow::{Ending, Seen, ShadowLeader, ShadowTable};
 use crate::upstream::{self, Upstream};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -37,8 +45,8 @@ use std::time::{Duration, Instant};
 
 /// The proxy: shared state for every request.
 pub struct Idem {
-    /// The configuration in force.
-    pub settings: Arc<Settings>,
+    /// The configuration in force (swapped by a reload).
+    pub config: Arc<Live>,
     /// Key derivation with the deployment secret.
     pub keys: KeyDeriver,
     /// Flights and the store.
@@ -49,10 +57,14 @@ pub struct Idem {
     pub metrics: Arc<Metrics>,
     /// Requests being processed, for the SIGTERM drain.
     pub active: Arc<AtomicUsize>,
+    /// Keys seen on shadow routes.
+    pub shadow: Arc<ShadowTable>,
 }
 
 /// Per-request state.
 pub struct Ctx {
+    /// The configuration this request runs with, from start to end.
+    pub config: Arc<Snapshot>,
     started: Instant,
     route: RouteId,
     outcome: metrics::Outcome,
@@ -69,7 +81,49 @@ pub struct Ctx {
     upstream: Option<Duration>,
     /// Access log: waiters that received this leader's outcome.
     waiters_served: Option<usize>,
+    /// Shadow route: the key being derived, then the would-be leader's state.
+    shadow: Option<Shadow>,
     _active: ActiveGuard,
+}
+
+/// A request on a shadow route (see [`crate::shadow`]).
+enum Shadow {
+    /// The body streams through to the backend and is hashed on the way.
+    Hashing {
+        /// Boxed: blake3's state is large, and most requests are not on a shadow route.
+        hasher: Box<FingerprintHasher>,
+        scope: Scope,
+        /// The decoded `Idempotency-Key`, if any.
+        key: Option<Vec<u8>>,
+        /// Body bytes hashed so far.
+        read: u64,
+        policy: ShadowPolicy,
+    },
+    /// The would-be leader: its response decides what the key would hold.
+    Leader {
+        leader: ShadowLeader,
+        policy: ShadowPolicy,
+        /// Status of the upstream response, once its header arrived.
+        status: Option<u16>,
+        /// The response's type can be stored (not an event stream, gRPC, trailers).
+        storable: bool,
+        /// Response body bytes so far.
+        body: u64,
+    },
+    /// Counted, or not countable.
+    Done,
+}
+
+/// What a shadow request needs from its route once the body is on its way.
+#[derive(Clone, Copy)]
+struct ShadowPolicy {
+    max_body: u64,
+    /// `ttl` with a key, `fingerprint_ttl` without.
+    retention: Duration,
+    store_statuses: StatusSet,
+    max_response_body: u64,
+    /// How long an unknown outcome would be held: the upstream total deadline.
+    hold_for: Duration,
 }
 
 struct ActiveGuard(Arc<AtomicUsize>);
@@ -88,32 +142,19 @@ enum BodyRead {
 }
 
 impl Idem {
-    fn route(&self, path: &str) -> (RouteId, &RoutePolicy) {
-        let s = &self.settings;
-        match s
-            .routes
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| path.starts_with(r.path_prefix.as_str()))
-            .max_by_key(|(_, r)| r.path_prefix.len())
-        {
-            Some((i, r)) => (RouteId(i + 1), r),
-            None => (RouteId(0), &s.default_route),
-        }
-    }
-
     /// Steps 2 to 5 for a request admitted to dedup.
     async fn dedup(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
+        settings: &Settings,
         route: &RoutePolicy,
         idem_key: Option<Vec<u8>>,
     ) -> Result<bool> {
         if is_expect_continue(session.req_header()) {
             session.downstream_session.write_continue_response().await?;
         }
-        let body = match self.read_body(session, route).await? {
+        let body = match self.read_body(session, settings, route).await? {
             BodyRead::Complete(body, fp) => (body, fp),
             BodyRead::TimedOut => return self.problem(session, ctx, Problem::BodyTimeout).await,
             BodyRead::TooLarge(prefix) => {
@@ -125,23 +166,7 @@ impl Idem {
             }
         };
         let (body, fingerprint) = body;
-        let req = session.req_header();
-        let authority = req
-            .headers
-            .get(header::HOST)
-            .map(|v| v.as_bytes())
-            .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()))
-            .unwrap_or_default();
-        let scope = self.keys.scope(
-            authority,
-            route.scope_headers.iter().map(|h| {
-                req.headers
-                    .get_all(h.as_str())
-                    .iter()
-                    .map(|v| v.as_bytes())
-                    .collect()
-            }),
-        );
+        let scope = self.scope(session.req_header(), route);
         let key = match &idem_key {
             Some(k) => self.keys.keyed(&scope, k),
             None => self.keys.by_fingerprint(&scope, &fingerprint),
@@ -153,13 +178,18 @@ impl Idem {
             keyed: idem_key.is_some(),
             reject_concurrent: route.on_concurrent == crate::config::OnConcurrent::Reject,
             max_waiters_per_key: route.max_waiters_per_key,
-            hold_for: self.settings.upstream.total_timeout,
+            hold_for: settings.upstream.total_timeout,
+            route: ctx.route,
+            scope: scope.id(),
         });
         self.metrics.store_op(
             "lookup",
             match &joined {
                 Joined::Leader(_) => "miss",
                 Joined::StoreFull => "full",
+                // Refused for lack of room, like store-full (its own series would break the
+                // "every series from start-up" set); the outcome tells them apart.
+                Joined::ScopeQuota => "full",
                 Joined::Waiter(_) | Joined::InProgress | Joined::TooManyWaiters => "inflight",
                 _ => "hit",
             },
@@ -185,7 +215,7 @@ impl Idem {
                     store_statuses: route.store_statuses,
                     max_response_body: route.max_response_body,
                     retention,
-                    deadline: tokio::time::Instant::now() + self.settings.upstream.total_timeout,
+                    deadline: tokio::time::Instant::now() + settings.upstream.total_timeout,
                     route: ctx.route,
                 };
                 let reply =
@@ -212,7 +242,7 @@ impl Idem {
                     Err(_) => {
                         let p = Problem::OutcomeUnknown {
                             status: 502,
-                            retry_after: self.settings.upstream.total_timeout,
+                            retry_after: settings.upstream.total_timeout,
                         };
                         self.problem(session, ctx, p).await
                     }
@@ -278,6 +308,7 @@ impl Idem {
                 self.problem(session, ctx, p).await
             }
             Joined::StoreFull => self.problem(session, ctx, Problem::StoreFull).await,
+            Joined::ScopeQuota => self.problem(session, ctx, Problem::ScopeQuota).await,
             Joined::TooManyWaiters => self.problem(session, ctx, Problem::TooManyWaiters).await,
         }
     }
@@ -340,6 +371,7 @@ impl Idem {
             Problem::BodyTimeout
             | Problem::NotAcceptable
             | Problem::StoreFull
+            | Problem::ScopeQuota
             | Problem::TooManyWaiters
             | Problem::UpstreamUnreachable
             | Problem::Internal => metrics::Outcome::Error,
@@ -348,15 +380,32 @@ impl Idem {
         Ok(true)
     }
 
-    /// Reads the body up to `max_body` within the body deadline, hashing it on the way.
-    async fn read_body(&self, session: &mut Session, route: &RoutePolicy) -> Result<BodyRead> {
-        let req = session.req_header();
-        let path = req.uri.path().as_bytes().to_vec();
-        let query = req.uri.query().unwrap_or("").as_bytes().to_vec();
-        let mut hasher = self.keys.fingerprint(
+    /// The scope of a request: its authority and the route's scope headers.
+    fn scope(&self, req: &RequestHeader, route: &RoutePolicy) -> Scope {
+        let authority = req
+            .headers
+            .get(header::HOST)
+            .map(|v| v.as_bytes())
+            .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()))
+            .unwrap_or_default();
+        self.keys.scope(
+            authority,
+            route.scope_headers.iter().map(|h| {
+                req.headers
+                    .get_all(h.as_str())
+                    .iter()
+                    .map(|v| v.as_bytes())
+                    .collect()
+            }),
+        )
+    }
+
+    /// A fingerprint of the request head, ready for the body.
+    fn fingerprint_hasher(&self, req: &RequestHeader, route: &RoutePolicy) -> FingerprintHasher {
+        self.keys.fingerprint(
             req.method.as_str().as_bytes(),
-            &path,
-            &query,
+            req.uri.path().as_bytes(),
+            req.uri.query().unwrap_or("").as_bytes(),
             route.fingerprint_headers.iter().map(|h| {
                 (
                     h.as_str(),
@@ -367,10 +416,21 @@ impl Idem {
                         .collect(),
                 )
             }),
-        );
+        )
+    }
+
+    /// Reads the body up to `max_body` within the body deadline, hashing it on the way.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        settings: &Settings,
+        route: &RoutePolicy,
+    ) -> Result<BodyRead> {
+        let req = session.req_header();
+        let mut hasher = self.fingerprint_hasher(req, route);
         let expected = crate::admission::declared_length(&req.headers).unwrap_or(0);
         let mut buf = BytesMut::with_capacity(expected.min(route.max_body) as usize);
-        let deadline = tokio::time::Instant::now() + self.settings.body_read_timeout;
+        let deadline = tokio::time::Instant::now() + settings.body_read_timeout;
         loop {
             let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
                 Ok(Ok(c)) => c,
@@ -430,6 +490,7 @@ impl ProxyHttp for Idem {
     fn new_ctx(&self) -> Ctx {
         self.active.fetch_add(1, Ordering::AcqRel);
         Ctx {
+            config: self.config.load(),
             started: Instant::now(),
             route: RouteId(0),
             outcome: metrics::Outcome::Bypass,
@@ -440,19 +501,26 @@ impl ProxyHttp for Idem {
             upstream_started: None,
             upstream: None,
             waiters_served: None,
+            shadow: None,
             _active: ActiveGuard(self.active.clone()),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         // Pingora has no idle timeout on keep-alive header reads; during shutdown it turns
-        // keep-alive off, which must not be undone here.
-        if !session.is_process_shutting_down() {
-            session.set_keepalive(Some(self.settings.keepalive_timeout.as_secs().max(1)));
+        // keep-alive off, which must not be undone here. Nor may a connection Pingora has
+        // already condemned be revived: `Connection: close`, HTTP/1.0 without keep-alive,
+        // and above all `Content-Length` together with `Transfer-Encoding`, after which the
+        // connection MUST close (RFC 9112 6.1: what follows the body may be a smuggled
+        // request in the eyes of a proxy in front of idem).
+        let config = ctx.config.clone();
+        let settings = &config.settings;
+        if !session.is_process_shutting_down() && session.get_keepalive().is_some() {
+            session.set_keepalive(Some(settings.keepalive_timeout.as_secs().max(1)));
         }
-        let path = session.req_header().uri.path().to_string();
-        let (route_id, route) = self.route(&path);
-        ctx.route = route_id;
+        let matched = config.route(session.req_header().uri.path());
+        let route = matched.policy;
+        ctx.route = matched.id;
         let req = session.req_header();
         match admit(route, &req.method, &req.headers) {
             Admission::PassThrough { mark, too_large } => {
@@ -472,11 +540,74 @@ impl ProxyHttp for Idem {
                 Ok(false)
             }
             Admission::Refuse(p) => self.problem(session, ctx, p).await,
-            Admission::Dedup { key } => self.dedup(session, ctx, route, key).await,
+            Admission::Dedup { key } => self.dedup(session, ctx, settings, route, key).await,
+            // Forwarded like a pass-through (unmarked); the key is hashed as the body streams.
+            Admission::Shadow { key } => {
+                let req = session.req_header();
+                ctx.shadow = Some(Shadow::Hashing {
+                    hasher: Box::new(self.fingerprint_hasher(req, route)),
+                    scope: self.scope(req, route),
+                    read: 0,
+                    policy: ShadowPolicy {
+                        max_body: route.max_body,
+                        retention: if key.is_some() {
+                            route.ttl
+                        } else {
+                            route.fingerprint_ttl
+                        },
+                        store_statuses: route.store_statuses,
+                        max_response_body: route.max_response_body,
+                        hold_for: settings.upstream.total_timeout,
+                    },
+                    key,
+                });
+                if is_expect_continue(session.req_header()) {
+                    session.downstream_session.write_continue_response().await?;
+                }
+                Ok(false)
+            }
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(Shadow::Hashing {
+            hasher,
+            read,
+            policy,
+            ..
+        }) = &mut ctx.shadow
+        else {
+            return Ok(());
+        };
+        if let Some(chunk) = body {
+            *read += chunk.len() as u64;
+            hasher.update(chunk);
+        }
+        if *read > policy.max_body {
+            // An enforcing route would not deduplicate it either.
+            ctx.shadow = Some(Shadow::Done);
+        } else if end_of_stream {
+            self.shadow_arrive(ctx);
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // A retry re-sends the body from the start (Pingora's retry buffer): hash it afresh.
+        let retry = !ctx.tried.is_empty();
+        if let Some(Shadow::Hashing { hasher, read, .. }) = &mut ctx.shadow {
+            if retry {
+                let req = session.req_header();
+                **hasher = self.fingerprint_hasher(req, ctx.config.route(req.uri.path()).policy);
+                *read = 0;
+            }
+        }
         let backend = self
             .upstream
             .select(&ctx.tried)
@@ -527,10 +658,37 @@ impl ProxyHttp for Idem {
         if ctx.mark_bypass {
             respond::append_cache_status(resp, respond::CACHE_STATUS_BYPASS)?;
         }
+        if let Some(Shadow::Leader {
+            status, storable, ..
+        }) = &mut ctx.shadow
+        {
+            if !resp.status.is_informational() {
+                *status = Some(resp.status.as_u16());
+                *storable = flight::is_storable(resp);
+            }
+        }
         Ok(())
     }
 
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(Shadow::Leader { body: seen, .. }) = &mut ctx.shadow {
+            *seen += body.as_ref().map_or(0, |b| b.len() as u64);
+            // Settled before the last bytes reach the client, as a stored response would be.
+            if end_of_stream {
+                self.shadow_settle(ctx, None);
+            }
+        }
+        Ok(None)
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        self.shadow_settle(ctx, e);
         let took = ctx.started.elapsed();
         self.metrics.request(ctx.route, ctx.outcome, took);
         let status = session
@@ -538,11 +696,11 @@ impl ProxyHttp for Idem {
             .map(|h| h.status.as_u16())
             .unwrap_or(ctx.status);
         let req = session.req_header();
-        let route = &self.route_name(ctx.route);
+        let route = &self.metrics.route_name(ctx.route);
         let error = e.map(|e| e.to_string());
         // Milliseconds with microsecond precision.
         let upstream_ms = ctx.upstream.map(|d| d.as_micros() as f64 / 1000.0);
-        match self.settings.log_format {
+        match ctx.config.settings.log_format {
             LogFormat::Json => tracing::info!(
                 target: "idem::access",
                 method = %req.method,
@@ -576,10 +734,82 @@ impl ProxyHttp for Idem {
 }
 
 impl Idem {
-    fn route_name(&self, r: RouteId) -> String {
-        match r.0 {
-            0 => self.settings.default_route.name.clone(),
-            i => self.settings.routes[i - 1].name.clone(),
-        }
+    /// End of a shadow request's body: derive its key and classify it.
+    fn shadow_arrive(&self, ctx: &mut Ctx) {
+        let Some(Shadow::Hashing {
+            hasher,
+            scope,
+            key,
+            policy,
+            ..
+        }) = ctx.shadow.take()
+        else {
+            return;
+        };
+        let fingerprint = hasher.finish();
+        let dedup_key = match &key {
+            Some(k) => self.keys.keyed(&scope, k),
+            None => self.keys.by_fingerprint(&scope, &fingerprint),
+        };
+        ctx.key = Some(dedup_key.short());
+        ctx.shadow = Some(
+            match self.shadow.arrive(dedup_key, fingerprint, key.is_some()) {
+                Seen::Leader(leader) => Shadow::Leader {
+                    leader,
+                    policy,
+                    status: None,
+                    storable: false,
+                    body: 0,
+                },
+                Seen::Duplicate(kind) => {
+                    self.metrics.shadow_duplicate(ctx.route, kind);
+                    Shadow::Done
+                }
+                Seen::Refused => Shadow::Done,
+            },
+        );
+    }
+
+    /// The would-be leader's response is complete (`error` is `None`) or ended early:
+    /// record what an enforcing route would keep for its key (DESIGN section 4).
+    fn shadow_settle(&self, ctx: &mut Ctx, error: Option<&Error>) {
+        let Some(Shadow::Leader {
+            leader,
+            policy,
+            status,
+            storable,
+            body,
+        }) = ctx.shadow.take()
+        else {
+            return;
+        };
+        ctx.shadow = Some(Shadow::Done);
+        let now = tokio::time::Instant::now();
+        let held = Ending::Refused {
+            until: leader.started + policy.hold_for,
+        };
+        let not_sent = error.is_some_and(|e| {
+            matches!(
+                e.etype(),
+                ErrorType::ConnectTimedout
+                    | ErrorType::ConnectRefused
+                    | ErrorType::ConnectNoRoute
+                    | ErrorType::ConnectError
+            )
+        });
+        let ending = match status {
+            Some(502 | 504) => held,
+            Some(_) if error.is_some() => held,
+            Some(s) if !policy.store_statuses.contains(s) => Ending::Freed,
+            Some(_) if !storable || body > policy.max_response_body => Ending::Refused {
+                until: now + policy.retention,
+            },
+            Some(_) => Ending::Stored {
+                until: now + policy.retention,
+            },
+            None if not_sent => Ending::Freed,
+            None => held,
+        };
+        self.shadow.settle(leader, ending);
     }
 }

@@ -2,19 +2,24 @@
 //! signals.
 //!
 //! Services: the proxy (h1 + h2c) on each `[server] listen` address, the metrics app on
-//! `[metrics] listen`, the backend health check, and a housekeeping task that sweeps expired
-//! records and announces the bound addresses.
+//! `[metrics] listen`, the admin app on `[admin] listen` when set, the backend health check,
+//! and a housekeeping task that sweeps expired records and announces the bound addresses.
 //!
 //! Shutdown: SIGTERM (and SIGQUIT, since idem does not hand sockets to a successor) stop the
 //! listeners; Pingora then waits up to `grace_period`. idem exits as soon as no request is
 //! being processed and no flight is running, instead of sleeping the whole period. SIGINT
-//! exits at once. SIGHUP is caught so that it does not kill the process (its default action).
+//! exits at once. SIGHUP reloads the configuration file ([`crate::reload`]): one log line
+//! says it was reloaded, or why it was refused (file:line) and that the running configuration
+//! stays; another names the changed settings that need a restart.
 
+use crate::admin::AdminApp;
 use crate::inflight::Coordinator;
 use crate::key::KeyDeriver;
 use crate::metrics::{Metrics, MetricsApp};
 use crate::proxy::Idem;
+use crate::reload::Live;
 use crate::settings::Settings;
+use crate::shadow::ShadowTable;
 use crate::store::MemoryStore;
 use crate::upstream::{self, Upstream};
 use async_trait::async_trait;
@@ -29,6 +34,7 @@ use pingora::server::{
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,14 +59,16 @@ pub enum StartError {
     Backends(std::io::Error),
 }
 
-/// Runs idem until it is told to stop. Returns only on a start-up error.
-pub fn run(settings: Settings) -> Result<(), StartError> {
+/// Runs idem with `settings`, read from `config_path` (re-read on SIGHUP), until it is told
+/// to stop. Returns only on a start-up error.
+pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     let listen: Vec<SocketAddr> = settings
         .listen
         .iter()
         .map(|a| concrete(a))
         .collect::<Result<_, _>>()?;
     let metrics_listen = concrete(&settings.metrics_listen)?;
+    let admin_listen = settings.admin_listen.as_deref().map(concrete).transpose()?;
 
     let mut conf = ServerConf {
         threads: settings.threads,
@@ -85,10 +93,10 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     ));
 
     let store = MemoryStore::new(settings.store.max_entries, settings.store.max_bytes);
+    store.set_scope_quota(settings.store.max_keys_per_scope);
     let store_stats = store.stats();
     let coordinator = Coordinator::new(store, settings.max_waiters);
-    let route_names = settings.all_routes().map(|r| r.name.clone()).collect();
-    let metrics = Metrics::new(route_names);
+    let metrics = Metrics::new(Vec::new());
     metrics.set_bounds(
         settings.store.max_entries,
         settings.store.max_bytes,
@@ -98,13 +106,22 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     let ready = Arc::new(AtomicBool::new(false));
     let signals_installed = Arc::new(Notify::new());
 
+    let keys = KeyDeriver::new(settings.secret.as_deref());
+    let shadow = Arc::new(ShadowTable::new(settings.store.max_entries));
+    let live = Arc::new(Live::new(
+        settings,
+        config_path,
+        metrics.clone(),
+        coordinator.clone(),
+    ));
     let idem = Idem {
-        keys: KeyDeriver::new(settings.secret.as_deref()),
-        settings: Arc::new(settings),
+        keys,
+        config: live.clone(),
         coordinator: coordinator.clone(),
         upstream: upstream.clone(),
         metrics: metrics.clone(),
         active: active.clone(),
+        shadow,
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, idem);
     let mut options = HttpServerOptions::default();
@@ -116,6 +133,18 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     for a in &listen {
         proxy.add_tcp(&a.to_string());
     }
+
+    let admin_service = admin_listen.map(|addr| {
+        let mut service = Service::new(
+            "admin".to_string(),
+            HttpServer::new_app(AdminApp {
+                coordinator: coordinator.clone(),
+                metrics: metrics.clone(),
+            }),
+        );
+        service.add_tcp(&addr.to_string());
+        service
+    });
 
     let mut metrics_service = Service::new(
         "metrics".to_string(),
@@ -136,18 +165,24 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             ready,
             signals_installed: signals_installed.clone(),
             announce: format!(
-                "listening proxy={} metrics={metrics_listen}",
+                "listening proxy={} metrics={metrics_listen}{}",
                 listen
                     .iter()
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
-                    .join(",")
+                    .join(","),
+                admin_listen
+                    .map(|a| format!(" admin={a}"))
+                    .unwrap_or_default()
             ),
         },
     );
 
     server.add_service(proxy);
     server.add_service(metrics_service);
+    if let Some(admin) = admin_service {
+        server.add_service(admin);
+    }
     server.add_service(health);
     server.add_service(housekeeping);
 
@@ -155,6 +190,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             installed: signals_installed,
+            live,
         }),
     });
     std::process::exit(0)
@@ -230,6 +266,27 @@ fn spawn_drain_watcher(server: &Server, active: Arc<AtomicUsize>, coordinator: A
 /// idem's signal policy (see the module doc).
 struct Signals {
     installed: Arc<Notify>,
+    live: Arc<Live>,
+}
+
+impl Signals {
+    fn reload(&self) {
+        let file = self.live.path().display();
+        match self.live.reload() {
+            Ok(restart_needed) => {
+                tracing::info!("SIGHUP: configuration reloaded from {file}");
+                if !restart_needed.is_empty() {
+                    tracing::warn!(
+                        "SIGHUP: {} changed in {file}; these settings take effect only at start-up, so the running values are kept until a restart",
+                        restart_needed.join(", ")
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
+                "SIGHUP: configuration reload refused, the running configuration is kept: {e}"
+            ),
+        }
+    }
 }
 
 #[async_trait]
@@ -252,8 +309,7 @@ impl ShutdownSignalWatch for Signals {
                     return ShutdownSignal::GracefulTerminate;
                 }
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
-                // TODO(#7): reload proxy.toml. Until then SIGHUP must at least not kill idem.
-                _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not implemented yet; keeping the running configuration"),
+                _ = hup.recv() => self.reload(),
             }
         }
     }

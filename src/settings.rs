@@ -45,6 +45,9 @@ pub struct Settings {
     pub upstream: UpstreamSettings,
     /// Metrics, health and readiness listener.
     pub metrics_listen: String,
+    /// Admin listener (flights, held keys, store summary, purge); `None` means off.
+    /// Always a loopback address.
+    pub admin_listen: Option<String>,
     /// Store bounds.
     pub store: StoreSettings,
     /// Secret for keyed blake3; `None` means a random per-process secret.
@@ -55,8 +58,17 @@ pub struct Settings {
     pub routes: Vec<RoutePolicy>,
 }
 
+/// A configuration re-read by [`Settings::reload`].
+#[derive(Debug)]
+pub struct Reloaded {
+    /// What to run with from now on.
+    pub settings: Settings,
+    /// Settings fixed at start-up that the file changes: their running values were kept.
+    pub restart_needed: Vec<&'static str>,
+}
+
 /// `[upstream]`, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSettings {
     /// `host:port` of each backend, tried round robin.
     pub backends: Vec<String>,
@@ -89,7 +101,7 @@ pub enum HealthCheckSettings {
 }
 
 /// `[store]`, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSettings {
     /// Which store.
     pub kind: StoreKind,
@@ -97,6 +109,9 @@ pub struct StoreSettings {
     pub max_entries: usize,
     /// Bound on stored bytes (status, headers and body of each stored response).
     pub max_bytes: u64,
+    /// Per-scope quota of keys (see `store.rs`): in flight plus held never above it, and a
+    /// scope at it makes room only from its own records when the store is full.
+    pub max_keys_per_scope: usize,
     /// Redis URL (for `kind = "redis"`).
     pub url: Option<String>,
 }
@@ -229,6 +244,13 @@ pub mod defaults {
     pub const MAX_ENTRIES: usize = 100_000;
     /// `[store] max_bytes`
     pub const MAX_BYTES: u64 = 256 * 1024 * 1024;
+    /// `[store] max_keys_per_scope`: a tenth of `max_entries`, but at least this many, so
+    /// that a small store is not split into tiny shares.
+    pub const MIN_KEYS_PER_SCOPE: usize = 1000;
+    /// `[store] max_keys_per_scope` for a store of `max_entries`.
+    pub fn max_keys_per_scope(max_entries: usize) -> usize {
+        (max_entries / 10).max(MIN_KEYS_PER_SCOPE)
+    }
     /// `[dedup] methods`
     pub const METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
     /// `[dedup] scope_headers`
@@ -265,6 +287,100 @@ impl Settings {
 
     /// Parses and validates `text`, naming `path` in errors.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+        Settings::parse(text, path, None)
+    }
+
+    /// Re-reads `path` for a configuration reload while `running` is in force.
+    ///
+    /// The file must be valid on its own (what `idem check` says). Settings fixed at start-up
+    /// (see [`Settings::restart_only_changes`]) then keep their running values, and the route
+    /// policies are resolved against those: a route's default `wait_timeout` is the running
+    /// `upstream.total_timeout`, and `max_response_body` is checked against the running
+    /// `store.max_bytes`.
+    pub fn reload(path: &Path, running: &Settings) -> Result<Reloaded, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        let file = Settings::from_toml_str(&text, path)?;
+        let restart_needed = file.restart_only_changes(running);
+        let mut settings = Settings::parse(&text, path, Some(running))?;
+        settings.listen = running.listen.clone();
+        settings.threads = running.threads;
+        settings.log_format = running.log_format;
+        settings.metrics_listen = running.metrics_listen.clone();
+        settings.admin_listen = running.admin_listen.clone();
+        settings.secret = running.secret.clone();
+        Ok(Reloaded {
+            settings,
+            restart_needed,
+        })
+    }
+
+    /// The settings fixed at start-up whose values differ between `self` and `other`, by
+    /// their proxy.toml names: listeners, threads, grace period and log format (Pingora's
+    /// server and the log subscriber are built once), `[upstream]` (backends, health check
+    /// and connection pool are built at start, and `total_timeout` is bound to the grace
+    /// period), `[store]`, and `[dedup] secret` (a new secret would orphan every key).
+    pub fn restart_only_changes(&self, other: &Settings) -> Vec<&'static str> {
+        let (a, b) = (self, other);
+        let (u, v) = (&a.upstream, &b.upstream);
+        let mut changed = [
+            ("server.listen", a.listen == b.listen),
+            ("server.threads", a.threads == b.threads),
+            ("server.grace_period", a.grace_period == b.grace_period),
+            ("server.log_format", a.log_format == b.log_format),
+            ("upstream.backends", u.backends == v.backends),
+            (
+                "upstream.connect_timeout",
+                u.connect_timeout == v.connect_timeout,
+            ),
+            ("upstream.read_timeout", u.read_timeout == v.read_timeout),
+            ("upstream.total_timeout", u.total_timeout == v.total_timeout),
+            (
+                "upstream.pool_idle_timeout",
+                u.pool_idle_timeout == v.pool_idle_timeout,
+            ),
+            ("upstream.health_check", u.health_check == v.health_check),
+            (
+                "upstream.health_check_interval",
+                u.health_check_interval == v.health_check_interval,
+            ),
+            ("metrics.listen", a.metrics_listen == b.metrics_listen),
+            ("admin.listen", a.admin_listen == b.admin_listen),
+            ("store.kind", a.store.kind == b.store.kind),
+            (
+                "store.max_entries",
+                a.store.max_entries == b.store.max_entries,
+            ),
+            ("store.max_bytes", a.store.max_bytes == b.store.max_bytes),
+            (
+                "store.max_keys_per_scope",
+                a.store.max_keys_per_scope == b.store.max_keys_per_scope,
+            ),
+            ("store.url", a.store.url == b.store.url),
+            ("dedup.secret", a.secret == b.secret),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(name, _)| name)
+        .collect::<Vec<_>>();
+        // Whatever else `[upstream]` and `[store]` hold is fixed at start-up too.
+        for (section, same) in [
+            ("upstream", a.upstream == b.upstream),
+            ("store", a.store == b.store),
+        ] {
+            if !same && !changed.iter().any(|c| c.split('.').next() == Some(section)) {
+                changed.push(section);
+            }
+        }
+        changed
+    }
+
+    /// Parses and validates `text`; with `fixed`, `[upstream]`, `[store]` and the grace
+    /// period are taken from it before the route policies are resolved.
+    fn parse(text: &str, path: &Path, fixed: Option<&Settings>) -> Result<Settings, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: e.span().map(|s| line_of(text, s.start)),
@@ -276,7 +392,7 @@ impl Settings {
             message,
         };
         let at = |section: &str, key: &str| locate(text, section, key);
-        resolve(raw, text).map_err(|(section, key, message)| {
+        resolve(raw, fixed).map_err(|(section, key, message)| {
             err(at(&section, &key), format!("{section}.{key}: {message}"))
         })
     }
@@ -302,7 +418,7 @@ fn problem(section: &str, key: &str, msg: impl Into<String>) -> Problem {
     (section.to_string(), key.to_string(), msg.into())
 }
 
-fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
+fn resolve(raw: RawConfig, fixed: Option<&Settings>) -> Result<Settings, Problem> {
     let listen = raw
         .server
         .listen
@@ -385,7 +501,12 @@ fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
             "must start with '/'",
         ));
     }
-    let grace_period = raw.server.grace_period.unwrap_or(defaults::GRACE_PERIOD);
+    // A reload keeps these (restart-only) before anything is derived from them.
+    let upstream = fixed.map_or(upstream, |f| f.upstream.clone());
+    let grace_period = fixed.map_or(
+        raw.server.grace_period.unwrap_or(defaults::GRACE_PERIOD),
+        |f| f.grace_period,
+    );
     if grace_period < upstream.total_timeout {
         return Err(problem(
             "server",
@@ -403,11 +524,18 @@ fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
         .listen
         .unwrap_or_else(|| defaults::METRICS_LISTEN.to_string());
     check_addr(&metrics_listen).map_err(|m| problem("metrics", "listen", m))?;
+    let admin_listen = raw.admin.listen;
+    if let Some(a) = &admin_listen {
+        check_loopback(a).map_err(|m| problem("admin", "listen", m))?;
+    }
 
     let store = StoreSettings {
         kind: raw.store.kind.unwrap_or(StoreKind::Memory),
         max_entries: raw.store.max_entries.unwrap_or(defaults::MAX_ENTRIES),
         max_bytes: raw.store.max_bytes.unwrap_or(defaults::MAX_BYTES),
+        max_keys_per_scope: raw.store.max_keys_per_scope.unwrap_or_else(|| {
+            defaults::max_keys_per_scope(raw.store.max_entries.unwrap_or(defaults::MAX_ENTRIES))
+        }),
         url: raw.store.url,
     };
     if store.kind == StoreKind::Redis {
@@ -420,6 +548,10 @@ fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
     if store.max_entries == 0 {
         return Err(problem("store", "max_entries", "must be at least 1"));
     }
+    if store.max_keys_per_scope == 0 {
+        return Err(problem("store", "max_keys_per_scope", "must be at least 1"));
+    }
+    let store = fixed.map_or(store, |f| f.store.clone());
 
     let dedup = raw.dedup;
     let secret = dedup
@@ -477,6 +609,7 @@ fn resolve(raw: RawConfig, _text: &str) -> Result<Settings, Problem> {
         log_format: raw.server.log_format.unwrap_or(LogFormat::Text),
         upstream,
         metrics_listen,
+        admin_listen,
         store,
         secret,
         default_route: base,
@@ -633,6 +766,25 @@ fn check_addr(a: &str) -> Result<(), String> {
     }
 }
 
+/// The admin listener can purge keys: it must not be reachable from another host.
+fn check_loopback(a: &str) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = a
+        .to_socket_addrs()
+        .map_err(|_| format!("{a:?} is not a host:port address"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{a:?} is not a host:port address"));
+    }
+    if let Some(public) = addrs.iter().find(|s| !s.ip().is_loopback()) {
+        return Err(format!(
+            "{a:?} resolves to {}, which is not a loopback address; the admin listener can purge keys, so it only listens on loopback (e.g. \"127.0.0.1:9465\")",
+            public.ip()
+        ));
+    }
+    Ok(())
+}
+
 fn line_of(text: &str, byte: usize) -> usize {
     text[..byte.min(text.len())].matches('\n').count() + 1
 }
@@ -739,6 +891,65 @@ mod tests {
         let e = load("[server]\ngrace_period = \"10s\"\n[upstream]\ntotal_timeout = \"60s\"\n")
             .unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn reload_keeps_restart_only_settings_and_resolves_routes_against_them() {
+        let running = load(
+            "[server]\ngrace_period = \"60s\"\n[upstream]\ntotal_timeout = \"60s\"\n[store]\nmax_bytes = \"1MiB\"\n",
+        )
+        .unwrap();
+        let file =
+            std::env::temp_dir().join(format!("idem-settings-reload-{}.toml", std::process::id()));
+        // Valid on its own, but its upstream and store differ from the running ones.
+        std::fs::write(
+            &file,
+            "[server]\ngrace_period = \"10s\"\nmax_waiters = 7\n[upstream]\ntotal_timeout = \"5s\"\n[store]\nmax_bytes = \"2MiB\"\n[[route]]\npath_prefix = \"/a\"\nmode = \"fingerprint\"\nttl = \"1h\"\n",
+        )
+        .unwrap();
+        let r = Settings::reload(&file, &running).unwrap();
+        assert_eq!(
+            r.restart_needed,
+            [
+                "server.grace_period",
+                "upstream.total_timeout",
+                "store.max_bytes"
+            ]
+        );
+        let s = r.settings;
+        assert_eq!(s.grace_period, Duration::from_secs(60));
+        assert_eq!(s.upstream.total_timeout, Duration::from_secs(60));
+        assert_eq!(s.store.max_bytes, 1 << 20);
+        assert_eq!(s.max_waiters, 7, "reloadable");
+        assert_eq!(s.route_for("/a").mode, Mode::Fingerprint);
+        assert_eq!(s.route_for("/a").ttl, Duration::from_secs(3600));
+        // The default wait_timeout follows the running total timeout, not the file's.
+        assert_eq!(s.route_for("/a").wait_timeout, Duration::from_secs(60));
+
+        // A route policy the running store cannot hold is refused.
+        std::fs::write(
+            &file,
+            "[store]\nmax_bytes = \"4MiB\"\n[dedup]\nmax_response_body = \"2MiB\"\n",
+        )
+        .unwrap();
+        let e = Settings::reload(&file, &running).unwrap_err();
+        assert!(e.message.contains("max_response_body"), "{e}");
+        // An invalid file is refused with its line.
+        std::fs::write(&file, "[dedup]\nttl = \"24\"\n").unwrap();
+        let e = Settings::reload(&file, &running).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn admin_listener_is_off_by_default_and_loopback_only() {
+        assert_eq!(load("").unwrap().admin_listen, None);
+        let s = load("[admin]\nlisten = \"127.0.0.1:9465\"\n").unwrap();
+        assert_eq!(s.admin_listen.as_deref(), Some("127.0.0.1:9465"));
+        let e = load("[server]\nthreads = 1\n[admin]\nlisten = \"0.0.0.0:9465\"\n").unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("admin.listen"), "{e}");
+        assert!(e.message.contains("loopback"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Runs the real `idem` binary, as the tests' system under test.
 //!
 //! Contract with the binary: `idem --config FILE` prints exactly one line
-//! `listening proxy=ADDR[,ADDR...] metrics=ADDR` to stdout once its
-//! listeners are bound; `idem check --config FILE` validates a config.
+//! `listening proxy=ADDR[,ADDR...] metrics=ADDR[ admin=ADDR]` to stdout once
+//! its listeners are bound; `idem check --config FILE` validates a config.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -239,6 +239,7 @@ pub struct Idem {
     config_path: PathBuf,
     proxy: Vec<SocketAddr>,
     metrics: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
     stdout: Arc<watch::Sender<Captured>>,
     stderr: Arc<watch::Sender<Captured>>,
 }
@@ -302,6 +303,7 @@ impl Idem {
             config_path,
             proxy: Vec::new(),
             metrics: None,
+            admin: None,
             stdout,
             stderr,
         };
@@ -324,11 +326,17 @@ impl Idem {
                 idem.stderr_text()
             ),
         };
-        let (proxy, metrics) = parse_listening(&line)
+        let listening = parse_listening(&line)
             .unwrap_or_else(|e| panic!("cannot parse idem's line {line:?}: {e}"));
-        idem.proxy = proxy;
-        idem.metrics = metrics;
-        for addr in idem.proxy.iter().chain(idem.metrics.iter()) {
+        idem.proxy = listening.proxy;
+        idem.metrics = listening.metrics;
+        idem.admin = listening.admin;
+        for addr in idem
+            .proxy
+            .iter()
+            .chain(idem.metrics.iter())
+            .chain(idem.admin.iter())
+        {
             idem.wait_connectable(*addr).await;
         }
         idem
@@ -376,6 +384,16 @@ impl Idem {
 
     pub fn metrics_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.metrics_addr())
+    }
+
+    /// The admin listener (`[admin] listen`, off unless configured).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .expect("idem's `listening` line had no admin= address (is [admin] listen set?)")
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr())
     }
 
     pub fn pid(&self) -> u32 {
@@ -460,10 +478,18 @@ impl Idem {
     }
 }
 
-/// `listening proxy=127.0.0.1:1,127.0.0.1:2 metrics=127.0.0.1:3`
-fn parse_listening(line: &str) -> Result<(Vec<SocketAddr>, Option<SocketAddr>), String> {
+/// The addresses of idem's `listening` line.
+struct Listening {
+    proxy: Vec<SocketAddr>,
+    metrics: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+/// `listening proxy=127.0.0.1:1,127.0.0.1:2 metrics=127.0.0.1:3 admin=127.0.0.1:4`
+fn parse_listening(line: &str) -> Result<Listening, String> {
     let mut proxy = Vec::new();
     let mut metrics = None;
+    let mut admin = None;
     for token in line.split_whitespace().skip(1) {
         if let Some(list) = token.strip_prefix("proxy=") {
             for addr in list.split(',').filter(|a| !a.is_empty()) {
@@ -477,10 +503,19 @@ fn parse_listening(line: &str) -> Result<(Vec<SocketAddr>, Option<SocketAddr>), 
                 addr.parse()
                     .map_err(|e| format!("metrics address {addr:?}: {e}"))?,
             );
+        } else if let Some(addr) = token.strip_prefix("admin=") {
+            admin = Some(
+                addr.parse()
+                    .map_err(|e| format!("admin address {addr:?}: {e}"))?,
+            );
         }
     }
     if proxy.is_empty() {
         return Err("no proxy= addresses".into());
     }
-    Ok((proxy, metrics))
+    Ok(Listening {
+        proxy,
+        metrics,
+        admin,
+    })
 }
