@@ -93,6 +93,14 @@ pub struct RawStore {
     pub max_bytes: Option<u64>,
     pub max_keys_per_scope: Option<usize>,
     pub url: Option<String>,
+    pub nodes: Option<Vec<String>>,
+    pub on_store_error: Option<OnStoreError>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub liveness_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub poll_interval: Option<Duration>,
 }
 
 /// `[dedup]`: the defaults every route inherits.
@@ -210,8 +218,18 @@ pub enum OnConcurrent {
 pub enum StoreKind {
     /// Embedded, per process.
     Memory,
-    /// Shared by replicas (not built yet).
+    /// Shared by replicas: one Redis node (`url`) or a Redis Cluster (`nodes`).
     Redis,
+}
+
+/// What a leader does when the shared store cannot be used (DESIGN section 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStoreError {
+    /// Serve with local dedup only (counted and logged).
+    FailOpen,
+    /// Answer 503 `store-unavailable`.
+    FailClosed,
 }
 
 /// How backends are health checked.

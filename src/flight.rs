@@ -7,6 +7,12 @@
 //! a oneshot channel; if that client is gone the send fails and the completion is counted
 //! as detached.
 //!
+//! With the Redis store ([`crate::shared`]) the task first takes the shared step: it claims
+//! the key across replicas, or answers from what another replica stored or is running,
+//! before any upstream call; its outcome is then written over the claim (fenced) before it
+//! is settled locally, so a local client never sees a response that another replica could
+//! still miss because of a write still on its way.
+//!
 //! Responses that cannot be stored (over `max_response_body`, `text/event-stream`, gRPC)
 //! are streamed to the leader's client and read to the end regardless; the key settles as
 //! not-replayable as soon as that is known, so waiters are answered at once.
@@ -14,6 +20,7 @@
 use crate::inflight::{LeaderPermit, Outcome, Retention};
 use crate::metrics::{Metrics, RouteId};
 use crate::settings::StatusSet;
+use crate::shared::{Claimed, Lead, LeadRequest, Shared};
 use crate::store::StoredResponse;
 use crate::upstream::{is_hop_by_hop, CallError, Exchange, Upstream};
 use bytes::{Bytes, BytesMut};
@@ -40,12 +47,55 @@ pub struct Plan {
     pub deadline: Instant,
     /// Route, for metrics.
     pub route: RouteId,
+    /// The shared store's step (Redis mode), `None` with the memory store.
+    pub shared: Option<SharedPlan>,
+}
+
+/// What the shared step needs (Redis mode).
+pub struct SharedPlan {
+    /// The shared store.
+    pub store: Arc<Shared>,
+    /// The key, its fingerprint and the deadlines.
+    pub request: LeadRequest,
+}
+
+/// The local permit, plus the shared claim when this replica holds one: settling writes the
+/// outcome over the claim first.
+struct Leader {
+    permit: LeaderPermit,
+    claim: Option<(Arc<Shared>, Claimed)>,
+}
+
+impl Leader {
+    fn key(&self) -> crate::key::DedupKey {
+        self.permit.key()
+    }
+
+    fn hold(&self, status: u16) -> crate::store::Held {
+        self.permit.hold(status)
+    }
+
+    async fn settle(self, outcome: Outcome, retention: Retention) -> usize {
+        if let Some((store, claim)) = &self.claim {
+            store.settle(claim, &outcome, retention).await;
+        }
+        self.permit.settle(outcome, retention)
+    }
 }
 
 /// What the leader's own client receives.
 pub enum LeaderReply {
     /// The settled outcome (a complete response, or why there is none).
     Outcome(Outcome),
+    /// An outcome from the shared store: a response another replica stored (`replay_ttl`
+    /// set: answered as a replay), the outcome of another replica's call (answered as
+    /// collapsed), or a problem.
+    Shared {
+        /// The outcome.
+        outcome: Outcome,
+        /// Seconds of retention left, for a replay.
+        replay_ttl: Option<u64>,
+    },
     /// A response streamed through: write `header`, then every chunk; an `Err` chunk means
     /// the upstream body was cut off and the client connection must be aborted.
     Stream {
@@ -73,7 +123,9 @@ pub fn spawn(
     plan: Plan,
 ) -> oneshot::Receiver<(LeaderReply, CallReport)> {
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(run(permit, upstream, metrics, plan, tx));
+    // Boxed: the task then holds a pointer, not the whole state machine (Pingora's connector
+    // futures make it several KiB), which tokio would otherwise copy on every stage change.
+    tokio::spawn(Box::pin(run(permit, upstream, metrics, plan, tx)));
     rx
 }
 
@@ -81,15 +133,43 @@ async fn run(
     permit: LeaderPermit,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
-    plan: Plan,
+    mut plan: Plan,
     reply: oneshot::Sender<(LeaderReply, CallReport)>,
 ) {
+    let mut permit = Leader {
+        permit,
+        claim: None,
+    };
+    if let Some(shared) = plan.shared.take() {
+        match shared.store.lead(shared.request).await {
+            Lead::Call(claim) => permit.claim = claim.map(|c| (shared.store, c)),
+            Lead::Answer(a) => {
+                let served = permit.permit.settle(a.outcome.clone(), a.retention);
+                let report = CallReport {
+                    upstream: Duration::ZERO,
+                    waiters_served: served,
+                };
+                let r = LeaderReply::Shared {
+                    outcome: a.outcome,
+                    replay_ttl: a.replay_ttl,
+                };
+                deliver(&metrics, plan.route, reply, r, report);
+                return;
+            }
+        }
+    }
     let started = std::time::Instant::now();
     let key = permit.key().short();
-    let sent = timeout_at(plan.deadline, upstream.send(&plan.request, &plan.body)).await;
+    // Boxed so that `run` stays small (see `spawn`).
+    let sent = timeout_at(
+        plan.deadline,
+        Box::pin(upstream.send(&plan.request, &plan.body)),
+    )
+    .await;
     let failure = match sent {
         Ok(Ok(exchange)) => {
-            return finish(permit, upstream, metrics, plan, reply, exchange, started).await;
+            let finish = finish(permit, upstream, metrics, plan, reply, exchange, started);
+            return Box::pin(finish).await;
         }
         Ok(Err(CallError::NotSent(reason))) => {
             tracing::warn!(key, %reason, "upstream unreachable: request not sent, key freed");
@@ -109,7 +189,7 @@ async fn run(
     };
     let took = started.elapsed();
     metrics.upstream_failed(plan.route, took);
-    let served = permit.settle(failure.clone(), plan.retention);
+    let served = permit.settle(failure.clone(), plan.retention).await;
     let report = CallReport {
         upstream: took,
         waiters_served: served,
@@ -125,7 +205,7 @@ async fn run(
 
 /// Reads the response once its header has arrived, and settles.
 async fn finish(
-    permit: LeaderPermit,
+    permit: Leader,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     plan: Plan,
@@ -150,7 +230,7 @@ async fn finish(
         );
         ex.abort().await;
         let o = Outcome::Unknown(permit.hold(status));
-        let served = permit.settle(o.clone(), plan.retention);
+        let served = permit.settle(o.clone(), plan.retention).await;
         let r = report(served);
         deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
         return;
@@ -161,24 +241,24 @@ async fn finish(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut body = BytesMut::new();
+    let mut body = BodyBuf::with_hint(0);
     let storable = is_storable(ex.header()) && declared.is_none_or(|n| n <= plan.max_response_body);
     if storable {
         loop {
             match timeout_at(plan.deadline, ex.read_body()).await {
                 Ok(Ok(Some(chunk))) => {
                     if (body.len() + chunk.len()) as u64 > plan.max_response_body {
-                        body.extend_from_slice(&chunk);
+                        body.push(chunk);
                         break;
                     }
-                    body.extend_from_slice(&chunk);
+                    body.push(chunk);
                 }
                 Ok(Ok(None)) => {
                     let response = Arc::new(stored_response(ex.header(), body.freeze()));
                     let stored = plan.store_statuses.contains(status);
                     upstream.release(ex).await;
                     let o = Outcome::Response { response, stored };
-                    let served = permit.settle(o.clone(), plan.retention);
+                    let served = permit.settle(o.clone(), plan.retention).await;
                     let r = report(served);
                     deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
                     return;
@@ -187,7 +267,7 @@ async fn finish(
                     tracing::warn!(key, error = %e, "upstream response cut off: key held");
                     ex.abort().await;
                     let o = Outcome::Unknown(permit.hold(502));
-                    let served = permit.settle(o.clone(), plan.retention);
+                    let served = permit.settle(o.clone(), plan.retention).await;
                     let r = report(served);
                     deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
                     return;
@@ -199,7 +279,7 @@ async fn finish(
                     );
                     ex.abort().await;
                     let o = Outcome::Unknown(permit.hold(504));
-                    let served = permit.settle(o.clone(), plan.retention);
+                    let served = permit.settle(o.clone(), plan.retention).await;
                     let r = report(served);
                     deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
                     return;
@@ -214,7 +294,7 @@ async fn finish(
         status,
         "response not replayable: streaming it to the leader only"
     );
-    let served = permit.settle(Outcome::NotReplayable, plan.retention);
+    let served = permit.settle(Outcome::NotReplayable, plan.retention).await;
     let (tx, rx) = mpsc::channel(16);
     let header = Box::new(stream_header(ex.header()));
     deliver(
@@ -273,15 +353,88 @@ pub fn is_storable(h: &ResponseHeader) -> bool {
         || h.headers.contains_key(header::TRAILER))
 }
 
+/// A body read in chunks. A body that arrives in one chunk is kept as that chunk (no copy);
+/// only a second chunk makes it join them. Pingora hands out chunks it copied to exact size,
+/// so keeping one pins nothing larger than the body.
+pub(crate) struct BodyBuf {
+    first: Option<Bytes>,
+    joined: BytesMut,
+    hint: usize,
+}
+
+impl BodyBuf {
+    /// An empty body; `hint` is the expected total length (the buffer for a body that comes
+    /// in several chunks is reserved with it).
+    pub(crate) fn with_hint(hint: usize) -> BodyBuf {
+        BodyBuf {
+            first: None,
+            joined: BytesMut::new(),
+            hint,
+        }
+    }
+
+    /// Bytes so far.
+    pub(crate) fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.joined.len()
+    }
+
+    /// Whether nothing was read.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends a chunk.
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        if self.first.is_none() && self.joined.is_empty() {
+            self.first = Some(chunk);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.joined
+                .reserve(self.hint.max(first.len() + chunk.len()));
+            self.joined.extend_from_slice(&first);
+        }
+        self.joined.extend_from_slice(&chunk);
+    }
+
+    /// The whole body.
+    pub(crate) fn freeze(self) -> Bytes {
+        match self.first {
+            Some(first) => first,
+            None => self.joined.freeze(),
+        }
+    }
+}
+
 fn stored_response(h: &ResponseHeader, body: Bytes) -> StoredResponse {
     let nominated = crate::upstream::connection_nominated(&h.headers);
-    StoredResponse {
-        status: h.status.as_u16(),
-        headers: h
-            .headers
+    let kept = || {
+        h.headers
             .iter()
             .filter(|(n, _)| !is_hop_by_hop(n) && !nominated.contains(n))
-            .map(|(n, v)| (n.clone(), v.clone()))
+    };
+    // Header values parsed by Pingora are slices of its (at least 4 KiB) header read buffer:
+    // kept as they are, every stored entry would pin that whole buffer. Copy them into one
+    // buffer of their exact size instead.
+    let mut values = BytesMut::with_capacity(kept().map(|(_, v)| v.len()).sum());
+    for (_, v) in kept() {
+        values.extend_from_slice(v.as_bytes());
+    }
+    let mut values = values.freeze();
+    StoredResponse {
+        status: h.status.as_u16(),
+        headers: kept()
+            .map(|(n, v)| {
+                let own = values.split_to(v.len());
+                let value = match http::HeaderValue::from_maybe_shared(own) {
+                    Ok(mut own) => {
+                        own.set_sensitive(v.is_sensitive());
+                        own
+                    }
+                    Err(_) => v.clone(),
+                };
+                (n.clone(), value)
+            })
             .collect(),
         body,
         completed_at: Instant::now(),

@@ -44,6 +44,10 @@ pub enum Outcome {
     Unknown(Held),
     /// No backend received the request; the key is free again.
     Unreachable,
+    /// idem answered a problem instead of an outcome (the shared store found misuse, was
+    /// unavailable under fail-closed, or another replica's call outlasted the wait); nothing
+    /// is kept and the key is free again.
+    Refused(crate::problem::Problem),
 }
 
 /// What [`Coordinator::join`] decided for a request.
@@ -323,7 +327,9 @@ impl LeaderPermit {
             } => Some((Record::Response(response.clone()), now + retention.ttl)),
             Outcome::NotReplayable => Some((Record::NotReplayable, now + retention.ttl)),
             Outcome::Unknown(h) => Some((Record::Held(*h), h.until)),
-            Outcome::Response { stored: false, .. } | Outcome::Unreachable => None,
+            Outcome::Response { stored: false, .. }
+            | Outcome::Unreachable
+            | Outcome::Refused(_) => None,
         };
         let c = &self.coordinator;
         // Store first, then remove the flight: see the module doc.

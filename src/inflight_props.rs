@@ -121,6 +121,8 @@ fn seen(o: &Outcome) -> Seen {
             until: h.until,
         },
         Outcome::Unreachable => Seen::Unreachable,
+        // Only the shared store settles with a problem; this model never does.
+        Outcome::Refused(_) => Seen::Unreachable,
     }
 }
 
@@ -259,8 +261,15 @@ impl Harness {
 
     /// Records and running calls of `scope`.
     fn scope_keys(&self, scope: u8) -> usize {
-        self.records.keys().filter(|k| scope_of(**k) == scope).count()
-            + self.running.iter().filter(|r| scope_of(r.key) == scope).count()
+        self.records
+            .keys()
+            .filter(|k| scope_of(**k) == scope)
+            .count()
+            + self
+                .running
+                .iter()
+                .filter(|r| scope_of(r.key) == scope)
+                .count()
     }
 
     /// Running calls and held records of `scope`: what it can never give up.
@@ -269,7 +278,11 @@ impl Harness {
             .iter()
             .filter(|(k, r)| scope_of(**k) == scope && r.kind == RecordKind::Held)
             .count()
-            + self.running.iter().filter(|r| scope_of(r.key) == scope).count()
+            + self
+                .running
+                .iter()
+                .filter(|r| scope_of(r.key) == scope)
+                .count()
     }
 
     /// Whose record makes room for `scope`: its own least recently used when at its quota,
@@ -374,10 +387,7 @@ impl Harness {
                         // The headline rule, stated on its own: no call of this key is
                         // running and nothing for it is held or retained.
                         prop_assert!(!self.running.iter().any(|r| r.key == key));
-                        prop_assert!(self
-                            .records
-                            .get(&key)
-                            .is_none_or(|r| r.expires <= now));
+                        prop_assert!(self.records.get(&key).is_none_or(|r| r.expires <= now));
                         self.running.push(Running {
                             key,
                             fp,
@@ -467,7 +477,10 @@ impl Harness {
                 w.task.abort();
                 Self::settle_yield().await;
                 prop_assert!(w.task.is_finished());
-                prop_assert!(w.result.lock().unwrap().is_none(), "aborted waiter answered");
+                prop_assert!(
+                    w.result.lock().unwrap().is_none(),
+                    "aborted waiter answered"
+                );
             }
             Op::Advance { secs } => {
                 tokio::time::advance(Duration::from_secs(secs)).await;
@@ -529,7 +542,10 @@ impl Harness {
                 kept.push(w);
                 continue;
             }
-            prop_assert!(w.task.is_finished(), "a waiter did not receive its leader's outcome");
+            prop_assert!(
+                w.task.is_finished(),
+                "a waiter did not receive its leader's outcome"
+            );
             let got = w.result.lock().unwrap().clone();
             prop_assert_eq!(got, Some(expected.clone()), "waiter of key {}", key);
         }

@@ -18,7 +18,13 @@ pub struct DedupKey(pub [u8; 32]);
 impl DedupKey {
     /// A short, non-reversible prefix for logs and the admin view: never the raw key.
     pub fn short(&self) -> String {
-        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(12);
+        for b in &self.0[..6] {
+            s.push(HEX[usize::from(b >> 4)] as char);
+            s.push(HEX[usize::from(b & 0xf)] as char);
+        }
+        s
     }
 
     /// Whether the key's lowercase hex form starts with `prefix` (hex digits, any case;

@@ -19,6 +19,7 @@
 //! │   └── MemoryStore bounded LRU + expiry (store.rs)
 //! ├── Upstream        load balancer + Pingora Connector (upstream.rs); flights run in flight.rs
 //! ├── ShadowTable     keys seen on shadow routes, would-be duplicates (shadow.rs)
+//! ├── Shared          the Redis store shared by replicas: claims, fenced results, waits (shared/)
 //! └── Metrics         Prometheus registry, /metrics /healthz /readyz (metrics.rs)
 //! AdminApp            /flights /held /store, purge (admin.rs), on its own listener
 //! ```
@@ -44,5 +45,6 @@ pub mod respond;
 pub mod server;
 pub mod settings;
 pub mod shadow;
+pub mod shared;
 pub mod store;
 pub mod upstream;

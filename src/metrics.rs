@@ -11,8 +11,8 @@ use crate::store::StoreStats;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -114,11 +114,20 @@ const UPSTREAM_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
 /// are defined from the first scrape (`error` comes from a remote store only).
 const STORE_LOOKUP_RESULTS: [&str; 5] = ["hit", "miss", "inflight", "full", "error"];
 
+/// One route's request series, indexed by `Outcome as usize` (the order of [`Outcome::ALL`]).
+struct RequestSeries {
+    count: [IntCounter; 11],
+    duration: [Histogram; 11],
+}
+
 /// All of idem's metric families.
 pub struct Metrics {
     registry: Registry,
     /// Route label values by [`RouteId`]; append-only.
     routes: parking_lot::RwLock<Vec<Arc<str>>>,
+    /// The `idem_requests_total` and `idem_request_duration_seconds` series of each route by
+    /// [`RouteId`], then by [`Outcome`]: looked up once, not hashed on every request.
+    request_series: parking_lot::RwLock<Vec<RequestSeries>>,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_requests: IntCounterVec,
@@ -241,6 +250,7 @@ impl Metrics {
             ),
             client_aborts,
             routes: parking_lot::RwLock::new(Vec::new()),
+            request_series: parking_lot::RwLock::new(Vec::new()),
             registry,
         };
         m.register_routes(&route_names);
@@ -265,6 +275,12 @@ impl Metrics {
                     return RouteId(i);
                 }
                 self.create_route_series(name);
+                self.request_series.write().push(RequestSeries {
+                    count: Outcome::ALL
+                        .map(|o| self.requests.with_label_values(&[name, o.as_str()])),
+                    duration: Outcome::ALL
+                        .map(|o| self.request_duration.with_label_values(&[name, o.as_str()])),
+                });
                 routes.push(Arc::from(name.as_str()));
                 RouteId(routes.len() - 1)
             })
@@ -313,6 +329,14 @@ impl Metrics {
 
     /// One request answered.
     pub fn request(&self, route: RouteId, outcome: Outcome, took: Duration) {
+        let series = self.request_series.read();
+        if let Some(s) = series.get(route.0).or_else(|| series.first()) {
+            let i = outcome as usize;
+            s.count[i].inc();
+            s.duration[i].observe(took.as_secs_f64());
+            return;
+        }
+        drop(series);
         let route = self.route(route);
         let labels = [&*route, outcome.as_str()];
         self.requests.with_label_values(&labels).inc();
@@ -364,6 +388,12 @@ impl Metrics {
     /// A store operation (`op`: lookup) and its result (hit, miss, inflight, full, error).
     pub fn store_op(&self, op: &'static str, result: &'static str) {
         self.store_operations.with_label_values(&[op, result]).inc();
+    }
+
+    /// The registry and the `idem_store_operations_total` family, for the Redis store's own
+    /// families ([`crate::shared::metrics`]), registered only in Redis mode.
+    pub fn store_families(&self) -> (&Registry, IntCounterVec) {
+        (&self.registry, self.store_operations.clone())
     }
 
     /// A client left while idem read its request body.
@@ -440,5 +470,31 @@ impl ServeHttp for MetricsApp {
             .header(http::header::CONTENT_LENGTH, body.len())
             .body(body)
             .expect("static response parts")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_discriminants_index_the_cached_series() {
+        for (i, o) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(o as usize, i, "{o:?}");
+        }
+    }
+
+    #[test]
+    fn requests_land_in_their_route_and_outcome_series() {
+        let m = Metrics::new(vec!["default".into(), "api".into()]);
+        m.request(RouteId(1), Outcome::Replayed, Duration::from_millis(3));
+        m.request(RouteId(7), Outcome::Leader, Duration::from_millis(3));
+        let c = |r: &str, o: &str| m.requests.with_label_values(&[r, o]).get();
+        assert_eq!(c("api", "replayed"), 1);
+        assert_eq!(c("api", "leader"), 0);
+        // An id this table never issued counts as the default route, as its label says.
+        assert_eq!(c("default", "leader"), 1);
+        let h = m.request_duration.with_label_values(&["api", "replayed"]);
+        assert_eq!(h.get_sample_count(), 1);
     }
 }

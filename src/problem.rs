@@ -40,6 +40,8 @@ pub enum Problem {
     BodyTimeout,
     /// 503: no room for a new key (everything is in flight or held).
     StoreFull,
+    /// 503: the shared store (Redis) is unreachable and `on_store_error = "fail-closed"`.
+    StoreUnavailable,
     /// 429: the caller's scope holds its quota of keys (`store.max_keys_per_scope`).
     ScopeQuota,
     /// 503: waiter caps reached.
@@ -61,7 +63,7 @@ impl Problem {
             Problem::OutcomeUnknown { status, .. } => *status,
             Problem::TooLarge => 413,
             Problem::BodyTimeout => 408,
-            Problem::StoreFull | Problem::TooManyWaiters => 503,
+            Problem::StoreFull | Problem::StoreUnavailable | Problem::TooManyWaiters => 503,
             Problem::ScopeQuota => 429,
             Problem::UpstreamUnreachable => 502,
             Problem::Internal => 500,
@@ -81,6 +83,7 @@ impl Problem {
             Problem::TooLarge => "too-large",
             Problem::BodyTimeout => "body-timeout",
             Problem::StoreFull => "store-full",
+            Problem::StoreUnavailable => "store-unavailable",
             Problem::ScopeQuota => "scope-quota",
             Problem::TooManyWaiters => "too-many-waiters",
             Problem::UpstreamUnreachable => "upstream-unreachable",
@@ -100,6 +103,7 @@ impl Problem {
             Problem::TooLarge => "Request body too large",
             Problem::BodyTimeout => "Request body timeout",
             Problem::StoreFull => "Dedup store full",
+            Problem::StoreUnavailable => "Dedup store unavailable",
             Problem::ScopeQuota => "Too many keys for this client",
             Problem::TooManyWaiters => "Too many waiting requests",
             Problem::UpstreamUnreachable => "Upstream unreachable",
@@ -119,6 +123,7 @@ impl Problem {
             Problem::TooLarge => "The request body is larger than this route deduplicates.",
             Problem::BodyTimeout => "The request body did not arrive in time.",
             Problem::StoreFull => "No room for a new key: every entry is in flight or held. Retry later.",
+            Problem::StoreUnavailable => "The shared dedup store cannot be reached, and this deployment refuses to forward requests it cannot deduplicate. Retry later.",
             Problem::ScopeQuota => "This client has its full share of keys in flight, held or stored, and may not evict other clients' responses. Retry later.",
             Problem::TooManyWaiters => "Too many requests are waiting for identical calls. Retry later.",
             Problem::UpstreamUnreachable => "No upstream server could be reached; the request was not sent. It is safe to retry.",
@@ -132,7 +137,10 @@ impl Problem {
         match self {
             Problem::InProgress { retry_after } => Some(secs(retry_after).max(1)),
             Problem::OutcomeUnknown { retry_after, .. } => Some(secs(retry_after).max(1)),
-            Problem::StoreFull | Problem::TooManyWaiters | Problem::ScopeQuota => Some(1),
+            Problem::StoreFull
+            | Problem::StoreUnavailable
+            | Problem::TooManyWaiters
+            | Problem::ScopeQuota => Some(1),
             _ => None,
         }
     }

@@ -32,7 +32,7 @@ use crate::settings::{RoutePolicy, Settings, StatusSet};
 use crate::shadow::{Ending, Seen, ShadowLeader, ShadowTable};
 use crate::upstream::{self, Upstream};
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{ProxyHttp, Session};
@@ -59,6 +59,8 @@ pub struct Idem {
     pub active: Arc<AtomicUsize>,
     /// Keys seen on shadow routes.
     pub shadow: Arc<ShadowTable>,
+    /// The Redis store shared by replicas (`store.kind = "redis"`); `None` with memory.
+    pub shared: Option<Arc<crate::shared::Shared>>,
 }
 
 /// Per-request state.
@@ -217,6 +219,16 @@ impl Idem {
                     retention,
                     deadline: tokio::time::Instant::now() + settings.upstream.total_timeout,
                     route: ctx.route,
+                    shared: self.shared.as_ref().map(|store| flight::SharedPlan {
+                        store: store.clone(),
+                        request: crate::shared::LeadRequest {
+                            key,
+                            fingerprint,
+                            keyed: idem_key.is_some(),
+                            hold_for: settings.upstream.total_timeout,
+                            wait_timeout: route.wait_timeout,
+                        },
+                    }),
                 };
                 let reply =
                     flight::spawn(permit, self.upstream.clone(), self.metrics.clone(), plan);
@@ -232,6 +244,13 @@ impl Idem {
                 match reply {
                     Ok(LeaderReply::Outcome(o)) => {
                         self.answer(session, ctx, o, true, scope.anonymous).await
+                    }
+                    Ok(LeaderReply::Shared {
+                        outcome,
+                        replay_ttl,
+                    }) => {
+                        self.answer_shared(session, ctx, outcome, replay_ttl, scope.anonymous)
+                            .await
                     }
                     Ok(stream @ LeaderReply::Stream { .. }) => {
                         ctx.status = 200;
@@ -356,6 +375,40 @@ impl Idem {
                 self.problem(session, ctx, Problem::UpstreamUnreachable)
                     .await
             }
+            Outcome::Refused(p) => self.problem(session, ctx, p).await,
+        }
+    }
+
+    /// Writes to a leader's client what the shared store answered: a replay of another
+    /// replica's stored response, another replica's outcome (as a collapsed waiter would
+    /// get it), or a problem.
+    async fn answer_shared(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        outcome: Outcome,
+        replay_ttl: Option<u64>,
+        anonymous: bool,
+    ) -> Result<bool> {
+        match (outcome, replay_ttl) {
+            (Outcome::Response { response, .. }, Some(ttl))
+                if respond::readable_by(
+                    &response,
+                    session.req_header().headers.get(header::ACCEPT_ENCODING),
+                ) =>
+            {
+                ctx.outcome = metrics::Outcome::Replayed;
+                ctx.status = response.status;
+                respond::write_stored(session, &response, Disposition::Replay { ttl }, anonymous)
+                    .await?;
+                Ok(true)
+            }
+            (outcome, _) => {
+                if matches!(outcome, Outcome::Response { .. }) {
+                    ctx.outcome = metrics::Outcome::Collapsed;
+                }
+                self.answer(session, ctx, outcome, false, anonymous).await
+            }
         }
     }
 
@@ -371,6 +424,7 @@ impl Idem {
             Problem::BodyTimeout
             | Problem::NotAcceptable
             | Problem::StoreFull
+            | Problem::StoreUnavailable
             | Problem::ScopeQuota
             | Problem::TooManyWaiters
             | Problem::UpstreamUnreachable
@@ -429,7 +483,7 @@ impl Idem {
         let req = session.req_header();
         let mut hasher = self.fingerprint_hasher(req, route);
         let expected = crate::admission::declared_length(&req.headers).unwrap_or(0);
-        let mut buf = BytesMut::with_capacity(expected.min(route.max_body) as usize);
+        let mut buf = flight::BodyBuf::with_hint(expected.min(route.max_body) as usize);
         let deadline = tokio::time::Instant::now() + settings.body_read_timeout;
         loop {
             let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
@@ -441,11 +495,13 @@ impl Idem {
                 Err(_) => return Ok(BodyRead::TimedOut),
             };
             let Some(chunk) = chunk else { break };
-            buf.extend_from_slice(&chunk);
-            if buf.len() as u64 > route.max_body {
+            // Kept without a copy when the body arrives in one chunk.
+            if (buf.len() + chunk.len()) as u64 > route.max_body {
+                buf.push(chunk);
                 return Ok(BodyRead::TooLarge(buf.freeze()));
             }
             hasher.update(&chunk);
+            buf.push(chunk);
         }
         Ok(BodyRead::Complete(buf.freeze(), hasher.finish()))
     }

@@ -53,6 +53,11 @@ pub const CACHE_STATUS_BYPASS: &str = "idem; fwd=bypass";
 pub fn append_cache_status(h: &mut ResponseHeader, member: &str) -> Result<()> {
     let value = match h.headers.get("cache-status").and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {member}"),
+        _ if member == CACHE_STATUS_BYPASS => {
+            // The pass-through hot path: no allocation for the value.
+            h.insert_header("cache-status", http::HeaderValue::from_static(CACHE_STATUS_BYPASS))?;
+            return Ok(());
+        }
         _ => member.to_string(),
     };
     h.insert_header("cache-status", value)?;

@@ -13,6 +13,7 @@
 //! stays; another names the changed settings that need a restart.
 
 use crate::admin::AdminApp;
+use crate::config::StoreKind;
 use crate::inflight::Coordinator;
 use crate::key::KeyDeriver;
 use crate::metrics::{Metrics, MetricsApp};
@@ -20,6 +21,8 @@ use crate::proxy::Idem;
 use crate::reload::Live;
 use crate::settings::Settings;
 use crate::shadow::ShadowTable;
+use crate::shared::metrics::StoreMetrics;
+use crate::shared::{Shared, SharedSettings};
 use crate::store::MemoryStore;
 use crate::upstream::{self, Upstream};
 use async_trait::async_trait;
@@ -102,6 +105,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         settings.store.max_bytes,
         settings.max_waiters,
     );
+    let shared = start_shared_store(&settings, &metrics);
     let active = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicBool::new(false));
     let signals_installed = Arc::new(Notify::new());
@@ -122,6 +126,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         metrics: metrics.clone(),
         active: active.clone(),
         shadow,
+        shared,
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, idem);
     let mut options = HttpServerOptions::default();
@@ -194,6 +199,27 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         }),
     });
     std::process::exit(0)
+}
+
+/// Starts the Redis store when `store.kind = "redis"`, waiting briefly for its first
+/// connection so that the first requests are shared; if Redis is not there yet, idem starts
+/// anyway and `on_store_error` applies until it connects.
+fn start_shared_store(settings: &Settings, metrics: &Metrics) -> Option<Arc<Shared>> {
+    if settings.store.kind != StoreKind::Redis {
+        return None;
+    }
+    let (registry, operations) = metrics.store_families();
+    let store_metrics = Arc::new(StoreMetrics::register(registry, operations));
+    let shared = Shared::start(SharedSettings::from_store(&settings.store), store_metrics);
+    if shared.wait_up(settings.store.timeout * 2) {
+        tracing::info!(owner = %shared.owner().hex(), "redis store: ready");
+    } else {
+        tracing::warn!(
+            on_store_error = ?settings.store.on_store_error,
+            "redis store: not reachable at start-up; serving under on_store_error until it connects"
+        );
+    }
+    Some(shared)
 }
 
 /// Resolves `addr`; port 0 is replaced by a free port found by binding it, so that the

@@ -6,7 +6,8 @@
 //! field is optional "to be filled later".
 
 use crate::config::{
-    HealthCheckKind, LogFormat, Mode, OnConcurrent, RawConfig, RawPolicy, RawRoute, StoreKind,
+    HealthCheckKind, LogFormat, Mode, OnConcurrent, OnStoreError, RawConfig, RawPolicy, RawRoute,
+    StoreKind,
 };
 use http::Method;
 use std::path::{Path, PathBuf};
@@ -112,8 +113,18 @@ pub struct StoreSettings {
     /// Per-scope quota of keys (see `store.rs`): in flight plus held never above it, and a
     /// scope at it makes room only from its own records when the store is full.
     pub max_keys_per_scope: usize,
-    /// Redis URL (for `kind = "redis"`).
+    /// Redis URL of a single node (for `kind = "redis"`).
     pub url: Option<String>,
+    /// Redis Cluster seed nodes (for `kind = "redis"`), as URLs; exclusive with `url`.
+    pub nodes: Vec<String>,
+    /// What a leader does when Redis cannot be used.
+    pub on_store_error: OnStoreError,
+    /// Deadline of one Redis operation (and of a connection attempt).
+    pub timeout: Duration,
+    /// A replica counts as alive this long after its last heartbeat (refreshed every third).
+    pub liveness_ttl: Duration,
+    /// How often a waiter re-reads a key claimed by another replica (pub/sub fallback).
+    pub poll_interval: Duration,
 }
 
 /// One route with every field filled.
@@ -244,6 +255,14 @@ pub mod defaults {
     pub const MAX_ENTRIES: usize = 100_000;
     /// `[store] max_bytes`
     pub const MAX_BYTES: u64 = 256 * 1024 * 1024;
+    /// `[store] on_store_error`
+    pub const ON_STORE_ERROR: crate::config::OnStoreError = crate::config::OnStoreError::FailOpen;
+    /// `[store] timeout`
+    pub const STORE_TIMEOUT: Duration = Duration::from_secs(1);
+    /// `[store] liveness_ttl`
+    pub const LIVENESS_TTL: Duration = Duration::from_secs(3);
+    /// `[store] poll_interval`
+    pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
     /// `[store] max_keys_per_scope`: a tenth of `max_entries`, but at least this many, so
     /// that a small store is not split into tiny shares.
     pub const MIN_KEYS_PER_SCOPE: usize = 1000;
@@ -537,14 +556,13 @@ fn resolve(raw: RawConfig, fixed: Option<&Settings>) -> Result<Settings, Problem
             defaults::max_keys_per_scope(raw.store.max_entries.unwrap_or(defaults::MAX_ENTRIES))
         }),
         url: raw.store.url,
+        nodes: raw.store.nodes.unwrap_or_default(),
+        on_store_error: raw.store.on_store_error.unwrap_or(defaults::ON_STORE_ERROR),
+        timeout: raw.store.timeout.unwrap_or(defaults::STORE_TIMEOUT),
+        liveness_ttl: raw.store.liveness_ttl.unwrap_or(defaults::LIVENESS_TTL),
+        poll_interval: raw.store.poll_interval.unwrap_or(defaults::POLL_INTERVAL),
     };
-    if store.kind == StoreKind::Redis {
-        return Err(problem(
-            "store",
-            "kind",
-            "\"redis\" is not available in this build yet; use \"memory\"",
-        ));
-    }
+    check_redis(&store)?;
     if store.max_entries == 0 {
         return Err(problem("store", "max_entries", "must be at least 1"));
     }
@@ -558,6 +576,13 @@ fn resolve(raw: RawConfig, fixed: Option<&Settings>) -> Result<Settings, Problem
         .secret
         .clone()
         .or_else(|| std::env::var("IDEM_SECRET").ok());
+    if store.kind == StoreKind::Redis && secret.is_none() {
+        return Err(problem(
+            "dedup",
+            "secret",
+            "is required with store.kind = \"redis\": every replica must derive the same keys. Set [dedup] secret or IDEM_SECRET to one long random string shared by all replicas",
+        ));
+    }
     if let Some(s) = &secret {
         if s.len() < 16 {
             return Err(problem(
@@ -615,6 +640,73 @@ fn resolve(raw: RawConfig, fixed: Option<&Settings>) -> Result<Settings, Problem
         default_route: base,
         routes,
     })
+}
+
+/// `[store]` rules for the Redis store.
+fn check_redis(store: &StoreSettings) -> Result<(), Problem> {
+    let redis = store.kind == StoreKind::Redis;
+    if !redis {
+        for (key, set) in [
+            ("url", store.url.is_some()),
+            ("nodes", !store.nodes.is_empty()),
+        ] {
+            if set {
+                return Err(problem(
+                    "store",
+                    key,
+                    "is only used with kind = \"redis\"; set kind = \"redis\" or remove it",
+                ));
+            }
+        }
+        return Ok(());
+    }
+    match (&store.url, store.nodes.is_empty()) {
+        (None, true) => {
+            return Err(problem(
+                "store",
+                "url",
+                "kind = \"redis\" needs url = \"redis://host:6379\" (one node) or nodes = [\"redis://a:6379\", ...] (Redis Cluster)",
+            ))
+        }
+        (Some(_), false) => {
+            return Err(problem(
+                "store",
+                "nodes",
+                "give either url (one node) or nodes (Redis Cluster), not both",
+            ))
+        }
+        _ => {}
+    }
+    let urls: Vec<(&str, &String)> = match &store.url {
+        Some(u) => vec![("url", u)],
+        None => store.nodes.iter().map(|n| ("nodes", n)).collect(),
+    };
+    for (key, u) in urls {
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u.as_str()) {
+            return Err(problem(
+                "store",
+                key,
+                format!("{u:?} is not a Redis URL ({e}); write it like \"redis://127.0.0.1:6379\""),
+            ));
+        }
+    }
+    for (key, d) in [
+        ("timeout", store.timeout),
+        ("liveness_ttl", store.liveness_ttl),
+        ("poll_interval", store.poll_interval),
+    ] {
+        if d.is_zero() {
+            return Err(problem("store", key, "must be above zero"));
+        }
+    }
+    if store.liveness_ttl < Duration::from_millis(300) {
+        return Err(problem(
+            "store",
+            "liveness_ttl",
+            "must be at least 300ms (it is refreshed every third of it)",
+        ));
+    }
+    Ok(())
 }
 
 fn base_policy(
@@ -950,6 +1042,50 @@ mod tests {
         assert_eq!(e.line, Some(4), "{e}");
         assert!(e.message.contains("admin.listen"), "{e}");
         assert!(e.message.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn redis_store_needs_one_target_and_a_shared_secret() {
+        let secret = "[dedup]\nsecret = \"0123456789abcdef0123\"\n";
+        let s = load(&format!(
+            "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n{secret}"
+        ))
+        .unwrap();
+        assert_eq!(s.store.on_store_error, OnStoreError::FailOpen);
+        assert_eq!(s.store.timeout, Duration::from_secs(1));
+        let s = load(&format!(
+            "[store]\nkind = \"redis\"\nnodes = [\"redis://a:7000\", \"redis://b:7001\"]\non_store_error = \"fail-closed\"\n{secret}"
+        ))
+        .unwrap();
+        assert_eq!(s.store.nodes.len(), 2);
+        assert_eq!(s.store.on_store_error, OnStoreError::FailClosed);
+        if std::env::var_os("IDEM_SECRET").is_none() {
+            let e =
+                load("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n").unwrap_err();
+            assert!(e.message.contains("dedup.secret"), "{e}");
+            assert!(e.message.contains("replicas"), "{e}");
+        }
+        for (body, want) in [
+            ("kind = \"redis\"\n", "store.url"),
+            (
+                "kind = \"redis\"\nurl = \"redis://a:1\"\nnodes = [\"redis://b:2\"]\n",
+                "store.nodes",
+            ),
+            ("kind = \"redis\"\nurl = \"http://a:1\"\n", "store.url"),
+            ("url = \"redis://a:1\"\n", "store.url"),
+            (
+                "kind = \"redis\"\nurl = \"redis://a:1\"\nliveness_ttl = \"100ms\"\n",
+                "store.liveness_ttl",
+            ),
+            (
+                "kind = \"redis\"\nurl = \"redis://a:1\"\non_store_error = \"ignore\"\n",
+                "fail-closed",
+            ),
+        ] {
+            let e = load(&format!("[store]\n{body}{secret}")).unwrap_err();
+            assert!(e.message.contains(want), "{body}: {e}");
+            assert!(e.line.is_some(), "{body}: {e}");
+        }
     }
 
     #[test]

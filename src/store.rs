@@ -622,7 +622,12 @@ mod tests {
             until: now + Duration::from_secs(30),
         };
         s.reserve_for(now, scope(1)).unwrap();
-        s.settle_for(key(1), scope(1), Some((Record::Held(held), fp(), held.until)), now);
+        s.settle_for(
+            key(1),
+            scope(1),
+            Some((Record::Held(held), fp(), held.until)),
+            now,
+        );
         s.reserve_for(now, scope(1)).unwrap();
         assert_eq!(s.reserve_for(now, scope(1)), Err(Refusal::ScopeQuota));
         // Other scopes are not affected.
@@ -653,7 +658,12 @@ mod tests {
             Some((resp(b"b", now), fp(), now + Duration::from_secs(60))),
             now,
         );
-        s.settle_for(key(1), scope(1), Some((resp(b"a", now), fp(), now + Duration::from_secs(60))), now);
+        s.settle_for(
+            key(1),
+            scope(1),
+            Some((resp(b"a", now), fp(), now + Duration::from_secs(60))),
+            now,
+        );
         // Scope 3, under its quota, evicts the least recently used record (scope 2's).
         s.reserve_for(now, scope(3)).unwrap();
         assert!(s.get(&key(2), now).is_none());

@@ -356,19 +356,29 @@ fn forwarded_request(
 
 /// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
 pub fn add_forwarded(req: &mut RequestHeader, client: Option<&SocketAddr>) -> pingora::Result<()> {
+    use std::io::Write;
     if let Some(addr) = client {
-        let ip = addr.ip().to_string();
-        let value = match req
+        // Formatted on the stack: one allocation, for the header value itself.
+        let mut buf = [0u8; 64];
+        let mut w = &mut buf[..];
+        let prev = req
             .headers
             .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip,
+            .and_then(|v| v.to_str().ok());
+        let value = match prev {
+            Some(prev) => http::HeaderValue::try_from(format!("{prev}, {}", addr.ip())),
+            None => {
+                // An IPv6 address is at most 45 characters.
+                let _ = write!(w, "{}", addr.ip());
+                let n = 64 - w.len();
+                http::HeaderValue::from_bytes(&buf[..n])
+            }
         };
+        let value = value
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
         req.insert_header("x-forwarded-for", value)?;
     }
-    req.insert_header("x-forwarded-proto", "http")?;
+    req.insert_header("x-forwarded-proto", http::HeaderValue::from_static("http"))?;
     Ok(())
 }
 

@@ -6,8 +6,9 @@ mod dedup;
 mod failures;
 mod observability;
 mod operations;
-mod reliability;
 mod passthrough_ops;
+mod redis_replicas;
+mod reliability;
 
 /// The backend is the yardstick for every idem test, so it is tested on its
 /// own first: if these fail, idem test failures mean nothing.

@@ -144,7 +144,10 @@ async fn post(idem: &Idem, path: &str, key: &str, extra: &[(&str, &str)], body: 
     for (n, v) in extra {
         req = req.header(*n, *v);
     }
-    let resp = req.send().await.unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
     Reply {
         status: resp.status().as_u16(),
         headers: resp.headers().clone(),
@@ -344,7 +347,10 @@ async fn waiter_abort_leaves_the_flight_and_the_others_get_the_response() {
     leader.assert_leader(1);
     let stayer = stayer.await.expect("waiter");
     assert_eq!(stayer.status, 200);
-    assert_eq!(stayer.header("cache-status"), "idem; fwd=uri-miss; collapsed");
+    assert_eq!(
+        stayer.header("cache-status"),
+        "idem; fwd=uri-miss; collapsed"
+    );
     assert_eq!((stayer.call(), stayer.body.clone()), (1, leader.body));
     assert_eq!(
         b.settled(path).await,
@@ -380,11 +386,7 @@ async fn abort_while_the_response_is_written_keeps_the_stored_response() {
     let req = http_request(
         "POST",
         path,
-        &[
-            ("host", &host),
-            ("idempotency-key", "write-1"),
-            steer[0],
-        ],
+        &[("host", &host), ("idempotency-key", "write-1"), steer[0]],
         b"{}",
     );
     stream.write_all(&req).await.expect("write");
@@ -393,7 +395,11 @@ async fn abort_while_the_response_is_written_keeps_the_stored_response() {
         .await
         .expect("first response bytes")
         .expect("read");
-    assert!(n > 0 && first.starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
+    assert!(
+        n > 0 && first.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &first[..n]
+    );
     // Leave with most of the body unread (the kernel answers further data with RST).
     drop(stream);
     // The leader's request ends with a write error, after the response was stored.
@@ -407,7 +413,11 @@ async fn abort_while_the_response_is_written_keeps_the_stored_response() {
 
     let replay = post(&idem, path, "write-1", &steer, b"{}").await;
     replay.assert_replay(1);
-    assert!(replay.body == pattern(SIZE), "replayed {} bytes", replay.body.len());
+    assert!(
+        replay.body == pattern(SIZE),
+        "replayed {} bytes",
+        replay.body.len()
+    );
     assert_eq!(b.settled(path).await.started, 1);
     assert_quiet(&idem).await;
 }
@@ -511,7 +521,10 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
         assert_eq!(seen.len() as u64, n);
         let last = seen.last().expect("request");
         assert_eq!(last.body, b"hello");
-        assert_eq!(last.header_values("transfer-encoding").len(), usize::from(key.is_none()));
+        assert_eq!(
+            last.header_values("transfer-encoding").len(),
+            usize::from(key.is_none())
+        );
     }
     assert_eq!(b.counts("/smuggled").started, 0);
     assert_quiet(&idem).await;
@@ -604,7 +617,12 @@ async fn oversized_heads_are_refused_and_other_clients_are_unaffected() {
     let mut conn = RawConn::connect(idem.addr()).await;
     conn.send(many.as_bytes()).await;
     let got = read_to_close(&mut conn).await;
-    assert_eq!(status_of(&got), Some(400), "{:?}", String::from_utf8_lossy(&got));
+    assert_eq!(
+        status_of(&got),
+        Some(400),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
 
     let mut huge = format!("POST /big HTTP/1.1\r\nhost: {h}\r\nx-huge: ").into_bytes();
     huge.extend(std::iter::repeat_n(b'a', 2 * 1024 * 1024));
@@ -676,7 +694,11 @@ async fn unfinished_body_gets_408_and_leaves_nothing_behind() {
     let h = host(&idem);
     for (key, framing, first) in [
         ("slowbody-1", ("content-length", "20"), &b"0123456789"[..]),
-        ("slowbody-2", ("transfer-encoding", "chunked"), &b"a\r\n0123456789\r\n"[..]),
+        (
+            "slowbody-2",
+            ("transfer-encoding", "chunked"),
+            &b"a\r\n0123456789\r\n"[..],
+        ),
     ] {
         let mut conn = RawConn::connect(idem.addr()).await;
         let head = http_request(
@@ -689,9 +711,17 @@ async fn unfinished_body_gets_408_and_leaves_nothing_behind() {
         let sent = Instant::now();
         let got = read_to_close(&mut conn).await;
         let waited = sent.elapsed();
-        assert_eq!(status_of(&got), Some(408), "{:?}", String::from_utf8_lossy(&got));
+        assert_eq!(
+            status_of(&got),
+            Some(408),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
         let text = String::from_utf8_lossy(&got);
-        assert!(text.contains(&format!("{PROBLEM_BASE}body-timeout")), "{text}");
+        assert!(
+            text.contains(&format!("{PROBLEM_BASE}body-timeout")),
+            "{text}"
+        );
         assert!(
             waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
             "answered after {waited:?}"
@@ -700,9 +730,15 @@ async fn unfinished_body_gets_408_and_leaves_nothing_behind() {
     assert_eq!(b.total(), Counts::default());
     assert_quiet(&idem).await;
     assert_eq!(metric(&idem, "idem_store_entries").await, 0.0);
-    post(&idem, "/slowbody", "slowbody-1", &[], b"01234567890123456789")
-        .await
-        .assert_leader(1);
+    post(
+        &idem,
+        "/slowbody",
+        "slowbody-1",
+        &[],
+        b"01234567890123456789",
+    )
+    .await
+    .assert_leader(1);
 }
 
 /// Hostile `Idempotency-Key` values: bytes outside visible ASCII, control characters in a
@@ -727,7 +763,8 @@ async fn hostile_key_values_are_refused_before_the_body() {
     ];
     for field in cases {
         let mut conn = RawConn::connect(idem.addr()).await;
-        let mut req = format!("POST /keys HTTP/1.1\r\nhost: {h}\r\ncontent-length: 2\r\n").into_bytes();
+        let mut req =
+            format!("POST /keys HTTP/1.1\r\nhost: {h}\r\ncontent-length: 2\r\n").into_bytes();
         req.extend_from_slice(&field);
         req.extend_from_slice(b"\r\n{}");
         conn.send(&req).await;
@@ -761,14 +798,26 @@ async fn many_keys_from_one_client_cannot_evict_other_clients() {
     let victim = [("authorization", "Bearer victim")];
     let abuser = [("authorization", "Bearer abuser")];
     for n in 1..=4 {
-        post(&idem, &format!("/victim/{n}"), &format!("v-{n}"), &victim, b"{}")
-            .await
-            .assert_leader(1);
+        post(
+            &idem,
+            &format!("/victim/{n}"),
+            &format!("v-{n}"),
+            &victim,
+            b"{}",
+        )
+        .await
+        .assert_leader(1);
     }
     for n in 1..=60 {
-        post(&idem, &format!("/abuser/{n}"), &format!("a-{n}"), &abuser, b"{}")
-            .await
-            .assert_leader(1);
+        post(
+            &idem,
+            &format!("/abuser/{n}"),
+            &format!("a-{n}"),
+            &abuser,
+            b"{}",
+        )
+        .await
+        .assert_leader(1);
     }
     assert_eq!(metric(&idem, "idem_store_entries").await, 20.0);
     // 16 free slots were the abuser's to take; every key after that replaced its own.
@@ -777,9 +826,15 @@ async fn many_keys_from_one_client_cannot_evict_other_clients() {
         44.0
     );
     for n in 1..=4 {
-        post(&idem, &format!("/victim/{n}"), &format!("v-{n}"), &victim, b"{}")
-            .await
-            .assert_replay(1);
+        post(
+            &idem,
+            &format!("/victim/{n}"),
+            &format!("v-{n}"),
+            &victim,
+            b"{}",
+        )
+        .await
+        .assert_replay(1);
         assert_eq!(b.counts(&format!("/victim/{n}")).started, 1);
     }
     // The abuser's newest records are kept, its oldest were its own to lose.
@@ -812,9 +867,15 @@ async fn in_flight_keys_of_one_client_are_capped_at_its_quota() {
     assert_eq!(refused.header("retry-after"), "1");
     assert_eq!(b.counts("/quota/more").started, 0);
     // Another client is not affected.
-    post(&idem, "/quota/other", "o-1", &[("authorization", "Bearer other")], b"{}")
-        .await
-        .assert_leader(1);
+    post(
+        &idem,
+        "/quota/other",
+        "o-1",
+        &[("authorization", "Bearer other")],
+        b"{}",
+    )
+    .await
+    .assert_leader(1);
     // Retries of the abuser's own running keys still attach to them.
     let waiter = spawn_post(&idem, "/quota/slow", "q-1", &abuser);
     wait_metric(&idem, "idem_waiters", 1.0).await;
@@ -943,7 +1004,7 @@ async fn soak_mixed_traffic_with_faults() {
         .set("server.grace_period", "5s")
         .set("server.body_read_timeout", "2s")
         .set("server.log_format", "json")
-        .set("store.max_entries", 20_000)
+        .set("store.max_entries", 5_000)
         .set("dedup.ttl", "1h")
         .route(Route::new("fp", "/soak/fp/", "fingerprint").set("fingerprint_ttl", "5s"));
     let idem = Idem::builder()
@@ -998,8 +1059,10 @@ async fn soak_mixed_traffic_with_faults() {
                 match roll {
                     // Impatient client: leaves as leader or waiter.
                     0..=14 => {
-                        let h: Vec<(&str, &str)> =
-                            headers.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+                        let h: Vec<(&str, &str)> = headers
+                            .iter()
+                            .map(|(a, b)| (a.as_str(), b.as_str()))
+                            .collect();
                         let req = http_request("POST", &path, &h, b"{\"soak\":1}");
                         send_and_abort(addr, &req, Duration::from_millis(rng.below(250))).await;
                     }
@@ -1011,7 +1074,8 @@ async fn soak_mixed_traffic_with_faults() {
                             ("idempotency-key", format!("{}-upload", key.id)),
                             ("content-length", "100".to_string()),
                         ];
-                        let h: Vec<(&str, &str)> = h.iter().map(|(a, b)| (*a, b.as_str())).collect();
+                        let h: Vec<(&str, &str)> =
+                            h.iter().map(|(a, b)| (*a, b.as_str())).collect();
                         let head = http_request("POST", "/soak/upload", &h, b"");
                         conn.send(&[head.as_slice(), b"partial"].concat()).await;
                     }
@@ -1089,27 +1153,65 @@ async fn soak_mixed_traffic_with_faults() {
         .map(str::to_string)
         .collect();
 
-    println!("soak: {secs} s, {workers} clients, {} requests sent", sent.load(std::sync::atomic::Ordering::Relaxed));
-    println!("soak: keys made {} ({} ok, {} with faults)", all.len(), ok_keys.len(), all.len() - ok_keys.len());
-    println!("soak: backend executions {executions}, idem upstream calls (leaders) {upstream_calls}");
-    println!("soak: ok keys executed more than once: {}", duplicated.len());
-    println!("soak: detached completions {}", sum("idem_detached_completions_total{"));
-    println!("soak: client aborts during upload {}", sum("idem_client_aborts_total"));
-    println!("soak: store entries {} held {} capacity evictions {} expiries {}",
-        sum("idem_store_entries"), sum("idem_held_keys"),
-        sum("idem_store_evictions_total{reason=\"capacity\""), sum("idem_store_evictions_total{reason=\"expired\""));
-    println!("soak: in flight {} waiters {} at the end", sum("idem_inflight_keys"), sum("idem_waiters"));
+    println!(
+        "soak: {secs} s, {workers} clients, {} requests sent",
+        sent.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    println!(
+        "soak: keys made {} ({} ok, {} with faults)",
+        all.len(),
+        ok_keys.len(),
+        all.len() - ok_keys.len()
+    );
+    println!(
+        "soak: backend executions {executions}, idem upstream calls (leaders) {upstream_calls}"
+    );
+    println!(
+        "soak: ok keys executed more than once: {}",
+        duplicated.len()
+    );
+    println!(
+        "soak: detached completions {}",
+        sum("idem_detached_completions_total{")
+    );
+    println!(
+        "soak: client aborts during upload {}",
+        sum("idem_client_aborts_total")
+    );
+    println!(
+        "soak: store entries {} held {} capacity evictions {} expiries {}",
+        sum("idem_store_entries"),
+        sum("idem_held_keys"),
+        sum("idem_store_evictions_total{reason=\"capacity\""),
+        sum("idem_store_evictions_total{reason=\"expired\"")
+    );
+    println!(
+        "soak: in flight {} waiters {} at the end",
+        sum("idem_inflight_keys"),
+        sum("idem_waiters")
+    );
     for o in &outcomes {
         println!("soak:   {o}");
     }
     println!("soak: RSS (s, KiB): {rss:?}");
 
-    assert_eq!(executions, upstream_calls, "backend executions vs idem's upstream calls");
-    assert!(duplicated.is_empty(), "ok keys executed twice: {:?}", duplicated.iter().take(5).map(|k| &k.id).collect::<Vec<_>>());
+    assert_eq!(
+        executions, upstream_calls,
+        "backend executions vs idem's upstream calls"
+    );
+    assert!(
+        duplicated.is_empty(),
+        "ok keys executed twice: {:?}",
+        duplicated.iter().take(5).map(|k| &k.id).collect::<Vec<_>>()
+    );
     assert_eq!(sum("idem_inflight_keys"), 0.0);
     assert_eq!(sum("idem_waiters"), 0.0);
     // Plateau: the last third of the run grows by less than 20% over its first sample.
-    let tail: Vec<u64> = rss.iter().skip(rss.len() * 2 / 3).map(|(_, k)| *k).collect();
+    let tail: Vec<u64> = rss
+        .iter()
+        .skip(rss.len() * 2 / 3)
+        .map(|(_, k)| *k)
+        .collect();
     if let (Some(first), Some(max)) = (tail.first(), tail.iter().max()) {
         assert!(
             *max as f64 <= *first as f64 * 1.2,

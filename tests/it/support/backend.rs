@@ -16,7 +16,7 @@
 //! | `x-body-size: N` | body of N bytes of [`pattern`] |
 //! | `x-echo: 1` | body = request body |
 //! | `x-content-type: t` | content type |
-//! | `x-set-cookie: v` | adds `set-cookie: v` |
+//! | `x-set-cookie: v` | adds `set-cookie: v` (repeat the header for several, in order) |
 //! | `x-connection-close: 1` | answer with `connection: close` and close |
 //! | `x-chunks: N` | how many pieces `chunked`/`slow-body` split the body into (default 4) |
 //! | `x-chunk-ms: N` | pause between pieces for `slow-body` (default 100) |
@@ -666,7 +666,7 @@ struct Spec {
     body_size: Option<usize>,
     echo: bool,
     content_type: Option<Vec<u8>>,
-    set_cookie: Option<Vec<u8>>,
+    set_cookie: Vec<Vec<u8>>,
     close: bool,
     chunks: usize,
     chunk_pause: Duration,
@@ -697,7 +697,11 @@ impl Spec {
             body_size: num("x-body-size")?.map(|n| n as usize),
             echo: req.header("x-echo").is_some_and(|v| v.trim() == "1"),
             content_type: raw("x-content-type"),
-            set_cookie: raw("x-set-cookie"),
+            set_cookie: req
+                .header_values("x-set-cookie")
+                .into_iter()
+                .map(<[u8]>::to_vec)
+                .collect(),
             close: req.wants_close()
                 || req
                     .header("x-connection-close")
@@ -847,7 +851,7 @@ async fn handle_request(
         ),
         ("x-backend-call".into(), call.to_string().into_bytes()),
     ];
-    if let Some(cookie) = &spec.set_cookie {
+    for cookie in &spec.set_cookie {
         fields.push(("set-cookie".into(), cookie.clone()));
     }
 

@@ -9,9 +9,12 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod proxy;
+// Private, so that `use crate::support::*` does not shadow the `redis` crate.
+mod redis;
 
 use std::time::Duration;
 
+pub use self::redis::{value_kind, RedisCluster, RedisServer};
 pub use backend::{free_addr, free_port, pattern, Backend, Counts, Gate, RecordedRequest, Row};
 pub use client::{
     chunked_body, client, h2c_client, http_request, raw_request, send_and_abort,

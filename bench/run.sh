@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# bench/run.sh: idem against nginx on loopback, side by side, in one run.
+#
+#   bench/run.sh                      # from anywhere; about 6 minutes with the defaults
+#
+# Builds the release binary (`cargo build --release`) and the helper `examples/burst.rs`, then:
+#   1. starts, from configs generated in a temp dir, on free loopback ports:
+#      - the backend: nginx `return 200 "ok\n"` (2 workers) when nginx is installed, else
+#        `burst backend` (a tiny tokio backend from this repo);
+#      - the peer: nginx `proxy_pass` to the backend through an upstream with `keepalive 64`
+#        (2 workers), when nginx is installed;
+#      - idem (threads = 2) in front of the backend, access log off (IDEM_LOG=warn), and a
+#        second idem with the access log on (text, info level, to a file);
+#   2. runs wrk (-t$THREADS -c$CONNECTIONS -d$DURATION) against each scenario, one after the
+#      other, ROUNDS times, alternating nginx and idem (A B A B), the order reversed every
+#      other round; each measurement follows a 1 s warm-up; reports the median of the rounds:
+#        backend        GET  the backend alone
+#        nginx GET      GET  through nginx proxy_pass
+#        idem GET       GET  through idem (pass-through, streamed)
+#        idem GET+log   GET  through idem with its access log on
+#        nginx POST     POST through nginx proxy_pass (the body and key headers of idem POST)
+#        idem POST      POST with a fresh Idempotency-Key per request (every request a leader)
+#        idem replay    POST with one key and body (every request after the first a replay)
+#        idem redis     not available (the Redis store is not built yet)
+#   3. the coalescing burst (`burst coalesce`): BURST_N identical concurrent keyless POSTs
+#      against a gated backend: backend executions, peak RSS, memory per waiter;
+#   4. the stored-entry cost (`burst entries`): RSS slope per stored entry minus its accounted
+#      (serialized) size.
+# Prints a markdown table and writes it to $OUT. Every process it starts is stopped on exit.
+#
+# Environment: DURATION=10 (s per measurement), ROUNDS=3, CONNECTIONS=64, THREADS=2 (wrk),
+#   BURST_N=10000, ENTRIES_M=100000, SKIP_BUILD=1 (use the binaries already built),
+#   SKIP_BURST=1, SKIP_WRK=1, OUT=bench/results.md.
+# Quick check: DURATION=2 ROUNDS=1 BURST_N=1000 ENTRIES_M=10000 bench/run.sh
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+BURST_N=${BURST_N:-10000}
+ENTRIES_M=${ENTRIES_M:-100000}
+OUT=${OUT:-bench/results.md}
+
+command -v wrk >/dev/null || { echo "bench: wrk is required (apt-get install wrk)" >&2; exit 1; }
+HAVE_NGINX=0
+command -v nginx >/dev/null && HAVE_NGINX=1
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+  echo "bench: cargo build --release" >&2
+  cargo build --release --quiet
+  cargo build --release --quiet --example burst
+fi
+IDEM=$ROOT/target/release/idem
+BURST=$ROOT/target/release/examples/burst
+
+TMP=$(mktemp -d /tmp/idem-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Allow many connections for the burst (as far as the hard limit goes).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+mapfile -t PORTS < <("$BURST" free-ports 6)
+BACKEND_PORT=${PORTS[0]} NGINX_PORT=${PORTS[1]}
+IDEM_PORT=${PORTS[2]} IDEM_METRICS=${PORTS[3]} IDEM_LOG_PORT=${PORTS[4]} IDEM_LOG_METRICS=${PORTS[5]}
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "bench: nothing listens on port $1" >&2
+  exit 1
+}
+
+nginx_conf() { # name, server block
+  local user=""
+  [ "$(id -u)" = 0 ] && user="user root;"
+  mkdir -p "$TMP/$1"
+  cat >"$TMP/$1/nginx.conf" <<EOF
+$user
+worker_processes 2;
+daemon off;
+pid $TMP/$1/nginx.pid;
+error_log $TMP/$1/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $TMP/$1/body;
+  proxy_temp_path $TMP/$1/proxy;
+  fastcgi_temp_path $TMP/$1/fastcgi;
+  uwsgi_temp_path $TMP/$1/uwsgi;
+  scgi_temp_path $TMP/$1/scgi;
+  $2
+}
+EOF
+}
+
+if [ "$HAVE_NGINX" = 1 ]; then
+  nginx_conf backend "server { listen 127.0.0.1:$BACKEND_PORT; location / { default_type text/plain; return 200 \"ok\\n\"; } }"
+  nginx -p "$TMP/backend" -c "$TMP/backend/nginx.conf" -e "$TMP/backend/error.log" &
+  PIDS+=($!)
+  nginx_conf proxy "upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
+  server { listen 127.0.0.1:$NGINX_PORT; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  nginx -p "$TMP/proxy" -c "$TMP/proxy/nginx.conf" -e "$TMP/proxy/error.log" &
+  PIDS+=($!)
+  BACKEND_KIND="nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') return 200, 2 workers"
+else
+  "$BURST" backend "127.0.0.1:$BACKEND_PORT" &
+  PIDS+=($!)
+  BACKEND_KIND="examples/burst.rs backend (nginx not installed)"
+fi
+wait_port "$BACKEND_PORT"
+
+idem_conf() { # file, port, metrics port
+  cat >"$1" <<EOF
+[server]
+listen = "127.0.0.1:$2"
+threads = 2
+[upstream]
+backends = ["127.0.0.1:$BACKEND_PORT"]
+[metrics]
+listen = "127.0.0.1:$3"
+EOF
+}
+idem_conf "$TMP/idem.toml" "$IDEM_PORT" "$IDEM_METRICS"
+IDEM_LOG=warn "$IDEM" --config "$TMP/idem.toml" >"$TMP/idem.out" 2>"$TMP/idem.err" &
+PIDS+=($!)
+idem_conf "$TMP/idem-log.toml" "$IDEM_LOG_PORT" "$IDEM_LOG_METRICS"
+IDEM_LOG=info "$IDEM" --config "$TMP/idem-log.toml" >"$TMP/idem-log.out" 2>"$TMP/idem-access.log" &
+PIDS+=($!)
+wait_port "$IDEM_PORT"
+wait_port "$IDEM_LOG_PORT"
+[ "$HAVE_NGINX" = 1 ] && wait_port "$NGINX_PORT"
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# name|url|script ; the nginx rows are skipped without nginx.
+SCENARIOS=(
+  "backend|http://127.0.0.1:$BACKEND_PORT/|get.lua"
+  "nginx GET|http://127.0.0.1:$NGINX_PORT/|get.lua"
+  "idem GET|http://127.0.0.1:$IDEM_PORT/|get.lua"
+  "idem GET+log|http://127.0.0.1:$IDEM_LOG_PORT/|get.lua"
+  "nginx POST|http://127.0.0.1:$NGINX_PORT/orders|post_fresh.lua"
+  "idem POST|http://127.0.0.1:$IDEM_PORT/orders|post_fresh.lua"
+  "idem replay|http://127.0.0.1:$IDEM_PORT/orders|post_replay.lua"
+)
+
+run_wrk() { # duration url script nonce
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$1"s -s "bench/$3" "$2" -- "$4" | grep '^RESULT' || true
+}
+
+RESULTS=$TMP/results.tsv
+: >"$RESULTS"
+if [ -z "${SKIP_WRK:-}" ]; then
+  for round in $(seq 1 "$ROUNDS"); do
+    order=("${SCENARIOS[@]}")
+    if [ $((round % 2)) = 0 ]; then
+      order=()
+      for ((i = ${#SCENARIOS[@]} - 1; i >= 0; i--)); do order+=("${SCENARIOS[$i]}"); done
+    fi
+    for s in "${order[@]}"; do
+      IFS='|' read -r name url script <<<"$s"
+      if [ "$HAVE_NGINX" = 0 ] && [[ $name == nginx* ]]; then continue; fi
+      nonce="r$round-$RANDOM$RANDOM"
+      run_wrk 1 "$url" "$script" "warm-$nonce" >/dev/null
+      line=$(run_wrk "$DURATION" "$url" "$script" "$nonce")
+      echo "bench: round $round: $name: ${line#RESULT }" >&2
+      # shellcheck disable=SC2001
+      printf '%s\t%s\t%s\n' "$name" "$round" "$(echo "$line" | sed 's/RESULT //')" >>"$RESULTS"
+    done
+  done
+fi
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# median NAME FIELD: median over rounds of FIELD (rps, p50_us, p99_us, non2xx, errors).
+median() {
+  awk -F'\t' -v n="$1" -v f="$2" '$1 == n {
+      split($3, kv, " "); for (i in kv) { split(kv[i], p, "="); if (p[1] == f) print p[2] } }' "$RESULTS" |
+    sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+ratio() { # a b -> a/b with 2 decimals, or -
+  if [ -n "$1" ] && [ -n "$2" ] && [ "$2" != 0 ]; then awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; else echo "-"; fi
+}
+ms() { if [ -n "$1" ]; then awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; else echo "-"; fi; }
+
+BURST_OUT=$TMP/burst.txt
+ENTRIES_OUT=$TMP/entries.txt
+: >"$BURST_OUT"
+: >"$ENTRIES_OUT"
+if [ -z "${SKIP_BURST:-}" ]; then
+  echo "bench: coalescing burst, N=$BURST_N" >&2
+  "$BURST" coalesce "$IDEM" "$BURST_N" >"$BURST_OUT" || echo "bench: burst failed" >&2
+  echo "bench: stored-entry cost, M=$ENTRIES_M" >&2
+  "$BURST" entries "$IDEM" "$ENTRIES_M" >"$ENTRIES_OUT" || echo "bench: entries failed" >&2
+fi
+kv() { grep -m1 "^$2=" "$1" 2>/dev/null | cut -d= -f2 || true; }
+kib() { if [ -n "$1" ]; then awk -v b="$1" 'BEGIN { printf "%.0f", b / 1024 }'; else echo "-"; fi; }
+mib() { if [ -n "$1" ]; then awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; else echo "-"; fi; }
+
+{
+  echo "## Results ($(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes'))"
+  echo
+  echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r)."
+  echo "Load average (1/5/15 min) at start: $LOAD_START; at end: $LOAD_END."
+  echo "wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS rounds alternated (order reversed every other round), medians."
+  echo "Backend: $BACKEND_KIND. idem: threads = 2, access log off (IDEM_LOG=warn) except on the GET+log row."
+  echo
+  echo "| scenario | req/s | p50 ms | p99 ms | vs nginx (req/s) | vs nginx (p99) | non-2xx | errors |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  ng_get=$(median "nginx GET" rps); ng_get99=$(median "nginx GET" p99_us)
+  ng_post=$(median "nginx POST" rps); ng_post99=$(median "nginx POST" p99_us)
+  for name in "backend" "nginx GET" "idem GET" "idem GET+log" "nginx POST" "idem POST" "idem replay"; do
+    rps=$(median "$name" rps)
+    [ -z "$rps" ] && continue
+    case $name in
+      "idem GET" | "idem GET+log") vs=$(ratio "$rps" "$ng_get") vs99=$(ratio "$(median "$name" p99_us)" "$ng_get99") ;;
+      "idem POST" | "idem replay") vs=$(ratio "$rps" "$ng_post") vs99=$(ratio "$(median "$name" p99_us)" "$ng_post99") ;;
+      *) vs="" vs99="" ;;
+    esac
+    echo "| $name | $rps | $(ms "$(median "$name" p50_us)") | $(ms "$(median "$name" p99_us)") | ${vs:+${vs}x} | ${vs99:+${vs99}x} | $(median "$name" non2xx) | $(median "$name" errors) |"
+  done
+  echo "| idem redis | not available (Redis store not built yet) | | | | | | |"
+  echo
+  echo "Ratios: req/s of idem / req/s of nginx (GET rows against nginx GET, POST rows against nginx POST); p99 of idem / p99 of nginx (lower is better)."
+  if [ -s "$BURST_OUT" ]; then
+    n=$(kv "$BURST_OUT" n)
+    m=$(kv "$BURST_OUT" m)
+    echo
+    echo "| coalescing burst | value |"
+    echo "| --- | ---: |"
+    echo "| identical concurrent requests (N) | $n |"
+    echo "| waiters seen by idem (\`idem_waiters\`) | $(kv "$BURST_OUT" waiters) |"
+    echo "| backend executions | $(kv "$BURST_OUT" backend_executions) |"
+    echo "| answers 200 / other | $(kv "$BURST_OUT" answers_200) / $(kv "$BURST_OUT" answers_other) |"
+    echo "| idem RSS idle / with N waiters / peak | $(mib "$(kv "$BURST_OUT" rss_idle)") / $(mib "$(kv "$BURST_OUT" rss_waiters)") / $(mib "$(kv "$BURST_OUT" rss_peak_waiters)") MiB |"
+    echo "| per waiting request (RSS with N waiters - idle) / N | $(kib "$(kv "$BURST_OUT" bytes_per_waiting_request)") KiB |"
+    echo "| per parked pass-through request, M = $m (RSS - idle) / M | $(kib "$(kv "$BURST_OUT" bytes_per_parked_passthrough)") KiB |"
+    echo "| **memory per waiter** (difference of the two) | **$(kv "$BURST_OUT" bytes_per_waiter) bytes** |"
+  fi
+  if [ -s "$ENTRIES_OUT" ]; then
+    echo
+    echo "| stored entries | value |"
+    echo "| --- | ---: |"
+    echo "| entries stored | $(kv "$ENTRIES_OUT" entries) |"
+    echo "| accounted size per entry (status + headers + body, \`idem_store_bytes\` / entries) | $(kv "$ENTRIES_OUT" accounted_bytes_per_entry) bytes |"
+    echo "| RSS per entry (slope from M/4 to M) | $(kv "$ENTRIES_OUT" rss_bytes_per_entry) bytes |"
+    echo "| **overhead per entry** (RSS per entry - accounted size) | **$(kv "$ENTRIES_OUT" overhead_bytes_per_entry) bytes** |"
+  fi
+} >"$TMP/table.md"
+
+cat "$TMP/table.md"
+cp "$TMP/table.md" "$OUT"
+echo "bench: wrote $OUT" >&2
