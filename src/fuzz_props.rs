@@ -335,8 +335,27 @@ mod tests {
         }
 
         #[test]
+        fn config_loader_errors_always_say_why(text in "[#a-z=\"\\[\\] \n\u{0}-\u{1f}\u{7f}]{0,12}") {
+            config_text(&text);
+        }
+
+        #[test]
         fn accept_encoding_never_panics(v in bytes(40), c in bytes(8)) {
             accept_encoding(&v, &c);
         }
+    }
+
+    /// Found by the `config` fuzz target: a control character in a comment made the loader
+    /// report an empty reason (`idem check` printed `file:1: ` and nothing else).
+    #[test]
+    fn control_character_in_a_comment_is_explained() {
+        config_text("#\u{1d}#");
+        let e =
+            crate::settings::Settings::from_toml_str("#\u{1d}#", std::path::Path::new("f.toml"))
+                .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "f.toml:1: invalid TOML at column 2: unexpected character '\\u{1d}'"
+        );
     }
 }

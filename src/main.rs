@@ -5,6 +5,12 @@ use idem::settings::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc malloc: a proxied request makes a few dozen small allocations
+/// (Pingora's per-request futures and headers), and glibc spent about a fifth of the
+/// instructions of a request on them (BENCHMARKS.md, "Profiles").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The shipped, commented proxy.toml: what `--print-default-config` prints.
 const DEFAULT_CONFIG: &str = include_str!("../proxy.toml");
 

@@ -55,7 +55,10 @@ pub fn append_cache_status(h: &mut ResponseHeader, member: &str) -> Result<()> {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {member}"),
         _ if member == CACHE_STATUS_BYPASS => {
             // The pass-through hot path: no allocation for the value.
-            h.insert_header("cache-status", http::HeaderValue::from_static(CACHE_STATUS_BYPASS))?;
+            h.insert_header(
+                "cache-status",
+                http::HeaderValue::from_static(CACHE_STATUS_BYPASS),
+            )?;
             return Ok(());
         }
         _ => member.to_string(),

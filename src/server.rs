@@ -30,6 +30,7 @@ use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{
     ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -136,7 +137,12 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         .expect("fresh proxy service has its app")
         .server_options = Some(options);
     for a in &listen {
-        proxy.add_tcp(&a.to_string());
+        // No L4 read buffer on client connections: Pingora's HTTP/1 layer reads the head into
+        // its own buffer, and the default 64 KiB buffer (zeroed by tokio) made every open
+        // connection, idle or waiting on a flight, cost that much memory (BENCHMARKS.md).
+        proxy.add_listener(
+            ListenerConfig::tcp(a.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
 
     let admin_service = admin_listen.map(|addr| {

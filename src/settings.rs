@@ -403,7 +403,7 @@ impl Settings {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: e.span().map(|s| line_of(text, s.start)),
-            message: e.message().trim().to_string(),
+            message: toml_message(text, &e),
         })?;
         let err = |line: Option<usize>, message: String| ConfigError {
             file: path.to_path_buf(),
@@ -875,6 +875,22 @@ fn check_loopback(a: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The parser's message, or, where it has none (a control character in a comment, found by
+/// fuzzing), what is at the reported position.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim();
+    if !message.is_empty() {
+        return message.to_string();
+    }
+    let at = e.span().map_or(0, |s| s.start.min(text.len()));
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..at].chars().count() + 1;
+    match text[at..].chars().next() {
+        Some(c) => format!("invalid TOML at column {column}: unexpected character {c:?}"),
+        None => format!("invalid TOML at column {column}"),
+    }
 }
 
 fn line_of(text: &str, byte: usize) -> usize {

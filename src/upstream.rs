@@ -374,8 +374,8 @@ pub fn add_forwarded(req: &mut RequestHeader, client: Option<&SocketAddr>) -> pi
                 http::HeaderValue::from_bytes(&buf[..n])
             }
         };
-        let value = value
-            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
+        let value =
+            value.map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
         req.insert_header("x-forwarded-for", value)?;
     }
     req.insert_header("x-forwarded-proto", http::HeaderValue::from_static("http"))?;

@@ -187,6 +187,11 @@ impl Link {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Runs `f` on the store's runtime (work that must outlive the request that starts it).
+    pub fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.handle.spawn(f);
+    }
+
     fn current(&self) -> Option<Conn> {
         self.conn.read().clone()
     }

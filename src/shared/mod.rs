@@ -37,6 +37,12 @@
 //! with outcome unknown (owner dead, or the claim vanished without a record), or with 409
 //! in-progress after `wait_timeout`. Store errors while waiting are retried at the poll
 //! interval: a waiter never starts a call that another replica may be running.
+//!
+//! Store errors at the claim: `on_store_error` decides (fail-open calls upstream with this
+//! replica's local dedup only; fail-closed answers 503). When the claim script may have run
+//! (a timeout, a dropped connection), its claim is kept as tentative: fail-open settles it by
+//! the fenced write like any claim, fail-closed releases it, so other replicas never wait on
+//! a claim nobody will settle.
 
 pub mod codec;
 pub mod conn;
@@ -187,6 +193,12 @@ pub struct Claimed {
     key: DedupKey,
     token: Token,
     fingerprint: Fingerprint,
+    /// The claim script failed after it may have run (a timeout, a dropped connection):
+    /// the claim may or may not be in Redis. The fenced write settles it if it is, and is
+    /// refused harmlessly if it is not.
+    tentative: bool,
+    /// When the claim expires in Redis (about): result writes are retried until then.
+    expires: tokio::time::Instant,
 }
 
 /// The Redis key of a dedup key: the hash tag keeps the key and its channel on one slot.
@@ -317,6 +329,8 @@ impl Shared {
                     key: req.key,
                     token,
                     fingerprint: req.fingerprint,
+                    tentative: false,
+                    expires: tokio::time::Instant::now() + req.hold_for,
                 }));
             }
             Ok(ClaimReply::Mismatch) => {
@@ -326,7 +340,15 @@ impl Shared {
             Ok(ClaimReply::Exists(value, left)) => (value, left),
             Err(e) => {
                 self.metrics.observe("claim", "error", started);
-                return self.unavailable(&req.key, &e);
+                // Unless the command was never sent, our claim may be in Redis.
+                let maybe = (!matches!(e, StoreError::Down)).then_some(Claimed {
+                    key: req.key,
+                    token,
+                    fingerprint: req.fingerprint,
+                    tentative: true,
+                    expires: tokio::time::Instant::now() + req.hold_for,
+                });
+                return self.unavailable(&req.key, maybe, &e);
             }
         };
         let (value, left) = found;
@@ -340,22 +362,34 @@ impl Shared {
                 match settled(body, left, true) {
                     Some(a) => Lead::Answer(a),
                     // The script never returns a freed record.
-                    None => self.unavailable(&req.key, &StoreError::Reply),
+                    None => self.unavailable(&req.key, None, &StoreError::Reply),
                 }
             }
         }
     }
 
-    fn unavailable(&self, key: &DedupKey, e: &StoreError) -> Lead {
+    /// Redis could not be used for `key`; `maybe` is a claim the failed script may have
+    /// written.
+    fn unavailable(&self, key: &DedupKey, maybe: Option<Claimed>, e: &StoreError) -> Lead {
         match self.on_store_error {
             OnStoreError::FailOpen => {
                 self.metrics.unavailable("fail-open");
                 tracing::warn!(key = %key.short(), error = %e, "redis store unavailable: fail-open, deduplicating on this replica only");
-                Lead::Call(None)
+                // If the claim did land, the result write settles it and wakes its waiters.
+                Lead::Call(maybe)
             }
             OnStoreError::FailClosed => {
                 self.metrics.unavailable("fail-closed");
                 tracing::warn!(key = %key.short(), error = %e, "redis store unavailable: fail-closed, answering 503");
+                // If the claim did land, release it (fenced) rather than leave other
+                // replicas waiting on a call that never runs.
+                if let Some(claim) = maybe {
+                    let (link, script, metrics) =
+                        (self.link.clone(), self.settle.clone(), self.metrics.clone());
+                    self.link.spawn(async move {
+                        write(&link, &script, &metrics, &claim, &[], 0).await;
+                    });
+                }
                 Lead::Answer(refused(Problem::StoreUnavailable))
             }
         }
@@ -367,6 +401,9 @@ impl Shared {
         let sub = self.link.subscribe(channel(&req.key)).await;
         let mut wake = sub.wake.clone();
         loop {
+            // Remaining lives are counted from the moment the read was sent: a local hold
+            // then ends no later than the claim in Redis.
+            let read_at = tokio::time::Instant::now();
             match self.read(&req.key).await {
                 Ok(None) => {
                     tracing::warn!(key = %req.key.short(), "claim vanished without a record (expired, or lost by Redis): outcome unknown");
@@ -384,7 +421,7 @@ impl Shared {
                             return Answer {
                                 outcome: Outcome::Unknown(Held {
                                     status: 502,
-                                    until: tokio::time::Instant::now() + pttl(left),
+                                    until: read_at + pttl(left),
                                 }),
                                 retention: Retention { ttl: pttl(left) },
                                 replay_ttl: None,
@@ -507,36 +544,79 @@ impl Shared {
             Outcome::Unreachable => (value(Body::Freed(None)), millis(FREED_TTL)),
             Outcome::Refused(_) => (Vec::new(), 0),
         };
-        let kind = bytes.get(1).copied().unwrap_or(b'D');
-        let started = Instant::now();
-        let k = redis_key(&claim.key);
-        let ch = channel(&claim.key);
-        let script = &self.settle;
-        let token = claim.token.0;
-        let r = self
-            .link
-            .run(|mut c| async move {
-                script
-                    .key(&k)
-                    .arg(&token[..])
-                    .arg(bytes)
-                    .arg(px)
-                    .arg(&ch)
-                    .arg(&[kind][..])
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            })
-            .await;
-        match r {
-            Ok(1) => self.metrics.observe("settle", "ok", started),
-            Ok(_) => {
-                self.metrics.observe("settle", "fenced", started);
+        if write(&self.link, &self.settle, &self.metrics, claim, &bytes, px).await {
+            return;
+        }
+        // The claim may still be there (a dropped connection, a slow Redis): keep trying in
+        // the background until the write lands or is refused, or the claim has expired, so
+        // waiters on other replicas get the outcome rather than wait out the claim.
+        let (link, script, metrics, claim) = (
+            self.link.clone(),
+            self.settle.clone(),
+            self.metrics.clone(),
+            claim.clone(),
+        );
+        self.link.spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while tokio::time::Instant::now() + backoff < claim.expires {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                // While the link is down, wait for it (nothing to count).
+                if link.is_up() && write(&link, &script, &metrics, &claim, &bytes, px).await {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The fenced write: `bytes` replace the claim (empty: delete it) only if it still carries
+/// the claim's token, with `px` ms to live (0: the claim's own expiry), then a message on the
+/// key's channel. Returns false when it failed and may be retried.
+async fn write(
+    link: &Link,
+    script: &Script,
+    metrics: &StoreMetrics,
+    claim: &Claimed,
+    bytes: &[u8],
+    px: u64,
+) -> bool {
+    let kind = bytes.get(1).copied().unwrap_or(b'D');
+    let started = Instant::now();
+    let k = redis_key(&claim.key);
+    let ch = channel(&claim.key);
+    let token = claim.token.0;
+    let r = link
+        .run(|mut c| async move {
+            script
+                .key(&k)
+                .arg(&token[..])
+                .arg(bytes)
+                .arg(px)
+                .arg(&ch)
+                .arg(&[kind][..])
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await;
+    match r {
+        Ok(1) => {
+            metrics.observe("settle", "ok", started);
+            true
+        }
+        Ok(_) => {
+            metrics.observe("settle", "fenced", started);
+            if claim.tentative {
+                tracing::debug!(key = %claim.key.short(), "redis store: the claim never landed; result not written there");
+            } else {
                 tracing::warn!(key = %claim.key.short(), "redis store: the claim is no longer ours (expired or lost); result not written there");
             }
-            Err(e) => {
-                self.metrics.observe("settle", "error", started);
-                tracing::warn!(key = %claim.key.short(), error = %e, "redis store: result write failed; the response is delivered regardless");
-            }
+            true
+        }
+        Err(e) => {
+            metrics.observe("settle", "error", started);
+            tracing::warn!(key = %claim.key.short(), error = %e, "redis store: result write failed (retried in the background until the claim expires); the response is delivered regardless");
+            false
         }
     }
 }

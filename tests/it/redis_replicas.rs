@@ -30,7 +30,7 @@ fn replica(backend: &Backend, store: &Store) -> Config {
         .set("store.kind", "redis")
         .set("dedup.secret", SECRET)
         .set("store.poll_interval", "100ms")
-        .set("store.liveness_ttl", "600ms");
+        .set("store.liveness_ttl", "1s");
     match store {
         Store::Url(u) => c.set("store.url", u.as_str()),
         Store::Nodes(n) => c.set("store.nodes", n.clone()),
@@ -734,4 +734,163 @@ async fn check_refuses_a_redis_store_without_a_shared_secret() {
     let (code, _, err) = Idem::check(&config.remove("store.url").to_string()).await;
     assert_eq!(code, 1);
     assert!(err.contains("store.url"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Every kind of outcome crosses replicas; the result write is fenced
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_freed_and_not_replayable_outcomes_cross_replicas() {
+    let redis = RedisServer::start().await;
+    let backend = Backend::start().await;
+    let config = replica(&backend, &Store::Url(redis.url())).set("dedup.max_response_body", "1KiB");
+    let replicas = start_replicas(&config, 2).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
+
+    // An upstream 504: outcome unknown, held in Redis; the other replica answers it too.
+    let held = [("x-status", "504")];
+    let r = post(a.addr(), "/held", Some("h"), &held, b"x").await;
+    assert_problem(&r, 504, "outcome-unknown");
+    let r = post(b.addr(), "/held", Some("h"), &held, b"x").await;
+    assert_problem(&r, 504, "outcome-unknown");
+    assert_eq!(backend.counts("/held").started, 1);
+
+    // A 500 while B waits for it: B's client gets the 500, and the key is free again.
+    let gate = backend.gate("/freed");
+    let freed = [("x-status", "500")];
+    let mut first = JoinSet::new();
+    spawn_post(&mut first, a.addr(), "/freed", "f", &freed, b"y");
+    gate.wait_started(1).await;
+    let mut second = JoinSet::new();
+    spawn_post(&mut second, b.addr(), "/freed", "f", &freed, b"y");
+    wait_remote_waits(std::slice::from_ref(b), 1).await;
+    gate.open();
+    assert_eq!(collect(first).await[0].status, 500);
+    let r = collect(second).await.remove(0);
+    assert_eq!(r.status, 500, "{r:#?}");
+    assert_eq!(cache_status(&r), "idem; fwd=uri-miss; collapsed");
+    assert_eq!(r.header("x-backend-call"), Some("1"));
+    let r = post(b.addr(), "/freed", Some("f"), &freed, b"y").await;
+    assert_eq!(r.header("x-backend-call"), Some("2"), "a retry runs again");
+
+    // Too large to store: streamed to its client, not replayable anywhere.
+    let big = [("x-body-size", "4096")];
+    let r = post(a.addr(), "/big", Some("n"), &big, b"z").await;
+    assert_eq!((r.status, r.body.len()), (200, 4096));
+    let r = post(b.addr(), "/big", Some("n"), &big, b"z").await;
+    assert_problem(&r, 409, "not-replayable");
+    assert_eq!(backend.counts("/big").started, 1);
+
+    let mut kinds: Vec<char> = redis
+        .idem_entries()
+        .await
+        .iter()
+        .map(|(_, v)| value_kind(v))
+        .collect();
+    kinds.sort();
+    // The second /freed call's 500 is kept (as freed) for remote waiters too.
+    assert_eq!(kinds, ['F', 'H', 'N']);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_claim_cannot_overwrite_the_new_owner() {
+    let redis = RedisServer::start().await;
+    let backend = Backend::start().await;
+    let config = replica(&backend, &Store::Url(redis.url()));
+    let replicas = start_replicas(&config, 2).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let headers = [("content-type", "text/plain")];
+    let gate = backend.gate("/pay");
+
+    let mut first = JoinSet::new();
+    spawn_post(&mut first, a.addr(), "/pay", "p", &headers, b"1");
+    gate.wait_started(1).await;
+    // What a Redis restart without persistence does: A's claim is gone...
+    redis.command(&["FLUSHALL"]).await.expect("FLUSHALL");
+    // ...so a retry on B claims the key and runs it again (the documented cost).
+    let mut second = JoinSet::new();
+    spawn_post(&mut second, b.addr(), "/pay", "p", &headers, b"1");
+    gate.wait_started(2).await;
+    gate.open();
+    let from_a = collect(first).await.remove(0);
+    let from_b = collect(second).await.remove(0);
+    assert_eq!(from_a.header("x-backend-call"), Some("1"));
+    assert_eq!(from_b.header("x-backend-call"), Some("2"));
+    // A's result write found B's claim: refused. B's result is the one kept.
+    wait_metric(
+        a,
+        "idem_store_operations_total",
+        &[("op", "settle"), ("result", "fenced")],
+        1.0,
+    )
+    .await;
+    wait_metric(
+        b,
+        "idem_store_operations_total",
+        &[("op", "settle"), ("result", "ok")],
+        1.0,
+    )
+    .await;
+    let fresh = Idem::start(&config.to_string()).await;
+    let r = post(fresh.addr(), "/pay", Some("p"), &headers, b"1").await;
+    assert_replay(&r);
+    assert_eq!(r.header("x-backend-call"), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_write_that_times_out_is_delivered_and_retried_for_the_waiters() {
+    let redis = RedisServer::start().await;
+    let backend = Backend::start().await;
+    let config = replica(&backend, &Store::Url(redis.url()))
+        .set("store.timeout", "300ms")
+        .set("store.liveness_ttl", "3s");
+    let replicas = start_replicas(&config, 2).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let headers = [("content-type", "text/plain")];
+    let gate = backend.gate("/slow");
+    let mut first = JoinSet::new();
+    spawn_post(&mut first, a.addr(), "/slow", "s", &headers, b"1");
+    gate.wait_started(1).await;
+    let mut second = JoinSet::new();
+    spawn_post(&mut second, b.addr(), "/slow", "s", &headers, b"1");
+    wait_remote_waits(std::slice::from_ref(b), 1).await;
+
+    // Redis stops taking writes for a while: A's result write times out.
+    let paused = Instant::now();
+    redis
+        .command(&["CLIENT", "PAUSE", "1200", "WRITE"])
+        .await
+        .expect("CLIENT PAUSE");
+    gate.open();
+    let r = collect(first).await.remove(0);
+    assert_eq!(r.status, 200, "{r:#?}");
+    assert_eq!(cache_status(&r), "idem; fwd=uri-miss; stored");
+    assert!(
+        paused.elapsed() < Duration::from_millis(1200),
+        "the response waited for Redis: {:?}",
+        paused.elapsed()
+    );
+    // Retried once Redis takes writes again: B's waiter gets A's response.
+    let r = collect(second).await.remove(0);
+    assert_eq!(r.status, 200, "{r:#?}");
+    assert_eq!(cache_status(&r), "idem; fwd=uri-miss; collapsed");
+    assert_eq!(r.header("x-backend-call"), Some("1"));
+    wait_metric(
+        a,
+        "idem_store_operations_total",
+        &[("op", "settle"), ("result", "ok")],
+        1.0,
+    )
+    .await;
+    assert!(
+        metric(
+            a,
+            "idem_store_operations_total",
+            &[("op", "settle"), ("result", "error")]
+        )
+        .await
+            >= Some(1.0)
+    );
+    assert_eq!(backend.settled("/slow").await, ONE_CALL);
 }

@@ -437,13 +437,16 @@ async fn malformed_status_line_holds_the_key_then_runs_exactly_once() {
     let path = "/fault/malformed";
     let fault = [("x-fault", "malformed-status")];
     let gate = b.gate(path);
+    // The key is held from the call's start (after t0) until start + total.
+    let t0 = Instant::now();
     let leader = spawn_post(&idem, path, "malformed-1", &fault);
     gate.wait_started(1).await;
-    let started = Instant::now();
     let waiter = spawn_post(&idem, path, "malformed-1", &fault);
     wait_metric(&idem, "idem_waiters", 1.0).await;
     gate.open();
-    for r in [leader.await.expect("leader"), waiter.await.expect("waiter")] {
+    let replies = [leader.await.expect("leader"), waiter.await.expect("waiter")];
+    let answered = Instant::now();
+    for r in replies {
         r.assert_problem(502, "outcome-unknown");
         let ra: u64 = r.header("retry-after").parse().expect("Retry-After");
         assert!((1..=2).contains(&ra), "Retry-After {ra}");
@@ -459,13 +462,13 @@ async fn malformed_status_line_holds_the_key_then_runs_exactly_once() {
             .assert_problem(502, "outcome-unknown");
     }
     assert!(
-        Instant::now() < started + total,
+        Instant::now() < t0 + total,
         "the hold checks ran too late to mean anything"
     );
     assert_eq!(b.settled(path).await.started, 1);
 
     // After the hold: exactly one execution, stored and replayed.
-    tokio::time::sleep_until(started + total + Duration::from_millis(100)).await;
+    tokio::time::sleep_until(answered + total + Duration::from_millis(100)).await;
     post(&idem, path, "malformed-1", &[], b"{}")
         .await
         .assert_leader(2);
