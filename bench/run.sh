@@ -11,17 +11,22 @@
 #        (2 workers), when nginx is installed;
 #      - idem (threads = 2) in front of the backend, access log off (IDEM_LOG=warn), and a
 #        second idem with the access log on (text, info level, to a file);
+#      - a bare Pingora proxy (`examples/pingora_bare.rs`, same threads, allocator and
+#        buffers as idem, no logic): the ceiling of a Pingora-based proxy here;
+#      - when redis-server is installed: a private redis-server (no persistence) and a third
+#        idem with `[store] kind = "redis"`;
 #   2. runs wrk (-t$THREADS -c$CONNECTIONS -d$DURATION) against each scenario, one after the
 #      other, ROUNDS times, alternating nginx and idem (A B A B), the order reversed every
 #      other round; each measurement follows a 1 s warm-up; reports the median of the rounds:
 #        backend        GET  the backend alone
 #        nginx GET      GET  through nginx proxy_pass
+#        pingora GET    GET  through the bare Pingora proxy (reference)
 #        idem GET       GET  through idem (pass-through, streamed)
 #        idem GET+log   GET  through idem with its access log on
 #        nginx POST     POST through nginx proxy_pass (the body and key headers of idem POST)
 #        idem POST      POST with a fresh Idempotency-Key per request (every request a leader)
 #        idem replay    POST with one key and body (every request after the first a replay)
-#        idem redis     not available (the Redis store is not built yet)
+#        idem POST redis, idem replay redis: the same with the Redis store (when installed)
 #   3. the coalescing burst (`burst coalesce`): BURST_N identical concurrent keyless POSTs
 #      against a gated backend: backend executions, peak RSS, memory per waiter;
 #   4. the stored-entry cost (`burst entries`): RSS slope per stored entry minus its accounted
@@ -51,10 +56,13 @@ command -v nginx >/dev/null && HAVE_NGINX=1
 if [ -z "${SKIP_BUILD:-}" ]; then
   echo "bench: cargo build --release" >&2
   cargo build --release --quiet
-  cargo build --release --quiet --example burst
+  cargo build --release --quiet --example burst --example pingora_bare
 fi
 IDEM=$ROOT/target/release/idem
 BURST=$ROOT/target/release/examples/burst
+BARE=$ROOT/target/release/examples/pingora_bare
+HAVE_REDIS=0
+command -v redis-server >/dev/null && HAVE_REDIS=1
 
 TMP=$(mktemp -d /tmp/idem-bench.XXXXXX)
 PIDS=()
@@ -73,9 +81,10 @@ trap 'exit 130' INT TERM
 # Allow many connections for the burst (as far as the hard limit goes).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-mapfile -t PORTS < <("$BURST" free-ports 6)
+mapfile -t PORTS < <("$BURST" free-ports 10)
 BACKEND_PORT=${PORTS[0]} NGINX_PORT=${PORTS[1]}
 IDEM_PORT=${PORTS[2]} IDEM_METRICS=${PORTS[3]} IDEM_LOG_PORT=${PORTS[4]} IDEM_LOG_METRICS=${PORTS[5]}
+BARE_PORT=${PORTS[6]} REDIS_PORT=${PORTS[7]} IDEM_REDIS_PORT=${PORTS[8]} IDEM_REDIS_METRICS=${PORTS[9]}
 
 wait_port() {
   for _ in $(seq 1 200); do
@@ -126,7 +135,7 @@ else
 fi
 wait_port "$BACKEND_PORT"
 
-idem_conf() { # file, port, metrics port
+idem_conf() { # file, port, metrics port, [extra toml]
   cat >"$1" <<EOF
 [server]
 listen = "127.0.0.1:$2"
@@ -135,6 +144,7 @@ threads = 2
 backends = ["127.0.0.1:$BACKEND_PORT"]
 [metrics]
 listen = "127.0.0.1:$3"
+${4:-}
 EOF
 }
 idem_conf "$TMP/idem.toml" "$IDEM_PORT" "$IDEM_METRICS"
@@ -143,8 +153,26 @@ PIDS+=($!)
 idem_conf "$TMP/idem-log.toml" "$IDEM_LOG_PORT" "$IDEM_LOG_METRICS"
 IDEM_LOG=info "$IDEM" --config "$TMP/idem-log.toml" >"$TMP/idem-log.out" 2>"$TMP/idem-access.log" &
 PIDS+=($!)
+"$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$BACKEND_PORT" >/dev/null 2>"$TMP/bare.err" &
+PIDS+=($!)
+if [ "$HAVE_REDIS" = 1 ]; then
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --maxmemory-policy noeviction --dir "$TMP" >"$TMP/redis.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$REDIS_PORT"
+  idem_conf "$TMP/idem-redis.toml" "$IDEM_REDIS_PORT" "$IDEM_REDIS_METRICS" \
+    "[store]
+kind = \"redis\"
+url = \"redis://127.0.0.1:$REDIS_PORT\"
+[dedup]
+secret = \"benchmark secret, not a real one\""
+  IDEM_LOG=warn "$IDEM" --config "$TMP/idem-redis.toml" >"$TMP/idem-redis.out" 2>"$TMP/idem-redis.err" &
+  PIDS+=($!)
+  wait_port "$IDEM_REDIS_PORT"
+fi
 wait_port "$IDEM_PORT"
 wait_port "$IDEM_LOG_PORT"
+wait_port "$BARE_PORT"
 [ "$HAVE_NGINX" = 1 ] && wait_port "$NGINX_PORT"
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -153,12 +181,19 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 SCENARIOS=(
   "backend|http://127.0.0.1:$BACKEND_PORT/|get.lua"
   "nginx GET|http://127.0.0.1:$NGINX_PORT/|get.lua"
+  "pingora GET|http://127.0.0.1:$BARE_PORT/|get.lua"
   "idem GET|http://127.0.0.1:$IDEM_PORT/|get.lua"
   "idem GET+log|http://127.0.0.1:$IDEM_LOG_PORT/|get.lua"
   "nginx POST|http://127.0.0.1:$NGINX_PORT/orders|post_fresh.lua"
   "idem POST|http://127.0.0.1:$IDEM_PORT/orders|post_fresh.lua"
   "idem replay|http://127.0.0.1:$IDEM_PORT/orders|post_replay.lua"
 )
+if [ "$HAVE_REDIS" = 1 ]; then
+  SCENARIOS+=(
+    "idem POST redis|http://127.0.0.1:$IDEM_REDIS_PORT/orders|post_fresh.lua"
+    "idem replay redis|http://127.0.0.1:$IDEM_REDIS_PORT/orders|post_replay.lua"
+  )
+fi
 
 run_wrk() { # duration url script nonce
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$1"s -s "bench/$3" "$2" -- "$4" | grep '^RESULT' || true
@@ -218,23 +253,24 @@ mib() { if [ -n "$1" ]; then awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }
   echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r)."
   echo "Load average (1/5/15 min) at start: $LOAD_START; at end: $LOAD_END."
   echo "wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS rounds alternated (order reversed every other round), medians."
-  echo "Backend: $BACKEND_KIND. idem: threads = 2, access log off (IDEM_LOG=warn) except on the GET+log row."
+  echo "Backend: $BACKEND_KIND. idem: threads = 2, access log off (IDEM_LOG=warn) except on the GET+log row (text, to a file)."
+  [ "$HAVE_REDIS" = 1 ] && echo "Redis rows: $(redis-server --version | cut -d' ' -f1-3), local, no persistence."
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | vs nginx (req/s) | vs nginx (p99) | non-2xx | errors |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   ng_get=$(median "nginx GET" rps); ng_get99=$(median "nginx GET" p99_us)
   ng_post=$(median "nginx POST" rps); ng_post99=$(median "nginx POST" p99_us)
-  for name in "backend" "nginx GET" "idem GET" "idem GET+log" "nginx POST" "idem POST" "idem replay"; do
+  for name in "backend" "nginx GET" "pingora GET" "idem GET" "idem GET+log" "nginx POST" "idem POST" "idem replay" "idem POST redis" "idem replay redis"; do
     rps=$(median "$name" rps)
     [ -z "$rps" ] && continue
     case $name in
-      "idem GET" | "idem GET+log") vs=$(ratio "$rps" "$ng_get") vs99=$(ratio "$(median "$name" p99_us)" "$ng_get99") ;;
-      "idem POST" | "idem replay") vs=$(ratio "$rps" "$ng_post") vs99=$(ratio "$(median "$name" p99_us)" "$ng_post99") ;;
+      "pingora GET" | "idem GET" | "idem GET+log") vs=$(ratio "$rps" "$ng_get") vs99=$(ratio "$(median "$name" p99_us)" "$ng_get99") ;;
+      "idem POST"* | "idem replay"*) vs=$(ratio "$rps" "$ng_post") vs99=$(ratio "$(median "$name" p99_us)" "$ng_post99") ;;
       *) vs="" vs99="" ;;
     esac
     echo "| $name | $rps | $(ms "$(median "$name" p50_us)") | $(ms "$(median "$name" p99_us)") | ${vs:+${vs}x} | ${vs99:+${vs99}x} | $(median "$name" non2xx) | $(median "$name" errors) |"
   done
-  echo "| idem redis | not available (Redis store not built yet) | | | | | | |"
+  [ "$HAVE_REDIS" = 1 ] || echo "| idem redis | not available (redis-server not installed) | | | | | | |"
   echo
   echo "Ratios: req/s of idem / req/s of nginx (GET rows against nginx GET, POST rows against nginx POST); p99 of idem / p99 of nginx (lower is better)."
   if [ -s "$BURST_OUT" ]; then

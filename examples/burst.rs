@@ -44,7 +44,7 @@ fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()?;
     match arg(0).as_str() {
@@ -60,7 +60,7 @@ fn main() -> Res<()> {
             Ok(())
         }
         "backend" => rt.block_on(async {
-            let l = TcpListener::bind(arg(1)).await?;
+            let l = listen(&arg(1))?;
             let gate = Gate::open();
             serve(l, gate).await;
             Ok(())
@@ -104,6 +104,16 @@ impl Gate {
     fn release(&self) {
         self.opener.send_replace(true);
     }
+}
+
+/// A loopback listener with a deep accept queue (tokio's default of 1024 overflows when
+/// thousands of parked requests connect at once).
+fn listen(addr: &str) -> Res<TcpListener> {
+    let addr: SocketAddr = addr.parse()?;
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    Ok(s.listen(65535)?)
 }
 
 async fn serve(l: TcpListener, gate: Gate) {
@@ -341,7 +351,7 @@ async fn coalesce(bin: String, n: usize, m: usize) -> Res<()> {
     let body = r#"{"order":42,"item":"same for everyone"}"#;
 
     // Waiters.
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = listen("127.0.0.1:0")?;
     let backend = listener.local_addr()?;
     let gate = Gate::new(false);
     let server = tokio::spawn(serve(listener, gate.clone()));
@@ -377,7 +387,7 @@ async fn coalesce(bin: String, n: usize, m: usize) -> Res<()> {
     println!("rss_peak_waiters={hwm}");
 
     // Parked pass-through.
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = listen("127.0.0.1:0")?;
     let backend = listener.local_addr()?;
     let gate = Gate::new(false);
     let server = tokio::spawn(serve(listener, gate.clone()));
@@ -409,7 +419,7 @@ async fn coalesce(bin: String, n: usize, m: usize) -> Res<()> {
 }
 
 async fn entries(bin: String, m: usize) -> Res<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = listen("127.0.0.1:0")?;
     let backend = listener.local_addr()?;
     let server = tokio::spawn(serve(listener, Gate::open()));
     let extra = format!(

@@ -156,9 +156,7 @@ impl Idem {
         if is_expect_continue(session.req_header()) {
             session.downstream_session.write_continue_response().await?;
         }
-        // Boxed: the body reader (with its blake3 state, about 2 KiB) is only needed until the
-        // body is in, and would otherwise stay in every waiting request's future.
-        let body = match Box::pin(self.read_body(session, settings, route)).await? {
+        let body = match self.read_body(session, settings, route).await? {
             BodyRead::Complete(body, fp) => (body, fp),
             BodyRead::TimedOut => return self.problem(session, ctx, Problem::BodyTimeout).await,
             BodyRead::TooLarge(prefix) => {
@@ -166,7 +164,9 @@ impl Idem {
                     return self.problem(session, ctx, Problem::TooLarge).await;
                 }
                 ctx.outcome = metrics::Outcome::TooLarge;
-                return self.forward_consumed(session, ctx, prefix).await;
+                // Boxed: a rare path with a large future (a whole upstream exchange) that would
+                // otherwise size every deduplicated request's future, waiters' included.
+                return Box::pin(self.forward_consumed(session, ctx, prefix)).await;
             }
         };
         let (body, fingerprint) = body;
@@ -869,65 +869,5 @@ impl Idem {
             None => held,
         };
         self.shadow.settle(leader, ending);
-    }
-}
-
-#[cfg(test)]
-mod tmp_future_sizes {
-    use super::*;
-    fn dedup_fut<'a>(
-        a: &'a Idem,
-        b: &'a mut Session,
-        c: &'a mut Ctx,
-        d: &'a Settings,
-        r: &'a RoutePolicy,
-    ) -> impl std::future::Future + 'a {
-        a.dedup(b, c, d, r, None)
-    }
-    fn read_fut<'a>(
-        a: &'a Idem,
-        b: &'a mut Session,
-        c: &'a mut Ctx,
-        d: &'a Settings,
-        r: &'a RoutePolicy,
-    ) -> impl std::future::Future + 'a {
-        let _ = c;
-        a.read_body(b, d, r)
-    }
-    fn gone_fut<'a>(
-        _a: &'a Idem,
-        b: &'a mut Session,
-        _c: &'a mut Ctx,
-        _d: &'a Settings,
-        _r: &'a RoutePolicy,
-    ) -> impl std::future::Future + 'a {
-        client_gone(b)
-    }
-    fn answer_fut<'a>(
-        a: &'a Idem,
-        b: &'a mut Session,
-        c: &'a mut Ctx,
-        _d: &'a Settings,
-        _r: &'a RoutePolicy,
-    ) -> impl std::future::Future + 'a {
-        a.answer(b, c, Outcome::NotReplayable, false, false)
-    }
-    fn size_of_output<'a, F, Fut>(_f: F) -> usize
-    where
-        F: Fn(&'a Idem, &'a mut Session, &'a mut Ctx, &'a Settings, &'a RoutePolicy) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
-    #[test]
-    fn future_sizes() {
-        eprintln!(
-            "SIZE dedup={} read_body={} client_gone={} answer={} session={} ctx={}",
-            size_of_output(dedup_fut),
-            size_of_output(read_fut),
-            size_of_output(gone_fut),
-            size_of_output(answer_fut),
-            std::mem::size_of::<Session>(),
-            std::mem::size_of::<Ctx>()
-        );
     }
 }
