@@ -153,6 +153,9 @@ impl Idem {
         route: &RoutePolicy,
         idem_key: Option<Vec<u8>>,
     ) -> Result<bool> {
+        // Until an answer is chosen, a request that ends here (its client left during the
+        // upload) is an error, not a bypass: it was admitted to dedup.
+        ctx.outcome = metrics::Outcome::Error;
         if is_expect_continue(session.req_header()) {
             session.downstream_session.write_continue_response().await?;
         }
