@@ -35,7 +35,9 @@
 #
 # Environment: DURATION=10 (s per measurement), ROUNDS=3, CONNECTIONS=64, THREADS=2 (wrk),
 #   BURST_N=10000, ENTRIES_M=100000, SKIP_BUILD=1 (use the binaries already built),
-#   SKIP_BURST=1, SKIP_WRK=1, OUT=bench/results.md.
+#   SKIP_BURST=1, SKIP_WRK=1, OUT=bench/results.md,
+#   BASELINE=path/to/another/idem: also measure that binary (rows "base GET", "base POST",
+#   "base replay", same config) for a before/after comparison in the same run.
 # Quick check: DURATION=2 ROUNDS=1 BURST_N=1000 ENTRIES_M=10000 bench/run.sh
 set -euo pipefail
 
@@ -81,10 +83,11 @@ trap 'exit 130' INT TERM
 # Allow many connections for the burst (as far as the hard limit goes).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-mapfile -t PORTS < <("$BURST" free-ports 10)
+mapfile -t PORTS < <("$BURST" free-ports 12)
 BACKEND_PORT=${PORTS[0]} NGINX_PORT=${PORTS[1]}
 IDEM_PORT=${PORTS[2]} IDEM_METRICS=${PORTS[3]} IDEM_LOG_PORT=${PORTS[4]} IDEM_LOG_METRICS=${PORTS[5]}
 BARE_PORT=${PORTS[6]} REDIS_PORT=${PORTS[7]} IDEM_REDIS_PORT=${PORTS[8]} IDEM_REDIS_METRICS=${PORTS[9]}
+BASE_PORT=${PORTS[10]} BASE_METRICS=${PORTS[11]}
 
 wait_port() {
   for _ in $(seq 1 200); do
@@ -170,6 +173,12 @@ secret = \"benchmark secret, not a real one\""
   PIDS+=($!)
   wait_port "$IDEM_REDIS_PORT"
 fi
+if [ -n "${BASELINE:-}" ]; then
+  idem_conf "$TMP/idem-base.toml" "$BASE_PORT" "$BASE_METRICS"
+  IDEM_LOG=warn "$BASELINE" --config "$TMP/idem-base.toml" >"$TMP/idem-base.out" 2>"$TMP/idem-base.err" &
+  PIDS+=($!)
+  wait_port "$BASE_PORT"
+fi
 wait_port "$IDEM_PORT"
 wait_port "$IDEM_LOG_PORT"
 wait_port "$BARE_PORT"
@@ -188,6 +197,13 @@ SCENARIOS=(
   "idem POST|http://127.0.0.1:$IDEM_PORT/orders|post_fresh.lua"
   "idem replay|http://127.0.0.1:$IDEM_PORT/orders|post_replay.lua"
 )
+if [ -n "${BASELINE:-}" ]; then
+  SCENARIOS+=(
+    "base GET|http://127.0.0.1:$BASE_PORT/|get.lua"
+    "base POST|http://127.0.0.1:$BASE_PORT/orders|post_fresh.lua"
+    "base replay|http://127.0.0.1:$BASE_PORT/orders|post_replay.lua"
+  )
+fi
 if [ "$HAVE_REDIS" = 1 ]; then
   SCENARIOS+=(
     "idem POST redis|http://127.0.0.1:$IDEM_REDIS_PORT/orders|post_fresh.lua"
@@ -255,17 +271,18 @@ mib() { if [ -n "$1" ]; then awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }
   echo "wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS rounds alternated (order reversed every other round), medians."
   echo "Backend: $BACKEND_KIND. idem: threads = 2, access log off (IDEM_LOG=warn) except on the GET+log row (text, to a file)."
   [ "$HAVE_REDIS" = 1 ] && echo "Redis rows: $(redis-server --version | cut -d' ' -f1-3), local, no persistence."
+  [ -n "${BASELINE:-}" ] && echo "base rows: $BASELINE, same configuration."
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | vs nginx (req/s) | vs nginx (p99) | non-2xx | errors |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   ng_get=$(median "nginx GET" rps); ng_get99=$(median "nginx GET" p99_us)
   ng_post=$(median "nginx POST" rps); ng_post99=$(median "nginx POST" p99_us)
-  for name in "backend" "nginx GET" "pingora GET" "idem GET" "idem GET+log" "nginx POST" "idem POST" "idem replay" "idem POST redis" "idem replay redis"; do
+  for name in "backend" "nginx GET" "pingora GET" "idem GET" "idem GET+log" "nginx POST" "idem POST" "idem replay" "idem POST redis" "idem replay redis" "base GET" "base POST" "base replay"; do
     rps=$(median "$name" rps)
     [ -z "$rps" ] && continue
     case $name in
-      "pingora GET" | "idem GET" | "idem GET+log") vs=$(ratio "$rps" "$ng_get") vs99=$(ratio "$(median "$name" p99_us)" "$ng_get99") ;;
-      "idem POST"* | "idem replay"*) vs=$(ratio "$rps" "$ng_post") vs99=$(ratio "$(median "$name" p99_us)" "$ng_post99") ;;
+      "pingora GET" | "idem GET" | "idem GET+log" | "base GET") vs=$(ratio "$rps" "$ng_get") vs99=$(ratio "$(median "$name" p99_us)" "$ng_get99") ;;
+      "idem POST"* | "idem replay"* | "base POST" | "base replay") vs=$(ratio "$rps" "$ng_post") vs99=$(ratio "$(median "$name" p99_us)" "$ng_post99") ;;
       *) vs="" vs99="" ;;
     esac
     echo "| $name | $rps | $(ms "$(median "$name" p50_us)") | $(ms "$(median "$name" p99_us)") | ${vs:+${vs}x} | ${vs99:+${vs99}x} | $(median "$name" non2xx) | $(median "$name" errors) |"

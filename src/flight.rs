@@ -421,21 +421,22 @@ fn stored_response(h: &ResponseHeader, body: Bytes) -> StoredResponse {
         values.extend_from_slice(v.as_bytes());
     }
     let mut values = values.freeze();
+    // Exactly sized: the list lives as long as the record.
+    let mut headers = Vec::with_capacity(kept().count());
+    headers.extend(kept().map(|(n, v)| {
+        let own = values.split_to(v.len());
+        let value = match http::HeaderValue::from_maybe_shared(own) {
+            Ok(mut own) => {
+                own.set_sensitive(v.is_sensitive());
+                own
+            }
+            Err(_) => v.clone(),
+        };
+        (n.clone(), value)
+    }));
     StoredResponse {
         status: h.status.as_u16(),
-        headers: kept()
-            .map(|(n, v)| {
-                let own = values.split_to(v.len());
-                let value = match http::HeaderValue::from_maybe_shared(own) {
-                    Ok(mut own) => {
-                        own.set_sensitive(v.is_sensitive());
-                        own
-                    }
-                    Err(_) => v.clone(),
-                };
-                (n.clone(), value)
-            })
-            .collect(),
+        headers,
         body,
         completed_at: Instant::now(),
     }
@@ -459,4 +460,67 @@ fn stream_header(h: &ResponseHeader) -> ResponseHeader {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_in_one_chunk_is_kept_without_a_copy() {
+        let chunk = Bytes::from(vec![7u8; 100]);
+        let mut b = BodyBuf::with_hint(100);
+        assert!(b.is_empty());
+        b.push(chunk.clone());
+        assert_eq!(b.len(), 100);
+        let body = b.freeze();
+        assert_eq!(body, chunk);
+        assert_eq!(body.as_ptr(), chunk.as_ptr());
+    }
+
+    #[test]
+    fn a_body_in_several_chunks_is_joined_in_order() {
+        let mut b = BodyBuf::with_hint(0);
+        for c in [&b"ab"[..], b"", b"cde", b"f"] {
+            b.push(Bytes::copy_from_slice(c));
+        }
+        assert_eq!(b.len(), 6);
+        assert_eq!(b.freeze(), Bytes::from_static(b"abcdef"));
+        assert!(BodyBuf::with_hint(10).freeze().is_empty());
+    }
+
+    #[test]
+    fn stored_headers_are_end_to_end_in_order_and_own_their_bytes() {
+        let mut h = ResponseHeader::build(201, None).unwrap();
+        h.append_header("content-type", "text/plain").unwrap();
+        h.append_header("connection", "keep-alive, x-hop").unwrap();
+        h.append_header("x-hop", "dropped").unwrap();
+        h.append_header("set-cookie", "a=1").unwrap();
+        h.append_header("set-cookie", "b=2").unwrap();
+        h.append_header("content-length", "2").unwrap();
+        let mut secret = http::HeaderValue::from_static("token");
+        secret.set_sensitive(true);
+        h.append_header("x-secret", secret).unwrap();
+        let r = stored_response(&h, Bytes::from_static(b"ok"));
+        let got: Vec<(&str, &[u8])> = r
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("content-type", &b"text/plain"[..]),
+                ("set-cookie", b"a=1"),
+                ("set-cookie", b"b=2"),
+                ("x-secret", b"token"),
+            ]
+        );
+        assert!(r.headers[3].1.is_sensitive() && !r.headers[0].1.is_sensitive());
+        assert_eq!(r.headers.capacity(), r.headers.len());
+        // Copied out of the header's buffers, not sharing them.
+        let original = h.headers.get("content-type").unwrap().as_bytes().as_ptr();
+        assert_ne!(r.headers[0].1.as_bytes().as_ptr(), original);
+        assert_eq!((r.status, &r.body[..]), (201, &b"ok"[..]));
+    }
 }

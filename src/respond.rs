@@ -112,11 +112,14 @@ pub async fn write_stored(
         h.append_header(name.clone(), value.clone())?;
     }
     if replayed {
-        h.insert_header("idempotent-replayed", "true")?;
+        h.insert_header(
+            "idempotent-replayed",
+            http::HeaderValue::from_static("true"),
+        )?;
         let age = Instant::now()
             .saturating_duration_since(resp.completed_at)
             .as_secs();
-        h.insert_header(header::AGE, age.to_string())?;
+        h.insert_header(header::AGE, http::HeaderValue::from(age))?;
     }
     append_cache_status(&mut h, &how.cache_status())?;
     h.set_content_length(resp.body.len())?;

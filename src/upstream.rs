@@ -321,8 +321,11 @@ pub fn upstream_request(
 ) -> pingora::Result<RequestHeader> {
     let mut out = forwarded_request(req, client)?;
     out.remove_header(&header::ACCEPT_ENCODING);
-    out.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
-    out.insert_header(header::ACCEPT_ENCODING, "identity")?;
+    out.insert_header(header::CONTENT_LENGTH, http::HeaderValue::from(body_len))?;
+    out.insert_header(
+        header::ACCEPT_ENCODING,
+        http::HeaderValue::from_static("identity"),
+    )?;
     Ok(out)
 }
 
@@ -396,4 +399,37 @@ pub fn connection_nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    use super::*;
+
+    fn forwarded(prev: Option<&str>, client: Option<&str>) -> (Option<String>, String) {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        if let Some(p) = prev {
+            req.insert_header("x-forwarded-for", p).unwrap();
+        }
+        let client: Option<SocketAddr> = client.map(|c| c.parse().unwrap());
+        add_forwarded(&mut req, client.as_ref()).unwrap();
+        let get = |n: &str| req.headers.get(n).map(|v| v.to_str().unwrap().to_string());
+        (get("x-forwarded-for"), get("x-forwarded-proto").unwrap())
+    }
+
+    #[test]
+    fn client_address_is_appended_and_proto_set() {
+        let v4 = "203.0.113.9:5000";
+        let v6 = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:443";
+        assert_eq!(forwarded(None, Some(v4)).0.unwrap(), "203.0.113.9");
+        assert_eq!(
+            forwarded(None, Some(v6)).0.unwrap(),
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"
+        );
+        assert_eq!(
+            forwarded(Some("10.0.0.1"), Some(v4)).0.unwrap(),
+            "10.0.0.1, 203.0.113.9"
+        );
+        assert_eq!(forwarded(Some("10.0.0.1"), None).0.unwrap(), "10.0.0.1");
+        assert_eq!(forwarded(None, None), (None, "http".to_string()));
+    }
 }

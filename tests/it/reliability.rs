@@ -494,7 +494,8 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
     let idem = Idem::start(&config(&b).to_string()).await;
     let h = host(&idem);
     let smuggled = http_request("POST", "/smuggled", &[("host", &h)], b"");
-    for (n, key) in [(1u64, Some("smuggle-1")), (2, None)] {
+    let mut executed = 0u64;
+    for key in [Some("smuggle-1"), None] {
         let mut headers = vec![
             ("host", h.as_str()),
             ("content-length", "4"),
@@ -511,7 +512,15 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
         // becomes a request: the connection ends with the first response.
         conn.send(&smuggled).await;
         let first = conn.read_response().await;
-        assert_eq!(first.status, 200, "{:?}", first.text());
+        // When the follow-up bytes arrive in the same read as the ambiguous request, Pingora
+        // may refuse the whole connection with its own 400 before idem sees it: equally safe
+        // (nothing runs). Otherwise idem answers the chunked request and closes.
+        assert!(
+            first.status == 200 || first.status == 400,
+            "{} {:?}",
+            first.status,
+            first.text()
+        );
         assert_eq!(first.header("connection"), Some("close"));
         let _ = conn.stream().write_all(&smuggled).await;
         let rest = read_to_close(&mut conn).await;
@@ -521,7 +530,20 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
             String::from_utf8_lossy(&rest)
         );
         let seen = b.requests("/smuggle");
-        assert_eq!(seen.len() as u64, n);
+        if first.status == 400 {
+            // Pingora's 400 can also come after it forwarded the request (pass-through), when
+            // it finds the extra bytes while pumping the body: the request may have run once,
+            // never twice, and the smuggled one never.
+            let now = seen.len() as u64;
+            assert!(
+                now == executed || now == executed + 1,
+                "{now} after {executed}"
+            );
+            executed = now;
+            continue;
+        }
+        executed += 1;
+        assert_eq!(seen.len() as u64, executed);
         let last = seen.last().expect("request");
         assert_eq!(last.body, b"hello");
         assert_eq!(
