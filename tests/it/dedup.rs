@@ -65,37 +65,10 @@ impl Seen {
             .unwrap_or_else(|| panic!("no cache-status on {self:#?}"))
     }
 
-    /// The `type` of a problem+json answer, after checking it is one.
-    fn problem_type(&self) -> String {
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/problem+json"),
-            "not a problem: {self:#?}"
-        );
-        let v: serde_json::Value = serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("problem body is not JSON ({e}): {self:#?}"));
-        for member in ["title", "detail"] {
-            assert!(v[member].is_string(), "problem lacks `{member}`: {v}");
-        }
-        assert_eq!(v["status"], self.status, "problem `status` member: {v}");
-        v["type"]
-            .as_str()
-            .unwrap_or_else(|| panic!("problem without a string `type`: {v}"))
-            .to_owned()
-    }
-
-    /// Asserts a problem answer of `status` whose `type` ends with `/kind`.
+    /// Asserts idem's problem answer of `status` and `kind`, with all its members.
     fn assert_problem(&self, status: u16, kind: &str) {
-        assert_eq!(self.status, status, "{self:#?}");
-        let ty = self.problem_type();
-        assert!(
-            ty.ends_with(&format!("/{kind}")),
-            "problem type {ty:?}, expected one ending in /{kind}"
-        );
-        assert_eq!(
-            self.cache_status(),
-            format!("idem; fwd=request; detail={kind}")
-        );
+        let json = assert_problem(self, status, kind);
+        assert_problem_members(&json, status);
     }
 
     /// `N` of `Cache-Status: idem; hit; ttl=N`, after checking the replay markers.
@@ -152,6 +125,20 @@ impl Seen {
     }
 }
 
+impl Answered for Seen {
+    fn status_code(&self) -> u16 {
+        self.status
+    }
+
+    fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name)
+    }
+
+    fn body_bytes(&self) -> &[u8] {
+        self.body.as_bytes()
+    }
+}
+
 fn pairs(h: &HeaderMap) -> Vec<(String, String)> {
     h.iter()
         .map(|(n, v)| {
@@ -168,6 +155,11 @@ async fn raw(idem: &Idem, method: &str, path: &str, headers: &[(&str, &str)], bo
     Seen::from_raw(&raw_request(idem.addr(), &http_request(method, path, headers, body)).await)
 }
 
+/// A keyed `POST path` with the body `x=1`, as a [`Seen`].
+async fn post_key(idem: &Idem, path: &str, key: &str) -> Seen {
+    raw(idem, "POST", path, &[("idempotency-key", key)], b"x=1").await
+}
+
 /// Owned variant of [`raw`] for spawned tasks.
 async fn raw_owned(
     addr: std::net::SocketAddr,
@@ -182,70 +174,13 @@ async fn raw_owned(
     Seen::from_raw(&raw_request(addr, &http_request("POST", &path, &h, &body)).await)
 }
 
-/// The value of one series of idem's metrics: `name` with exactly `labels`
-/// (in any order; the exposition sorts them).
-async fn metric(idem: &Idem, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let text = client()
-        .get(idem.metrics_url("/metrics"))
-        .send()
-        .await
-        .expect("scrape /metrics")
-        .text()
-        .await
-        .expect("read /metrics");
-    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    want.sort();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, mut got) = match series.split_once('{') {
-                Some((n, rest)) => {
-                    let inner = rest.strip_suffix('}')?;
-                    let got: Vec<String> = inner
-                        .split("\",")
-                        .filter(|p| !p.is_empty())
-                        .map(|p| format!("{}\"", p.trim_end_matches('"')))
-                        .collect();
-                    (n, got)
-                }
-                None => (series, Vec::new()),
-            };
-            got.sort();
-            (n == name && got == want).then(|| value.parse().ok())?
-        })
-}
-
-/// Polls the metrics endpoint (short interval, bounded) until the series equals `want`.
-async fn wait_metric(idem: &Idem, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    loop {
-        let got = metric(idem, name, labels).await;
-        if got == Some(want) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let log = idem.stderr_text();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!(
-                "metric {name}{labels:?}: expected {want}, still {got:?} after {WAIT_TIMEOUT:?}; \
-                 idem's last log lines (newest first):\n{}",
-                tail.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `idem_requests_total{route, outcome}`.
 async fn wait_requests(idem: &Idem, route: &str, outcome: &str, want: f64) {
-    wait_metric(
-        idem,
+    let series = series_id(
         "idem_requests_total",
-        &[("route", route), ("outcome", outcome)],
-        want,
-    )
-    .await;
+        [("route", route), ("outcome", outcome)],
+    );
+    wait_metric(idem, &series, want).await;
 }
 
 const ONE_CALL: Counts = Counts {
@@ -279,8 +214,8 @@ async fn three_hundred_identical_posts_make_one_upstream_call() {
     // The leader's call is the only one that can reach the gate; every other
     // request must be attached to it inside idem before the gate opens.
     gate.wait_started(1).await;
-    wait_metric(&idem, "idem_waiters", &[], (N - 1) as f64).await;
-    wait_metric(&idem, "idem_inflight_keys", &[], 1.0).await;
+    wait_metric(&idem, "idem_waiters", (N - 1) as f64).await;
+    wait_metric(&idem, "idem_inflight_keys", 1.0).await;
     assert_eq!(gate.arrived(), 1, "a second call reached the backend");
     gate.open();
 
@@ -312,7 +247,7 @@ async fn three_hundred_identical_posts_make_one_upstream_call() {
     for s in &collapsed {
         s.assert_collapsed();
     }
-    wait_metric(&idem, "idem_waiters", &[], 0.0).await;
+    wait_metric(&idem, "idem_waiters", 0.0).await;
     wait_requests(&idem, "orders", "collapsed", 299.0).await;
     wait_requests(&idem, "orders", "leader", 1.0).await;
 }
@@ -338,12 +273,7 @@ async fn client_timeout_detaches_the_call_and_retries_get_its_response() {
     };
 
     // The impatient client: times out while the app is still working.
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .http1_only()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let impatient = client_with_timeout(Duration::from_millis(300));
     let first = post(&impatient).send().await;
     assert!(
         first.as_ref().is_err_and(|e| e.is_timeout()),
@@ -356,7 +286,7 @@ async fn client_timeout_detaches_the_call_and_retries_get_its_response() {
     // The retry while the first call still runs attaches to it.
     let http = client();
     let retry = tokio::spawn(post(&http).send());
-    wait_metric(&idem, "idem_waiters", &[], 1.0).await;
+    wait_metric(&idem, "idem_waiters", 1.0).await;
     assert_eq!(gate.arrived(), 1);
     gate.open();
     let during = Seen::from_reqwest(retry.await.unwrap().expect("retry during the call")).await;
@@ -380,8 +310,7 @@ async fn client_timeout_detaches_the_call_and_retries_get_its_response() {
     assert_eq!(backend.rows().len(), 1, "rows: {:?}", backend.rows());
     wait_metric(
         &idem,
-        "idem_detached_completions_total",
-        &[("route", "signup")],
+        &series_id("idem_detached_completions_total", [("route", "signup")]),
         1.0,
     )
     .await;
@@ -733,7 +662,7 @@ async fn other_scopes_never_share_a_wait_or_a_replay() {
         calls.spawn(async move { (i, fut.await) });
     }
     gate.wait_started(scopes.len() as u64).await;
-    assert_eq!(metric(&idem, "idem_waiters", &[]).await, Some(0.0));
+    assert_eq!(find_metric(&idem, "idem_waiters").await, Some(0.0));
     gate.open();
     let mut first = vec![None; scopes.len()];
     while let Some(r) = calls.join_next().await {
@@ -808,7 +737,7 @@ async fn set_cookie_reaches_its_user_only() {
             headers.clone(),
             b"go".to_vec(),
         ));
-        wait_metric(&idem, "idem_waiters", &[], 1.0).await;
+        wait_metric(&idem, "idem_waiters", 1.0).await;
         gate.open();
         let leader = leader.await.unwrap();
         let waiter = waiter.await.unwrap();
@@ -880,7 +809,7 @@ async fn same_key_with_another_body_is_refused_in_flight_and_after() {
         "detail echoes the body: {}",
         during.body
     );
-    assert_eq!(metric(&idem, "idem_waiters", &[]).await, Some(0.0));
+    assert_eq!(find_metric(&idem, "idem_waiters").await, Some(0.0));
     // The same key with the same request, meanwhile, waits for the first.
     let retry = tokio::spawn(raw_owned(
         idem.addr(),
@@ -888,7 +817,7 @@ async fn same_key_with_another_body_is_refused_in_flight_and_after() {
         headers(key),
         br#"{"amount":10}"#.to_vec(),
     ));
-    wait_metric(&idem, "idem_waiters", &[], 1.0).await;
+    wait_metric(&idem, "idem_waiters", 1.0).await;
 
     gate.open();
     let first = first.await.unwrap();
@@ -952,14 +881,7 @@ async fn missing_and_malformed_keys_are_refused() {
     let missing = raw(&idem, "POST", "/strict/order", &[], b"x=1").await;
     missing.assert_problem(400, "missing-key");
     // A key makes the same request acceptable.
-    let ok = raw(
-        &idem,
-        "POST",
-        "/strict/order",
-        &[("idempotency-key", "k1")],
-        b"x=1",
-    )
-    .await;
+    let ok = post_key(&idem, "/strict/order", "k1").await;
     assert_eq!(ok.status, 200);
     ok.assert_stored_leader();
     assert_eq!(backend.settled("/strict/order").await, ONE_CALL);
@@ -988,34 +910,13 @@ async fn missing_and_malformed_keys_are_refused() {
 
     // 255 bytes is the longest key, and it works.
     let long_255 = "k".repeat(255);
-    let first = raw(
-        &idem,
-        "POST",
-        "/keys/long",
-        &[("idempotency-key", &long_255)],
-        b"x=1",
-    )
-    .await;
+    let first = post_key(&idem, "/keys/long", &long_255).await;
     first.assert_stored_leader();
-    let again = raw(
-        &idem,
-        "POST",
-        "/keys/long",
-        &[("idempotency-key", &long_255)],
-        b"x=1",
-    )
-    .await;
+    let again = post_key(&idem, "/keys/long", &long_255).await;
     again.assert_replay();
     // A 255-byte key one byte different is another key.
     let other = format!("{}j", "k".repeat(254));
-    let third = raw(
-        &idem,
-        "POST",
-        "/keys/long",
-        &[("idempotency-key", &other)],
-        b"x=1",
-    )
-    .await;
+    let third = post_key(&idem, "/keys/long", &other).await;
     third.assert_stored_leader();
     assert_eq!(third.header("x-backend-call"), Some("2"));
     assert_eq!(
@@ -1028,23 +929,9 @@ async fn missing_and_malformed_keys_are_refused() {
     );
 
     // An RFC 8941 string and the bare token with the same value are one key.
-    let quoted = raw(
-        &idem,
-        "POST",
-        "/keys/same",
-        &[("idempotency-key", "\"abc\"")],
-        b"x=1",
-    )
-    .await;
+    let quoted = post_key(&idem, "/keys/same", "\"abc\"").await;
     quoted.assert_stored_leader();
-    let bare = raw(
-        &idem,
-        "POST",
-        "/keys/same",
-        &[("idempotency-key", "abc")],
-        b"x=1",
-    )
-    .await;
+    let bare = post_key(&idem, "/keys/same", "abc").await;
     bare.assert_replay();
     assert_eq!(bare.body, quoted.body);
     assert_eq!(backend.settled("/keys/same").await, ONE_CALL);
@@ -1052,12 +939,10 @@ async fn missing_and_malformed_keys_are_refused() {
     // A string may hold what a token may not: spaces, escaped quotes.
     for (i, key) in [r#""a b""#, r#""say \"hi\"""#].into_iter().enumerate() {
         let path = format!("/keys/string{i}");
-        let first = raw(&idem, "POST", &path, &[("idempotency-key", key)], b"x=1").await;
+        let first = post_key(&idem, &path, key).await;
         assert_eq!(first.status, 200, "{key}: {first:#?}");
         first.assert_stored_leader();
-        raw(&idem, "POST", &path, &[("idempotency-key", key)], b"x=1")
-            .await
-            .assert_replay();
+        post_key(&idem, &path, key).await.assert_replay();
         assert_eq!(backend.settled(&path).await, ONE_CALL, "{key}");
     }
 }
@@ -1142,7 +1027,7 @@ async fn h2c_requests_are_coalesced_too() {
         });
     }
     gate.wait_started(1).await;
-    wait_metric(&idem, "idem_waiters", &[], (N - 1) as f64).await;
+    wait_metric(&idem, "idem_waiters", (N - 1) as f64).await;
     gate.open();
     let mut seen = Vec::new();
     while let Some(r) = calls.join_next().await {

@@ -15,9 +15,6 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-/// Prefix of every problem `type` idem answers.
-const PROBLEM_BASE: &str = "https://idem.dev/problems/";
-
 /// Short timeouts so that held keys and expiries play out within a few seconds.
 fn base(backends: &[SocketAddr], total: Duration, read: Duration) -> Config {
     Config::with_backends(backends)
@@ -109,24 +106,9 @@ impl Answer {
     /// `Cache-Status` detail all agree on `kind`.
     #[track_caller]
     fn assert_problem(&self, status: u16, kind: &str) {
-        assert_eq!(
-            (self.status, self.header("content-type")),
-            (status, Some("application/problem+json")),
-            "expected a {status} {kind} problem, got {self:?} body {:?}",
-            self.text()
-        );
-        let json: serde_json::Value = serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("problem body is not JSON ({e}): {:?}", self.text()));
-        assert_eq!(json["type"], format!("{PROBLEM_BASE}{kind}"), "body {json}");
-        assert_eq!(json["status"], status, "body {json}");
-        assert!(
-            json["title"].is_string() && json["detail"].is_string(),
-            "body {json}"
-        );
-        assert_eq!(
-            self.cache_status(),
-            format!("idem; fwd=request; detail={kind}")
-        );
+        let read = ReadResponse::new(self.status, &self.headers, &self.body);
+        let json = assert_problem(&read, status, kind);
+        assert_problem_members(&json, status);
     }
 
     /// A fresh execution whose response idem kept for replay.
@@ -212,61 +194,8 @@ impl Call {
     }
 }
 
-/// A series name and its sorted labels: `a{x="1",y="2"}` equals `a{y="2",x="1"}`.
-fn series_id(series: &str) -> (&str, Vec<&str>) {
-    match series.split_once('{') {
-        Some((name, labels)) => {
-            let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
-            labels.sort_unstable();
-            (name, labels)
-        }
-        None => (series, Vec::new()),
-    }
-}
-
-/// The value of one series on idem's metrics endpoint, named as exposed, labels in any
-/// order (`idem_waiters`, `idem_store_evictions_total{reason="capacity"}`).
-async fn metric(idem: &Idem, name: &str) -> f64 {
-    let text = client()
-        .get(idem.metrics_url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    let wanted = series_id(name);
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            (series_id(series) == wanted).then_some(value)
-        })
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
 const EVICTED_CAPACITY: &str = "idem_store_evictions_total{reason=\"capacity\"}";
 const EVICTED_EXPIRED: &str = "idem_store_evictions_total{reason=\"expired\"}";
-
-/// Polls a series until it shows `want`: how a test knows that waiters have attached, or
-/// that a request was accounted (idem records metrics after the response is written).
-async fn wait_metric(idem: &Idem, name: &str, want: f64) {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    loop {
-        let got = metric(idem, name).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} stayed at {got}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // A. Failure classes

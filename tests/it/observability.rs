@@ -15,167 +15,8 @@ use tokio::time::Instant;
 use crate::support::*;
 
 // ---------------------------------------------------------------------------
-// The text exposition format, read by name and labels
+// The text exposition format (parsed by `support::metrics`), read by name and labels
 // ---------------------------------------------------------------------------
-
-/// One sample of a scrape.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-impl Sample {
-    /// `name{a="1",b="2"}` with labels sorted: the identity of a series.
-    fn id(&self) -> String {
-        series_id(
-            &self.name,
-            self.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        )
-    }
-}
-
-fn series_id<'a>(name: &str, labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
-    let sorted: BTreeMap<&str, &str> = labels.into_iter().collect();
-    let inner = sorted
-        .iter()
-        .map(|(k, v)| format!("{k}={v:?}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    format!("{name}{{{inner}}}")
-}
-
-/// A parsed `/metrics` body (Prometheus text format 0.0.4).
-#[derive(Debug, Clone)]
-struct Exposition {
-    text: String,
-    samples: Vec<Sample>,
-    /// `# TYPE` of each family.
-    types: BTreeMap<String, String>,
-}
-
-impl Exposition {
-    fn parse(text: &str) -> Exposition {
-        let mut samples = Vec::new();
-        let mut types = BTreeMap::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix('#') {
-                let mut words = rest.split_whitespace();
-                if words.next() == Some("TYPE") {
-                    if let (Some(name), Some(kind)) = (words.next(), words.next()) {
-                        types.insert(name.to_owned(), kind.to_owned());
-                    }
-                }
-                continue;
-            }
-            let sample = parse_sample(line)
-                .unwrap_or_else(|e| panic!("/metrics line {}: {e}: {line:?}", n + 1));
-            samples.push(sample);
-        }
-        Exposition {
-            text: text.to_owned(),
-            samples,
-            types,
-        }
-    }
-
-    /// Every sample by series identity.
-    fn by_id(&self) -> BTreeMap<String, f64> {
-        self.samples.iter().map(|s| (s.id(), s.value)).collect()
-    }
-
-    /// The value of the series with exactly these labels.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let id = series_id(name, labels.iter().copied());
-        self.samples.iter().find(|s| s.id() == id).map(|s| s.value)
-    }
-
-    fn family(&self, name: &str) -> Vec<&Sample> {
-        self.samples.iter().filter(|s| s.name == name).collect()
-    }
-
-    /// Every sample name (histograms appear as `_bucket`, `_sum` and `_count`).
-    fn names(&self) -> BTreeSet<String> {
-        self.samples.iter().map(|s| s.name.clone()).collect()
-    }
-
-    /// The `idem_` lines, for failure messages.
-    fn idem_lines(&self) -> String {
-        self.text
-            .lines()
-            .filter(|l| l.starts_with("idem_") && !l.contains("_bucket{"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-fn parse_sample(line: &str) -> Result<Sample, String> {
-    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
-    let end = line.find(|c: char| !is_name(c)).unwrap_or(line.len());
-    let name = &line[..end];
-    if name.is_empty() {
-        return Err("no metric name".into());
-    }
-    let mut rest = &line[end..];
-    let mut labels = BTreeMap::new();
-    if let Some(after) = rest.strip_prefix('{') {
-        let mut chars = after.char_indices().peekable();
-        let mut consumed = None;
-        loop {
-            while chars.next_if(|(_, c)| *c == ' ' || *c == ',').is_some() {}
-            match chars.peek() {
-                Some((i, '}')) => {
-                    consumed = Some(*i + 1);
-                    break;
-                }
-                None => break,
-                _ => {}
-            }
-            let mut key = String::new();
-            while let Some((_, c)) = chars.next_if(|(_, c)| *c != '=') {
-                key.push(c);
-            }
-            if chars.next().map(|(_, c)| c) != Some('=')
-                || chars.next().map(|(_, c)| c) != Some('"')
-            {
-                return Err(format!("label {key:?}: expected =\""));
-            }
-            let mut value = String::new();
-            loop {
-                match chars.next() {
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, 'n')) => value.push('\n'),
-                        Some((_, c)) => value.push(c),
-                        None => return Err("dangling escape".into()),
-                    },
-                    Some((_, '"')) => break,
-                    Some((_, c)) => value.push(c),
-                    None => return Err("unterminated label value".into()),
-                }
-            }
-            labels.insert(key.trim().to_owned(), value);
-        }
-        let consumed = consumed.ok_or("unterminated label set")?;
-        rest = &after[consumed..];
-    }
-    let value = rest.split_whitespace().next().ok_or("no value")?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        "NaN" => f64::NAN,
-        v => v.parse().map_err(|e| format!("value {v:?}: {e}"))?,
-    };
-    Ok(Sample {
-        name: name.to_owned(),
-        labels,
-        value,
-    })
-}
 
 #[test]
 fn exposition_parser_reads_labels_escapes_and_special_values() {
@@ -217,7 +58,8 @@ const OUTCOMES: [&str; 11] = [
 ];
 const CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
 
-async fn scrape(idem: &Idem) -> Exposition {
+/// A scrape, after checking its status and content type.
+async fn scrape_exposition(idem: &Idem) -> Exposition {
     let resp = client()
         .get(idem.metrics_url("/metrics"))
         .send()
@@ -252,7 +94,7 @@ async fn wait_for_values(idem: &Idem, expected: &BTreeMap<String, f64>) -> Expos
     let deadline = Instant::now() + WAIT_TIMEOUT;
     let mut backoff = Duration::from_millis(5);
     loop {
-        let e = scrape(idem).await;
+        let e = scrape_exposition(idem).await;
         let wrong = mismatches(expected, &e);
         if wrong.is_empty() {
             return e;
@@ -987,7 +829,7 @@ async fn idem_with_traffic() -> (Idem, Backend, u64) {
 async fn metrics_pass_promtool_check_metrics() {
     let promtool = tool("promtool");
     let (idem, _b, _) = idem_with_traffic().await;
-    let text = scrape(&idem).await.text;
+    let text = scrape_exposition(&idem).await.text;
     let mut child = Command::new(&promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -1141,7 +983,7 @@ async fn dashboard_is_valid_and_every_expression_returns_data_from_idem() {
 
     // Every metric the dashboard names is one idem exports.
     let (idem, _b, sent) = idem_with_traffic().await;
-    let exported = scrape(&idem).await.names();
+    let exported = scrape_exposition(&idem).await.names();
     let mut referenced = BTreeSet::new();
     for (_, expr) in &exprs {
         referenced.extend(metric_names(expr));
@@ -1215,7 +1057,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 async fn alert_rules_use_only_metrics_idem_exports() {
     let b = Backend::start().await;
     let idem = Idem::start(&config_for(b.addr())).await;
-    let exported = scrape(&idem).await.names();
+    let exported = scrape_exposition(&idem).await.names();
     let text = std::fs::read_to_string(repo_file("dashboards/alerts.yml")).unwrap();
     let code: String = text
         .lines()

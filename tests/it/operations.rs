@@ -73,43 +73,6 @@ fn spawn_post(url: String, headers: &[(&str, &str)], body: &str) -> JoinHandle<A
     })
 }
 
-/// The value of one exposition line's series (`name{labels}` exactly as idem prints it).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-async fn scrape(idem: &Idem) -> String {
-    client()
-        .get(idem.metrics_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// Waits until `series` reads `value` (counters are recorded just after the response).
-async fn wait_metric(idem: &Idem, series: &str, value: f64) {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    loop {
-        let text = scrape(idem).await;
-        if sample(&text, series) == Some(value) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} did not reach {value} within {WAIT_TIMEOUT:?}:\n{}",
-            text.lines()
-                .filter(|l| l.starts_with("idem_"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn admin_get(idem: &Idem, path: &str) -> Value {
     let resp = client().get(idem.admin_url(path)).send().await.unwrap();
     assert_eq!(resp.status(), 200, "GET {path}");

@@ -96,22 +96,6 @@ fn cache_status(r: &RawResponse) -> &str {
         .unwrap_or_else(|| panic!("no cache-status: {r:#?}"))
 }
 
-fn assert_problem(r: &RawResponse, status: u16, kind: &str) {
-    assert_eq!(r.status, status, "{r:#?}");
-    assert_eq!(r.header("content-type"), Some("application/problem+json"));
-    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("problem JSON");
-    assert_eq!(
-        v["type"].as_str(),
-        Some(format!("https://idem.dev/problems/{kind}").as_str()),
-        "{v}"
-    );
-    assert_eq!(
-        cache_status(r),
-        format!("idem; fwd=request; detail={kind}"),
-        "{r:#?}"
-    );
-}
-
 fn assert_replay(r: &RawResponse) {
     assert!(
         cache_status(r).starts_with("idem; hit; ttl="),
@@ -120,86 +104,24 @@ fn assert_replay(r: &RawResponse) {
     assert_eq!(r.header("idempotent-replayed"), Some("true"), "{r:#?}");
 }
 
-/// The value of one series on `idem`'s metrics endpoint.
-async fn metric(idem: &Idem, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let text = client()
-        .get(idem.metrics_url("/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    want.sort();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, mut got) = match series.split_once('{') {
-                Some((n, rest)) => (
-                    n,
-                    rest.strip_suffix('}')?
-                        .split("\",")
-                        .filter(|p| !p.is_empty())
-                        .map(|p| format!("{}\"", p.trim_end_matches('"')))
-                        .collect::<Vec<_>>(),
-                ),
-                None => (series, Vec::new()),
-            };
-            got.sort();
-            (n == name && got == want).then(|| value.parse().ok())?
-        })
+/// `idem_store_operations_total{op, result}`.
+fn store_ops(op: &str, result: &str) -> String {
+    series_id(
+        "idem_store_operations_total",
+        [("op", op), ("result", result)],
+    )
 }
 
-/// Polls (short interval, bounded) until the series equals `want`.
-async fn wait_metric(idem: &Idem, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    loop {
-        let got = metric(idem, name, labels).await;
-        if got == Some(want) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "metric {name}{labels:?}: expected {want}, still {got:?}\n--- stderr ---\n{}",
-                idem.stderr_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Polls until the series summed over `replicas` equals `want`.
-async fn wait_sum(replicas: &[Idem], name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    loop {
-        let mut sum = 0.0;
-        for idem in replicas {
-            sum += metric(idem, name, labels).await.unwrap_or(0.0);
-        }
-        if sum == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{labels:?} summed over the replicas: expected {want}, still {sum}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// `idem_store_unavailable_total{policy}`.
+fn store_unavailable(policy: &str) -> String {
+    series_id("idem_store_unavailable_total", [("policy", policy)])
 }
 
 /// Waits until `n` leaders on other replicas are parked on a claim: subscribed to its
 /// channel and done with their first read, so that only a message (or a poll) wakes them.
 async fn wait_remote_waits(replicas: &[Idem], n: usize) {
     for op in ["subscribe", "peek"] {
-        wait_sum(
-            replicas,
-            "idem_store_operations_total",
-            &[("op", op), ("result", "ok")],
-            n as f64,
-        )
-        .await;
+        wait_metric_sum(replicas, &store_ops(op, "ok"), n as f64).await;
     }
 }
 
@@ -207,8 +129,8 @@ async fn wait_remote_waits(replicas: &[Idem], n: usize) {
 /// the replica's one flight for each of `keys` keys: the leader's call is then the only one.
 async fn wait_attached(replicas: &[Idem], per_replica: &[usize], keys: usize) {
     for (idem, n) in replicas.iter().zip(per_replica) {
-        wait_metric(idem, "idem_inflight_keys", &[], keys as f64).await;
-        wait_metric(idem, "idem_waiters", &[], (n - keys) as f64).await;
+        wait_metric(idem, "idem_inflight_keys", keys as f64).await;
+        wait_metric(idem, "idem_waiters", (n - keys) as f64).await;
     }
 }
 
@@ -292,13 +214,7 @@ async fn one_call_per_key_across(
             assert_eq!(Some(&r.body), bodies.get(call), "replayed body");
         }
     }
-    wait_metric(
-        &fresh,
-        "idem_store_operations_total",
-        &[("op", "claim"), ("result", "hit")],
-        keys.len() as f64,
-    )
-    .await;
+    wait_metric(&fresh, &store_ops("claim", "hit"), keys.len() as f64).await;
     assert_eq!(backend.total().started, keys.len() as u64);
 }
 
@@ -328,13 +244,7 @@ async fn three_replicas_make_one_call_and_replay_everywhere() {
     // Exactly one replica claimed the key; the others found the claim (or the record).
     let mut claimed = 0.0;
     for idem in &replicas {
-        claimed += metric(
-            idem,
-            "idem_store_operations_total",
-            &[("op", "claim"), ("result", "claimed")],
-        )
-        .await
-        .unwrap_or(0.0);
+        claimed += metric_or_zero(idem, &store_ops("claim", "claimed")).await;
     }
     assert_eq!(claimed, 1.0);
 }
@@ -364,12 +274,7 @@ async fn client_timeout_then_retry_on_another_replica_runs_once() {
     };
 
     // The impatient client gives up on replica A while the app is still working.
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .http1_only()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let impatient = client_with_timeout(Duration::from_millis(300));
     let first = post_to(a, &impatient).send().await;
     assert!(
         first.as_ref().is_err_and(|e| e.is_timeout()),
@@ -378,8 +283,10 @@ async fn client_timeout_then_retry_on_another_replica_runs_once() {
     gate.wait_started(1).await;
     wait_metric(
         a,
-        "idem_requests_total",
-        &[("route", "signup"), ("outcome", "leader")],
+        &series_id(
+            "idem_requests_total",
+            [("route", "signup"), ("outcome", "leader")],
+        ),
         1.0,
     )
     .await;
@@ -421,8 +328,7 @@ async fn client_timeout_then_retry_on_another_replica_runs_once() {
     assert_eq!(backend.rows().len(), 1, "rows: {:?}", backend.rows());
     wait_metric(
         a,
-        "idem_detached_completions_total",
-        &[("route", "signup")],
+        &series_id("idem_detached_completions_total", [("route", "signup")]),
         1.0,
     )
     .await;
@@ -462,26 +368,14 @@ async fn redis_restart_fail_open_keeps_local_dedup_fail_closed_answers_503() {
     let r = collect(first).await.remove(0);
     assert_eq!(r.status, 200, "{r:#?}");
     assert_eq!(cache_status(&r), "idem; fwd=uri-miss; stored");
-    wait_metric(
-        &open,
-        "idem_store_operations_total",
-        &[("op", "settle"), ("result", "error")],
-        1.0,
-    )
-    .await;
+    wait_metric(&open, &store_ops("settle", "error"), 1.0).await;
 
     // Fail-closed: 503 store-unavailable, nothing forwarded.
     let r = post(closed.addr(), "/closed", Some("k2"), &headers, b"2").await;
     assert_problem(&r, 503, "store-unavailable");
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(backend.counts("/closed").started, 0);
-    wait_metric(
-        &closed,
-        "idem_store_unavailable_total",
-        &[("policy", "fail-closed")],
-        1.0,
-    )
-    .await;
+    wait_metric(&closed, &store_unavailable("fail-closed"), 1.0).await;
 
     // Fail-open: served, still deduplicated on the replica, and counted.
     let gate = backend.gate("/slow/two");
@@ -497,18 +391,12 @@ async fn redis_restart_fail_open_keeps_local_dedup_fail_closed_answers_503() {
         .iter()
         .all(|r| r.status == 200 && r.body == seen[0].body));
     assert_eq!(backend.settled("/slow/two").await, ONE_CALL);
-    wait_metric(
-        &open,
-        "idem_store_unavailable_total",
-        &[("policy", "fail-open")],
-        1.0,
-    )
-    .await;
+    wait_metric(&open, &store_unavailable("fail-open"), 1.0).await;
 
     // Redis comes back (empty: no persistence); both replicas reconnect by themselves.
     redis.restart().await;
     for idem in [&open, &closed] {
-        wait_metric(idem, "idem_store_connected", &[], 1.0).await;
+        wait_metric(idem, "idem_store_connected", 1.0).await;
     }
     let gate = backend.gate("/slow/three");
     let mut third = JoinSet::new();
@@ -533,12 +421,7 @@ async fn redis_restart_fail_open_keeps_local_dedup_fail_closed_answers_503() {
         .collect();
     assert_eq!(kinds, ['S', 'S'], "both results are in Redis");
     assert_eq!(
-        metric(
-            &open,
-            "idem_store_unavailable_total",
-            &[("policy", "fail-open")]
-        )
-        .await,
+        find_metric(&open, &store_unavailable("fail-open"),).await,
         Some(1.0)
     );
 }
@@ -663,13 +546,7 @@ async fn binary_body_and_repeated_set_cookie_replay_byte_exact_across_replicas()
     gate.wait_started(1).await;
     let mut second = JoinSet::new();
     spawn_post(&mut second, b.addr(), path, "blob-1", &headers, &body);
-    wait_metric(
-        b,
-        "idem_store_operations_total",
-        &[("op", "claim"), ("result", "inflight")],
-        1.0,
-    )
-    .await;
+    wait_metric(b, &store_ops("claim", "inflight"), 1.0).await;
     gate.open();
     let leader = collect(first).await.remove(0);
     let collapsed = collect(second).await.remove(0);
@@ -705,13 +582,7 @@ async fn binary_body_and_repeated_set_cookie_replay_byte_exact_across_replicas()
     )
     .await;
     assert_problem(&r, 422, "fingerprint-mismatch");
-    wait_metric(
-        &other,
-        "idem_store_operations_total",
-        &[("op", "claim"), ("result", "mismatch")],
-        1.0,
-    )
-    .await;
+    wait_metric(&other, &store_ops("claim", "mismatch"), 1.0).await;
     assert_eq!(backend.counts(path).started, 1);
 }
 
@@ -818,20 +689,8 @@ async fn a_replica_that_lost_its_claim_cannot_overwrite_the_new_owner() {
     assert_eq!(from_a.header("x-backend-call"), Some("1"));
     assert_eq!(from_b.header("x-backend-call"), Some("2"));
     // A's result write found B's claim: refused. B's result is the one kept.
-    wait_metric(
-        a,
-        "idem_store_operations_total",
-        &[("op", "settle"), ("result", "fenced")],
-        1.0,
-    )
-    .await;
-    wait_metric(
-        b,
-        "idem_store_operations_total",
-        &[("op", "settle"), ("result", "ok")],
-        1.0,
-    )
-    .await;
+    wait_metric(a, &store_ops("settle", "fenced"), 1.0).await;
+    wait_metric(b, &store_ops("settle", "ok"), 1.0).await;
     let fresh = Idem::start(&config.to_string()).await;
     let r = post(fresh.addr(), "/pay", Some("p"), &headers, b"1").await;
     assert_replay(&r);
@@ -876,21 +735,7 @@ async fn a_result_write_that_times_out_is_delivered_and_retried_for_the_waiters(
     assert_eq!(r.status, 200, "{r:#?}");
     assert_eq!(cache_status(&r), "idem; fwd=uri-miss; collapsed");
     assert_eq!(r.header("x-backend-call"), Some("1"));
-    wait_metric(
-        a,
-        "idem_store_operations_total",
-        &[("op", "settle"), ("result", "ok")],
-        1.0,
-    )
-    .await;
-    assert!(
-        metric(
-            a,
-            "idem_store_operations_total",
-            &[("op", "settle"), ("result", "error")]
-        )
-        .await
-            >= Some(1.0)
-    );
+    wait_metric(a, &store_ops("settle", "ok"), 1.0).await;
+    assert!(find_metric(a, &store_ops("settle", "error")).await >= Some(1.0));
     assert_eq!(backend.settled("/slow").await, ONE_CALL);
 }

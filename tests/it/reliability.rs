@@ -16,8 +16,6 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-const PROBLEM_BASE: &str = "https://idem.dev/problems/";
-
 /// Short upstream deadlines so that holds play out within a test.
 fn config(b: &Backend) -> Config {
     Config::new(b.addr())
@@ -30,47 +28,11 @@ fn config(b: &Backend) -> Config {
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// The value of one series, named exactly as exposed (`idem_waiters`,
-/// `idem_requests_total{outcome="leader",route="default"}`); 0 when absent.
-async fn metric(idem: &Idem, series: &str) -> f64 {
-    let text = client()
-        .get(idem.metrics_url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().expect("metric value"))
-        .unwrap_or(0.0)
-}
-
-/// Polls one series until it equals `want` (an event wait with a deadline, never a pause).
-async fn wait_metric(idem: &Idem, series: &str, want: f64) {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    loop {
-        let got = metric(idem, series).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} stayed at {got}, expected {want}\n--- idem stderr (tail) ---\n{}",
-            tail(&idem.stderr_text())
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 fn requests(outcome: &str) -> String {
-    format!("idem_requests_total{{outcome=\"{outcome}\",route=\"default\"}}")
+    series_id(
+        "idem_requests_total",
+        [("outcome", outcome), ("route", "default")],
+    )
 }
 
 /// Nothing in flight and nobody waiting: the lifecycle left nothing behind.
@@ -101,15 +63,9 @@ impl Reply {
 
     #[track_caller]
     fn assert_problem(&self, status: u16, kind: &str) {
-        assert_eq!(self.status, status, "{self:?} {:?}", self.text());
-        assert_eq!(self.header("content-type"), "application/problem+json");
-        let v: serde_json::Value = serde_json::from_slice(&self.body).expect("problem JSON");
-        assert_eq!(v["type"], format!("{PROBLEM_BASE}{kind}"), "{v}");
-        assert_eq!(v["status"], status, "{v}");
-        assert_eq!(
-            self.header("cache-status"),
-            format!("idem; fwd=request; detail={kind}")
-        );
+        let read = ReadResponse::new(self.status, &self.headers, &self.body);
+        let json = assert_problem(&read, status, kind);
+        assert_eq!(json["status"], status, "{json}");
     }
 
     #[track_caller]
@@ -256,7 +212,7 @@ async fn abort_while_sending_the_body_leaves_nothing_behind() {
     wait_metric(&idem, aborts, 2.0).await;
 
     assert_quiet(&idem).await;
-    assert_eq!(metric(&idem, "idem_store_entries").await, 0.0);
+    assert_eq!(metric_or_zero(&idem, "idem_store_entries").await, 0.0);
     assert_eq!(b.total(), Counts::default());
 
     // The keys were never registered: each runs once now, and is then replayed.
@@ -293,7 +249,7 @@ async fn leader_abort_while_waiting_detaches_the_call_and_keeps_its_response() {
     drop(conn);
     // idem noticed: the leader's request has ended (logged) while its call still runs.
     wait_metric(&idem, &requests("leader"), 1.0).await;
-    assert_eq!(metric(&idem, "idem_inflight_keys").await, 1.0);
+    assert_eq!(metric_or_zero(&idem, "idem_inflight_keys").await, 1.0);
     gate.open();
     wait_metric(
         &idem,
@@ -340,7 +296,7 @@ async fn waiter_abort_leaves_the_flight_and_the_others_get_the_response() {
     wait_metric(&idem, "idem_waiters", 2.0).await;
     drop(quitter);
     wait_metric(&idem, "idem_waiters", 1.0).await;
-    assert_eq!(metric(&idem, "idem_inflight_keys").await, 1.0);
+    assert_eq!(metric_or_zero(&idem, "idem_inflight_keys").await, 1.0);
     gate.open();
 
     let leader = leader.await.expect("leader");
@@ -408,7 +364,7 @@ async fn abort_while_the_response_is_written_keeps_the_stored_response() {
     let line = log
         .lines()
         .find(|l| l.contains(path) && l.contains("outcome=leader"))
-        .unwrap_or_else(|| panic!("no access line for {path}:\n{}", tail(&log)));
+        .unwrap_or_else(|| panic!("no access line for {path}:\n{}", log_tail(&idem)));
     assert!(line.contains(" error="), "the write did not fail: {line}");
 
     let replay = post(&idem, path, "write-1", &steer, b"{}").await;
@@ -451,8 +407,8 @@ async fn malformed_status_line_holds_the_key_then_runs_exactly_once() {
         let ra: u64 = r.header("retry-after").parse().expect("Retry-After");
         assert!((1..=2).contains(&ra), "Retry-After {ra}");
     }
-    assert_eq!(metric(&idem, "idem_held_keys").await, 1.0);
-    assert_eq!(metric(&idem, "idem_store_entries").await, 1.0);
+    assert_eq!(metric_or_zero(&idem, "idem_held_keys").await, 1.0);
+    assert_eq!(metric_or_zero(&idem, "idem_store_entries").await, 1.0);
 
     // During the hold: the same answer, and the backend is not called, with or without the
     // fault header (it is not part of the fingerprint, so these are the same request).
@@ -476,7 +432,7 @@ async fn malformed_status_line_holds_the_key_then_runs_exactly_once() {
         .await
         .assert_replay(2);
     assert_eq!(b.settled(path).await.started, 2);
-    assert_eq!(metric(&idem, "idem_held_keys").await, 0.0);
+    assert_eq!(metric_or_zero(&idem, "idem_held_keys").await, 0.0);
     assert_quiet(&idem).await;
 }
 
@@ -704,7 +660,7 @@ async fn unfinished_heads_do_not_hold_up_other_clients() {
         started.elapsed()
     );
     assert_eq!(b.counts("/slow").started, 0);
-    assert_eq!(metric(&idem, "idem_inflight_keys").await, 0.0);
+    assert_eq!(metric_or_zero(&idem, "idem_inflight_keys").await, 0.0);
     drop(stalled);
     assert_eq!(b.settled("/fast").await.started, 5);
 }
@@ -754,7 +710,7 @@ async fn unfinished_body_gets_408_and_leaves_nothing_behind() {
     }
     assert_eq!(b.total(), Counts::default());
     assert_quiet(&idem).await;
-    assert_eq!(metric(&idem, "idem_store_entries").await, 0.0);
+    assert_eq!(metric_or_zero(&idem, "idem_store_entries").await, 0.0);
     post(
         &idem,
         "/slowbody",
@@ -844,10 +800,10 @@ async fn many_keys_from_one_client_cannot_evict_other_clients() {
         .await
         .assert_leader(1);
     }
-    assert_eq!(metric(&idem, "idem_store_entries").await, 20.0);
+    assert_eq!(metric_or_zero(&idem, "idem_store_entries").await, 20.0);
     // 16 free slots were the abuser's to take; every key after that replaced its own.
     assert_eq!(
-        metric(&idem, "idem_store_evictions_total{reason=\"capacity\"}").await,
+        metric_or_zero(&idem, "idem_store_evictions_total{reason=\"capacity\"}").await,
         44.0
     );
     for n in 1..=4 {
@@ -914,7 +870,7 @@ async fn in_flight_keys_of_one_client_are_capped_at_its_quota() {
         .assert_leader(1);
     assert_eq!(b.settled("/quota/slow").await.started, 3);
     assert_eq!(
-        metric(&idem, &requests("error")).await,
+        metric_or_zero(&idem, &requests("error")).await,
         1.0,
         "the 429 is counted as an error outcome"
     );
@@ -1050,12 +1006,7 @@ async fn soak_mixed_traffic_with_faults() {
         let sent = sent.clone();
         let url = url.clone();
         tasks.spawn(async move {
-            let http = reqwest::Client::builder()
-                .no_proxy()
-                .http1_only()
-                .timeout(Duration::from_secs(6))
-                .build()
-                .unwrap();
+            let http = client_with_timeout(Duration::from_secs(6));
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w + 1).wrapping_mul(0xA24B_AED4_963E_E407));
             let mut n = 0u64;
             while Instant::now() < deadline {
@@ -1144,14 +1095,7 @@ async fn soak_mixed_traffic_with_faults() {
 
     // Quiesce: every flight ends within the total deadline.
     assert_quiet(&idem).await;
-    let text = client()
-        .get(idem.metrics_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&idem).await;
     let sum = |prefix: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(prefix))

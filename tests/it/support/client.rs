@@ -27,6 +27,16 @@ pub fn client() -> reqwest::Client {
         .expect("build reqwest client")
 }
 
+/// Like [`client`] but giving up on a request after `timeout`: an impatient client.
+pub fn client_with_timeout(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .timeout(timeout)
+        .build()
+        .expect("build reqwest client")
+}
+
 /// HTTP/2 over cleartext with prior knowledge (h2c), as a gRPC-ish client would.
 pub fn h2c_client() -> reqwest::Client {
     reqwest::Client::builder()

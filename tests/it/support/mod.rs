@@ -8,6 +8,8 @@
 pub mod backend;
 pub mod client;
 pub mod config;
+pub mod metrics;
+pub mod problem;
 pub mod proxy;
 // Private, so that `use crate::support::*` does not shadow the `redis` crate.
 mod redis;
@@ -17,10 +19,18 @@ use std::time::Duration;
 pub use self::redis::{value_kind, RedisCluster, RedisServer};
 pub use backend::{free_addr, free_port, pattern, Backend, Counts, Gate, RecordedRequest, Row};
 pub use client::{
-    chunked_body, client, h2c_client, http_request, raw_request, send_and_abort,
-    send_expecting_continue, RawConn, RawError, RawResponse,
+    chunked_body, client, client_with_timeout, h2c_client, http_request, raw_request,
+    send_and_abort, send_expecting_continue, RawConn, RawError, RawResponse,
 };
 pub use config::{config_for, Config, Route};
+pub use metrics::{
+    find_metric, log_tail, metric, metric_or_zero, parse_sample, sample, scrape, series_id,
+    wait_metric, wait_metric_sum, Exposition, Sample,
+};
+pub use problem::{
+    assert_problem, assert_problem_members, problem_json, refusal_cache_status, Answered,
+    ReadResponse, PROBLEM_BASE,
+};
 pub use proxy::{Idem, IdemBuilder, TempDir};
 
 /// Upper bound for every event-driven wait in the harness. Generous on
