@@ -26,6 +26,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod config;
@@ -45,6 +46,7 @@ pub mod respond;
 pub mod server;
 pub mod settings;
 pub mod shadow;
+pub mod shadow_request;
 pub mod shared;
 pub mod store;
 pub mod upstream;

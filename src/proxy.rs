@@ -20,7 +20,7 @@
 //! ([`crate::shadow`]).
 
 use crate::admission::{admit, Admission};
-use crate::config::{LogFormat, Mode};
+use crate::config::Mode;
 use crate::flight::{self, LeaderReply, Plan};
 use crate::inflight::{Coordinator, JoinRequest, Joined, Outcome, Retention};
 use crate::key::{Fingerprint, FingerprintHasher, KeyDeriver, Scope};
@@ -28,8 +28,9 @@ use crate::metrics::{self, Metrics, RouteId};
 use crate::problem::Problem;
 use crate::reload::{Live, Snapshot};
 use crate::respond::{self, Disposition};
-use crate::settings::{RoutePolicy, Settings, StatusSet};
-use crate::shadow::{Ending, Seen, ShadowLeader, ShadowTable};
+use crate::settings::{RoutePolicy, Settings};
+use crate::shadow::ShadowTable;
+use crate::shadow_request::{ShadowPolicy, ShadowRequest, Sinks};
 use crate::upstream::{self, Upstream};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -84,48 +85,8 @@ pub struct Ctx {
     /// Access log: waiters that received this leader's outcome.
     waiters_served: Option<usize>,
     /// Shadow route: the key being derived, then the would-be leader's state.
-    shadow: Option<Shadow>,
+    shadow: Option<ShadowRequest>,
     _active: ActiveGuard,
-}
-
-/// A request on a shadow route (see [`crate::shadow`]).
-enum Shadow {
-    /// The body streams through to the backend and is hashed on the way.
-    Hashing {
-        /// Boxed: blake3's state is large, and most requests are not on a shadow route.
-        hasher: Box<FingerprintHasher>,
-        scope: Scope,
-        /// The decoded `Idempotency-Key`, if any.
-        key: Option<Vec<u8>>,
-        /// Body bytes hashed so far.
-        read: u64,
-        policy: ShadowPolicy,
-    },
-    /// The would-be leader: its response decides what the key would hold.
-    Leader {
-        leader: ShadowLeader,
-        policy: ShadowPolicy,
-        /// Status of the upstream response, once its header arrived.
-        status: Option<u16>,
-        /// The response's type can be stored (not an event stream, gRPC, trailers).
-        storable: bool,
-        /// Response body bytes so far.
-        body: u64,
-    },
-    /// Counted, or not countable.
-    Done,
-}
-
-/// What a shadow request needs from its route once the body is on its way.
-#[derive(Clone, Copy)]
-struct ShadowPolicy {
-    max_body: u64,
-    /// `ttl` with a key, `fingerprint_ttl` without.
-    retention: Duration,
-    store_statuses: StatusSet,
-    max_response_body: u64,
-    /// How long an unknown outcome would be held: the upstream total deadline.
-    hold_for: Duration,
 }
 
 struct ActiveGuard(Arc<AtomicUsize>);
@@ -605,23 +566,23 @@ impl ProxyHttp for Idem {
             // Forwarded like a pass-through (unmarked); the key is hashed as the body streams.
             Admission::Shadow { key } => {
                 let req = session.req_header();
-                ctx.shadow = Some(Shadow::Hashing {
-                    hasher: Box::new(self.fingerprint_hasher(req, route)),
-                    scope: self.scope(req, route),
-                    read: 0,
-                    policy: ShadowPolicy {
-                        max_body: route.max_body,
-                        retention: if key.is_some() {
-                            route.ttl
-                        } else {
-                            route.fingerprint_ttl
-                        },
-                        store_statuses: route.store_statuses,
-                        max_response_body: route.max_response_body,
-                        hold_for: settings.upstream.total_timeout,
+                let policy = ShadowPolicy {
+                    max_body: route.max_body,
+                    retention: if key.is_some() {
+                        route.ttl
+                    } else {
+                        route.fingerprint_ttl
                     },
+                    store_statuses: route.store_statuses,
+                    max_response_body: route.max_response_body,
+                    hold_for: settings.upstream.total_timeout,
+                };
+                ctx.shadow = Some(ShadowRequest::new(
+                    self.fingerprint_hasher(req, route),
+                    self.scope(req, route),
                     key,
-                });
+                    policy,
+                ));
                 if is_expect_continue(session.req_header()) {
                     session.downstream_session.write_continue_response().await?;
                 }
@@ -637,24 +598,16 @@ impl ProxyHttp for Idem {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some(Shadow::Hashing {
-            hasher,
-            read,
-            policy,
-            ..
-        }) = &mut ctx.shadow
-        else {
-            return Ok(());
-        };
-        if let Some(chunk) = body {
-            *read += chunk.len() as u64;
-            hasher.update(chunk);
-        }
-        if *read > policy.max_body {
-            // An enforcing route would not deduplicate it either.
-            ctx.shadow = Some(Shadow::Done);
-        } else if end_of_stream {
-            self.shadow_arrive(ctx);
+        if let Some(shadow) = &mut ctx.shadow {
+            let sinks = Sinks {
+                table: &self.shadow,
+                keys: &self.keys,
+                metrics: &self.metrics,
+                route: ctx.route,
+            };
+            if let Some(key) = shadow.body(body.as_deref(), end_of_stream, &sinks) {
+                ctx.key = Some(key);
+            }
         }
         Ok(())
     }
@@ -662,12 +615,9 @@ impl ProxyHttp for Idem {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         // A retry re-sends the body from the start (Pingora's retry buffer): hash it afresh.
         let retry = !ctx.tried.is_empty();
-        if let Some(Shadow::Hashing { hasher, read, .. }) = &mut ctx.shadow {
-            if retry {
-                let req = session.req_header();
-                **hasher = self.fingerprint_hasher(req, ctx.config.route(req.uri.path()).policy);
-                *read = 0;
-            }
+        if let (true, Some(shadow)) = (retry, &mut ctx.shadow) {
+            let req = session.req_header();
+            shadow.restart(self.fingerprint_hasher(req, ctx.config.route(req.uri.path()).policy));
         }
         let backend = self
             .upstream
@@ -719,13 +669,9 @@ impl ProxyHttp for Idem {
         if ctx.mark_bypass {
             respond::append_cache_status(resp, respond::CACHE_STATUS_BYPASS)?;
         }
-        if let Some(Shadow::Leader {
-            status, storable, ..
-        }) = &mut ctx.shadow
-        {
+        if let Some(shadow) = &mut ctx.shadow {
             if !resp.status.is_informational() {
-                *status = Some(resp.status.as_u16());
-                *storable = flight::is_storable(resp);
+                shadow.response_header(resp.status.as_u16(), flight::is_storable(resp));
             }
         }
         Ok(())
@@ -738,143 +684,33 @@ impl ProxyHttp for Idem {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        if let Some(Shadow::Leader { body: seen, .. }) = &mut ctx.shadow {
-            *seen += body.as_ref().map_or(0, |b| b.len() as u64);
-            // Settled before the last bytes reach the client, as a stored response would be.
-            if end_of_stream {
-                self.shadow_settle(ctx, None);
-            }
+        if let Some(shadow) = &mut ctx.shadow {
+            let len = body.as_ref().map_or(0, |b| b.len());
+            shadow.response_body(len, end_of_stream, &self.shadow);
         }
         Ok(None)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        self.shadow_settle(ctx, e);
+        if let Some(shadow) = &mut ctx.shadow {
+            shadow.finish(&self.shadow, e);
+        }
         let took = ctx.started.elapsed();
         self.metrics.request(ctx.route, ctx.outcome, took);
-        // The access line is one `info` event: its fields are not built when it is filtered out.
-        if !tracing::enabled!(target: "idem::access", tracing::Level::INFO) {
-            return;
-        }
-        let status = session
-            .response_written()
-            .map(|h| h.status.as_u16())
-            .unwrap_or(ctx.status);
-        let req = session.req_header();
-        let route = &self.metrics.route_name(ctx.route);
-        let error = e.map(|e| e.to_string());
-        // Milliseconds with microsecond precision.
-        let upstream_ms = ctx.upstream.map(|d| d.as_micros() as f64 / 1000.0);
-        match ctx.config.settings.log_format {
-            LogFormat::Json => tracing::info!(
-                target: "idem::access",
-                method = %req.method,
-                route = %route,
-                status,
-                outcome = ctx.outcome.as_str(),
-                key = ctx.key.as_deref().unwrap_or("-"),
-                ms = took.as_millis() as u64,
-                upstream_ms,
-                waiters_served = ctx.waiters_served.map(|n| n as u64),
-                error = error.as_deref().unwrap_or(""),
-                "request"
-            ),
-            LogFormat::Text => tracing::info!(
-                target: "idem::access",
-                "{} {} route={} status={} outcome={} key={} ms={} upstream_ms={} waiters_served={}{}",
-                req.method,
-                req.uri.path(),
-                route,
-                status,
-                ctx.outcome.as_str(),
-                ctx.key.as_deref().unwrap_or("-"),
-                took.as_millis(),
-                upstream_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),
-                ctx.waiters_served
-                    .map_or_else(|| "-".to_string(), |n| n.to_string()),
-                error.map(|e| format!(" error={e:?}")).unwrap_or_default()
-            ),
-        }
-    }
-}
-
-impl Idem {
-    /// End of a shadow request's body: derive its key and classify it.
-    fn shadow_arrive(&self, ctx: &mut Ctx) {
-        let Some(Shadow::Hashing {
-            hasher,
-            scope,
-            key,
-            policy,
-            ..
-        }) = ctx.shadow.take()
-        else {
-            return;
-        };
-        let fingerprint = hasher.finish();
-        let dedup_key = match &key {
-            Some(k) => self.keys.keyed(&scope, k),
-            None => self.keys.by_fingerprint(&scope, &fingerprint),
-        };
-        ctx.key = Some(dedup_key.short());
-        ctx.shadow = Some(
-            match self.shadow.arrive(dedup_key, fingerprint, key.is_some()) {
-                Seen::Leader(leader) => Shadow::Leader {
-                    leader,
-                    policy,
-                    status: None,
-                    storable: false,
-                    body: 0,
-                },
-                Seen::Duplicate(kind) => {
-                    self.metrics.shadow_duplicate(ctx.route, kind);
-                    Shadow::Done
-                }
-                Seen::Refused => Shadow::Done,
+        crate::access_log::write(
+            session,
+            e,
+            &crate::access_log::Entry {
+                format: ctx.config.settings.log_format,
+                metrics: &self.metrics,
+                route: ctx.route,
+                fallback_status: ctx.status,
+                outcome: ctx.outcome,
+                key: ctx.key.as_deref(),
+                took,
+                upstream: ctx.upstream,
+                waiters_served: ctx.waiters_served,
             },
         );
-    }
-
-    /// The would-be leader's response is complete (`error` is `None`) or ended early:
-    /// record what an enforcing route would keep for its key (DESIGN section 4).
-    fn shadow_settle(&self, ctx: &mut Ctx, error: Option<&Error>) {
-        let Some(Shadow::Leader {
-            leader,
-            policy,
-            status,
-            storable,
-            body,
-        }) = ctx.shadow.take()
-        else {
-            return;
-        };
-        ctx.shadow = Some(Shadow::Done);
-        let now = tokio::time::Instant::now();
-        let held = Ending::Refused {
-            until: leader.started + policy.hold_for,
-        };
-        let not_sent = error.is_some_and(|e| {
-            matches!(
-                e.etype(),
-                ErrorType::ConnectTimedout
-                    | ErrorType::ConnectRefused
-                    | ErrorType::ConnectNoRoute
-                    | ErrorType::ConnectError
-            )
-        });
-        let ending = match status {
-            Some(502 | 504) => held,
-            Some(_) if error.is_some() => held,
-            Some(s) if !policy.store_statuses.contains(s) => Ending::Freed,
-            Some(_) if !storable || body > policy.max_response_body => Ending::Refused {
-                until: now + policy.retention,
-            },
-            Some(_) => Ending::Stored {
-                until: now + policy.retention,
-            },
-            None if not_sent => Ending::Freed,
-            None => held,
-        };
-        self.shadow.settle(leader, ending);
     }
 }
