@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: idem against nginx on loopback, side by side, in one run.
 #
-#   bench/run.sh                      # from anywhere; about 6 minutes with the defaults
+#   bench/run.sh                      # from anywhere; about 7 minutes with the defaults
 #
 # Builds the release binary (`cargo build --release`) and the helper `examples/burst.rs`, then:
 #   1. starts, from configs generated in a temp dir, on free loopback ports:
