@@ -241,6 +241,16 @@ pub enum KeyHeaderError {
 /// Parses the `Idempotency-Key` header values of a request: `Ok(None)` when absent.
 /// Accepts an RFC 8941 string (`"abc"`, with `\"` and `\\` escapes) or a bare token; both
 /// decode to the same value, so `"abc"` and `abc` are the same key.
+///
+/// ```
+/// use idem::key::{parse_idempotency_key, KeyHeaderError};
+///
+/// let one = |v: &'static str| parse_idempotency_key(std::iter::once(v.as_bytes()));
+/// assert_eq!(one("abc"), Ok(Some(b"abc".to_vec())));
+/// assert_eq!(one("\"abc\""), one("abc"));
+/// assert_eq!(one("a b"), Err(KeyHeaderError::Malformed));
+/// assert_eq!(parse_idempotency_key(std::iter::empty()), Ok(None));
+/// ```
 pub fn parse_idempotency_key<'a>(
     mut values: impl Iterator<Item = &'a [u8]>,
 ) -> Result<Option<Vec<u8>>, KeyHeaderError> {
