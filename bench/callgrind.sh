@@ -2,10 +2,11 @@
 # bench/callgrind.sh: instructions per request of one path, under callgrind (repeatable where
 # wall-clock numbers on a shared machine are not).
 #
-#   bench/callgrind.sh get|post|replay|bare [BINARY]
+#   bench/callgrind.sh get|post|replay|bare|bare-respond [BINARY]
 #
 # Starts the tiny backend (`burst backend`), then idem (or BINARY, another idem build; `bare`
-# runs examples/pingora_bare.rs) under `valgrind --tool=callgrind`, drives it with wrk
+# runs examples/pingora_bare.rs; `bare-respond` the same answering every request itself,
+# BARE_RESPOND=1, the ceiling for a replay) under `valgrind --tool=callgrind`, drives it with wrk
 # (-t1 -c8 -d${DURATION:-12}s: callgrind runs the program about 50 times slower), and prints
 # the instructions per request (start-up included, about 4 M instructions, under 1 %) and
 # the 25 functions with the most instructions of their own. The raw profile stays in
@@ -13,7 +14,7 @@
 # Run `cargo build --release --example burst --example pingora_bare` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SCENARIO=${1:?usage: bench/callgrind.sh get|post|replay|bare [BINARY]}
+SCENARIO=${1:?usage: bench/callgrind.sh get|post|replay|bare|bare-respond [BINARY]}
 BIN=${2:-target/release/idem}
 DURATION=${DURATION:-12}
 BURST=target/release/examples/burst
@@ -30,7 +31,8 @@ mapfile -t PORTS < <("$BURST" free-ports 3)
 "$BURST" backend "127.0.0.1:${PORTS[0]}" &
 PIDS+=($!)
 OUT=target/callgrind.$SCENARIO.out
-if [ "$SCENARIO" = bare ]; then
+if [ "$SCENARIO" = bare ] || [ "$SCENARIO" = bare-respond ]; then
+  [ "$SCENARIO" = bare-respond ] && export BARE_RESPOND=1
   valgrind --tool=callgrind --callgrind-out-file="$OUT" target/release/examples/pingora_bare \
     "127.0.0.1:${PORTS[1]}" "127.0.0.1:${PORTS[0]}" >/dev/null 2>"$TMP/valgrind.log" &
 else
@@ -52,7 +54,7 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 case $SCENARIO in
-  get | bare) args=(-s bench/get.lua "http://127.0.0.1:${PORTS[1]}/") ;;
+  get | bare | bare-respond) args=(-s bench/get.lua "http://127.0.0.1:${PORTS[1]}/") ;;
   post) args=(-s bench/post_fresh.lua "http://127.0.0.1:${PORTS[1]}/orders" -- "cg$RANDOM") ;;
   replay) args=(-s bench/post_replay.lua "http://127.0.0.1:${PORTS[1]}/orders") ;;
   *) echo "unknown scenario $SCENARIO" >&2; exit 2 ;;

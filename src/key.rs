@@ -123,15 +123,16 @@ impl KeyDeriver {
         authority: &[u8],
         headers: impl Iterator<Item = Vec<&'a [u8]>>,
     ) -> Scope {
-        let mut h = self.hasher(domain::SCOPE);
-        field(&mut h, &authority.to_ascii_lowercase());
+        let mut buf = Encoder::with_capacity(128);
+        buf.len_prefix(authority.len());
+        buf.0.extend(authority.iter().map(u8::to_ascii_lowercase));
         let mut anonymous = true;
         for values in headers {
             anonymous &= values.is_empty();
-            list(&mut h, &values);
+            buf.list(&values);
         }
         Scope {
-            digest: *h.finalize().as_bytes(),
+            digest: self.digest(domain::SCOPE, &buf.0),
             anonymous,
         }
     }
@@ -144,36 +145,47 @@ impl KeyDeriver {
         query: &[u8],
         headers: impl Iterator<Item = (&'a str, Vec<&'a [u8]>)>,
     ) -> FingerprintHasher {
-        let mut h = self.hasher(domain::FINGERPRINT);
-        field(&mut h, method);
-        field(&mut h, path);
-        field(&mut h, query);
         let headers: Vec<_> = headers.collect();
-        h.update(&(headers.len() as u64).to_le_bytes());
+        let mut buf = Encoder::with_capacity(64 + method.len() + path.len() + query.len());
+        buf.field(method);
+        buf.field(path);
+        buf.field(query);
+        buf.len_prefix(headers.len());
         for (name, values) in headers {
-            field(&mut h, name.as_bytes());
-            list(&mut h, &values);
+            buf.field(name.as_bytes());
+            buf.list(&values);
         }
+        let mut hasher = self.hasher(domain::FINGERPRINT);
+        hasher.update(&buf.0);
         FingerprintHasher {
-            hasher: h,
+            hasher,
             body_len: 0,
         }
     }
 
     /// The key of a request that carries an `Idempotency-Key` (already decoded).
     pub fn keyed(&self, scope: &Scope, key: &[u8]) -> DedupKey {
-        let mut h = self.hasher(domain::KEYED);
-        h.update(&scope.digest);
-        field(&mut h, key);
-        DedupKey(*h.finalize().as_bytes())
+        let mut buf = Encoder::with_capacity(48 + key.len());
+        buf.0.extend_from_slice(&scope.digest);
+        buf.field(key);
+        DedupKey(self.digest(domain::KEYED, &buf.0))
     }
 
     /// The key of a keyless request on a fingerprint route.
     pub fn by_fingerprint(&self, scope: &Scope, fp: &Fingerprint) -> DedupKey {
-        let mut h = self.hasher(domain::BY_FINGERPRINT);
-        h.update(&scope.digest);
-        h.update(&fp.0);
-        DedupKey(*h.finalize().as_bytes())
+        let mut input = [0u8; 64];
+        input[..32].copy_from_slice(&scope.digest);
+        input[32..].copy_from_slice(&fp.0);
+        DedupKey(self.digest(domain::BY_FINGERPRINT, &input))
+    }
+
+    /// One keyed hash of a whole encoded input: blake3 costs per `update` call, so the
+    /// length-prefixed fields are laid out in a buffer first and hashed in one pass (the
+    /// bytes hashed are the same as field-by-field, so keys do not change).
+    fn digest(&self, domain: u8, input: &[u8]) -> [u8; 32] {
+        let mut h = self.hasher(domain);
+        h.update(input);
+        *h.finalize().as_bytes()
     }
 }
 
@@ -197,16 +209,30 @@ impl FingerprintHasher {
     }
 }
 
-fn field(h: &mut blake3::Hasher, bytes: &[u8]) {
-    h.update(&(bytes.len() as u64).to_le_bytes());
-    h.update(bytes);
-}
+/// The injective encoding hashed for scopes, fingerprints and keys: every field is its
+/// length (u64 LE) then its bytes; a list is its count then its fields.
+struct Encoder(Vec<u8>);
 
-/// Absent (count 0) and present-but-empty (count 1, length 0) stay distinct.
-fn list(h: &mut blake3::Hasher, values: &[&[u8]]) {
-    h.update(&(values.len() as u64).to_le_bytes());
-    for v in values {
-        field(h, v);
+impl Encoder {
+    fn with_capacity(n: usize) -> Encoder {
+        Encoder(Vec::with_capacity(n))
+    }
+
+    fn len_prefix(&mut self, n: usize) {
+        self.0.extend_from_slice(&(n as u64).to_le_bytes());
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.len_prefix(bytes.len());
+        self.0.extend_from_slice(bytes);
+    }
+
+    /// Absent (count 0) and present-but-empty (count 1, length 0) stay distinct.
+    fn list(&mut self, values: &[&[u8]]) {
+        self.len_prefix(values.len());
+        for v in values {
+            self.field(v);
+        }
     }
 }
 
@@ -314,6 +340,41 @@ mod tests {
 
     fn k() -> KeyDeriver {
         KeyDeriver::new(Some("test secret, long enough"))
+    }
+
+    /// Keys are shared between replicas (Redis mode) and across a rolling upgrade: the
+    /// bytes hashed must never change. These digests were computed by the field-by-field
+    /// hashing this encoding replaced.
+    #[test]
+    fn digests_are_stable_across_versions() {
+        let k = k();
+        let scope = k.scope(
+            b"API.example.com",
+            vec![vec![&b"Bearer t"[..]], vec![]].into_iter(),
+        );
+        let mut h = k.fingerprint(
+            b"POST",
+            b"/orders",
+            b"a=1",
+            vec![("content-type", vec![&b"application/json"[..]])].into_iter(),
+        );
+        h.update(b"{\"order\":");
+        h.update(b"42}");
+        let fp = h.finish();
+        let hex = |b: &[u8]| crate::shared::codec::hex(b);
+        assert_eq!(hex(&scope.id().0), "ad4774410bcaafd7a3c160f68ccd569d");
+        assert_eq!(
+            hex(&fp.0),
+            "b25124a81e013f0e8e5a490f73ca9e2163c73431238f44760cefadc9e112aea3"
+        );
+        assert_eq!(
+            hex(&k.keyed(&scope, b"abc").0),
+            "7264b4737aad95881e9a89725aeb8710dfcad7cff95108e0e54f27cbadc2a51a"
+        );
+        assert_eq!(
+            hex(&k.by_fingerprint(&scope, &fp).0),
+            "cc97b44c08944f8fba3b00f35d405eed6e932f8a25ac4d8e5afe91fbf50c9657"
+        );
     }
 
     fn fp(method: &str, path: &str, query: &str, ct: Option<&str>, body: &[&[u8]]) -> Fingerprint {
