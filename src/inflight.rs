@@ -230,7 +230,7 @@ impl Coordinator {
                     expires,
                 }) = self.store.get(&req.key, now)
                 {
-                    if req.keyed && fingerprint != req.fingerprint {
+                    if req.keyed && fingerprint != req.fingerprint.tag() {
                         return Joined::Mismatch;
                     }
                     return match record {

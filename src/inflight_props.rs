@@ -214,8 +214,10 @@ fn scope_id(k: u8) -> ScopeId {
 }
 
 fn fingerprint(k: u8, fp: u8) -> Fingerprint {
+    // Real fingerprints are digests; the byte that differs must fall in the half the
+    // store keeps (`Fingerprint::tag`).
     let mut b = [k; 32];
-    b[31] = fp;
+    b[0] = fp;
     Fingerprint(b)
 }
 

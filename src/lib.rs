@@ -39,6 +39,7 @@ pub mod inflight;
 mod inflight_props;
 pub mod key;
 pub mod metrics;
+pub mod packed;
 pub mod problem;
 pub mod proxy;
 pub mod reload;

@@ -14,19 +14,22 @@
 //! records; with none left it is refused (429) rather than evicting another scope's. Free
 //! room is never refused, so a lone heavy scope may still fill an idle store.
 //!
-//! One mutex guards the maps: every operation is a few hash and B-tree steps with no I/O
-//! and no allocation beyond the entry itself, so contention stays short.
+//! One mutex guards the maps: every operation is a few hash and B-tree steps with no I/O;
+//! a response is packed ([`crate::packed`]) before the lock is taken, so contention stays
+//! short. What an entry costs in memory, and why the layout is what it is: see [`Inner`].
 //!
 //! Time is `tokio::time::Instant` so the coordination tests can run under paused time.
 
-use crate::key::{DedupKey, Fingerprint, ScopeId};
+use crate::key::{DedupKey, Fingerprint, FingerprintTag, ScopeId};
+use crate::packed::Packed;
 use bytes::Bytes;
+use hashbrown::HashTable;
 use http::{HeaderName, HeaderValue};
-use lru::LruCache;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// A complete upstream response as kept for replay: end-to-end headers only.
@@ -79,8 +82,8 @@ pub enum Record {
 pub struct Found {
     /// The record.
     pub record: Record,
-    /// The fingerprint of the request that created it, to detect key misuse.
-    pub fingerprint: Fingerprint,
+    /// The fingerprint of the request that created it (half of it), to detect key misuse.
+    pub fingerprint: FingerprintTag,
     /// When it expires.
     pub expires: Instant,
 }
@@ -148,77 +151,320 @@ pub struct StoreStats {
     pub held: AtomicU64,
 }
 
-struct Entry {
-    record: Record,
-    fingerprint: Fingerprint,
-    expires: Instant,
-    /// Tie-breaker in the expiry index, unique per entry.
-    seq: u64,
+/// Slots and index entries reserved at start, at most (beyond it they grow on demand).
+const PREALLOCATE_UP_TO: usize = 1 << 22;
+
+/// A slot index; `NIL` ends a list.
+type SlotId = u32;
+const NIL: SlotId = SlotId::MAX;
+
+/// Neighbours in a recency list (toward the most and the least recently used).
+#[derive(Clone, Copy)]
+struct Links {
+    newer: SlotId,
+    older: SlotId,
+}
+
+const UNLINKED: Links = Links {
+    newer: NIL,
+    older: NIL,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// On the free chain (through `recency.older`).
+    Free,
+    Response,
+    NotReplayable,
+    Held,
+}
+
+/// One kept key. Times are nanoseconds since the store's epoch: 8 bytes, not 16.
+struct Slot {
+    key: DedupKey,
+    fingerprint: FingerprintTag,
+    expires: u64,
+    /// Place in its expiry bucket, sorted by `expires`.
+    expiry: Links,
+    /// Completion of a stored response; the end of a hold.
+    at: u64,
+    /// The packed response (kind Response).
+    data: Option<Packed>,
+    /// Place in the store-wide recency list (evictable kinds only).
+    recency: Links,
+    /// Place in its scope's recency list (evictable kinds only).
+    scope_recency: Links,
+    scope: u32,
     bytes: u64,
-    scope: ScopeId,
+    /// The status a held key answers.
+    status: u16,
+    kind: Kind,
+}
+
+/// A doubly linked recency list threaded through the slots.
+#[derive(Clone, Copy)]
+struct List {
+    newest: SlotId,
+    oldest: SlotId,
+}
+
+const EMPTY: List = List {
+    newest: NIL,
+    oldest: NIL,
+};
+
+type Field = fn(&mut Slot) -> &mut Links;
+
+fn store_wide(s: &mut Slot) -> &mut Links {
+    &mut s.recency
+}
+
+fn per_scope(s: &mut Slot) -> &mut Links {
+    &mut s.scope_recency
+}
+
+fn by_expiry(s: &mut Slot) -> &mut Links {
+    &mut s.expiry
+}
+
+const NANOS_PER_BUCKET: u64 = 1_000_000_000;
+
+impl List {
+    fn push_newest(&mut self, slots: &mut [Slot], id: SlotId, field: Field) {
+        *field(&mut slots[id as usize]) = Links {
+            newer: NIL,
+            older: self.newest,
+        };
+        match self.newest {
+            NIL => self.oldest = id,
+            n => field(&mut slots[n as usize]).newer = id,
+        }
+        self.newest = id;
+    }
+
+    /// Links `id` just newer than `older` (`NIL`: as the oldest).
+    fn insert_newer_than(&mut self, slots: &mut [Slot], id: SlotId, older: SlotId, field: Field) {
+        let newer = match older {
+            NIL => self.oldest,
+            o => field(&mut slots[o as usize]).newer,
+        };
+        *field(&mut slots[id as usize]) = Links { newer, older };
+        match newer {
+            NIL => self.newest = id,
+            n => field(&mut slots[n as usize]).older = id,
+        }
+        match older {
+            NIL => self.oldest = id,
+            o => field(&mut slots[o as usize]).newer = id,
+        }
+    }
+
+    fn unlink(&mut self, slots: &mut [Slot], id: SlotId, field: Field) {
+        let Links { newer, older } = *field(&mut slots[id as usize]);
+        match newer {
+            NIL => self.newest = older,
+            n => field(&mut slots[n as usize]).older = older,
+        }
+        match older {
+            NIL => self.oldest = newer,
+            o => field(&mut slots[o as usize]).newer = newer,
+        }
+        *field(&mut slots[id as usize]) = UNLINKED;
+    }
 }
 
 /// One scope's share of the store.
 struct ScopeUse {
+    id: ScopeId,
     /// Records plus reserved slots.
     keys: usize,
     /// Reserved slots plus held records (never evictable).
     pinned: usize,
-    /// The scope's evictable records, least recently used first.
-    lru: LruCache<DedupKey, ()>,
+    /// The scope's evictable records.
+    recency: List,
 }
 
-impl ScopeUse {
-    fn new() -> ScopeUse {
-        ScopeUse {
-            keys: 0,
-            pinned: 0,
-            lru: LruCache::unbounded(),
-        }
-    }
-}
-
+/// The maps behind the mutex. Layout, for the cost of an entry (BENCHMARKS.md): records
+/// live in one slab of fixed-size slots reused through a free chain; the key is stored once,
+/// in its slot; the hash index holds only 4-byte slot ids (the keys are keyed blake3
+/// digests, uniformly distributed and not chosen by clients, so their first 8 bytes are the
+/// hash); both recency orders are intrusive lists in the slots; so is the expiry order,
+/// in buckets of one second of expiry (a B-tree of buckets, each a list sorted by expiry:
+/// records arrive nearly in expiry order, so the sorted insert walks back a step or two,
+/// and the first bucket's oldest record is always the next to expire). A B-tree set of
+/// (expiry, slot) instead would cost 32 bytes per entry, the lists cost 8. The slab does
+/// not shrink: its peak is bounded by `max_entries`.
 struct Inner {
-    /// Evictable records in recency order.
-    lru: LruCache<DedupKey, Entry>,
-    /// Held keys: never evicted, only expired.
-    held: HashMap<DedupKey, Entry>,
-    /// Every entry by expiry, for sweeping in time order.
-    expiry: BTreeMap<(Instant, u64), DedupKey>,
+    epoch: Instant,
+    slots: Vec<Slot>,
+    free: SlotId,
+    index: HashTable<SlotId>,
+    /// Expiry order: one bucket per second of expiry, each a list sorted by `expires`.
+    expiry: BTreeMap<u64, List>,
+    /// Evictable records (stored and not-replayable), store-wide.
+    recency: List,
+    /// Kept records (stored, not-replayable and held).
+    live: usize,
+    held: usize,
     /// Slots taken by flights in progress.
     reserved: usize,
     bytes: u64,
-    seq: u64,
-    /// Per-scope accounting; a scope with no key has no entry.
-    scopes: HashMap<ScopeId, ScopeUse>,
+    scopes: Vec<ScopeUse>,
+    scope_ids: HashMap<ScopeId, u32>,
+    free_scopes: Vec<u32>,
+}
+
+fn hash_of(key: &DedupKey) -> u64 {
+    u64::from_le_bytes([
+        key.0[0], key.0[1], key.0[2], key.0[3], key.0[4], key.0[5], key.0[6], key.0[7],
+    ])
 }
 
 impl Inner {
+    fn tick(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    fn instant(&self, tick: u64) -> Instant {
+        self.epoch + Duration::from_nanos(tick)
+    }
+
+    fn lookup(&self, key: &DedupKey) -> Option<SlotId> {
+        self.index
+            .find(hash_of(key), |&id| self.slots[id as usize].key == *key)
+            .copied()
+    }
+
+    fn scope(&self, id: &ScopeId) -> Option<&ScopeUse> {
+        self.scope_ids.get(id).map(|&i| &self.scopes[i as usize])
+    }
+
     fn scope_keys(&self, scope: &ScopeId) -> usize {
-        self.scopes.get(scope).map_or(0, |u| u.keys)
+        self.scope(scope).map_or(0, |u| u.keys)
     }
 
     fn scope_pinned(&self, scope: &ScopeId) -> usize {
-        self.scopes.get(scope).map_or(0, |u| u.pinned)
+        self.scope(scope).map_or(0, |u| u.pinned)
     }
 
-    /// Who makes room for `scope`: a scope at its quota evicts only its own records.
-    fn victim(&self, scope: &ScopeId, quota: usize) -> Option<DedupKey> {
-        if self.scope_keys(scope) >= quota {
-            self.scopes
-                .get(scope)
-                .and_then(|u| u.lru.peek_lru().map(|(k, _)| *k))
-        } else {
-            self.lru.peek_lru().map(|(k, _)| *k)
+    /// The scope's accounting slot, created on first use.
+    fn use_scope(&mut self, id: ScopeId) -> u32 {
+        if let Some(&i) = self.scope_ids.get(&id) {
+            return i;
+        }
+        let u = ScopeUse {
+            id,
+            keys: 0,
+            pinned: 0,
+            recency: EMPTY,
+        };
+        let i = match self.free_scopes.pop() {
+            Some(i) => {
+                self.scopes[i as usize] = u;
+                i
+            }
+            None => {
+                self.scopes.push(u);
+                (self.scopes.len() - 1) as u32
+            }
+        };
+        self.scope_ids.insert(id, i);
+        i
+    }
+
+    /// Lowers a scope's counts; a scope left with no key gives its accounting slot back.
+    fn unuse(&mut self, i: u32, pinned: bool) {
+        let u = &mut self.scopes[i as usize];
+        u.keys = u.keys.saturating_sub(1);
+        if pinned {
+            u.pinned = u.pinned.saturating_sub(1);
+        }
+        if u.keys == 0 {
+            let id = u.id;
+            self.scope_ids.remove(&id);
+            self.free_scopes.push(i);
         }
     }
 
-    fn unuse(&mut self, scope: &ScopeId, f: impl FnOnce(&mut ScopeUse)) {
-        if let Some(u) = self.scopes.get_mut(scope) {
-            f(u);
-            if u.keys == 0 {
-                self.scopes.remove(scope);
+    /// Who makes room for `scope`: a scope at its quota evicts only its own records.
+    fn victim(&self, scope: &ScopeId, quota: usize) -> Option<SlotId> {
+        let id = if self.scope_keys(scope) >= quota {
+            self.scope(scope)?.recency.oldest
+        } else {
+            self.recency.oldest
+        };
+        (id != NIL).then_some(id)
+    }
+
+    /// Marks an evictable record as the most recently used, store-wide and in its scope.
+    fn touch(&mut self, id: SlotId) {
+        let scope = self.slots[id as usize].scope as usize;
+        self.recency.unlink(&mut self.slots, id, store_wide);
+        self.recency.push_newest(&mut self.slots, id, store_wide);
+        let mut list = self.scopes[scope].recency;
+        list.unlink(&mut self.slots, id, per_scope);
+        list.push_newest(&mut self.slots, id, per_scope);
+        self.scopes[scope].recency = list;
+    }
+
+    /// Files a new slot under its expiry: walks back from the bucket's newest past the
+    /// records that expire later (few: records arrive nearly in expiry order).
+    fn file_expiry(&mut self, id: SlotId) {
+        let expires = self.slots[id as usize].expires;
+        let Inner { slots, expiry, .. } = self;
+        let list = expiry.entry(expires / NANOS_PER_BUCKET).or_insert(EMPTY);
+        let mut older = list.newest;
+        while older != NIL && slots[older as usize].expires > expires {
+            older = slots[older as usize].expiry.older;
+        }
+        list.insert_newer_than(slots, id, older, by_expiry);
+    }
+
+    fn unfile_expiry(&mut self, id: SlotId) {
+        let bucket = self.slots[id as usize].expires / NANOS_PER_BUCKET;
+        let Inner { slots, expiry, .. } = self;
+        if let Some(list) = expiry.get_mut(&bucket) {
+            list.unlink(slots, id, by_expiry);
+            if list.newest == NIL {
+                expiry.remove(&bucket);
             }
+        }
+    }
+
+    /// The record that expires next.
+    fn next_to_expire(&self) -> Option<(u64, SlotId)> {
+        let (_, list) = self.expiry.first_key_value()?;
+        Some((self.slots[list.oldest as usize].expires, list.oldest))
+    }
+
+    fn alloc(&mut self, slot: Slot) -> SlotId {
+        match self.free {
+            NIL => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as SlotId
+            }
+            id => {
+                self.free = self.slots[id as usize].recency.older;
+                self.slots[id as usize] = slot;
+                id
+            }
+        }
+    }
+
+    fn found(&self, id: SlotId) -> Found {
+        let s = &self.slots[id as usize];
+        let record = match (s.kind, &s.data) {
+            (Kind::Response, Some(p)) => Record::Response(Arc::new(p.unpack(self.instant(s.at)))),
+            (Kind::Held, _) => Record::Held(Held {
+                status: s.status,
+                until: self.instant(s.at),
+            }),
+            _ => Record::NotReplayable,
+        };
+        Found {
+            record,
+            fingerprint: s.fingerprint,
+            expires: self.instant(s.expires),
         }
     }
 }
@@ -238,13 +484,22 @@ impl MemoryStore {
     pub fn new(max_entries: usize, max_bytes: u64) -> MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner {
-                lru: LruCache::unbounded(),
-                held: HashMap::new(),
+                epoch: Instant::now(),
+                // Sized for the bound up front: growing by doubling would copy the slab and
+                // the index, and the freed old copies linger in RSS. Untouched capacity is
+                // address space only, not memory.
+                slots: Vec::with_capacity(max_entries.min(PREALLOCATE_UP_TO)),
+                free: NIL,
+                index: HashTable::with_capacity(max_entries.min(PREALLOCATE_UP_TO)),
                 expiry: BTreeMap::new(),
+                recency: EMPTY,
+                live: 0,
+                held: 0,
                 reserved: 0,
                 bytes: 0,
-                seq: 0,
-                scopes: HashMap::new(),
+                scopes: Vec::new(),
+                scope_ids: HashMap::new(),
+                free_scopes: Vec::new(),
             }),
             max_entries,
             max_bytes,
@@ -271,28 +526,18 @@ impl MemoryStore {
     /// Looks a key up, refreshing its recency. Expired records are not returned.
     pub fn get(&self, key: &DedupKey, now: Instant) -> Option<Found> {
         let mut inner = self.inner.lock();
-        let found = |e: &Entry| Found {
-            record: e.record.clone(),
-            fingerprint: e.fingerprint,
-            expires: e.expires,
-        };
-        if let Some(e) = inner.held.get(key) {
-            if e.expires > now {
-                return Some(found(e));
-            }
-        } else if let Some(e) = inner.lru.get(key) {
-            if e.expires > now {
-                let (f, scope) = (found(e), e.scope);
-                if let Some(u) = inner.scopes.get_mut(&scope) {
-                    u.lru.promote(key);
-                }
-                return Some(f);
-            }
-        } else {
+        let id = inner.lookup(key)?;
+        let slot = &inner.slots[id as usize];
+        if slot.expires <= inner.tick(now) {
+            self.remove_locked(&mut inner, id, Removal::Expired);
             return None;
         }
-        self.remove_locked(&mut inner, key, Removal::Expired);
-        None
+        if slot.kind != Kind::Held {
+            inner.touch(id);
+        }
+        let found = inner.found(id);
+        drop(inner);
+        Some(found)
     }
 
     /// Takes a slot for a new flight, evicting the least recently used record if needed.
@@ -311,22 +556,22 @@ impl MemoryStore {
         if inner.scope_pinned(&scope) >= quota {
             return Err(Refusal::ScopeQuota);
         }
-        while inner.lru.len() + inner.held.len() + inner.reserved >= self.max_entries {
+        while inner.live + inner.reserved >= self.max_entries {
             let Some(victim) = inner.victim(&scope, quota) else {
                 // At its quota with nothing of its own to give up: other scopes' records
                 // stay. With nothing evictable at all, the store is simply full.
-                return Err(if inner.lru.is_empty() {
+                return Err(if inner.recency.oldest == NIL {
                     Refusal::Full
                 } else {
                     Refusal::ScopeQuota
                 });
             };
-            self.remove_locked(&mut inner, &victim, Removal::Capacity);
+            self.remove_locked(&mut inner, victim, Removal::Capacity);
         }
         inner.reserved += 1;
-        let u = inner.scopes.entry(scope).or_insert_with(ScopeUse::new);
-        u.keys += 1;
-        u.pinned += 1;
+        let i = inner.use_scope(scope) as usize;
+        inner.scopes[i].keys += 1;
+        inner.scopes[i].pinned += 1;
         Ok(())
     }
 
@@ -353,56 +598,79 @@ impl MemoryStore {
         now: Instant,
     ) -> bool {
         let quota = self.scope_quota.load(Ordering::Relaxed);
+        // Packing (the only allocation) happens before the lock is taken.
+        let record = record.map(|(record, fingerprint, expires)| {
+            let (kind, data, at, status, bytes) = match record {
+                Record::Response(r) => (
+                    Kind::Response,
+                    Some(Packed::pack(&r)),
+                    Some(r.completed_at),
+                    0,
+                    r.weight(),
+                ),
+                Record::NotReplayable => (Kind::NotReplayable, None, None, 0, 64),
+                Record::Held(h) => (Kind::Held, None, Some(h.until), h.status, 64),
+            };
+            (kind, data, at, status, bytes, fingerprint, expires)
+        });
         let mut inner = self.inner.lock();
         inner.reserved = inner.reserved.saturating_sub(1);
-        inner.unuse(&scope, |u| {
-            u.keys = u.keys.saturating_sub(1);
-            u.pinned = u.pinned.saturating_sub(1);
-        });
-        let Some((record, fingerprint, expires)) = record else {
+        if let Some(&i) = inner.scope_ids.get(&scope) {
+            inner.unuse(i, true);
+        }
+        let Some((kind, data, at, status, bytes, fingerprint, expires)) = record else {
             return true;
         };
         self.sweep_locked(&mut inner, now);
-        let bytes = match &record {
-            Record::Response(r) => r.weight(),
-            Record::NotReplayable | Record::Held(_) => 64,
-        };
         // A flight's own key may still hold an expired or replaced record.
-        self.remove_locked(&mut inner, &key, Removal::Replaced);
+        if let Some(id) = inner.lookup(&key) {
+            self.remove_locked(&mut inner, id, Removal::Replaced);
+        }
         while inner.bytes + bytes > self.max_bytes
-            || inner.lru.len() + inner.held.len() + inner.reserved >= self.max_entries
+            || inner.live + inner.reserved >= self.max_entries
         {
             let Some(victim) = inner.victim(&scope, quota) else {
                 self.stats.evicted_capacity.fetch_add(1, Ordering::Relaxed);
                 return false;
             };
-            self.remove_locked(&mut inner, &victim, Removal::Capacity);
+            self.remove_locked(&mut inner, victim, Removal::Capacity);
         }
-        inner.seq += 1;
-        let seq = inner.seq;
-        inner.expiry.insert((expires, seq), key);
-        inner.bytes += bytes;
-        let entry = Entry {
-            record,
-            fingerprint,
-            expires,
-            seq,
+        let scope_slot = inner.use_scope(scope);
+        let slot = Slot {
+            key,
+            fingerprint: fingerprint.tag(),
+            expires: inner.tick(expires),
+            expiry: UNLINKED,
+            at: at.map_or(0, |t| inner.tick(t)),
+            data,
+            recency: UNLINKED,
+            scope_recency: UNLINKED,
+            scope: scope_slot,
             bytes,
-            scope,
+            status,
+            kind,
         };
-        let held = matches!(entry.record, Record::Held(_));
-        let u = inner.scopes.entry(scope).or_insert_with(ScopeUse::new);
-        u.keys += 1;
-        if held {
-            u.pinned += 1;
-        } else {
-            u.lru.put(key, ());
-        }
-        if held {
-            inner.held.insert(key, entry);
+        let id = inner.alloc(slot);
+        let Inner { index, slots, .. } = &mut *inner;
+        index.insert_unique(hash_of(&key), id, |&i| hash_of(&slots[i as usize].key));
+        inner.file_expiry(id);
+        inner.bytes += bytes;
+        inner.live += 1;
+        let u = scope_slot as usize;
+        inner.scopes[u].keys += 1;
+        if kind == Kind::Held {
+            inner.scopes[u].pinned += 1;
+            inner.held += 1;
             self.stats.held.fetch_add(1, Ordering::Relaxed);
         } else {
-            inner.lru.put(key, entry);
+            let Inner {
+                slots,
+                recency,
+                scopes,
+                ..
+            } = &mut *inner;
+            recency.push_newest(slots, id, store_wide);
+            scopes[u].recency.push_newest(slots, id, per_scope);
         }
         self.publish(&inner);
         true
@@ -411,41 +679,49 @@ impl MemoryStore {
     /// Removes a stored record (admin purge). Held keys cannot be purged: the call may run.
     pub fn purge(&self, key: &DedupKey) -> bool {
         let mut inner = self.inner.lock();
-        if inner.lru.contains(key) {
-            self.remove_locked(&mut inner, key, Removal::Replaced);
-            true
-        } else {
-            false
+        match inner.lookup(key) {
+            Some(id) if inner.slots[id as usize].kind != Kind::Held => {
+                self.remove_locked(&mut inner, id, Removal::Replaced);
+                true
+            }
+            _ => false,
         }
     }
 
     /// Unexpired kept keys whose hex form starts with `prefix`, at most `limit` of them.
     pub fn find(&self, prefix: &str, limit: usize, now: Instant) -> Vec<(DedupKey, Kept)> {
         let inner = self.inner.lock();
-        let kind = |e: &Entry| match e.record {
-            Record::Response(_) => Kept::Response,
-            Record::NotReplayable => Kept::NotReplayable,
-            Record::Held(_) => Kept::Held,
-        };
+        let now = inner.tick(now);
         inner
-            .held
+            .slots
             .iter()
-            .chain(inner.lru.iter())
-            .filter(|(k, e)| e.expires > now && k.has_hex_prefix(prefix))
+            .filter(|s| s.kind != Kind::Free && s.expires > now && s.key.has_hex_prefix(prefix))
             .take(limit)
-            .map(|(k, e)| (*k, kind(e)))
+            .map(|s| {
+                let kept = match s.kind {
+                    Kind::Held => Kept::Held,
+                    Kind::NotReplayable => Kept::NotReplayable,
+                    _ => Kept::Response,
+                };
+                (s.key, kept)
+            })
             .collect()
     }
 
     /// Unexpired held keys, the soonest freed first.
     pub fn held(&self, now: Instant) -> Vec<(DedupKey, Held)> {
         let inner = self.inner.lock();
+        let tick = inner.tick(now);
         let mut all: Vec<(DedupKey, Held)> = inner
-            .held
+            .slots
             .iter()
-            .filter_map(|(k, e)| match e.record {
-                Record::Held(h) if e.expires > now => Some((*k, h)),
-                _ => None,
+            .filter(|s| s.kind == Kind::Held && s.expires > tick)
+            .map(|s| {
+                let held = Held {
+                    status: s.status,
+                    until: inner.instant(s.at),
+                };
+                (s.key, held)
             })
             .collect();
         all.sort_by_key(|(_, h)| h.until);
@@ -456,8 +732,8 @@ impl MemoryStore {
     pub fn summary(&self) -> Summary {
         let inner = self.inner.lock();
         Summary {
-            entries: inner.lru.len() + inner.held.len(),
-            held: inner.held.len(),
+            entries: inner.live,
+            held: inner.held,
             reserved: inner.reserved,
             bytes: inner.bytes,
             max_entries: self.max_entries,
@@ -476,40 +752,55 @@ impl MemoryStore {
     /// Number of kept records and reserved flight slots, for tests and the admin view.
     pub fn len(&self) -> (usize, usize) {
         let inner = self.inner.lock();
-        (inner.lru.len() + inner.held.len(), inner.reserved)
+        (inner.live, inner.reserved)
     }
 
     fn sweep_locked(&self, inner: &mut Inner, now: Instant) {
-        while let Some((&(at, _), &key)) = inner.expiry.first_key_value() {
+        let now = inner.tick(now);
+        while let Some((at, id)) = inner.next_to_expire() {
             if at > now {
                 break;
             }
-            self.remove_locked(inner, &key, Removal::Expired);
+            self.remove_locked(inner, id, Removal::Expired);
         }
     }
 
-    fn remove_locked(&self, inner: &mut Inner, key: &DedupKey, why: Removal) {
-        let entry = match inner.held.remove(key) {
-            Some(e) => {
-                self.stats.held.fetch_sub(1, Ordering::Relaxed);
-                e
-            }
-            None => match inner.lru.pop(key) {
-                Some(e) => e,
-                None => return,
-            },
+    fn remove_locked(&self, inner: &mut Inner, id: SlotId, why: Removal) {
+        let slot = &inner.slots[id as usize];
+        let (key, kind, bytes, scope) = (slot.key, slot.kind, slot.bytes, slot.scope);
+        if kind == Kind::Free {
+            return;
+        }
+        let held = kind == Kind::Held;
+        if held {
+            inner.held -= 1;
+            self.stats.held.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            let Inner {
+                slots,
+                recency,
+                scopes,
+                ..
+            } = &mut *inner;
+            recency.unlink(slots, id, store_wide);
+            scopes[scope as usize].recency.unlink(slots, id, per_scope);
+        }
+        if let Ok(entry) = inner.index.find_entry(hash_of(&key), |&i| i == id) {
+            entry.remove();
+        }
+        inner.unfile_expiry(id);
+        inner.bytes -= bytes;
+        inner.live -= 1;
+        inner.unuse(scope, held);
+        let free = inner.free;
+        let slot = &mut inner.slots[id as usize];
+        slot.kind = Kind::Free;
+        slot.data = None;
+        slot.recency = Links {
+            newer: NIL,
+            older: free,
         };
-        inner.expiry.remove(&(entry.expires, entry.seq));
-        inner.bytes -= entry.bytes;
-        let held = matches!(entry.record, Record::Held(_));
-        inner.unuse(&entry.scope, |u| {
-            u.keys = u.keys.saturating_sub(1);
-            if held {
-                u.pinned = u.pinned.saturating_sub(1);
-            } else {
-                u.lru.pop(key);
-            }
-        });
+        inner.free = id;
         match why {
             Removal::Capacity => self.stats.evicted_capacity.fetch_add(1, Ordering::Relaxed),
             Removal::Expired => self.stats.evicted_expired.fetch_add(1, Ordering::Relaxed),
@@ -519,10 +810,9 @@ impl MemoryStore {
     }
 
     fn publish(&self, inner: &Inner) {
-        self.stats.entries.store(
-            (inner.lru.len() + inner.held.len()) as u64,
-            Ordering::Relaxed,
-        );
+        self.stats
+            .entries
+            .store(inner.live as u64, Ordering::Relaxed);
         self.stats.bytes.store(inner.bytes, Ordering::Relaxed);
     }
 }
@@ -537,7 +827,6 @@ enum Removal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn key(n: u8) -> DedupKey {
         DedupKey([n; 32])
@@ -641,7 +930,7 @@ mod tests {
             s.settle_for(key(9), scope(sc), None, later);
         }
         assert_eq!(s.scope_keys(&scope(1)), 0);
-        assert_eq!(s.inner.lock().scopes.len(), 0);
+        assert_eq!(s.inner.lock().scope_ids.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -712,5 +1001,117 @@ mod tests {
         assert!(s.get(&key(2), now).is_none());
         assert!(s.get(&key(3), now).is_some());
         assert_eq!(s.stats().bytes.load(Ordering::Relaxed), r.weight() * 2);
+    }
+
+    /// Walks every structure of the slab and checks it against the counts.
+    fn check_invariants(s: &MemoryStore) {
+        let inner = s.inner.lock();
+        let live: Vec<SlotId> = (0..inner.slots.len() as SlotId)
+            .filter(|&i| inner.slots[i as usize].kind != Kind::Free)
+            .collect();
+        assert_eq!(live.len(), inner.live);
+        assert_eq!(inner.index.len(), inner.live);
+        for &id in &live {
+            assert_eq!(inner.lookup(&inner.slots[id as usize].key), Some(id));
+        }
+        let walk = |list: List, field: fn(&Slot) -> Links| {
+            let (mut n, mut at, mut newer) = (0, list.newest, NIL);
+            while at != NIL {
+                let l = field(&inner.slots[at as usize]);
+                assert_eq!(l.newer, newer);
+                (newer, at, n) = (at, l.older, n + 1);
+            }
+            assert_eq!(newer, list.oldest);
+            n
+        };
+        assert_eq!(walk(inner.recency, |s| s.recency), inner.live - inner.held);
+        let mut filed = 0;
+        let mut last = 0;
+        for (&bucket, &list) in &inner.expiry {
+            filed += walk(list, |s| s.expiry);
+            let mut at = list.oldest;
+            while at != NIL {
+                let e = inner.slots[at as usize].expires;
+                assert!(e >= last && e / NANOS_PER_BUCKET == bucket);
+                last = e;
+                at = inner.slots[at as usize].expiry.newer;
+            }
+        }
+        assert_eq!(filed, inner.live);
+        let scoped: usize = inner
+            .scope_ids
+            .values()
+            .map(|&i| walk(inner.scopes[i as usize].recency, |s| s.scope_recency))
+            .sum();
+        assert_eq!(scoped, inner.live - inner.held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mixed_retentions_expire_exactly_and_the_slab_stays_consistent() {
+        let s = MemoryStore::new(64, 1 << 20);
+        s.set_scope_quota(24);
+        let start = Instant::now();
+        let mut now = start;
+        // key -> expiry, the model.
+        let mut model: HashMap<u8, Instant> = HashMap::new();
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let ttls = [900, 1000, 1500, 5000, 5001, 60_000];
+        for step in 0..5000 {
+            now += Duration::from_millis(next() % 400);
+            let k = (next() % 96) as u8;
+            match next() % 4 {
+                0 | 1 => {
+                    let scope = scope((next() % 3) as u8);
+                    if s.reserve_for(now, scope).is_err() {
+                        continue;
+                    }
+                    let ttl = Duration::from_millis(ttls[(next() % 6) as usize]);
+                    let record = if next() % 8 == 0 {
+                        Record::Held(Held {
+                            status: 502,
+                            until: now + ttl,
+                        })
+                    } else {
+                        resp(b"x", now)
+                    };
+                    if s.settle_for(key(k), scope, Some((record, fp(), now + ttl)), now) {
+                        model.insert(k, now + ttl);
+                    }
+                }
+                2 => {
+                    let expected = model.get(&k).is_some_and(|&e| e > now);
+                    // Evictions may have dropped it; an expired record is never returned.
+                    let got = s.get(&key(k), now).is_some();
+                    assert!(
+                        !got || expected,
+                        "step {step}: key {k} returned after expiry"
+                    );
+                }
+                _ => s.sweep(now),
+            }
+            // Whatever is kept is unexpired once swept.
+            s.sweep(now);
+            let inner = s.inner.lock();
+            let t = inner.tick(now);
+            assert!(inner
+                .slots
+                .iter()
+                .all(|sl| sl.kind == Kind::Free || sl.expires > t));
+            drop(inner);
+            check_invariants(&s);
+        }
+        // Everything expires in the end, and nothing is left behind.
+        s.sweep(now + Duration::from_secs(61));
+        check_invariants(&s);
+        assert_eq!(s.len(), (0, 0));
+        assert_eq!(s.inner.lock().expiry.len(), 0);
+        assert_eq!(s.inner.lock().scope_ids.len(), 0);
+        assert!(s.stats().evicted_expired.load(Ordering::Relaxed) > 100);
     }
 }
