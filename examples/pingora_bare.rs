@@ -1,5 +1,5 @@
 //! Reference point for `bench/run.sh` (not part of idem): the smallest Pingora 0.9 proxy,
-//! with the settings idem runs with (threads, allocator, no L4 read buffer on client
+//! with the settings idem runs with (threads, no work stealing, allocator, no L4 read buffer on client
 //! connections, h1). It forwards everything to one backend and does nothing else, so its
 //! throughput is the ceiling of any proxy built on Pingora on the machine at hand.
 //!
@@ -68,7 +68,7 @@ fn main() {
     };
     let mut conf = ServerConf {
         threads: env("BARE_THREADS", 2),
-        work_stealing: env("BARE_WORK_STEALING", 1) == 1,
+        work_stealing: env("BARE_WORK_STEALING", 0) == 1,
         listener_tasks_per_fd: env("BARE_LISTENER_TASKS", 1),
         ..ServerConf::default()
     };

@@ -40,6 +40,7 @@ pub struct RawConfig {
 pub struct RawServer {
     pub listen: Option<OneOrMany>,
     pub threads: Option<usize>,
+    pub work_stealing: Option<bool>,
     #[serde(default, deserialize_with = "de_duration_opt")]
     pub grace_period: Option<Duration>,
     #[serde(default, deserialize_with = "de_duration_opt")]

@@ -76,6 +76,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
 
     let mut conf = ServerConf {
         threads: settings.threads,
+        work_stealing: settings.work_stealing,
         grace_period_seconds: Some(settings.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
