@@ -6,6 +6,7 @@
 //! many waiters a leader's outcome served.
 
 use crate::config::LogFormat;
+use crate::key::DedupKey;
 use crate::metrics::{Metrics, Outcome, RouteId};
 use pingora::proxy::Session;
 use pingora::Error;
@@ -24,7 +25,7 @@ pub struct Entry<'a> {
     /// How idem answered.
     pub outcome: Outcome,
     /// Short dedup key hash, when one was derived.
-    pub key: Option<&'a str>,
+    pub key: Option<&'a DedupKey>,
     /// From request head to the end of the answer.
     pub took: Duration,
     /// Upstream latency to the response header (leaders and pass-through).
@@ -45,6 +46,8 @@ pub fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
     let req = session.req_header();
     let route = entry.metrics.route_name(entry.route);
     let error = e.map(|e| e.to_string());
+    let key = entry.key.map(|k| k.short());
+    let key = key.as_deref().unwrap_or("-");
     // Milliseconds with microsecond precision.
     let upstream_ms = entry.upstream.map(|d| d.as_micros() as f64 / 1000.0);
     match entry.format {
@@ -54,11 +57,12 @@ pub fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
             route = %route,
             status,
             outcome = entry.outcome.as_str(),
-            key = entry.key.unwrap_or("-"),
+            key,
             ms = entry.took.as_millis() as u64,
             upstream_ms,
             waiters_served = entry.waiters_served.map(|n| n as u64),
-            error = error.as_deref().unwrap_or(""),
+            // Absent when the request ended without an error (`Option` records only `Some`).
+            error = error.as_deref(),
             "request"
         ),
         LogFormat::Text => tracing::info!(
@@ -69,7 +73,7 @@ pub fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
             route,
             status,
             entry.outcome.as_str(),
-            entry.key.unwrap_or("-"),
+            key,
             entry.took.as_millis(),
             upstream_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),
             entry

@@ -140,6 +140,8 @@ pub struct Metrics {
     store_bytes: IntGauge,
     store_evictions: IntCounterVec,
     store_operations: IntCounterVec,
+    /// The `op="lookup"` series by `STORE_LOOKUP_RESULTS`, resolved once (one per request).
+    lookups: Vec<IntCounter>,
     shadow_duplicates: IntCounterVec,
     /// Configured bounds, so dashboards and alerts can relate usage to them.
     store_max_entries: IntGauge,
@@ -187,7 +189,7 @@ impl Metrics {
         registry
             .register(Box::new(client_aborts.clone()))
             .expect("unique metric");
-        let m = Metrics {
+        let mut m = Metrics {
             requests: counter(
                 "idem_requests_total",
                 "Requests by route and how idem answered them.",
@@ -249,6 +251,7 @@ impl Metrics {
                 "Configured bound on waiters across all keys (server.max_waiters).",
             ),
             client_aborts,
+            lookups: Vec::new(),
             routes: parking_lot::RwLock::new(Vec::new()),
             request_series: parking_lot::RwLock::new(Vec::new()),
             registry,
@@ -257,9 +260,10 @@ impl Metrics {
         for reason in ["capacity", "expired"] {
             m.store_evictions.with_label_values(&[reason]);
         }
-        for result in STORE_LOOKUP_RESULTS {
-            m.store_operations.with_label_values(&["lookup", result]);
-        }
+        m.lookups = STORE_LOOKUP_RESULTS
+            .iter()
+            .map(|result| m.store_operations.with_label_values(&["lookup", result]))
+            .collect();
         Arc::new(m)
     }
 
@@ -387,6 +391,12 @@ impl Metrics {
 
     /// A store operation (`op`: lookup) and its result (hit, miss, inflight, full, error).
     pub fn store_op(&self, op: &'static str, result: &'static str) {
+        if op == "lookup" {
+            if let Some(i) = STORE_LOOKUP_RESULTS.iter().position(|r| *r == result) {
+                self.lookups[i].inc();
+                return;
+            }
+        }
         self.store_operations.with_label_values(&[op, result]).inc();
     }
 

@@ -23,7 +23,7 @@ use crate::admission::{admit, Admission};
 use crate::config::Mode;
 use crate::flight::{self, LeaderReply, Plan};
 use crate::inflight::{Coordinator, JoinRequest, Joined, Outcome, Retention};
-use crate::key::{Fingerprint, FingerprintHasher, KeyDeriver, Scope};
+use crate::key::{DedupKey, Fingerprint, FingerprintHasher, KeyDeriver, Scope};
 use crate::metrics::{self, Metrics, RouteId};
 use crate::problem::Problem;
 use crate::reload::{Live, Snapshot};
@@ -76,7 +76,7 @@ pub struct Ctx {
     /// Backends already tried by the pass-through path.
     tried: Vec<SocketAddr>,
     /// Short key hash for the access log.
-    key: Option<String>,
+    key: Option<DedupKey>,
     status: u16,
     /// Pass-through: when the first upstream peer was chosen.
     upstream_started: Option<Instant>,
@@ -139,7 +139,7 @@ impl Idem {
             Some(k) => self.keys.keyed(&scope, k),
             None => self.keys.by_fingerprint(&scope, &fingerprint),
         };
-        ctx.key = Some(key.short());
+        ctx.key = Some(key);
         let joined = self.coordinator.join(JoinRequest {
             key,
             fingerprint,
@@ -706,7 +706,7 @@ impl ProxyHttp for Idem {
                 route: ctx.route,
                 fallback_status: ctx.status,
                 outcome: ctx.outcome,
-                key: ctx.key.as_deref(),
+                key: ctx.key.as_ref(),
                 took,
                 upstream: ctx.upstream,
                 waiters_served: ctx.waiters_served,

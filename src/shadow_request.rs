@@ -11,7 +11,7 @@
 //!    \--over max_body / duplicate / refused----------------------/
 //! ```
 
-use crate::key::{FingerprintHasher, KeyDeriver, Scope};
+use crate::key::{DedupKey, FingerprintHasher, KeyDeriver, Scope};
 use crate::metrics::{Metrics, RouteId};
 use crate::settings::StatusSet;
 use crate::shadow::{Ending, Seen, ShadowLeader, ShadowTable};
@@ -94,7 +94,7 @@ impl ShadowRequest {
 
     /// A request body chunk on its way upstream. At the end of the body the key is derived
     /// and classified; its short hash is returned for the access log.
-    pub fn body(&mut self, chunk: Option<&[u8]>, end: bool, sinks: &Sinks<'_>) -> Option<String> {
+    pub fn body(&mut self, chunk: Option<&[u8]>, end: bool, sinks: &Sinks<'_>) -> Option<DedupKey> {
         let State::Hashing {
             hasher,
             read,
@@ -144,7 +144,7 @@ impl ShadowRequest {
             }
             Seen::Refused => State::Done,
         };
-        Some(dedup_key.short())
+        Some(dedup_key)
     }
 
     /// Pingora retries re-send the body from the start: hash it afresh.

@@ -523,6 +523,8 @@ async fn json_access_log_has_one_line_per_request_without_keys_or_bodies() {
         assert_eq!(r["method"], "POST", "{r}");
         assert_eq!(r["route"], "api", "{r}");
         assert_eq!(r["status"], 200, "{r}");
+        // `error` appears only on requests that ended with one.
+        assert!(r.get("error").is_none(), "{r}");
     }
     // The short key hash: the same for both requests of the key, 12 hex digits.
     let key = lead["key"].as_str().unwrap();
