@@ -11,8 +11,9 @@
 #        (2 workers), when nginx is installed;
 #      - idem (threads = 2) in front of the backend, access log off (IDEM_LOG=warn), and a
 #        second idem with the access log on (text, info level, to a file);
-#      - a bare Pingora proxy (`examples/pingora_bare.rs`, same threads, allocator and
-#        buffers as idem, no logic): the ceiling of a Pingora-based proxy here;
+#      - a bare Pingora proxy (`examples/pingora_bare.rs`, same threads, runtime, allocator
+#        and buffers as idem, no logic): the ceiling of a Pingora-based proxy here; and the
+#        same answering every request itself (BARE_RESPOND=1): the ceiling of a replay;
 #      - when redis-server is installed: a private redis-server (no persistence) and a third
 #        idem with `[store] kind = "redis"`;
 #   2. runs wrk (-t$THREADS -c$CONNECTIONS -d$DURATION) against each scenario, one after the
@@ -21,6 +22,7 @@
 #        backend        GET  the backend alone
 #        nginx GET      GET  through nginx proxy_pass
 #        pingora GET    GET  through the bare Pingora proxy (reference)
+#        pingora respond POST answered by bare Pingora itself, body read (replay ceiling)
 #        idem GET       GET  through idem (pass-through, streamed)
 #        idem GET+log   GET  through idem with its access log on
 #        nginx POST     POST through nginx proxy_pass (the body and key headers of idem POST)
@@ -83,11 +85,11 @@ trap 'exit 130' INT TERM
 # Allow many connections for the burst (as far as the hard limit goes).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-mapfile -t PORTS < <("$BURST" free-ports 12)
+mapfile -t PORTS < <("$BURST" free-ports 13)
 BACKEND_PORT=${PORTS[0]} NGINX_PORT=${PORTS[1]}
 IDEM_PORT=${PORTS[2]} IDEM_METRICS=${PORTS[3]} IDEM_LOG_PORT=${PORTS[4]} IDEM_LOG_METRICS=${PORTS[5]}
 BARE_PORT=${PORTS[6]} REDIS_PORT=${PORTS[7]} IDEM_REDIS_PORT=${PORTS[8]} IDEM_REDIS_METRICS=${PORTS[9]}
-BASE_PORT=${PORTS[10]} BASE_METRICS=${PORTS[11]}
+BASE_PORT=${PORTS[10]} BASE_METRICS=${PORTS[11]} BARE_RESPOND_PORT=${PORTS[12]}
 
 wait_port() {
   for _ in $(seq 1 200); do
@@ -158,6 +160,8 @@ IDEM_LOG=info "$IDEM" --config "$TMP/idem-log.toml" >"$TMP/idem-log.out" 2>"$TMP
 PIDS+=($!)
 "$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$BACKEND_PORT" >/dev/null 2>"$TMP/bare.err" &
 PIDS+=($!)
+BARE_RESPOND=1 "$BARE" "127.0.0.1:$BARE_RESPOND_PORT" "127.0.0.1:$BACKEND_PORT" >/dev/null 2>"$TMP/bare-respond.err" &
+PIDS+=($!)
 if [ "$HAVE_REDIS" = 1 ]; then
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --maxmemory-policy noeviction --dir "$TMP" >"$TMP/redis.log" 2>&1 &
@@ -182,6 +186,7 @@ fi
 wait_port "$IDEM_PORT"
 wait_port "$IDEM_LOG_PORT"
 wait_port "$BARE_PORT"
+wait_port "$BARE_RESPOND_PORT"
 [ "$HAVE_NGINX" = 1 ] && wait_port "$NGINX_PORT"
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -194,6 +199,7 @@ SCENARIOS=(
   "idem GET|http://127.0.0.1:$IDEM_PORT/|get.lua"
   "idem GET+log|http://127.0.0.1:$IDEM_LOG_PORT/|get.lua"
   "nginx POST|http://127.0.0.1:$NGINX_PORT/orders|post_fresh.lua"
+  "pingora respond|http://127.0.0.1:$BARE_RESPOND_PORT/orders|post_replay.lua"
   "idem POST|http://127.0.0.1:$IDEM_PORT/orders|post_fresh.lua"
   "idem replay|http://127.0.0.1:$IDEM_PORT/orders|post_replay.lua"
 )
@@ -277,12 +283,12 @@ mib() { if [ -n "$1" ]; then awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   ng_get=$(median "nginx GET" rps); ng_get99=$(median "nginx GET" p99_us)
   ng_post=$(median "nginx POST" rps); ng_post99=$(median "nginx POST" p99_us)
-  for name in "backend" "nginx GET" "pingora GET" "idem GET" "idem GET+log" "nginx POST" "idem POST" "idem replay" "idem POST redis" "idem replay redis" "base GET" "base POST" "base replay"; do
+  for name in "backend" "nginx GET" "pingora GET" "idem GET" "idem GET+log" "nginx POST" "pingora respond" "idem POST" "idem replay" "idem POST redis" "idem replay redis" "base GET" "base POST" "base replay"; do
     rps=$(median "$name" rps)
     [ -z "$rps" ] && continue
     case $name in
       "pingora GET" | "idem GET" | "idem GET+log" | "base GET") vs=$(ratio "$rps" "$ng_get") vs99=$(ratio "$(median "$name" p99_us)" "$ng_get99") ;;
-      "idem POST"* | "idem replay"* | "base POST" | "base replay") vs=$(ratio "$rps" "$ng_post") vs99=$(ratio "$(median "$name" p99_us)" "$ng_post99") ;;
+      "idem POST"* | "idem replay"* | "base POST" | "base replay" | "pingora respond") vs=$(ratio "$rps" "$ng_post") vs99=$(ratio "$(median "$name" p99_us)" "$ng_post99") ;;
       *) vs="" vs99="" ;;
     esac
     echo "| $name | $rps | $(ms "$(median "$name" p50_us)") | $(ms "$(median "$name" p99_us)") | ${vs:+${vs}x} | ${vs99:+${vs99}x} | $(median "$name" non2xx) | $(median "$name" errors) |"
