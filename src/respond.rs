@@ -103,7 +103,10 @@ pub async fn write_stored(
     how: Disposition,
     anonymous: bool,
 ) -> Result<()> {
-    let mut h = ResponseHeader::build(resp.status, Some(resp.headers.len() + 4))?;
+    // No case map: every name here is an `http::HeaderName` or a lowercase literal, which
+    // Pingora writes the same way with or without one (standard names titled, others as
+    // they are), and keeping the second map in step was a fifth of a replay's own cost.
+    let mut h = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 4))?;
     let replayed = !matches!(how, Disposition::Leader { .. });
     for (name, value) in &resp.headers {
         if replayed && anonymous && name == header::SET_COOKIE {
@@ -165,7 +168,7 @@ pub async fn write_stream(session: &mut Session, reply: LeaderReply) -> Result<(
 /// Writes a problem+json answer. Keep-alive is kept unless the request body may be unread.
 pub async fn write_problem(session: &mut Session, p: Problem) -> Result<()> {
     let body = Bytes::from(p.body());
-    let mut h = ResponseHeader::build(p.status(), Some(5))?;
+    let mut h = ResponseHeader::build_no_case(p.status(), Some(5))?;
     h.insert_header(header::CONTENT_TYPE, "application/problem+json")?;
     if let Some(secs) = p.retry_after() {
         h.insert_header(header::RETRY_AFTER, secs.to_string())?;

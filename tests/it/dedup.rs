@@ -1060,3 +1060,48 @@ async fn h2c_requests_are_coalesced_too() {
     assert_eq!(replay.body, r#"{"path":"/rpc/Create","call":1}"#);
     assert_eq!(backend.settled(path).await, ONE_CALL);
 }
+
+/// Stored responses and idem's own answers are built without Pingora's header-case map
+/// (src/respond.rs): on the wire, standard names must still be titled as upstream
+/// responses are, and idem's own names stay lowercase.
+#[tokio::test]
+async fn replayed_head_on_the_wire_titles_standard_names() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start().await;
+    let idem = Idem::start(&config_for(b.addr())).await;
+    let request = http_request(
+        "POST",
+        "/wire",
+        &[("idempotency-key", "wire-1"), ("connection", "close")],
+        b"x",
+    );
+    let mut heads = Vec::new();
+    for _ in 0..2 {
+        let mut conn = tokio::net::TcpStream::connect(idem.addr()).await.unwrap();
+        conn.write_all(&request).await.unwrap();
+        let mut bytes = Vec::new();
+        conn.read_to_end(&mut bytes).await.unwrap();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let head = text.split("\r\n\r\n").next().unwrap().to_string();
+        heads.push(head);
+    }
+    assert_eq!(b.counts("/wire").started, 1);
+    let replay = &heads[1];
+    for line in [
+        "\r\nContent-Length: ",
+        "\r\nAge: ",
+        "\r\nidempotent-replayed: true",
+        "\r\ncache-status: idem; hit; ttl=",
+    ] {
+        assert!(
+            replay.contains(line),
+            "{line:?} not in the replay:\n{replay}"
+        );
+    }
+    assert!(
+        heads[0].contains("\r\nContent-Length: ")
+            && heads[0].contains("\r\ncache-status: idem; fwd=uri-miss; stored"),
+        "leader:\n{}",
+        heads[0]
+    );
+}
