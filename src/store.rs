@@ -1003,6 +1003,24 @@ mod tests {
         assert_eq!(s.stats().bytes.load(Ordering::Relaxed), r.weight() * 2);
     }
 
+    /// What an entry costs is mostly its slot (BENCHMARKS.md, "stored entries": 200 bytes
+    /// beyond the response is the budget); a field added here spends it for every entry.
+    #[test]
+    fn a_slot_is_120_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 120);
+        // The packed response: its bytes plus the Arc's two counters, one allocation.
+        let r = StoredResponse {
+            status: 200,
+            headers: vec![(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain"),
+            )],
+            body: Bytes::from_static(b"ok\n"),
+            completed_at: Instant::now(),
+        };
+        assert_eq!(Packed::pack(&r).len(), 6 + 7 + 12 + 10 + 3);
+    }
+
     /// Walks every structure of the slab and checks it against the counts.
     fn check_invariants(s: &MemoryStore) {
         let inner = s.inner.lock();
