@@ -34,7 +34,7 @@ pub struct Settings {
     pub threads: usize,
     /// One work-stealing runtime over `threads` (true), or one single-threaded runtime per
     /// thread with each connection placed on one at random (false, the default: measured
-    /// faster on every path, 8 to 22 %, see BENCHMARKS.md; a connection's requests and the
+    /// faster on every path, 8 to 24 %, see BENCHMARKS.md; a connection's requests and the
     /// upstream calls they start stay on one thread, so no cross-thread wake-ups).
     pub work_stealing: bool,
     /// SIGTERM drain budget; covers the upstream total deadline.
