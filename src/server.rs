@@ -14,6 +14,7 @@
 
 use crate::admin::AdminApp;
 use crate::config::StoreKind;
+use crate::first_bytes::FirstBytesDeadline;
 use crate::inflight::Coordinator;
 use crate::key::KeyDeriver;
 use crate::metrics::{Metrics, MetricsApp};
@@ -130,13 +131,14 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         shadow,
         shared,
     };
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, idem);
+    let mut app = pingora::proxy::http_proxy(&server.configuration, idem);
     let mut options = HttpServerOptions::default();
     options.h2c = true;
-    proxy
-        .app_logic_mut()
-        .expect("fresh proxy service has its app")
-        .server_options = Some(options);
+    app.server_options = Some(options);
+    let mut proxy = Service::new(
+        "proxy".to_string(),
+        FirstBytesDeadline::new(app, live.clone()),
+    );
     for a in &listen {
         // No L4 read buffer on client connections: Pingora's HTTP/1 layer reads the head into
         // its own buffer, and the default 64 KiB buffer (zeroed by tokio) made every open

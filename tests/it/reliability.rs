@@ -665,6 +665,40 @@ async fn unfinished_heads_do_not_hold_up_other_clients() {
     assert_eq!(b.settled("/fast").await.started, 5);
 }
 
+/// A connection that sends nothing, or fewer bytes than Pingora needs to tell HTTP/2 from
+/// HTTP/1 (24), is closed without an answer once `keepalive_timeout` has passed
+/// (src/first_bytes.rs); without the deadline it stayed open for good. Connections that
+/// send a request in time are served as before, and a short request line still completes
+/// once the rest of its head arrives.
+#[tokio::test]
+async fn silent_connections_are_closed_after_keepalive_timeout() {
+    let b = Backend::start().await;
+    let config = config(&b).set("server.keepalive_timeout", "1s");
+    let idem = Idem::start(&config.to_string()).await;
+    let mut silent = RawConn::connect(idem.addr()).await;
+    let mut few = RawConn::connect(idem.addr()).await;
+    few.send(b"GET / HT").await;
+    let mut late = RawConn::connect(idem.addr()).await;
+    late.send(b"GET /late ").await;
+    let opened = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let h = host(&idem);
+    late.send(format!("HTTP/1.1\r\nhost: {h}\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(late.read_response().await.status, 200);
+    for conn in [&mut silent, &mut few] {
+        let got = read_to_close(conn).await;
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    }
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    assert_eq!(b.counts("/").started, 0);
+    assert_eq!(b.counts("/late").started, 1);
+}
+
 /// A body that never completes gets 408 body-timeout after `body_read_timeout` and the
 /// connection is closed; nothing is registered, and the same key later runs once.
 #[tokio::test]
