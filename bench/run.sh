@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: idem against nginx on loopback, side by side, in one run.
 #
-#   bench/run.sh                      # from anywhere; about 7 minutes with the defaults
+#   bench/run.sh                      # from anywhere; about 9 minutes with the defaults, plus the release build
 #
 # Builds the release binary (`cargo build --release`) and the helper `examples/burst.rs`, then:
 #   1. starts, from configs generated in a temp dir, on free loopback ports:
@@ -71,8 +71,10 @@ command -v redis-server >/dev/null && HAVE_REDIS=1
 TMP=$(mktemp -d /tmp/idem-bench.XXXXXX)
 PIDS=()
 cleanup() {
+  # SIGINT: a fast exit for all of them (on SIGTERM the bare Pingora proxy would drain for
+  # Pingora's default grace period, five minutes).
   for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
+    kill -INT "$pid" 2>/dev/null || true
   done
   for pid in "${PIDS[@]}"; do
     wait "$pid" 2>/dev/null || true
