@@ -151,8 +151,10 @@ pub struct StoreStats {
     pub held: AtomicU64,
 }
 
-/// Slots and index entries reserved at start, at most (beyond it they grow on demand).
-const PREALLOCATE_UP_TO: usize = 1 << 22;
+/// Slots and index entries reserved at start, at most (beyond it they grow on demand):
+/// 1 Mi slots are 120 MiB of address space, which a host with strict overcommit accounting
+/// (`vm.overcommit_memory = 2`) counts as committed.
+const PREALLOCATE_UP_TO: usize = 1 << 20;
 
 /// A slot index; `NIL` ends a list.
 type SlotId = u32;
