@@ -398,15 +398,36 @@ impl Inner {
         (id != NIL).then_some(id)
     }
 
-    /// Marks an evictable record as the most recently used, store-wide and in its scope.
-    fn touch(&mut self, id: SlotId) {
+    /// Applies `op` (link as newest, or unlink) to both recency orders of an evictable
+    /// record: store-wide and its scope's.
+    fn in_both_recency_orders(
+        &mut self,
+        id: SlotId,
+        op: fn(&mut List, &mut [Slot], SlotId, Field),
+    ) {
         let scope = self.slots[id as usize].scope as usize;
-        self.recency.unlink(&mut self.slots, id, store_wide);
-        self.recency.push_newest(&mut self.slots, id, store_wide);
-        let mut list = self.scopes[scope].recency;
-        list.unlink(&mut self.slots, id, per_scope);
-        list.push_newest(&mut self.slots, id, per_scope);
-        self.scopes[scope].recency = list;
+        let Inner {
+            slots,
+            recency,
+            scopes,
+            ..
+        } = self;
+        op(recency, slots, id, store_wide);
+        op(&mut scopes[scope].recency, slots, id, per_scope);
+    }
+
+    fn link_newest(&mut self, id: SlotId) {
+        self.in_both_recency_orders(id, List::push_newest);
+    }
+
+    fn unlink_recency(&mut self, id: SlotId) {
+        self.in_both_recency_orders(id, List::unlink);
+    }
+
+    /// Marks an evictable record as the most recently used.
+    fn touch(&mut self, id: SlotId) {
+        self.unlink_recency(id);
+        self.link_newest(id);
     }
 
     /// Files a new slot under its expiry: walks back from the bucket's newest past the
@@ -665,14 +686,7 @@ impl MemoryStore {
             inner.held += 1;
             self.stats.held.fetch_add(1, Ordering::Relaxed);
         } else {
-            let Inner {
-                slots,
-                recency,
-                scopes,
-                ..
-            } = &mut *inner;
-            recency.push_newest(slots, id, store_wide);
-            scopes[u].recency.push_newest(slots, id, per_scope);
+            inner.link_newest(id);
         }
         self.publish(&inner);
         true
@@ -778,14 +792,7 @@ impl MemoryStore {
             inner.held -= 1;
             self.stats.held.fetch_sub(1, Ordering::Relaxed);
         } else {
-            let Inner {
-                slots,
-                recency,
-                scopes,
-                ..
-            } = &mut *inner;
-            recency.unlink(slots, id, store_wide);
-            scopes[scope as usize].recency.unlink(slots, id, per_scope);
+            inner.unlink_recency(id);
         }
         if let Ok(entry) = inner.index.find_entry(hash_of(&key), |&i| i == id) {
             entry.remove();
