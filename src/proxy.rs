@@ -44,7 +44,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The proxy: shared state for every request.
+/// The proxy: shared state for every request (cloned once, for the HTTP/1 and the h2c app).
+#[derive(Clone)]
 pub struct Idem {
     /// The configuration in force (swapped by a reload).
     pub config: Arc<Live>,

@@ -131,13 +131,16 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         shadow,
         shared,
     };
-    let mut app = pingora::proxy::http_proxy(&server.configuration, idem);
+    // Two Pingora apps over the same state: `first_bytes.rs` tells HTTP/1 from h2c and hands
+    // each connection to the app for it.
+    let http1 = pingora::proxy::http_proxy(&server.configuration, idem.clone());
+    let mut h2c = pingora::proxy::http_proxy(&server.configuration, idem);
     let mut options = HttpServerOptions::default();
     options.h2c = true;
-    app.server_options = Some(options);
+    h2c.server_options = Some(options);
     let mut proxy = Service::new(
         "proxy".to_string(),
-        FirstBytesDeadline::new(app, live.clone()),
+        FirstBytesDeadline::new(http1, h2c, live.clone()),
     );
     for a in &listen {
         // No L4 read buffer on client connections: Pingora's HTTP/1 layer reads the head into

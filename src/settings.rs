@@ -40,7 +40,7 @@ pub struct Settings {
     /// SIGTERM drain budget; covers the upstream total deadline.
     pub grace_period: Duration,
     /// How long an idle keep-alive client connection is kept; also how long a new connection
-    /// may take to send its first bytes (`first_bytes.rs`).
+    /// may take to send its first byte (`first_bytes.rs`).
     pub keepalive_timeout: Duration,
     /// Total deadline for reading a request body that idem buffers.
     pub body_read_timeout: Duration,

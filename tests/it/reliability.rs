@@ -665,28 +665,46 @@ async fn unfinished_heads_do_not_hold_up_other_clients() {
     assert_eq!(b.settled("/fast").await.started, 5);
 }
 
-/// A connection that sends nothing, or fewer bytes than Pingora needs to tell HTTP/2 from
-/// HTTP/1 (24), is closed without an answer once `keepalive_timeout` has passed
-/// (src/first_bytes.rs); without the deadline it stayed open for good. Connections that
-/// send a request in time are served as before, and a short request line still completes
-/// once the rest of its head arrives.
+/// idem tells HTTP/1 from h2c by the first bytes itself (src/first_bytes.rs): a connection
+/// that sends nothing, or stops inside a would-be HTTP/2 preface, is closed without an
+/// answer once `keepalive_timeout` has passed (Pingora alone waited for 24 bytes forever);
+/// a complete HTTP/1.0 request shorter than 24 bytes is answered at once (Pingora alone
+/// never answered it); a slow but complete request is served.
 #[tokio::test]
-async fn silent_connections_are_closed_after_keepalive_timeout() {
+async fn first_bytes_decide_the_protocol_within_keepalive_timeout() {
     let b = Backend::start().await;
     let config = config(&b).set("server.keepalive_timeout", "1s");
     let idem = Idem::start(&config.to_string()).await;
     let mut silent = RawConn::connect(idem.addr()).await;
-    let mut few = RawConn::connect(idem.addr()).await;
-    few.send(b"GET / HT").await;
+    let mut preface = RawConn::connect(idem.addr()).await;
+    preface.send(b"PRI * HTTP/2.0\r\n").await;
     let mut late = RawConn::connect(idem.addr()).await;
     late.send(b"GET /late ").await;
     let opened = Instant::now();
+
+    let short = b"GET /short HTTP/1.0\r\n\r\n";
+    assert!(short.len() < 24);
+    let mut conn = RawConn::connect(idem.addr()).await;
+    conn.send(short).await;
+    let got = read_to_close(&mut conn).await;
+    assert_eq!(
+        status_of_any(&got),
+        Some(200),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        opened.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        opened.elapsed()
+    );
+
     tokio::time::sleep(Duration::from_millis(300)).await;
     let h = host(&idem);
     late.send(format!("HTTP/1.1\r\nhost: {h}\r\n\r\n").as_bytes())
         .await;
     assert_eq!(late.read_response().await.status, 200);
-    for conn in [&mut silent, &mut few] {
+    for conn in [&mut silent, &mut preface] {
         let got = read_to_close(conn).await;
         assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     }
@@ -695,8 +713,14 @@ async fn silent_connections_are_closed_after_keepalive_timeout() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "closed after {waited:?}"
     );
-    assert_eq!(b.counts("/").started, 0);
+    assert_eq!(b.counts("/short").started, 1);
     assert_eq!(b.counts("/late").started, 1);
+}
+
+/// The status of a response in `bytes`, HTTP/1.0 or 1.1.
+fn status_of_any(bytes: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(bytes.get(..12)?).ok()?;
+    text.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
 }
 
 /// A body that never completes gets 408 body-timeout after `body_read_timeout` and the
