@@ -181,6 +181,12 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
             coordinator: coordinator.clone(),
             ready,
             signals_installed: signals_installed.clone(),
+            listeners: listen
+                .iter()
+                .copied()
+                .chain([metrics_listen])
+                .chain(admin_listen)
+                .collect(),
             announce: format!(
                 "listening proxy={} metrics={metrics_listen}{}",
                 listen
@@ -260,6 +266,11 @@ struct Housekeeping {
     /// The listening line waits for the signal handlers: before them, SIGTERM or SIGHUP
     /// would get the default action and kill the process.
     signals_installed: Arc<Notify>,
+    /// Every address idem listens on. Pingora reports its services started before their
+    /// listeners are bound, so the listening line (and readiness) also waits until each
+    /// accepts a connection: a client that connects as soon as it reads the line must not
+    /// be refused (it was, in about one start in seven).
+    listeners: Vec<SocketAddr>,
     announce: String,
 }
 
@@ -267,6 +278,9 @@ struct Housekeeping {
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         self.signals_installed.notified().await;
+        for addr in &self.listeners {
+            wait_accepting(*addr).await;
+        }
         self.ready.store(true, Ordering::Relaxed);
         tracing::info!("{}", self.announce);
         println!("{}", self.announce);
@@ -277,6 +291,19 @@ impl BackgroundService for Housekeeping {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// Returns once `addr` accepts a TCP connection (closed at once: the proxy and the metrics
+/// and admin apps drop a connection that sends nothing), or after 10 s with a warning.
+async fn wait_accepting(addr: SocketAddr) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if tokio::time::Instant::now() >= give_up {
+            tracing::warn!(%addr, "listener not accepting connections 10 s after start");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -346,7 +373,15 @@ impl ShutdownSignalWatch for Signals {
                     tracing::info!("SIGQUIT: draining (idem does not hand its sockets over)");
                     return ShutdownSignal::GracefulTerminate;
                 }
-                _ = int.recv() => return ShutdownSignal::FastShutdown,
+                _ = int.recv() => {
+                    // Exit here rather than through Pingora's fast shutdown: with single-thread
+                    // runtimes (`work_stealing = false`), a listener whose runtime is being torn
+                    // down can spin on `accept()` failing at once ("Tokio context is being
+                    // shutdown"; nothing else wakes its loop on a fast shutdown), and the process
+                    // never exits. Seen in about one SIGINT in seven right after start.
+                    tracing::info!("SIGINT: exiting at once");
+                    std::process::exit(0);
+                }
                 _ = hup.recv() => self.reload(),
             }
         }

@@ -331,37 +331,9 @@ impl Idem {
         idem.proxy = listening.proxy;
         idem.metrics = listening.metrics;
         idem.admin = listening.admin;
-        for addr in idem
-            .proxy
-            .iter()
-            .chain(idem.metrics.iter())
-            .chain(idem.admin.iter())
-        {
-            idem.wait_connectable(*addr).await;
-        }
+        // No readiness polling: idem prints the line only once every listener accepts
+        // (`listeners_accept_as_soon_as_the_listening_line_is_out`), and every test relies on it.
         idem
-    }
-
-    /// Readiness polling: the line says the sockets are bound; a successful
-    /// connect proves they accept.
-    async fn wait_connectable(&self, addr: SocketAddr) {
-        let deadline = Instant::now() + WAIT_TIMEOUT;
-        let mut backoff = Duration::from_millis(1);
-        loop {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return;
-            }
-            if Instant::now() >= deadline || self.exit_status().is_some() {
-                panic!(
-                    "idem announced {addr} but it never accepted a connection \
-                     (exit status {:?})\n--- stderr ---\n{}",
-                    self.exit_status(),
-                    self.stderr_text()
-                );
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(50));
-        }
     }
 
     /// The first proxy listener.
