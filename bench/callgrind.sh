@@ -61,8 +61,9 @@ case $SCENARIO in
 esac
 result=$(wrk -t1 -c8 -d"${DURATION}"s "${args[@]}" | grep '^RESULT')
 kill -INT "$VG" # idem and Pingora exit at once on SIGINT; callgrind then writes its file
-# A few runs (3 in about 20) never exited after SIGINT under callgrind, spinning; never seen
-# outside valgrind (BENCHMARKS.md). Give up after a minute rather than hang.
+# A few runs (3 in about 20) never exited after SIGINT under callgrind, spinning in Pingora's
+# fast shutdown (BENCHMARKS.md; idem now exits on SIGINT itself, the bare example does not).
+# Give up after a minute rather than hang.
 for _ in $(seq 1 600); do
   kill -0 "$VG" 2>/dev/null || break
   sleep 0.1
