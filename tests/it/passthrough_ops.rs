@@ -972,7 +972,7 @@ async fn serve_upload(mut stream: TcpStream, state: Arc<watch::Sender<Upload>>) 
 }
 
 /// SIGINT exits at once, also right after start: through Pingora's fast shutdown a listener
-/// on a single-thread runtime could spin on a failing `accept()` and never exit (once in 23
+/// on a single-thread runtime could spin on a failing `accept()` and never exit (2 in 40
 /// starts). Several starts, each signalled as soon as it is listening.
 #[tokio::test]
 async fn sigint_exits_at_once_even_right_after_start() {
