@@ -231,6 +231,20 @@ impl IdemBuilder {
     }
 }
 
+/// A failing test shows what idem logged (its access lines say whether a request arrived and
+/// how it ended): printed when an `Idem` is dropped while the test thread panics.
+impl Drop for Idem {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- idem {} stderr (the test failed) ---\n{}",
+                self.proxy.first().map(|a| a.to_string()).unwrap_or_default(),
+                self.stderr_text()
+            );
+        }
+    }
+}
+
 /// A running `idem`. Dropping it SIGKILLs and reaps the process.
 pub struct Idem {
     // Declared first so the process dies before its config directory goes.
