@@ -238,7 +238,10 @@ impl Drop for Idem {
         if std::thread::panicking() {
             eprintln!(
                 "--- idem {} stderr (the test failed) ---\n{}",
-                self.proxy.first().map(|a| a.to_string()).unwrap_or_default(),
+                self.proxy
+                    .first()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
                 self.stderr_text()
             );
         }
