@@ -294,17 +294,62 @@ impl BackgroundService for Housekeeping {
     }
 }
 
-/// Returns once `addr` accepts a TCP connection (closed at once: the proxy and the metrics
-/// and admin apps drop a connection that sends nothing), or after 10 s with a warning.
+/// Returns once this process listens on `addr`, or after 10 s with a warning. A connection
+/// that succeeds is not proof: a port resolved from port 0 can be taken by another process
+/// before Pingora binds it (Pingora then logs "is in use, will try again" and retries), and
+/// the connection would reach that process. So on Linux the check is that a listening socket
+/// on the port is one of this process's own file descriptors; elsewhere, that it accepts.
 async fn wait_accepting(addr: SocketAddr) {
     let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
+    loop {
+        let ready = match own_listener(addr.port()) {
+            Some(mine) => mine,
+            None => tokio::net::TcpStream::connect(addr).await.is_ok(),
+        };
+        if ready {
+            return;
+        }
         if tokio::time::Instant::now() >= give_up {
             tracing::warn!(%addr, "listener not accepting connections 10 s after start");
             return;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Whether one of this process's sockets listens on TCP `port` (`None` where `/proc` does not
+/// tell: not Linux).
+fn own_listener(port: u16) -> Option<bool> {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let target = target.to_string_lossy();
+            if let Some(n) = target
+                .strip_prefix("socket:[")
+                .and_then(|s| s.strip_suffix(']'))
+            {
+                inodes.insert(n.to_string());
+            }
+        }
+    }
+    let mut found = false;
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+        found |= text.lines().skip(1).any(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A");
+            let on_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            listening && on_port && f.get(9).is_some_and(|i| inodes.contains(*i))
+        });
+    }
+    Some(found)
 }
 
 /// Exits the process once a graceful shutdown has nothing left to drain.
