@@ -440,7 +440,7 @@ mod tests {
         h.update(b"{\"order\":");
         h.update(b"42}");
         let fp = h.finish();
-        let hex = |b: &[u8]| crate::shared::codec::hex(b);
+        let hex = |b: &[u8]| crate::store::redis::codec::hex(b);
         assert_eq!(hex(&scope.id().0), "ad4774410bcaafd7a3c160f68ccd569d");
         assert_eq!(
             hex(&fp.0),

@@ -26,29 +26,15 @@
 
 #![warn(missing_docs)]
 
-pub mod access_log;
 pub mod admin;
-pub mod admission;
 pub mod config;
-pub mod first_bytes;
-pub mod flight;
+pub mod dedup;
+pub mod http;
+pub mod key;
+pub mod observe;
+pub mod server;
+pub mod store;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
-pub mod fuzz_props;
-pub mod inflight;
-#[cfg(test)]
-mod inflight_props;
-pub mod key;
-pub mod metrics;
-pub mod packed;
-pub mod problem;
-pub mod proxy;
-pub mod reload;
-pub mod respond;
-pub mod server;
-pub mod settings;
-pub mod shadow;
-pub mod shadow_request;
-pub mod shared;
-pub mod store;
+pub mod testing;
 pub mod upstream;

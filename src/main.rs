@@ -1,7 +1,7 @@
 //! The `idem` command line: run the proxy, or check a configuration file.
 
 use clap::{Parser, Subcommand};
-use idem::settings::Settings;
+use idem::config::settings::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: idem::config::LogFormat) {
+fn init_logging(format: idem::config::file::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IDEM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -75,7 +75,7 @@ fn init_logging(format: idem::config::LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
-        idem::config::LogFormat::Json => builder.json().init(),
-        idem::config::LogFormat::Text => builder.init(),
+        idem::config::file::LogFormat::Json => builder.json().init(),
+        idem::config::file::LogFormat::Text => builder.init(),
     }
 }

@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (Vec<u8>, Vec<u8>)| {
-    idem::fuzz_props::accept_encoding(&input.0, &input.1);
+    idem::testing::fuzz_props::accept_encoding(&input.0, &input.1);
 });

@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    idem::fuzz_props::config_text(text);
+    idem::testing::fuzz_props::config_text(text);
 });

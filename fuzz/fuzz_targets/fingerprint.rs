@@ -3,7 +3,7 @@
 //! unrelated request.
 #![no_main]
 use arbitrary::Arbitrary;
-use idem::fuzz_props::{fingerprint_pair, shifted, Request, Shift};
+use idem::testing::fuzz_props::{fingerprint_pair, shifted, Request, Shift};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]

@@ -6,7 +6,7 @@ type Side = (Vec<u8>, Vec<Vec<Vec<u8>>>);
 
 fuzz_target!(|input: (Side, Side, u8)| {
     let ((auth_a, hs_a), (auth_b, hs_b), n) = input;
-    idem::fuzz_props::scope_pair((&auth_a, &hs_a), (&auth_b, &hs_b));
+    idem::testing::fuzz_props::scope_pair((&auth_a, &hs_a), (&auth_b, &hs_b));
     // The same request with one value moved to the next header.
     let mut moved = hs_a.clone();
     if moved.len() >= 2 {
@@ -15,5 +15,5 @@ fuzz_target!(|input: (Side, Side, u8)| {
             moved[i + 1].insert(0, v);
         }
     }
-    idem::fuzz_props::scope_pair((&auth_a, &hs_a), (&auth_a.to_ascii_uppercase(), &moved));
+    idem::testing::fuzz_props::scope_pair((&auth_a, &hs_a), (&auth_a.to_ascii_uppercase(), &moved));
 });

@@ -1,0 +1,3 @@
+//! idem's own listeners besides the proxy: metrics and health, and the admin view.
+
+pub mod keys;

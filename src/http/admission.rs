@@ -1,0 +1,262 @@
+//! Admission: from the request head alone, does idem deduplicate this request, pass it
+//! through untouched, or refuse it?
+//!
+//! Decided before any body byte is read, because a body idem consumed can never be handed
+//! back to Pingora's proxy path. The one decision that needs the body (a chunked body that
+//! turns out larger than `max_body`) is made by the body reader.
+
+use crate::config::file::Mode;
+use crate::config::settings::RoutePolicy;
+use crate::http::problem::Problem;
+use crate::key::{parse_idempotency_key, KeyHeaderError};
+use http::{header, HeaderMap, Method};
+
+/// Name of the request header that carries the client's key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// What to do with a request, decided from its head.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Pass through Pingora's proxy path, streamed.
+    PassThrough {
+        /// Add `Cache-Status: idem; fwd=bypass` (the route deduplicates, this request did not).
+        mark: bool,
+        /// The body is over `max_body` (counted as `too_large`, not `bypass`).
+        too_large: bool,
+    },
+    /// Answer with a problem, without reading the body.
+    Refuse(Problem),
+    /// Read the body, derive the key, and coordinate.
+    Dedup {
+        /// The decoded `Idempotency-Key`, if any; `None` on a fingerprint route.
+        key: Option<Vec<u8>>,
+    },
+    /// Shadow route: pass through untouched (no mark), and derive the key from the body as
+    /// it streams through, to count would-be duplicates ([`crate::dedup::shadow::table`]).
+    Shadow {
+        /// The decoded `Idempotency-Key`, if any; keyless requests count by fingerprint.
+        key: Option<Vec<u8>>,
+    },
+}
+
+/// Decides admission for a request on `route`.
+pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admission {
+    let pass = |mark| Admission::PassThrough {
+        mark,
+        too_large: false,
+    };
+    match route.mode {
+        Mode::Off => return pass(false),
+        Mode::Shadow => return shadow(route, method, headers),
+        Mode::Keyed | Mode::Fingerprint | Mode::RequireKey => {}
+    }
+    if !route.is_eligible_method(method) || is_upgrade(headers) {
+        return pass(true);
+    }
+    let key = match parse_idempotency_key(
+        headers
+            .get_all(IDEMPOTENCY_KEY)
+            .iter()
+            .map(|v| v.as_bytes()),
+    ) {
+        Ok(k) => k,
+        Err(e) => return Admission::Refuse(Problem::KeyMalformed(key_error_detail(e))),
+    };
+    let protected = key.is_some() || route.mode == Mode::RequireKey;
+    match (&key, route.mode) {
+        (None, Mode::Keyed) => return pass(true),
+        (None, Mode::RequireKey) => return Admission::Refuse(Problem::MissingKey),
+        _ => {}
+    }
+    if declared_length(headers).is_some_and(|n| n > route.max_body) {
+        return if protected {
+            // A client that asked for protection never silently loses it.
+            Admission::Refuse(Problem::TooLarge)
+        } else {
+            Admission::PassThrough {
+                mark: true,
+                too_large: true,
+            }
+        };
+    }
+    Admission::Dedup { key }
+}
+
+/// Shadow routes measure what an enforcing `fingerprint` route would deduplicate. Requests it
+/// would not deduplicate (ineligible method, upgrade, body over `max_body`) or would refuse
+/// (malformed key) are passed through uncounted.
+fn shadow(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admission {
+    let pass = Admission::PassThrough {
+        mark: false,
+        too_large: false,
+    };
+    if !route.is_eligible_method(method)
+        || is_upgrade(headers)
+        || declared_length(headers).is_some_and(|n| n > route.max_body)
+    {
+        return pass;
+    }
+    match parse_idempotency_key(
+        headers
+            .get_all(IDEMPOTENCY_KEY)
+            .iter()
+            .map(|v| v.as_bytes()),
+    ) {
+        Ok(key) => Admission::Shadow { key },
+        Err(_) => pass,
+    }
+}
+
+fn key_error_detail(e: KeyHeaderError) -> &'static str {
+    match e {
+        KeyHeaderError::Repeated => "The Idempotency-Key header must appear once.",
+        KeyHeaderError::Empty => "The Idempotency-Key header must not be empty.",
+        KeyHeaderError::Malformed => "The Idempotency-Key must be a quoted string or a token of visible ASCII without quotes, commas or spaces.",
+        KeyHeaderError::TooLong => "The Idempotency-Key must be at most 255 bytes.",
+    }
+}
+
+/// `Content-Length`, when present and valid (Pingora has already rejected conflicting framing).
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::settings::Settings;
+    use std::path::Path;
+
+    fn route(mode: &str) -> RoutePolicy {
+        let toml = format!("[dedup]\nmode = \"{mode}\"\nmax_body = \"10B\"\n");
+        Settings::from_toml_str(&toml, Path::new("t.toml"))
+            .unwrap()
+            .default_route
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn modes_decide_keyless_requests() {
+        let none = headers(&[]);
+        assert_eq!(
+            admit(&route("keyed"), &Method::POST, &none),
+            Admission::PassThrough {
+                mark: true,
+                too_large: false
+            }
+        );
+        assert_eq!(
+            admit(&route("fingerprint"), &Method::POST, &none),
+            Admission::Dedup { key: None }
+        );
+        assert_eq!(
+            admit(&route("require-key"), &Method::POST, &none),
+            Admission::Refuse(Problem::MissingKey)
+        );
+        assert_eq!(
+            admit(
+                &route("off"),
+                &Method::POST,
+                &headers(&[("idempotency-key", "k")])
+            ),
+            Admission::PassThrough {
+                mark: false,
+                too_large: false
+            }
+        );
+    }
+
+    #[test]
+    fn shadow_routes_pass_everything_through_and_hash_what_dedup_would_take() {
+        let shadow = route("shadow");
+        let none = headers(&[]);
+        let plain = Admission::PassThrough {
+            mark: false,
+            too_large: false,
+        };
+        assert_eq!(
+            admit(&shadow, &Method::POST, &none),
+            Admission::Shadow { key: None }
+        );
+        assert_eq!(
+            admit(
+                &shadow,
+                &Method::POST,
+                &headers(&[("idempotency-key", "k")])
+            ),
+            Admission::Shadow {
+                key: Some(b"k".to_vec())
+            }
+        );
+        assert_eq!(admit(&shadow, &Method::GET, &none), plain);
+        assert_eq!(
+            admit(
+                &shadow,
+                &Method::POST,
+                &headers(&[("content-length", "11")])
+            ),
+            plain
+        );
+        let repeated = headers(&[("idempotency-key", "a"), ("idempotency-key", "b")]);
+        assert_eq!(admit(&shadow, &Method::POST, &repeated), plain);
+    }
+
+    #[test]
+    fn ineligible_methods_pass_through_even_with_a_key() {
+        let h = headers(&[("idempotency-key", "k")]);
+        assert_eq!(
+            admit(&route("require-key"), &Method::GET, &h),
+            Admission::PassThrough {
+                mark: true,
+                too_large: false
+            }
+        );
+    }
+
+    #[test]
+    fn bad_keys_are_refused_before_the_body() {
+        let h = headers(&[("idempotency-key", "a"), ("idempotency-key", "b")]);
+        assert!(matches!(
+            admit(&route("keyed"), &Method::POST, &h),
+            Admission::Refuse(Problem::KeyMalformed(_))
+        ));
+    }
+
+    #[test]
+    fn oversized_bodies_refused_only_when_protection_was_asked_for() {
+        let big = headers(&[("content-length", "11")]);
+        assert_eq!(
+            admit(&route("fingerprint"), &Method::POST, &big),
+            Admission::PassThrough {
+                mark: true,
+                too_large: true
+            }
+        );
+        let big_keyed = headers(&[("content-length", "11"), ("idempotency-key", "k")]);
+        assert_eq!(
+            admit(&route("fingerprint"), &Method::POST, &big_keyed),
+            Admission::Refuse(Problem::TooLarge)
+        );
+        let fits = headers(&[("content-length", "10"), ("idempotency-key", "k")]);
+        assert_eq!(
+            admit(&route("keyed"), &Method::POST, &fits),
+            Admission::Dedup {
+                key: Some(b"k".to_vec())
+            }
+        );
+    }
+}

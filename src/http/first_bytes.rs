@@ -1,0 +1,147 @@
+//! What a new client connection speaks, decided from its first bytes, within a deadline.
+//!
+//! idem's listeners speak HTTP/1.1 and h2c (HTTP/2 with prior knowledge). Left to itself,
+//! Pingora tells them apart by waiting for 24 bytes (the length of the HTTP/2 preface) with
+//! no timeout, which has two faults: a connection that sends nothing, or a few bytes, stays
+//! open for good; and a complete HTTP/1 request shorter than 24 bytes (`OPTIONS /
+//! HTTP/1.0` and an empty line, HAProxy's default health check, is 22) is never answered.
+//!
+//! idem decides itself: it reads until the bytes stop matching the preface (HTTP/1: no
+//! request starts with `PRI * HTTP/2.0`, which RFC 9113 3.4 reserves for the preface) or
+//! all 24 match (h2c), puts them back, and hands the connection to the matching Pingora
+//! app: one with h2c detection off for HTTP/1 (no second wait), one with it on for h2c
+//! (whose own peek finds the bytes at once). The first byte must come within
+//! `[server] keepalive_timeout` (the value in force when the connection arrives), like any
+//! idle keep-alive connection; a connection that sends nothing by then, or stops inside a
+//! would-be preface, is closed without an answer and logged at debug. This runs once per
+//! connection, not per request.
+
+use crate::config::live::Live;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as TcpStream;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use std::sync::Arc;
+use tokio::io::AsyncReadExt;
+
+/// The HTTP/2 connection preface (RFC 9113 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Anything that is not the HTTP/2 preface.
+    Http1,
+    /// The HTTP/2 preface, whole.
+    H2c,
+}
+
+/// The protocol `first` bytes show, or `None` while they are still a prefix of the preface.
+pub fn sniff(first: &[u8]) -> Option<Protocol> {
+    let n = first.len().min(PREFACE.len());
+    if first[..n] != PREFACE[..n] {
+        Some(Protocol::Http1)
+    } else if n == PREFACE.len() {
+        Some(Protocol::H2c)
+    } else {
+        None
+    }
+}
+
+/// Sends each new connection to the HTTP/1 or the h2c app, within the first-bytes deadline.
+pub struct FirstBytesDeadline<H1, H2> {
+    http1: Arc<H1>,
+    h2c: Arc<H2>,
+    live: Arc<Live>,
+}
+
+impl<H1, H2> FirstBytesDeadline<H1, H2> {
+    /// `http1` must not look for the h2c preface itself; `h2c` must.
+    pub fn new(http1: H1, h2c: H2, live: Arc<Live>) -> FirstBytesDeadline<H1, H2> {
+        FirstBytesDeadline {
+            http1: Arc::new(http1),
+            h2c: Arc::new(h2c),
+            live,
+        }
+    }
+}
+
+/// Reads until [`sniff`] decides, then puts the bytes back.
+async fn read_first_bytes(stream: &mut TcpStream) -> std::io::Result<Protocol> {
+    let mut buf = [0u8; PREFACE.len()];
+    let mut have = 0;
+    let protocol = loop {
+        let n = stream.read(&mut buf[have..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        have += n;
+        if let Some(p) = sniff(&buf[..have]) {
+            break p;
+        }
+    };
+    stream.rewind(&buf[..have]);
+    Ok(protocol)
+}
+
+#[async_trait]
+impl<H1, H2> ServerApp for FirstBytesDeadline<H1, H2>
+where
+    H1: ServerApp + Send + Sync + 'static,
+    H2: ServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // idem listens on TCP only; anything else keeps Pingora's own detection.
+        if !(*stream).as_any().is::<TcpStream>() {
+            return self.h2c.process_new(stream, shutdown).await;
+        }
+        let mut tcp: Box<TcpStream> = stream.into_any().downcast().ok()?;
+        let deadline = self.live.load().settings.keepalive_timeout;
+        let protocol = match tokio::time::timeout(deadline, read_first_bytes(&mut tcp)).await {
+            Ok(Ok(p)) => p,
+            // Closed or reset before sending a request: nothing to answer.
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                tracing::debug!(
+                    ?deadline,
+                    "closing a client connection that sent no request within keepalive_timeout"
+                );
+                return None;
+            }
+        };
+        let stream: Stream = tcp;
+        match protocol {
+            Protocol::Http1 => self.http1.process_new(stream, shutdown).await,
+            Protocol::H2c => self.h2c.process_new(stream, shutdown).await,
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.http1.cleanup().await;
+        self.h2c.cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniff_decides_at_the_first_byte_that_differs_from_the_preface() {
+        assert_eq!(sniff(b"G"), Some(Protocol::Http1));
+        assert_eq!(sniff(b"OPTIONS / HTTP/1.0\r\n\r\n"), Some(Protocol::Http1));
+        assert_eq!(sniff(b"P"), None);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(sniff(b"POST / HTTP/1.1"), Some(Protocol::Http1));
+        assert_eq!(sniff(b"PRI * HTTP/1.1"), Some(Protocol::Http1));
+        assert_eq!(sniff(PREFACE), Some(Protocol::H2c));
+        let mut more = PREFACE.to_vec();
+        more.extend_from_slice(b"\x00\x00\x12\x04");
+        assert_eq!(sniff(&more), Some(Protocol::H2c));
+    }
+}

@@ -1,0 +1,219 @@
+//! Writes idem's own answers to the client: stored responses (to the leader, to waiters, as
+//! replays), streamed responses, and problems.
+//!
+//! Replays and collapsed responses keep the stored status, headers and body. Hop-by-hop
+//! headers were dropped when the response was stored; framing is recomputed here
+//! (`Content-Length`), Pingora regenerates `Date` and `Connection`, and idem adds `Age`,
+//! `Cache-Status` (RFC 9211, member `idem`) and `Idempotent-Replayed: true`. A response
+//! served from another request's call into the anonymous scope drops `Set-Cookie`.
+
+use crate::dedup::leader::LeaderReply;
+use crate::http::problem::Problem;
+use crate::store::memory::StoredResponse;
+use bytes::Bytes;
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType, Result};
+use tokio::time::Instant;
+
+/// How the response reached this client: decides `Cache-Status` and replay headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The leader's own response; `stored` says whether it was kept for replay.
+    Leader {
+        /// Kept for replay.
+        stored: bool,
+    },
+    /// A waiter attached to the leader's call.
+    Collapsed,
+    /// A stored response, with the seconds of retention left.
+    Replay {
+        /// Seconds until the record expires.
+        ttl: u64,
+    },
+}
+
+impl Disposition {
+    fn cache_status(self) -> String {
+        match self {
+            Disposition::Leader { stored: true } => "idem; fwd=uri-miss; stored".to_string(),
+            Disposition::Leader { stored: false } => "idem; fwd=uri-miss".to_string(),
+            Disposition::Collapsed => "idem; fwd=uri-miss; collapsed".to_string(),
+            Disposition::Replay { ttl } => format!("idem; hit; ttl={ttl}"),
+        }
+    }
+}
+
+/// `Cache-Status` for a pass-through on an eligible route.
+pub const CACHE_STATUS_BYPASS: &str = "idem; fwd=bypass";
+
+/// Appends idem's member to any upstream `Cache-Status` (RFC 9211 lists the nearest cache
+/// last... and idem is the cache nearest the client).
+pub fn append_cache_status(h: &mut ResponseHeader, member: &str) -> Result<()> {
+    let value = match h.headers.get("cache-status").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {member}"),
+        _ if member == CACHE_STATUS_BYPASS => {
+            // The pass-through hot path: no allocation for the value.
+            h.insert_header(
+                "cache-status",
+                http::HeaderValue::from_static(CACHE_STATUS_BYPASS),
+            )?;
+            return Ok(());
+        }
+        _ => member.to_string(),
+    };
+    h.insert_header("cache-status", value)?;
+    Ok(())
+}
+
+/// Whether a client sending `accept_encoding` can read a body with `resp`'s content coding.
+/// idem asks upstream for `identity`, so this only bites when a backend ignores that.
+/// No `Accept-Encoding` at all means any coding is acceptable (RFC 9110 12.5.3).
+pub fn readable_by(resp: &StoredResponse, accept_encoding: Option<&http::HeaderValue>) -> bool {
+    let coding = resp
+        .headers
+        .iter()
+        .find(|(n, _)| n == header::CONTENT_ENCODING)
+        .and_then(|(_, v)| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let Some(coding) = coding.filter(|c| !c.is_empty() && c != "identity") else {
+        return true;
+    };
+    let Some(accept) = accept_encoding.and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    accept.split(',').any(|item| {
+        let mut parts = item.split(';');
+        let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        !refused && (name == coding || name == "*")
+    })
+}
+
+/// Writes a stored response.
+pub async fn write_stored(
+    session: &mut Session,
+    resp: &StoredResponse,
+    how: Disposition,
+    anonymous: bool,
+) -> Result<()> {
+    // No case map: every name here is an `http::HeaderName` or a lowercase literal, which
+    // Pingora writes the same way with or without one (standard names titled, others as
+    // they are), and keeping the second map in step was a fifth of a replay's own cost.
+    let mut h = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 4))?;
+    let replayed = !matches!(how, Disposition::Leader { .. });
+    for (name, value) in &resp.headers {
+        if replayed && anonymous && name == header::SET_COOKIE {
+            continue;
+        }
+        h.append_header(name.clone(), value.clone())?;
+    }
+    if replayed {
+        h.insert_header(
+            "idempotent-replayed",
+            http::HeaderValue::from_static("true"),
+        )?;
+        let age = Instant::now()
+            .saturating_duration_since(resp.completed_at)
+            .as_secs();
+        h.insert_header(header::AGE, http::HeaderValue::from(age))?;
+    }
+    append_cache_status(&mut h, &how.cache_status())?;
+    h.set_content_length(resp.body.len())?;
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(h), head_only || resp.body.is_empty())
+        .await?;
+    if !head_only && !resp.body.is_empty() {
+        session
+            .write_response_body(Some(resp.body.clone()), true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Streams a response the leader's call could not store. An upstream cut-off aborts the
+/// client connection (an `Err`), so the client sees a truncated response, never a complete one.
+pub async fn write_stream(session: &mut Session, reply: LeaderReply) -> Result<()> {
+    let LeaderReply::Stream {
+        mut header,
+        mut body,
+    } = reply
+    else {
+        return Err(Error::explain(ErrorType::InternalError, "not a stream"));
+    };
+    append_cache_status(&mut header, "idem; fwd=uri-miss")?;
+    session.write_response_header(header, false).await?;
+    while let Some(chunk) = body.recv().await {
+        match chunk {
+            Ok(bytes) => session.write_response_body(Some(bytes), false).await?,
+            Err(()) => {
+                return Err(Error::explain(
+                    ErrorType::ReadError,
+                    "upstream response cut off while streaming",
+                ))
+            }
+        }
+    }
+    session.write_response_body(None, true).await?;
+    Ok(())
+}
+
+/// Writes a problem+json answer. Keep-alive is kept unless the request body may be unread.
+pub async fn write_problem(session: &mut Session, p: Problem) -> Result<()> {
+    let body = Bytes::from(p.body());
+    let mut h = ResponseHeader::build_no_case(p.status(), Some(5))?;
+    h.insert_header(header::CONTENT_TYPE, "application/problem+json")?;
+    if let Some(secs) = p.retry_after() {
+        h.insert_header(header::RETRY_AFTER, secs.to_string())?;
+    }
+    append_cache_status(&mut h, &format!("idem; fwd=request; detail={}", p.kind()))?;
+    h.set_content_length(body.len())?;
+    if matches!(p, Problem::TooLarge | Problem::BodyTimeout) {
+        // The rest of the body is not worth draining to keep this connection.
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn with_coding(coding: Option<&'static str>) -> StoredResponse {
+        StoredResponse {
+            status: 200,
+            headers: coding
+                .map(|c| vec![(header::CONTENT_ENCODING, HeaderValue::from_static(c))])
+                .unwrap_or_default(),
+            body: Bytes::new(),
+            completed_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn encoded_bodies_go_only_to_clients_that_accept_them() {
+        let gz = with_coding(Some("gzip"));
+        let accept = |v: &'static str| Some(HeaderValue::from_static(v));
+        assert!(readable_by(&with_coding(None), accept("br").as_ref()));
+        assert!(readable_by(
+            &with_coding(Some("identity")),
+            accept("br").as_ref()
+        ));
+        assert!(readable_by(&gz, None));
+        assert!(readable_by(&gz, accept("br, GZIP;q=0.5").as_ref()));
+        assert!(readable_by(&gz, accept("*").as_ref()));
+        assert!(!readable_by(&gz, accept("br").as_ref()));
+        assert!(!readable_by(&gz, accept("gzip;q=0").as_ref()));
+        assert!(!readable_by(&gz, accept("identity").as_ref()));
+    }
+}

@@ -1,0 +1,85 @@
+//! The access log: one line per request, text or JSON (`[server] log_format`), written as a
+//! `tracing` event on target `idem::access` to stderr.
+//!
+//! Fields: method, path (text only), route, status, outcome, a 12-hex prefix of the dedup
+//! key (never the raw `Idempotency-Key` nor the body), total and upstream latency, and how
+//! many waiters a leader's outcome served.
+
+use crate::config::file::LogFormat;
+use crate::key::DedupKey;
+use crate::observe::metrics::{Metrics, Outcome, RouteId};
+use pingora::proxy::Session;
+use pingora::Error;
+use std::time::Duration;
+
+/// What one request contributes to its access line.
+pub struct Entry<'a> {
+    /// Text or JSON.
+    pub format: LogFormat,
+    /// For the route's name.
+    pub metrics: &'a Metrics,
+    /// The request's route.
+    pub route: RouteId,
+    /// Status when no response header was written (idem's own answers record theirs).
+    pub fallback_status: u16,
+    /// How idem answered.
+    pub outcome: Outcome,
+    /// Short dedup key hash, when one was derived.
+    pub key: Option<&'a DedupKey>,
+    /// From request head to the end of the answer.
+    pub took: Duration,
+    /// Upstream latency to the response header (leaders and pass-through).
+    pub upstream: Option<Duration>,
+    /// Waiters that received this leader's outcome.
+    pub waiters_served: Option<usize>,
+}
+
+/// Writes the line, unless `idem::access` is filtered out (then nothing is built).
+pub fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
+    if !tracing::enabled!(target: "idem::access", tracing::Level::INFO) {
+        return;
+    }
+    let status = session
+        .response_written()
+        .map(|h| h.status.as_u16())
+        .unwrap_or(entry.fallback_status);
+    let req = session.req_header();
+    let route = entry.metrics.route_name(entry.route);
+    let error = e.map(|e| e.to_string());
+    let key = entry.key.map(|k| k.short());
+    let key = key.as_deref().unwrap_or("-");
+    // Milliseconds with microsecond precision.
+    let upstream_ms = entry.upstream.map(|d| d.as_micros() as f64 / 1000.0);
+    match entry.format {
+        LogFormat::Json => tracing::info!(
+            target: "idem::access",
+            method = %req.method,
+            route = %route,
+            status,
+            outcome = entry.outcome.as_str(),
+            key,
+            ms = entry.took.as_millis() as u64,
+            upstream_ms,
+            waiters_served = entry.waiters_served.map(|n| n as u64),
+            // Absent when the request ended without an error (`Option` records only `Some`).
+            error = error.as_deref(),
+            "request"
+        ),
+        LogFormat::Text => tracing::info!(
+            target: "idem::access",
+            "{} {} route={} status={} outcome={} key={} ms={} upstream_ms={} waiters_served={}{}",
+            req.method,
+            req.uri.path(),
+            route,
+            status,
+            entry.outcome.as_str(),
+            key,
+            entry.took.as_millis(),
+            upstream_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),
+            entry
+                .waiters_served
+                .map_or_else(|| "-".to_string(), |n| n.to_string()),
+            error.map(|e| format!(" error={e:?}")).unwrap_or_default()
+        ),
+    }
+}

@@ -1,0 +1,168 @@
+//! The form a response takes inside the embedded store: status, headers and body in one
+//! allocation of exactly their size. A [`StoredResponse`] is a status, a `Vec` of header
+//! pairs (each value its own `Bytes`) and a body `Bytes`: four or more allocations and
+//! about 150 bytes of bookkeeping for a small response, more than the response itself.
+//! Packed, a stored entry costs its bytes plus 16 (BENCHMARKS.md, "stored entry").
+//!
+//! ```text
+//! status u16 LE | header count u32 LE
+//! | per header: sensitive u8 (0/1) | name length u16 LE | name | value length u32 LE | value
+//! | body (the rest)
+//! ```
+//!
+//! In memory only, never persisted or sent: the Redis record format is `shared/codec.rs`.
+//! Unpacking copies header values (small) and shares the body without a copy when it is
+//! large enough for that to matter.
+
+use crate::store::memory::StoredResponse;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// Bodies up to this size are copied out on unpack; larger ones are shared with the packed
+/// allocation (one small owner allocation instead of a copy).
+const COPY_BODY_UP_TO: usize = 1024;
+
+/// A response packed into one exactly sized allocation; cloning shares it.
+#[derive(Clone)]
+pub struct Packed(Arc<[u8]>);
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed({} bytes)", self.0.len())
+    }
+}
+
+impl Packed {
+    /// Packs status, headers and body (the completion time is kept by the caller).
+    pub fn pack(r: &StoredResponse) -> Packed {
+        let size = 6
+            + r.headers
+                .iter()
+                .map(|(n, v)| 7 + n.as_str().len() + v.len())
+                .sum::<usize>()
+            + r.body.len();
+        let mut buf = Vec::with_capacity(size);
+        buf.extend_from_slice(&r.status.to_le_bytes());
+        buf.extend_from_slice(&(r.headers.len() as u32).to_le_bytes());
+        for (name, value) in &r.headers {
+            buf.push(u8::from(value.is_sensitive()));
+            // Header names are far below 64 KiB: Pingora refuses heads larger than that.
+            buf.extend_from_slice(&(name.as_str().len() as u16).to_le_bytes());
+            buf.extend_from_slice(name.as_str().as_bytes());
+            buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            buf.extend_from_slice(value.as_bytes());
+        }
+        buf.extend_from_slice(&r.body);
+        debug_assert_eq!(buf.len(), size);
+        Packed(Arc::from(buf))
+    }
+
+    /// Bytes held (the packed allocation's payload).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false: a packed response has at least its status and header count.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The response again, completed at `completed_at`.
+    pub fn unpack(&self, completed_at: Instant) -> StoredResponse {
+        let b = &self.0[..];
+        let mut at = 0;
+        let mut take = |n: usize| {
+            let s = &b[at..at + n];
+            at += n;
+            s
+        };
+        let status = u16::from_le_bytes(take(2).try_into().unwrap_or_default());
+        let count = u32::from_le_bytes(take(4).try_into().unwrap_or_default()) as usize;
+        let mut headers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let sensitive = take(1)[0] == 1;
+            let name_len = u16::from_le_bytes(take(2).try_into().unwrap_or_default()) as usize;
+            let name = take(name_len);
+            let value_len = u32::from_le_bytes(take(4).try_into().unwrap_or_default()) as usize;
+            let value = take(value_len);
+            // Both were a valid HeaderName and HeaderValue when packed.
+            if let (Ok(name), Ok(mut value)) =
+                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+            {
+                value.set_sensitive(sensitive);
+                headers.push((name, value));
+            }
+        }
+        let body_len = b.len() - at;
+        let body = if body_len <= COPY_BODY_UP_TO {
+            Bytes::copy_from_slice(&b[at..])
+        } else {
+            Bytes::from_owner(Tail(self.0.clone(), at))
+        };
+        StoredResponse {
+            status,
+            headers,
+            body,
+            completed_at,
+        }
+    }
+}
+
+/// The body part of a packed allocation, shared with a `Bytes`.
+struct Tail(Arc<[u8]>, usize);
+
+impl AsRef<[u8]> for Tail {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[self.1..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header;
+
+    fn response(body: Bytes) -> StoredResponse {
+        let mut cookie = HeaderValue::from_static("a=1");
+        cookie.set_sensitive(true);
+        StoredResponse {
+            status: 201,
+            headers: vec![
+                (header::CONTENT_TYPE, HeaderValue::from_static("text/plain")),
+                (header::SET_COOKIE, cookie),
+                (header::SET_COOKIE, HeaderValue::from_static("b=2")),
+                (
+                    HeaderName::from_static("x-custom"),
+                    HeaderValue::from_bytes(b"\xff opaque").unwrap(),
+                ),
+            ],
+            body,
+            completed_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_order_repeats_sensitivity_and_bytes() {
+        for body in [
+            Bytes::new(),
+            Bytes::from_static(b"ok\n"),
+            Bytes::from((0..5000u32).map(|i| i as u8).collect::<Vec<_>>()),
+        ] {
+            let r = response(body);
+            let p = Packed::pack(&r);
+            assert_eq!(
+                p.len(),
+                6 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
+            );
+            let back = p.unpack(r.completed_at);
+            assert_eq!(back.status, 201);
+            assert_eq!(back.headers, r.headers);
+            let sensitive: Vec<bool> = back.headers.iter().map(|(_, v)| v.is_sensitive()).collect();
+            assert_eq!(sensitive, [false, true, false, false]);
+            assert_eq!(back.body, r.body);
+            assert_eq!(back.completed_at, r.completed_at);
+        }
+    }
+}

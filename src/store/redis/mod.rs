@@ -1,0 +1,740 @@
+//! The shared store (`[store] kind = "redis"`): several replicas, one upstream call per key
+//! (DESIGN section 8).
+//!
+//! Layering: the local [`crate::dedup::coordinator::Coordinator`] still comes first, so many requests
+//! for a key on one replica make one flight and one claim. Its leader task
+//! ([`crate::dedup::leader`]) takes the shared step before any upstream call: [`Shared::lead`].
+//!
+//! ```text
+//! lead ── claim script (1 round trip) ──┬─ claimed ───────────> upstream call, then settle
+//!                                       ├─ record found ──────> answer it (replay, 409, 502/504)
+//!                                       ├─ claimed elsewhere ─> wait: pub/sub + polling
+//!                                       ├─ mismatch ──────────> 422
+//!                                       └─ store error ───────> fail-open: local dedup only
+//!                                                               fail-closed: 503 store-unavailable
+//! settle ── fenced script (1 round trip): write the outcome only if our claim token is
+//!           still there, then PUBLISH on the key's channel
+//! ```
+//!
+//! Records (see [`codec`]): one Redis string per dedup key, `idem:{<64 hex>}`, holding a claim
+//! or a settled record; the hash tag keeps every key's script on one Cluster slot. A claim
+//! records its owner (the replica's random id), its start and its token, and is written with
+//! `PX` = the upstream total deadline, so it lives until start plus that deadline whatever
+//! happens to its owner. The owner's liveness is a separate key, `idem:alive:<owner>`,
+//! refreshed every `liveness_ttl / 3`: a waiter that finds the claim's owner gone answers
+//! outcome unknown (502) and holds the key locally for the claim's remaining life; nobody
+//! executes the key again before the claim expires. The result write replaces the claim only
+//! if it still carries the writer's token (a replica that lost its claim, say across a Redis
+//! restart, cannot overwrite another's), keeping the claim's expiry for a held outcome
+//! (`KEEPTTL`), and setting the route's retention for a stored one.
+//!
+//! Waiting on another replica: the waiter subscribes to `idem:{<hex>}:settled` (one RESP3
+//! connection per replica carries every subscription), then re-reads the key (closing the
+//! race with a settle that happened in between), and re-reads it on every message and every
+//! `poll_interval` (the fallback when a message is lost), checking the owner's liveness on
+//! each read that still shows the claim. It ends with the record, with the outcome of a freed
+//! key (a 500 or an unreachable backend: the key is free again, the waiter gets that answer),
+//! with outcome unknown (owner dead, or the claim vanished without a record), or with 409
+//! in-progress after `wait_timeout`. Store errors while waiting are retried at the poll
+//! interval: a waiter never starts a call that another replica may be running.
+//!
+//! Store errors at the claim: `on_store_error` decides (fail-open calls upstream with this
+//! replica's local dedup only; fail-closed answers 503). When the claim script may have run
+//! (a timeout, a dropped connection), its claim is kept as tentative: fail-open settles it by
+//! the fenced write like any claim, fail-closed releases it, so other replicas never wait on
+//! a claim nobody will settle.
+
+pub mod codec;
+pub mod conn;
+pub mod metrics;
+
+use crate::config::file::OnStoreError;
+use crate::dedup::coordinator::{Outcome, Retention};
+use crate::http::problem::Problem;
+use crate::key::{DedupKey, Fingerprint};
+use crate::store::memory::Held;
+use codec::{unix_ms, Body, ClaimInfo, OwnerId, StoredBytes, Token, Value};
+use conn::{Link, StoreError, Target};
+use metrics::StoreMetrics;
+use redis::Script;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a freed key's outcome stays readable for waiters on other replicas.
+const FREED_TTL: Duration = Duration::from_secs(10);
+
+/// Claims the key, or returns what holds it. KEYS[1]: the key. ARGV: fingerprint, keyed
+/// ('1'/'0'), the claim value, its PX. A freed record does not block a new claim.
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 2, 2) ~= 'F' then
+  if ARGV[2] == '1' and string.sub(v, 3, 34) ~= ARGV[1] then
+    return {'M'}
+  end
+  return {'E', v, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return {'C'}
+";
+
+/// Fenced result write. KEYS[1]: the key. ARGV: token, new value ('' deletes), PX ('0'
+/// keeps the claim's expiry), channel, message. Returns 1 when written, 0 when the claim is
+/// no longer ours.
+const SETTLE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if (not v) or string.sub(v, 2, 2) ~= 'C' or string.sub(v, 35, 50) ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+";
+
+/// The value and its remaining life, or nothing.
+const PEEK: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return {} end
+return {v, redis.call('PTTL', KEYS[1])}
+";
+
+/// `[store]` settings the shared store runs with.
+#[derive(Debug, Clone)]
+pub struct SharedSettings {
+    /// One node or a cluster.
+    pub target: Target,
+    /// What a leader does when Redis cannot be used.
+    pub on_store_error: OnStoreError,
+    /// Deadline of one Redis operation.
+    pub timeout: Duration,
+    /// How long a replica counts as alive after its last heartbeat.
+    pub liveness_ttl: Duration,
+    /// How often a waiter re-reads a key claimed by another replica.
+    pub poll_interval: Duration,
+}
+
+impl SharedSettings {
+    /// From the resolved `[store]` section (`kind = "redis"`).
+    pub fn from_store(s: &crate::config::settings::StoreSettings) -> SharedSettings {
+        SharedSettings {
+            target: match &s.url {
+                Some(url) => Target::Single(url.clone()),
+                None => Target::Cluster(s.nodes.clone()),
+            },
+            on_store_error: s.on_store_error,
+            timeout: s.timeout,
+            liveness_ttl: s.liveness_ttl,
+            poll_interval: s.poll_interval,
+        }
+    }
+}
+
+/// The shared store of one replica.
+pub struct Shared {
+    link: Arc<Link>,
+    owner: OwnerId,
+    on_store_error: OnStoreError,
+    poll_interval: Duration,
+    liveness_ttl: Duration,
+    metrics: Arc<StoreMetrics>,
+    token_seed: [u8; 32],
+    tokens: AtomicU64,
+    claim: Script,
+    settle: Script,
+    peek: Script,
+}
+
+/// What the local leader asks of the shared store.
+#[derive(Debug, Clone, Copy)]
+pub struct LeadRequest {
+    /// The dedup key.
+    pub key: DedupKey,
+    /// The request's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// With an `Idempotency-Key`: another fingerprint is misuse.
+    pub keyed: bool,
+    /// The upstream total deadline: a claim lives this long from its start.
+    pub hold_for: Duration,
+    /// How long to wait for a call running on another replica.
+    pub wait_timeout: Duration,
+}
+
+/// What the local leader does after the shared step.
+#[derive(Debug)]
+pub enum Lead {
+    /// Make the upstream call. With a claim, settle it ([`Shared::settle`]); without one
+    /// (fail-open), the key is deduplicated on this replica only.
+    Call(Option<Claimed>),
+    /// Answer without calling upstream.
+    Answer(Answer),
+}
+
+/// An outcome that came from the shared store rather than from this replica's call.
+#[derive(Debug)]
+pub struct Answer {
+    /// What the leader and its local waiters receive.
+    pub outcome: Outcome,
+    /// How long this replica keeps it (the record's remaining life in Redis).
+    pub retention: Retention,
+    /// `Some(seconds left)` when the leader's client gets a stored response as a replay;
+    /// `None` when it is another replica's fresh outcome (answered as collapsed) or a problem.
+    pub replay_ttl: Option<u64>,
+}
+
+/// A claim this replica holds.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    key: DedupKey,
+    token: Token,
+    fingerprint: Fingerprint,
+    /// The claim script failed after it may have run (a timeout, a dropped connection):
+    /// the claim may or may not be in Redis. The fenced write settles it if it is, and is
+    /// refused harmlessly if it is not.
+    tentative: bool,
+    /// When the claim expires in Redis (about): result writes are retried until then.
+    expires: tokio::time::Instant,
+}
+
+/// The Redis key of a dedup key: the hash tag keeps the key and its channel on one slot.
+fn redis_key(key: &DedupKey) -> String {
+    format!("idem:{{{}}}", codec::hex(&key.0))
+}
+
+fn channel(key: &DedupKey) -> String {
+    format!("idem:{{{}}}:settled", codec::hex(&key.0))
+}
+
+fn alive_key(owner: &OwnerId) -> String {
+    format!("idem:alive:{}", owner.hex())
+}
+
+fn millis(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+/// A `PTTL` reply as a duration (no expiry or no key count as none left).
+fn pttl(ms: i64) -> Duration {
+    Duration::from_millis(ms.max(0) as u64)
+}
+
+impl Shared {
+    /// Starts the connection (in the background, with backoff) and the liveness heartbeat.
+    ///
+    /// The store runs its connection on a runtime of its own (one thread): Pingora runs each
+    /// service on its own runtimes, and requests from all of them share this connection.
+    pub fn start(settings: SharedSettings, metrics: Arc<StoreMetrics>) -> Arc<Shared> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("idem-redis")
+            .enable_all()
+            .build()
+            .expect("build the Redis store runtime");
+        let handle = runtime.handle().clone();
+        // Lives as long as the process: the connection it drives is shared by every request.
+        std::mem::forget(runtime);
+        let link = Link::start(
+            handle.clone(),
+            settings.target,
+            settings.timeout,
+            metrics.clone(),
+        );
+        let shared = Arc::new(Shared {
+            link,
+            owner: OwnerId(conn::random::<16>()),
+            on_store_error: settings.on_store_error,
+            poll_interval: settings.poll_interval,
+            liveness_ttl: settings.liveness_ttl,
+            metrics,
+            token_seed: conn::random::<32>(),
+            tokens: AtomicU64::new(0),
+            claim: Script::new(CLAIM),
+            settle: Script::new(SETTLE),
+            peek: Script::new(PEEK),
+        });
+        handle.spawn(heartbeat(Arc::downgrade(&shared)));
+        shared
+    }
+
+    /// This replica's owner id.
+    pub fn owner(&self) -> OwnerId {
+        self.owner
+    }
+
+    /// Whether the connection to Redis is up.
+    pub fn is_up(&self) -> bool {
+        self.link.is_up()
+    }
+
+    /// Waits (bounded) for the first connection, so a replica that starts next to a running
+    /// Redis does not serve its first requests in fail-open. Blocking: call before serving.
+    pub fn wait_up(&self, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while !self.link.is_up() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    fn token(&self) -> Token {
+        let n = self.tokens.fetch_add(1, Ordering::Relaxed);
+        let h = blake3::keyed_hash(&self.token_seed, &n.to_le_bytes());
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&h.as_bytes()[..16]);
+        Token(t)
+    }
+
+    /// The shared step of a local leader, before any upstream call.
+    pub async fn lead(&self, req: LeadRequest) -> Lead {
+        let token = self.token();
+        let value = Value {
+            fingerprint: req.fingerprint,
+            token,
+            body: Body::Claim(ClaimInfo {
+                owner: self.owner,
+                start_ms: unix_ms(),
+                hold_ms: millis(req.hold_for),
+            }),
+        }
+        .encode();
+        let started = Instant::now();
+        let key = redis_key(&req.key);
+        let script = &self.claim;
+        let reply = self
+            .link
+            .run(|mut c| async move {
+                script
+                    .key(&key)
+                    .arg(&req.fingerprint.0[..])
+                    .arg(if req.keyed { "1" } else { "0" })
+                    .arg(value)
+                    .arg(millis(req.hold_for))
+                    .invoke_async::<Vec<redis::Value>>(&mut c)
+                    .await
+            })
+            .await
+            .and_then(parse_claim);
+        let found = match reply {
+            Ok(ClaimReply::Claimed) => {
+                self.metrics.observe("claim", "claimed", started);
+                return Lead::Call(Some(Claimed {
+                    key: req.key,
+                    token,
+                    fingerprint: req.fingerprint,
+                    tentative: false,
+                    expires: tokio::time::Instant::now() + req.hold_for,
+                }));
+            }
+            Ok(ClaimReply::Mismatch) => {
+                self.metrics.observe("claim", "mismatch", started);
+                return Lead::Answer(refused(Problem::FingerprintMismatch));
+            }
+            Ok(ClaimReply::Exists(value, left)) => (value, left),
+            Err(e) => {
+                self.metrics.observe("claim", "error", started);
+                // Unless the command was never sent, our claim may be in Redis.
+                let maybe = (!matches!(e, StoreError::Down)).then_some(Claimed {
+                    key: req.key,
+                    token,
+                    fingerprint: req.fingerprint,
+                    tentative: true,
+                    expires: tokio::time::Instant::now() + req.hold_for,
+                });
+                return self.unavailable(&req.key, maybe, &e);
+            }
+        };
+        let (value, left) = found;
+        match value.body {
+            Body::Claim(_) => {
+                self.metrics.observe("claim", "inflight", started);
+                Lead::Answer(self.wait(req, value.token).await)
+            }
+            body => {
+                self.metrics.observe("claim", "hit", started);
+                match settled(body, left, true) {
+                    Some(a) => Lead::Answer(a),
+                    // The script never returns a freed record.
+                    None => self.unavailable(&req.key, None, &StoreError::Reply),
+                }
+            }
+        }
+    }
+
+    /// Redis could not be used for `key`; `maybe` is a claim the failed script may have
+    /// written.
+    fn unavailable(&self, key: &DedupKey, maybe: Option<Claimed>, e: &StoreError) -> Lead {
+        match self.on_store_error {
+            OnStoreError::FailOpen => {
+                self.metrics.unavailable("fail-open");
+                tracing::warn!(key = %key.short(), error = %e, "redis store unavailable: fail-open, deduplicating on this replica only");
+                // If the claim did land, the result write settles it and wakes its waiters.
+                Lead::Call(maybe)
+            }
+            OnStoreError::FailClosed => {
+                self.metrics.unavailable("fail-closed");
+                tracing::warn!(key = %key.short(), error = %e, "redis store unavailable: fail-closed, answering 503");
+                // If the claim did land, release it (fenced) rather than leave other
+                // replicas waiting on a call that never runs.
+                if let Some(claim) = maybe {
+                    let (link, script, metrics) =
+                        (self.link.clone(), self.settle.clone(), self.metrics.clone());
+                    self.link.spawn(async move {
+                        write(&link, &script, &metrics, &claim, &[], 0).await;
+                    });
+                }
+                Lead::Answer(refused(Problem::StoreUnavailable))
+            }
+        }
+    }
+
+    /// Waits for a call running on another replica (see the module doc).
+    async fn wait(&self, req: LeadRequest, mut token: Token) -> Answer {
+        let deadline = tokio::time::Instant::now() + req.wait_timeout;
+        let sub = self.link.subscribe(channel(&req.key)).await;
+        let mut wake = sub.wake.clone();
+        loop {
+            // Remaining lives are counted from the moment the read was sent: a local hold
+            // then ends no later than the claim in Redis.
+            let read_at = tokio::time::Instant::now();
+            match self.read(&req.key).await {
+                Ok(None) => {
+                    tracing::warn!(key = %req.key.short(), "claim vanished without a record (expired, or lost by Redis): outcome unknown");
+                    return vanished();
+                }
+                Ok(Some((value, left))) => match value.body {
+                    Body::Claim(info) => {
+                        // A new claim after a freed outcome: wait for that call instead.
+                        token = value.token;
+                        // A claim of this replica's that no local flight holds (this
+                        // leader has the key's only one) is stale: its call ended and the
+                        // result write failed. Its owner is as good as gone.
+                        if info.owner == self.owner || !self.is_alive(&info.owner).await {
+                            tracing::warn!(key = %req.key.short(), owner = %info.owner.hex(), "the replica running this key is gone: outcome unknown, key held until the claim expires");
+                            return Answer {
+                                outcome: Outcome::Unknown(Held {
+                                    status: 502,
+                                    until: read_at + pttl(left),
+                                }),
+                                retention: Retention { ttl: pttl(left) },
+                                replay_ttl: None,
+                            };
+                        }
+                    }
+                    _ if req.keyed && value.fingerprint != req.fingerprint => {
+                        return refused(Problem::FingerprintMismatch);
+                    }
+                    Body::Freed(_) if value.token != token => return vanished(),
+                    body => {
+                        if let Some(a) = settled(body, left, false) {
+                            return a;
+                        }
+                    }
+                },
+                // Retried at the poll interval: never start a call another replica may run.
+                Err(_) => {}
+            }
+            let sleep = tokio::time::sleep(self.poll_interval);
+            tokio::pin!(sleep);
+            tokio::select! {
+                changed = wake.changed() => {
+                    if changed.is_err() {
+                        (&mut sleep).await;
+                    }
+                }
+                _ = &mut sleep => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return refused(Problem::InProgress {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        }
+    }
+
+    async fn read(&self, key: &DedupKey) -> Result<Option<(Value, i64)>, StoreError> {
+        let started = Instant::now();
+        let k = redis_key(key);
+        let script = &self.peek;
+        let r = self
+            .link
+            .run(|mut c| async move {
+                script
+                    .key(&k)
+                    .invoke_async::<Vec<redis::Value>>(&mut c)
+                    .await
+            })
+            .await
+            .and_then(|v| match v.as_slice() {
+                [] => Ok(None),
+                [redis::Value::BulkString(b), redis::Value::Int(ms)] => {
+                    Ok(Some((Value::decode(b)?, *ms)))
+                }
+                _ => Err(StoreError::Reply),
+            });
+        self.metrics
+            .observe("peek", if r.is_ok() { "ok" } else { "error" }, started);
+        r
+    }
+
+    async fn is_alive(&self, owner: &OwnerId) -> bool {
+        let started = Instant::now();
+        let k = alive_key(owner);
+        let r = self
+            .link
+            .run(|mut c| async move {
+                redis::cmd("EXISTS")
+                    .arg(&k)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        match r {
+            Ok(n) => {
+                self.metrics
+                    .observe("liveness", if n > 0 { "alive" } else { "dead" }, started);
+                n > 0
+            }
+            Err(_) => {
+                self.metrics.observe("liveness", "error", started);
+                // Unknown: keep waiting rather than declare a live call dead.
+                true
+            }
+        }
+    }
+
+    /// Writes the outcome of this replica's call over its claim, if the claim is still
+    /// ours, and wakes the waiters on other replicas. Failures are logged and counted; the
+    /// outcome is delivered locally either way.
+    pub async fn settle(&self, claim: &Claimed, outcome: &Outcome, retention: Retention) {
+        let value = |body| {
+            Value {
+                fingerprint: claim.fingerprint,
+                token: claim.token,
+                body,
+            }
+            .encode()
+        };
+        let (bytes, px): (Vec<u8>, u64) = match outcome {
+            Outcome::Response {
+                response,
+                stored: true,
+            } => (
+                value(Body::Stored(StoredBytes::from_response(response))),
+                millis(retention.ttl),
+            ),
+            Outcome::Response {
+                response,
+                stored: false,
+            } => (
+                value(Body::Freed(Some(StoredBytes::from_response(response)))),
+                millis(FREED_TTL),
+            ),
+            Outcome::NotReplayable => (value(Body::NotReplayable), millis(retention.ttl)),
+            // Held until the call's start plus the total deadline: the claim's own expiry.
+            Outcome::Unknown(h) => (value(Body::Held(h.status)), 0),
+            Outcome::Unreachable => (value(Body::Freed(None)), millis(FREED_TTL)),
+            Outcome::Refused(_) => (Vec::new(), 0),
+        };
+        if write(&self.link, &self.settle, &self.metrics, claim, &bytes, px).await {
+            return;
+        }
+        // The claim may still be there (a dropped connection, a slow Redis): keep trying in
+        // the background until the write lands or is refused, or the claim has expired, so
+        // waiters on other replicas get the outcome rather than wait out the claim.
+        let (link, script, metrics, claim) = (
+            self.link.clone(),
+            self.settle.clone(),
+            self.metrics.clone(),
+            claim.clone(),
+        );
+        self.link.spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while tokio::time::Instant::now() + backoff < claim.expires {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                // While the link is down, wait for it (nothing to count).
+                if link.is_up() && write(&link, &script, &metrics, &claim, &bytes, px).await {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The fenced write: `bytes` replace the claim (empty: delete it) only if it still carries
+/// the claim's token, with `px` ms to live (0: the claim's own expiry), then a message on the
+/// key's channel. Returns false when it failed and may be retried.
+async fn write(
+    link: &Link,
+    script: &Script,
+    metrics: &StoreMetrics,
+    claim: &Claimed,
+    bytes: &[u8],
+    px: u64,
+) -> bool {
+    let kind = bytes.get(1).copied().unwrap_or(b'D');
+    let started = Instant::now();
+    let k = redis_key(&claim.key);
+    let ch = channel(&claim.key);
+    let token = claim.token.0;
+    let r = link
+        .run(|mut c| async move {
+            script
+                .key(&k)
+                .arg(&token[..])
+                .arg(bytes)
+                .arg(px)
+                .arg(&ch)
+                .arg(&[kind][..])
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await;
+    match r {
+        Ok(1) => {
+            metrics.observe("settle", "ok", started);
+            true
+        }
+        Ok(_) => {
+            metrics.observe("settle", "fenced", started);
+            if claim.tentative {
+                tracing::debug!(key = %claim.key.short(), "redis store: the claim never landed; result not written there");
+            } else {
+                tracing::warn!(key = %claim.key.short(), "redis store: the claim is no longer ours (expired or lost); result not written there");
+            }
+            true
+        }
+        Err(e) => {
+            metrics.observe("settle", "error", started);
+            tracing::warn!(key = %claim.key.short(), error = %e, "redis store: result write failed (retried in the background until the claim expires); the response is delivered regardless");
+            false
+        }
+    }
+}
+
+fn refused(p: Problem) -> Answer {
+    Answer {
+        outcome: Outcome::Refused(p),
+        retention: Retention {
+            ttl: Duration::ZERO,
+        },
+        replay_ttl: None,
+    }
+}
+
+/// The claim is gone and nothing replaced it: the call may have run (its owner died after
+/// the hold, or Redis lost the key). Answer outcome unknown now; the key is free for the
+/// next request.
+fn vanished() -> Answer {
+    Answer {
+        outcome: Outcome::Unknown(Held {
+            status: 502,
+            until: tokio::time::Instant::now(),
+        }),
+        retention: Retention {
+            ttl: Duration::ZERO,
+        },
+        replay_ttl: None,
+    }
+}
+
+/// The answer a settled record gives; `as_replay` when the leader found it on arrival.
+fn settled(body: Body, left_ms: i64, as_replay: bool) -> Option<Answer> {
+    let left = pttl(left_ms);
+    let retention = Retention { ttl: left };
+    let outcome = match body {
+        Body::Stored(r) => {
+            return Some(Answer {
+                outcome: Outcome::Response {
+                    response: Arc::new(r.into_response()),
+                    stored: true,
+                },
+                retention,
+                replay_ttl: as_replay.then_some(left.as_secs()),
+            })
+        }
+        Body::NotReplayable => Outcome::NotReplayable,
+        Body::Held(status) => Outcome::Unknown(Held {
+            status,
+            until: tokio::time::Instant::now() + left,
+        }),
+        Body::Freed(Some(r)) => Outcome::Response {
+            response: Arc::new(r.into_response()),
+            stored: false,
+        },
+        Body::Freed(None) => Outcome::Unreachable,
+        Body::Claim(_) => return None,
+    };
+    Some(Answer {
+        outcome,
+        retention,
+        replay_ttl: None,
+    })
+}
+
+enum ClaimReply {
+    Claimed,
+    Mismatch,
+    Exists(Value, i64),
+}
+
+fn parse_claim(v: Vec<redis::Value>) -> Result<ClaimReply, StoreError> {
+    match v.as_slice() {
+        [redis::Value::BulkString(c)] if c == b"C" => Ok(ClaimReply::Claimed),
+        [redis::Value::BulkString(c)] if c == b"M" => Ok(ClaimReply::Mismatch),
+        [redis::Value::BulkString(c), redis::Value::BulkString(v), redis::Value::Int(ms)]
+            if c == b"E" =>
+        {
+            Ok(ClaimReply::Exists(Value::decode(v)?, *ms))
+        }
+        _ => Err(StoreError::Reply),
+    }
+}
+
+/// Keeps `idem:alive:<owner>` fresh: every `liveness_ttl / 3`, and at once after each
+/// (re)connection.
+async fn heartbeat(weak: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let interval = shared.liveness_ttl / 3;
+        let up = shared.link.is_up();
+        if up {
+            let started = Instant::now();
+            let k = alive_key(&shared.owner);
+            let ttl = millis(shared.liveness_ttl);
+            let r = shared
+                .link
+                .run(|mut c| async move {
+                    redis::cmd("SET")
+                        .arg(&k)
+                        .arg(1)
+                        .arg("PX")
+                        .arg(ttl)
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await;
+            shared
+                .metrics
+                .observe("heartbeat", if r.is_ok() { "ok" } else { "error" }, started);
+        }
+        let connected = up;
+        drop(shared);
+        // Poll the link often while down so the first heartbeat follows a reconnect closely.
+        let nap = if connected {
+            interval
+        } else {
+            interval.min(Duration::from_millis(20))
+        };
+        tokio::time::sleep(nap).await;
+    }
+}
