@@ -31,7 +31,9 @@ pub mod config;
 pub mod dedup;
 pub mod http;
 pub mod key;
+pub mod message;
 pub mod observe;
+pub mod outcome;
 pub mod server;
 pub mod store;
 #[cfg(any(test, fuzzing))]

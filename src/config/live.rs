@@ -12,9 +12,8 @@
 //! changes them is applied for the rest and the caller logs what needs a restart. An invalid
 //! file is refused as a whole and nothing changes.
 
-use crate::config::settings::{ConfigError, RoutePolicy, Settings};
-use crate::dedup::coordinator::Coordinator;
-use crate::observe::metrics::{Metrics, RouteId};
+use crate::config::route::{longest_prefix, RouteId, RouteMatch};
+use crate::config::settings::{ConfigError, Reloaded, Settings};
 use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,20 +26,15 @@ pub struct Snapshot {
     route_ids: Vec<RouteId>,
 }
 
-/// The route a request path matched.
-#[derive(Clone, Copy)]
-pub struct RouteMatch<'a> {
-    /// Metric label id.
-    pub id: RouteId,
-    /// The route's policy.
-    pub policy: &'a RoutePolicy,
-}
-
 impl Snapshot {
-    /// Wraps `settings`, registering its route names with `metrics`.
-    pub fn new(settings: Settings, metrics: &Metrics) -> Snapshot {
-        let names: Vec<String> = settings.all_routes().map(|r| r.name.clone()).collect();
-        let route_ids = metrics.register_routes(&names);
+    /// Wraps `settings` with the label ids of its routes, in [`Settings::all_routes`] order
+    /// (the metrics issue them: `Metrics::register_routes`).
+    pub fn new(settings: Settings, route_ids: Vec<RouteId>) -> Snapshot {
+        assert_eq!(
+            route_ids.len(),
+            settings.routes.len() + 1,
+            "one label id per route, the default first"
+        );
         Snapshot {
             settings,
             route_ids,
@@ -50,16 +44,10 @@ impl Snapshot {
     /// The route for a request path: the longest matching `path_prefix`, or the default.
     pub fn route(&self, path: &str) -> RouteMatch<'_> {
         let s = &self.settings;
-        match s
-            .routes
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| path.starts_with(r.path_prefix.as_str()))
-            .max_by_key(|(_, r)| r.path_prefix.len())
-        {
-            Some((i, r)) => RouteMatch {
+        match longest_prefix(&s.routes, path) {
+            Some(i) => RouteMatch {
                 id: self.route_ids[i + 1],
-                policy: r,
+                policy: &s.routes[i],
             },
             None => RouteMatch {
                 id: self.route_ids[0],
@@ -73,23 +61,14 @@ impl Snapshot {
 pub struct Live {
     current: ArcSwap<Snapshot>,
     path: PathBuf,
-    metrics: Arc<Metrics>,
-    coordinator: Arc<Coordinator>,
 }
 
 impl Live {
-    /// Starts with `settings`, read from `path`.
-    pub fn new(
-        settings: Settings,
-        path: PathBuf,
-        metrics: Arc<Metrics>,
-        coordinator: Arc<Coordinator>,
-    ) -> Live {
+    /// Starts with `snapshot`, read from `path`.
+    pub fn new(snapshot: Snapshot, path: PathBuf) -> Live {
         Live {
-            current: ArcSwap::from_pointee(Snapshot::new(settings, &metrics)),
+            current: ArcSwap::from_pointee(snapshot),
             path,
-            metrics,
-            coordinator,
         }
     }
 
@@ -103,18 +82,50 @@ impl Live {
         &self.path
     }
 
-    /// Re-reads the file and puts it in force for new requests. Returns the restart-only
-    /// settings that the file changes (their running values were kept); on error nothing
-    /// changed.
-    pub fn reload(&self) -> Result<Vec<&'static str>, ConfigError> {
-        let running = self.current.load();
-        let reloaded = Settings::reload(&self.path, &running.settings)?;
-        let next = Snapshot::new(reloaded.settings, &self.metrics);
-        let s = &next.settings;
-        self.coordinator.set_max_waiters(s.max_waiters);
-        self.metrics
-            .set_bounds(s.store.max_entries, s.store.max_bytes, s.max_waiters);
+    /// Re-reads the file against the settings in force (see [`Settings::reload`]); nothing
+    /// changes until the caller puts the result in force with [`Live::store`].
+    pub fn read(&self) -> Result<Reloaded, ConfigError> {
+        Settings::reload(&self.path, &self.current.load().settings)
+    }
+
+    /// Puts `next` in force for requests that start from now on.
+    pub fn store(&self, next: Snapshot) {
         self.current.store(Arc::new(next));
-        Ok(reloaded.restart_needed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::file::Mode;
+    use std::time::Duration;
+
+    fn snapshot(text: &str) -> Snapshot {
+        let settings = Settings::from_toml_str(text, Path::new("proxy.toml")).unwrap();
+        let ids = (0..=settings.routes.len())
+            .map(|i| RouteId(10 + i))
+            .collect();
+        Snapshot::new(settings, ids)
+    }
+
+    #[test]
+    fn routes_inherit_and_longest_prefix_wins() {
+        let s = snapshot(
+            "[dedup]\nttl = \"1h\"\n[[route]]\npath_prefix = \"/api/\"\nmode = \"fingerprint\"\n[[route]]\nname = \"orders\"\npath_prefix = \"/api/orders\"\nmode = \"require-key\"\n",
+        );
+        let orders = s.route("/api/orders/1");
+        assert_eq!(
+            (orders.policy.name.as_str(), orders.id),
+            ("orders", RouteId(12))
+        );
+        assert_eq!(orders.policy.mode, Mode::RequireKey);
+        let api = s.route("/api/x");
+        assert_eq!((api.policy.name.as_str(), api.id), ("/api/", RouteId(11)));
+        assert_eq!(api.policy.ttl, Duration::from_secs(3600));
+        let other = s.route("/other");
+        assert_eq!(
+            (other.policy.name.as_str(), other.id),
+            ("default", RouteId(10))
+        );
     }
 }

@@ -3,4 +3,5 @@
 
 pub mod file;
 pub mod live;
+pub mod route;
 pub mod settings;

@@ -9,6 +9,7 @@ use crate::config::file::{
     HealthCheckKind, LogFormat, Mode, OnConcurrent, OnStoreError, RawConfig, RawPolicy, RawRoute,
     StoreKind,
 };
+use crate::config::route::{RoutePolicy, StatusSet};
 use http::Method;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -131,103 +132,6 @@ pub struct StoreSettings {
     pub liveness_ttl: Duration,
     /// How often a waiter re-reads a key claimed by another replica (pub/sub fallback).
     pub poll_interval: Duration,
-}
-
-/// One route with every field filled.
-#[derive(Debug, Clone)]
-pub struct RoutePolicy {
-    /// Metric label and log name.
-    pub name: String,
-    /// Matched against the request path; the longest match wins.
-    pub path_prefix: String,
-    /// How eligible requests are treated.
-    pub mode: Mode,
-    /// Methods eligible for dedup.
-    pub methods: Vec<Method>,
-    /// Headers whose values join the authority in the scope, lowercase.
-    pub scope_headers: Vec<String>,
-    /// Headers whose values are part of the fingerprint, lowercase.
-    pub fingerprint_headers: Vec<String>,
-    /// Retention of keyed entries, from completion.
-    pub ttl: Duration,
-    /// Retention of fingerprint entries, from completion.
-    pub fingerprint_ttl: Duration,
-    /// What a request for a key in flight does.
-    pub on_concurrent: OnConcurrent,
-    /// How long a waiter waits before 409 in-progress.
-    pub wait_timeout: Duration,
-    /// Cap on waiters for one key.
-    pub max_waiters_per_key: usize,
-    /// Largest request body idem buffers and hashes.
-    pub max_body: u64,
-    /// Largest response body idem stores.
-    pub max_response_body: u64,
-    /// Which response statuses are stored.
-    pub store_statuses: StatusSet,
-}
-
-impl RoutePolicy {
-    /// Whether `method` is eligible for dedup on this route.
-    pub fn is_eligible_method(&self, method: &Method) -> bool {
-        self.methods.iter().any(|m| m == method)
-    }
-}
-
-/// A set of HTTP status codes 100..=599, as a bitset.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct StatusSet([u64; 10]);
-
-impl std::fmt::Debug for StatusSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let codes: Vec<u16> = (100..600).filter(|c| self.contains(*c)).collect();
-        write!(f, "StatusSet({} codes)", codes.len())
-    }
-}
-
-impl StatusSet {
-    /// Whether `code` is in the set.
-    pub fn contains(&self, code: u16) -> bool {
-        (100..600).contains(&code) && self.0[(code / 64) as usize] & (1 << (code % 64)) != 0
-    }
-
-    fn set(&mut self, code: u16, on: bool) {
-        let (w, b) = ((code / 64) as usize, code % 64);
-        if on {
-            self.0[w] |= 1 << b;
-        } else {
-            self.0[w] &= !(1 << b);
-        }
-    }
-
-    /// Parses entries like `"2xx"`, `"404"` and exclusions like `"!429"`, applied in order.
-    pub fn parse(items: &[String]) -> Result<Self, String> {
-        let mut set = StatusSet([0; 10]);
-        for item in items {
-            let (on, body) = match item.strip_prefix('!') {
-                Some(rest) => (false, rest),
-                None => (true, item.as_str()),
-            };
-            let range = if let Some(class) = body.strip_suffix("xx") {
-                match class.parse::<u16>() {
-                    Ok(c @ 1..=5) => c * 100..=c * 100 + 99,
-                    _ => return Err(format!("{item:?} is not a status class; use 1xx to 5xx")),
-                }
-            } else {
-                match body.parse::<u16>() {
-                    Ok(c @ 100..=599) => c..=c,
-                    _ => {
-                        return Err(format!(
-                            "{item:?} is not a status; use a code like \"404\", a class like \"2xx\" or an exclusion like \"!429\""
-                        ))
-                    }
-                }
-            };
-            for code in range {
-                set.set(code, on);
-            }
-        }
-        Ok(set)
-    }
 }
 
 /// Built-in defaults, one place, quoted by README's reference.
@@ -423,15 +327,6 @@ impl Settings {
         resolve(raw, fixed).map_err(|(section, key, message)| {
             err(at(&section, &key), format!("{section}.{key}: {message}"))
         })
-    }
-
-    /// The policy for a request path: the route with the longest matching prefix, or the default.
-    pub fn route_for(&self, path: &str) -> &RoutePolicy {
-        self.routes
-            .iter()
-            .filter(|r| path.starts_with(r.path_prefix.as_str()))
-            .max_by_key(|r| r.path_prefix.len())
-            .unwrap_or(&self.default_route)
     }
 
     /// Every route including the default one, for metric label pre-registration.
@@ -997,18 +892,6 @@ mod tests {
     }
 
     #[test]
-    fn routes_inherit_and_longest_prefix_wins() {
-        let s = load(
-            "[dedup]\nttl = \"1h\"\n[[route]]\npath_prefix = \"/api/\"\nmode = \"fingerprint\"\n[[route]]\nname = \"orders\"\npath_prefix = \"/api/orders\"\nmode = \"require-key\"\n",
-        )
-        .unwrap();
-        assert_eq!(s.route_for("/api/orders/1").name, "orders");
-        assert_eq!(s.route_for("/api/x").name, "/api/");
-        assert_eq!(s.route_for("/api/x").ttl, Duration::from_secs(3600));
-        assert_eq!(s.route_for("/other").name, "default");
-    }
-
-    #[test]
     fn safe_methods_are_refused() {
         let e = load("[[route]]\npath_prefix = \"/a\"\nmethods = [\"GET\"]\n").unwrap_err();
         assert!(e.message.contains("route[0].methods"), "{e}");
@@ -1050,10 +933,10 @@ mod tests {
         assert_eq!(s.upstream.total_timeout, Duration::from_secs(60));
         assert_eq!(s.store.max_bytes, 1 << 20);
         assert_eq!(s.max_waiters, 7, "reloadable");
-        assert_eq!(s.route_for("/a").mode, Mode::Fingerprint);
-        assert_eq!(s.route_for("/a").ttl, Duration::from_secs(3600));
+        assert_eq!(s.routes[0].mode, Mode::Fingerprint);
+        assert_eq!(s.routes[0].ttl, Duration::from_secs(3600));
         // The default wait_timeout follows the running total timeout, not the file's.
-        assert_eq!(s.route_for("/a").wait_timeout, Duration::from_secs(60));
+        assert_eq!(s.routes[0].wait_timeout, Duration::from_secs(60));
 
         // A route policy the running store cannot hold is refused.
         std::fs::write(

@@ -17,9 +17,12 @@
 //! * Waiters are counted per key and in total; a [`Waiter`] that is dropped (its client left)
 //!   just gives its place back.
 
+use crate::config::file::OnConcurrent;
+use crate::config::route::RouteId;
 use crate::key::{DedupKey, Fingerprint, ScopeId};
-use crate::observe::metrics::RouteId;
-use crate::store::memory::{Found, Held, MemoryStore, Record, Refusal, StoredResponse};
+use crate::message::StoredResponse;
+use crate::outcome::{Held, Outcome, Refusal, Retention};
+use crate::store::memory::{Found, MemoryStore, Record};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,28 +30,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-/// How one upstream call ended, as seen by everyone attached to it.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// A complete response; `stored` says whether later requests will be replayed it.
-    Response {
-        /// The response.
-        response: Arc<StoredResponse>,
-        /// Kept for replay (status in `store_statuses`).
-        stored: bool,
-    },
-    /// Streamed to the leader's client only (too large or not storable).
-    NotReplayable,
-    /// The call may have run but idem has no usable answer; the key is held.
-    Unknown(Held),
-    /// No backend received the request; the key is free again.
-    Unreachable,
-    /// idem answered a problem instead of an outcome (the shared store found misuse, was
-    /// unavailable under fail-closed, or another replica's call outlasted the wait); nothing
-    /// is kept and the key is free again.
-    Refused(crate::http::problem::Problem),
-}
 
 /// What [`Coordinator::join`] decided for a request.
 #[derive(Debug)]
@@ -68,16 +49,9 @@ pub enum Joined {
     Held(Held),
     /// The key's response was streamed to its leader only.
     NotReplayable,
-    /// Same `Idempotency-Key`, different request.
-    Mismatch,
-    /// In flight and the route says `on_concurrent = "reject"`.
-    InProgress,
-    /// No room for a new key.
-    StoreFull,
-    /// The request's scope holds its quota of keys (`store.max_keys_per_scope`).
-    ScopeQuota,
-    /// Waiter caps reached.
-    TooManyWaiters,
+    /// Neither led, joined nor replayed: misuse, in progress (reject mode), no room, or
+    /// waiter caps.
+    Refused(Refusal),
 }
 
 /// What a request brings to [`Coordinator::join`].
@@ -89,8 +63,8 @@ pub struct JoinRequest {
     pub fingerprint: Fingerprint,
     /// The request carried an `Idempotency-Key`: a different fingerprint is misuse.
     pub keyed: bool,
-    /// `on_concurrent = "reject"`.
-    pub reject_concurrent: bool,
+    /// What a request for a key in flight does.
+    pub on_concurrent: OnConcurrent,
     /// Cap on waiters for this key.
     pub max_waiters_per_key: usize,
     /// How long an unknown outcome is held, from the call's start (the upstream total deadline).
@@ -202,19 +176,19 @@ impl Coordinator {
             Entry::Occupied(e) => {
                 let flight = e.get();
                 if req.keyed && flight.fingerprint != req.fingerprint {
-                    return Joined::Mismatch;
+                    return Joined::Refused(Refusal::FingerprintMismatch);
                 }
-                if req.reject_concurrent {
-                    return Joined::InProgress;
+                if req.on_concurrent == OnConcurrent::Reject {
+                    return Joined::Refused(Refusal::InProgress);
                 }
                 if flight.waiters.load(Ordering::Relaxed) >= req.max_waiters_per_key {
-                    return Joined::TooManyWaiters;
+                    return Joined::Refused(Refusal::TooManyWaiters);
                 }
                 if self.waiters_total.fetch_add(1, Ordering::Relaxed)
                     >= self.max_waiters.load(Ordering::Relaxed)
                 {
                     self.waiters_total.fetch_sub(1, Ordering::Relaxed);
-                    return Joined::TooManyWaiters;
+                    return Joined::Refused(Refusal::TooManyWaiters);
                 }
                 flight.waiters.fetch_add(1, Ordering::Relaxed);
                 Joined::Waiter(Waiter {
@@ -231,7 +205,7 @@ impl Coordinator {
                 }) = self.store.get(&req.key, now)
                 {
                     if req.keyed && fingerprint != req.fingerprint.tag() {
-                        return Joined::Mismatch;
+                        return Joined::Refused(Refusal::FingerprintMismatch);
                     }
                     return match record {
                         Record::Response(response) => Joined::Replay { response, expires },
@@ -239,10 +213,8 @@ impl Coordinator {
                         Record::Held(h) => Joined::Held(h),
                     };
                 }
-                match self.store.reserve_for(now, req.scope) {
-                    Ok(()) => {}
-                    Err(Refusal::Full) => return Joined::StoreFull,
-                    Err(Refusal::ScopeQuota) => return Joined::ScopeQuota,
+                if let Err(refusal) = self.store.reserve(now, req.scope) {
+                    return Joined::Refused(refusal);
                 }
                 let flight = Arc::new(Flight {
                     fingerprint: req.fingerprint,
@@ -284,22 +256,10 @@ impl std::fmt::Debug for LeaderPermit {
     }
 }
 
-/// How long a settled outcome is kept.
-#[derive(Debug, Clone, Copy)]
-pub struct Retention {
-    /// Retention of stored and not-replayable records, from completion.
-    pub ttl: Duration,
-}
-
 impl LeaderPermit {
     /// The key this permit leads.
     pub fn key(&self) -> DedupKey {
         self.key
-    }
-
-    /// When the flight started (the hold is counted from here).
-    pub fn started(&self) -> Instant {
-        self.flight.started
     }
 
     /// The hold an unknown outcome gets: until start plus the upstream deadline.
@@ -333,7 +293,7 @@ impl LeaderPermit {
         };
         let c = &self.coordinator;
         // Store first, then remove the flight: see the module doc.
-        c.store.settle_for(
+        c.store.settle(
             self.key,
             self.flight.scope,
             record.map(|(r, exp)| (r, self.flight.fingerprint, exp)),
@@ -413,7 +373,7 @@ mod tests {
     };
 
     fn coordinator(max_entries: usize) -> Arc<Coordinator> {
-        Coordinator::new(MemoryStore::new(max_entries, 1 << 20), 1000)
+        Coordinator::new(MemoryStore::new(max_entries, 1 << 20, usize::MAX), 1000)
     }
 
     fn req(k: u8, fp: u8, keyed: bool) -> JoinRequest {
@@ -421,7 +381,7 @@ mod tests {
             key: DedupKey([k; 32]),
             fingerprint: Fingerprint([fp; 32]),
             keyed,
-            reject_concurrent: false,
+            on_concurrent: OnConcurrent::Wait,
             max_waiters_per_key: 100,
             hold_for: HOLD,
             route: RouteId(0),
@@ -504,7 +464,10 @@ mod tests {
     async fn same_key_other_fingerprint_is_a_mismatch_in_flight_and_after() {
         let c = coordinator(10);
         let p = leader(c.join(req(1, 1, true)));
-        assert!(matches!(c.join(req(1, 2, true)), Joined::Mismatch));
+        assert!(matches!(
+            c.join(req(1, 2, true)),
+            Joined::Refused(Refusal::FingerprintMismatch)
+        ));
         p.settle(
             Outcome::Response {
                 response: response(200, "x"),
@@ -512,7 +475,10 @@ mod tests {
             },
             TTL,
         );
-        assert!(matches!(c.join(req(1, 2, true)), Joined::Mismatch));
+        assert!(matches!(
+            c.join(req(1, 2, true)),
+            Joined::Refused(Refusal::FingerprintMismatch)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -604,7 +570,10 @@ mod tests {
         assert_eq!(flights[1].waiters, 0);
         assert!(c.is_in_flight(&DedupKey([2; 32])));
         c.set_max_waiters(1);
-        assert!(matches!(c.join(req(2, 2, true)), Joined::TooManyWaiters));
+        assert!(matches!(
+            c.join(req(2, 2, true)),
+            Joined::Refused(Refusal::TooManyWaiters)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -612,13 +581,19 @@ mod tests {
         let c = coordinator(1);
         let _p = leader(c.join(req(1, 1, false)));
         let mut r = req(1, 1, false);
-        r.reject_concurrent = true;
-        assert!(matches!(c.join(r), Joined::InProgress));
+        r.on_concurrent = OnConcurrent::Reject;
+        assert!(matches!(c.join(r), Joined::Refused(Refusal::InProgress)));
         let mut r = req(1, 1, false);
         r.max_waiters_per_key = 1;
         let _w = waiter(c.join(r));
-        assert!(matches!(c.join(r), Joined::TooManyWaiters));
+        assert!(matches!(
+            c.join(r),
+            Joined::Refused(Refusal::TooManyWaiters)
+        ));
         // One entry allowed and it is in flight: a new key cannot get a slot.
-        assert!(matches!(c.join(req(2, 2, false)), Joined::StoreFull));
+        assert!(matches!(
+            c.join(req(2, 2, false)),
+            Joined::Refused(Refusal::StoreFull)
+        ));
     }
 }

@@ -7,23 +7,29 @@
 //! a oneshot channel; if that client is gone the send fails and the completion is counted
 //! as detached.
 //!
-//! With the Redis store ([`crate::store::redis`]) the task first takes the shared step: it claims
-//! the key across replicas, or answers from what another replica stored or is running,
-//! before any upstream call; its outcome is then written over the claim (fenced) before it
-//! is settled locally, so a local client never sees a response that another replica could
-//! still miss because of a write still on its way.
+//! With the Redis store ([`crate::store::redis`]) the task first takes the shared step: it
+//! claims the key across replicas, or answers from what another replica stored or is
+//! running, before any upstream call; its outcome is then written over the claim (fenced)
+//! before it is settled locally, so a local client never sees a response that another
+//! replica could still miss because of a write still on its way.
 //!
 //! Responses that cannot be stored (over `max_response_body`, `text/event-stream`, gRPC)
 //! are streamed to the leader's client and read to the end regardless; the key settles as
 //! not-replayable as soon as that is known, so waiters are answered at once.
+//!
+//! Every path through the call ends in one place, [`run`]'s settle-then-deliver: the rule
+//! that outranks convenience (never a second call while the first may run) is enforced by
+//! what is settled there, so it is written once.
 
-use crate::config::settings::StatusSet;
-use crate::dedup::coordinator::{LeaderPermit, Outcome, Retention};
-use crate::observe::metrics::{Metrics, RouteId};
-use crate::store::memory::StoredResponse;
-use crate::store::redis::{Claimed, Lead, LeadRequest, Shared};
-use crate::upstream::{is_hop_by_hop, CallError, Exchange, Upstream};
-use bytes::{Bytes, BytesMut};
+use crate::config::route::{RouteId, StatusSet};
+use crate::dedup::coordinator::LeaderPermit;
+use crate::key::DedupKey;
+use crate::message::{is_storable, stored_response, stream_header, BodyBuf};
+use crate::observe::metrics::Metrics;
+use crate::outcome::{Disposition, Held, Outcome, Retention};
+use crate::store::redis::{Claimed, Lead, LeadRequest, RedisStore};
+use crate::upstream::{CallError, Exchange, Upstream};
+use bytes::Bytes;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::Arc;
@@ -47,63 +53,40 @@ pub struct Plan {
     pub deadline: Instant,
     /// Route, for metrics.
     pub route: RouteId,
-    /// The shared store's step (Redis mode), `None` with the memory store.
+    /// The Redis store's step (with `store.kind = "redis"`), `None` with the memory store.
     pub shared: Option<SharedPlan>,
 }
 
 /// What the shared step needs (Redis mode).
 pub struct SharedPlan {
-    /// The shared store.
-    pub store: Arc<Shared>,
+    /// The Redis store.
+    pub store: Arc<RedisStore>,
     /// The key, its fingerprint and the deadlines.
     pub request: LeadRequest,
 }
 
-/// The local permit, plus the shared claim when this replica holds one: settling writes the
-/// outcome over the claim first.
-struct Leader {
-    permit: LeaderPermit,
-    claim: Option<(Arc<Shared>, Claimed)>,
-}
-
-impl Leader {
-    fn key(&self) -> crate::key::DedupKey {
-        self.permit.key()
-    }
-
-    fn hold(&self, status: u16) -> crate::store::memory::Held {
-        self.permit.hold(status)
-    }
-
-    async fn settle(self, outcome: Outcome, retention: Retention) -> usize {
-        if let Some((store, claim)) = &self.claim {
-            store.settle(claim, &outcome, retention).await;
-        }
-        self.permit.settle(outcome, retention)
-    }
-}
-
 /// What the leader's own client receives.
 pub enum LeaderReply {
-    /// The settled outcome (a complete response, or why there is none).
-    Outcome(Outcome),
-    /// An outcome from the shared store: a response another replica stored (`replay_ttl`
-    /// set: answered as a replay), the outcome of another replica's call (answered as
-    /// collapsed), or a problem.
-    Shared {
-        /// The outcome.
-        outcome: Outcome,
-        /// Seconds of retention left, for a replay.
-        replay_ttl: Option<u64>,
-    },
-    /// A response streamed through: write `header`, then every chunk; an `Err` chunk means
-    /// the upstream body was cut off and the client connection must be aborted.
+    /// The settled outcome; a response is answered as `how` says (the leader's own, or, from
+    /// the Redis store, another replica's as collapsed or a stored one as a replay).
+    Settled(Outcome, Disposition),
+    /// A response streamed through, not replayable: write `header`, then every chunk.
     Stream {
         /// Response header, hop-by-hop fields removed.
         header: Box<ResponseHeader>,
         /// Body chunks.
-        body: mpsc::Receiver<Result<Bytes, ()>>,
+        body: mpsc::Receiver<Chunk>,
     },
+}
+
+/// A piece of a streamed response body.
+#[derive(Debug)]
+pub enum Chunk {
+    /// The next bytes.
+    Data(Bytes),
+    /// The upstream body was cut off: the client connection must be aborted, so the client
+    /// sees a truncated response, never a complete one.
+    CutOff,
 }
 
 /// What the access log reports about the call, delivered with the leader's reply.
@@ -129,6 +112,35 @@ pub fn spawn(
     rx
 }
 
+/// The local permit, plus the shared claim when this replica holds one: settling writes the
+/// outcome over the claim first.
+struct Leader {
+    permit: LeaderPermit,
+    claim: Option<(Arc<RedisStore>, Claimed)>,
+}
+
+impl Leader {
+    async fn settle(self, outcome: Outcome, retention: Retention) -> usize {
+        if let Some((store, claim)) = &self.claim {
+            store.settle(claim, &outcome, retention).await;
+        }
+        self.permit.settle(outcome, retention)
+    }
+}
+
+/// How the call ended, before it is settled.
+enum Called {
+    /// A complete response or why there is none.
+    Settled(Outcome),
+    /// A response that cannot be stored: the rest of its body streams to the leader's client.
+    Stream {
+        header: Box<ResponseHeader>,
+        /// The body read before that was known.
+        read: Bytes,
+        exchange: Exchange,
+    },
+}
+
 async fn run(
     permit: LeaderPermit,
     upstream: Arc<Upstream>,
@@ -136,91 +148,110 @@ async fn run(
     mut plan: Plan,
     reply: oneshot::Sender<(LeaderReply, CallReport)>,
 ) {
-    let mut permit = Leader {
+    let mut leader = Leader {
         permit,
         claim: None,
     };
     if let Some(shared) = plan.shared.take() {
         match shared.store.lead(shared.request).await {
-            Lead::Call(claim) => permit.claim = claim.map(|c| (shared.store, c)),
+            Lead::Call(claim) => leader.claim = claim.map(|c| (shared.store, c)),
             Lead::Answer(a) => {
-                let served = permit.permit.settle(a.outcome.clone(), a.retention);
+                let served = leader.permit.settle(a.outcome.clone(), a.retention);
                 let report = CallReport {
                     upstream: Duration::ZERO,
                     waiters_served: served,
                 };
-                let r = LeaderReply::Shared {
-                    outcome: a.outcome,
-                    replay_ttl: a.replay_ttl,
-                };
+                let r = LeaderReply::Settled(a.outcome, a.how);
                 deliver(&metrics, plan.route, reply, r, report);
                 return;
             }
         }
     }
+    let key = leader.permit.key();
     let started = std::time::Instant::now();
-    let key = permit.key().short();
+    let hold = |status| leader.permit.hold(status);
     // Boxed so that `run` stays small (see `spawn`).
-    let sent = timeout_at(
-        plan.deadline,
-        Box::pin(upstream.send(&plan.request, &plan.body)),
-    )
-    .await;
-    let failure = match sent {
-        Ok(Ok(exchange)) => {
-            let finish = finish(permit, upstream, metrics, plan, reply, exchange, started);
-            return Box::pin(finish).await;
+    let (called, took) = Box::pin(call(&upstream, &metrics, &plan, key, hold, started)).await;
+    let report = |waiters_served| CallReport {
+        upstream: took,
+        waiters_served,
+    };
+    match called {
+        Called::Settled(outcome) => {
+            let how = Disposition::Leader {
+                stored: matches!(outcome, Outcome::Response { stored: true, .. }),
+            };
+            let served = leader.settle(outcome.clone(), plan.retention).await;
+            let r = LeaderReply::Settled(outcome, how);
+            deliver(&metrics, plan.route, reply, r, report(served));
         }
+        Called::Stream {
+            header,
+            read,
+            exchange,
+        } => {
+            let status = header.status.as_u16();
+            tracing::info!(
+                key = %key.short(),
+                status,
+                "response not replayable: streaming it to the leader only"
+            );
+            // Waiters and later requests are answered now; the leader's client gets the
+            // stream; the body is read to the end whether or not anyone still listens.
+            let served = leader.settle(Outcome::NotReplayable, plan.retention).await;
+            let (tx, rx) = mpsc::channel(16);
+            let r = LeaderReply::Stream { header, body: rx };
+            deliver(&metrics, plan.route, reply, r, report(served));
+            if !read.is_empty() {
+                let _ = tx.send(Chunk::Data(read)).await;
+            }
+            pump(&upstream, exchange, &plan, key, tx).await;
+        }
+    }
+}
+
+/// Makes the call and reads what it returns, up to the point where its outcome is known.
+/// Returns it with the time to the response header (or to the failure).
+async fn call(
+    upstream: &Upstream,
+    metrics: &Metrics,
+    plan: &Plan,
+    key: DedupKey,
+    hold: impl Fn(u16) -> Held,
+    started: std::time::Instant,
+) -> (Called, Duration) {
+    let key = key.short();
+    let sent = timeout_at(plan.deadline, upstream.send(&plan.request, &plan.body)).await;
+    let mut ex = match sent {
+        Ok(Ok(exchange)) => exchange,
         Ok(Err(CallError::NotSent(reason))) => {
             tracing::warn!(key, %reason, "upstream unreachable: request not sent, key freed");
-            Outcome::Unreachable
+            metrics.upstream_failed(plan.route, started.elapsed());
+            return (Called::Settled(Outcome::Unreachable), started.elapsed());
         }
         Ok(Err(CallError::Unknown { status, reason })) => {
             tracing::warn!(key, status, %reason, "upstream outcome unknown: key held");
-            Outcome::Unknown(permit.hold(status))
+            metrics.upstream_failed(plan.route, started.elapsed());
+            return (
+                Called::Settled(Outcome::Unknown(hold(status))),
+                started.elapsed(),
+            );
         }
         Err(_elapsed) => {
             tracing::warn!(
                 key,
                 "upstream deadline passed before the response header: key held"
             );
-            Outcome::Unknown(permit.hold(504))
+            metrics.upstream_failed(plan.route, started.elapsed());
+            return (
+                Called::Settled(Outcome::Unknown(hold(504))),
+                started.elapsed(),
+            );
         }
     };
     let took = started.elapsed();
-    metrics.upstream_failed(plan.route, took);
-    let served = permit.settle(failure.clone(), plan.retention).await;
-    let report = CallReport {
-        upstream: took,
-        waiters_served: served,
-    };
-    deliver(
-        &metrics,
-        plan.route,
-        reply,
-        LeaderReply::Outcome(failure),
-        report,
-    );
-}
-
-/// Reads the response once its header has arrived, and settles.
-async fn finish(
-    permit: Leader,
-    upstream: Arc<Upstream>,
-    metrics: Arc<Metrics>,
-    plan: Plan,
-    reply: oneshot::Sender<(LeaderReply, CallReport)>,
-    mut ex: Exchange,
-    started: std::time::Instant,
-) {
-    let key = permit.key().short();
     let status = ex.header().status.as_u16();
-    let took = started.elapsed();
     metrics.upstream_answered(plan.route, status, took);
-    let report = |waiters_served| CallReport {
-        upstream: took,
-        waiters_served,
-    };
     // A gateway behind idem gave up while the app may still run the request.
     if status == 502 || status == 504 {
         tracing::warn!(
@@ -229,11 +260,7 @@ async fn finish(
             "upstream answered {status}: outcome unknown, key held"
         );
         ex.abort().await;
-        let o = Outcome::Unknown(permit.hold(status));
-        let served = permit.settle(o.clone(), plan.retention).await;
-        let r = report(served);
-        deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
-        return;
+        return (Called::Settled(Outcome::Unknown(hold(status))), took);
     }
     let declared = ex
         .header()
@@ -242,84 +269,73 @@ async fn finish(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = BodyBuf::with_hint(0);
-    let storable = is_storable(ex.header()) && declared.is_none_or(|n| n <= plan.max_response_body);
-    if storable {
+    if is_storable(ex.header()) && declared.is_none_or(|n| n <= plan.max_response_body) {
         loop {
-            match timeout_at(plan.deadline, ex.read_body()).await {
+            let held = match timeout_at(plan.deadline, ex.read_body()).await {
                 Ok(Ok(Some(chunk))) => {
-                    if (body.len() + chunk.len()) as u64 > plan.max_response_body {
-                        body.push(chunk);
+                    let over = (body.len() + chunk.len()) as u64 > plan.max_response_body;
+                    body.push(chunk);
+                    if over {
                         break;
                     }
-                    body.push(chunk);
+                    continue;
                 }
                 Ok(Ok(None)) => {
                     let response = Arc::new(stored_response(ex.header(), body.freeze()));
                     let stored = plan.store_statuses.contains(status);
                     upstream.release(ex).await;
                     let o = Outcome::Response { response, stored };
-                    let served = permit.settle(o.clone(), plan.retention).await;
-                    let r = report(served);
-                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
-                    return;
+                    return (Called::Settled(o), took);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(key, error = %e, "upstream response cut off: key held");
-                    ex.abort().await;
-                    let o = Outcome::Unknown(permit.hold(502));
-                    let served = permit.settle(o.clone(), plan.retention).await;
-                    let r = report(served);
-                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
-                    return;
+                    hold(502)
                 }
                 Err(_elapsed) => {
                     tracing::warn!(
                         key,
                         "upstream deadline passed while reading the body: key held"
                     );
-                    ex.abort().await;
-                    let o = Outcome::Unknown(permit.hold(504));
-                    let served = permit.settle(o.clone(), plan.retention).await;
-                    let r = report(served);
-                    deliver(&metrics, plan.route, reply, LeaderReply::Outcome(o), r);
-                    return;
+                    hold(504)
                 }
-            }
+            };
+            ex.abort().await;
+            return (Called::Settled(Outcome::Unknown(held)), took);
         }
     }
-    // Not replayable: waiters and later requests are answered now; the leader's client gets
-    // the stream; the body is read to the end whether or not anyone still listens.
-    tracing::info!(
-        key,
-        status,
-        "response not replayable: streaming it to the leader only"
-    );
-    let served = permit.settle(Outcome::NotReplayable, plan.retention).await;
-    let (tx, rx) = mpsc::channel(16);
     let header = Box::new(stream_header(ex.header()));
-    deliver(
-        &metrics,
-        plan.route,
-        reply,
-        LeaderReply::Stream { header, body: rx },
-        report(served),
-    );
-    if !body.is_empty() {
-        let _ = tx.send(Ok(body.freeze())).await;
-    }
+    let read = body.freeze();
+    (
+        Called::Stream {
+            header,
+            read,
+            exchange: ex,
+        },
+        took,
+    )
+}
+
+/// Streams the rest of a not-replayable response to the leader's client, reading it to the
+/// end whether or not the client still listens (the call completes regardless).
+async fn pump(
+    upstream: &Upstream,
+    mut ex: Exchange,
+    plan: &Plan,
+    key: DedupKey,
+    tx: mpsc::Sender<Chunk>,
+) {
     loop {
         match timeout_at(plan.deadline, ex.read_body()).await {
             Ok(Ok(Some(chunk))) => {
-                // A client that left must not stop the read: the call completes regardless.
-                let _ = tx.send(Ok(chunk)).await;
+                let _ = tx.send(Chunk::Data(chunk)).await;
             }
             Ok(Ok(None)) => {
                 upstream.release(ex).await;
                 return;
             }
             Ok(Err(_)) | Err(_) => {
-                tracing::warn!(key, "streamed upstream response cut off");
-                let _ = tx.send(Err(())).await;
+                tracing::warn!(key = %key.short(), "streamed upstream response cut off");
+                let _ = tx.send(Chunk::CutOff).await;
                 ex.abort().await;
                 return;
             }
@@ -337,190 +353,5 @@ fn deliver(
     if reply.send((r, report)).is_err() {
         // The leader's client left before the answer: the reason idem exists.
         metrics.detached_completion(route);
-    }
-}
-
-/// Event streams, gRPC and responses with trailers are not replayable as a stored body.
-pub fn is_storable(h: &ResponseHeader) -> bool {
-    let ct = h
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    !(ct.starts_with("text/event-stream")
-        || ct.starts_with("application/grpc")
-        || h.headers.contains_key(header::TRAILER))
-}
-
-/// A body read in chunks. A body that arrives in one chunk is kept as that chunk (no copy);
-/// only a second chunk makes it join them. Pingora hands out chunks it copied to exact size,
-/// so keeping one pins nothing larger than the body.
-pub(crate) struct BodyBuf {
-    first: Option<Bytes>,
-    joined: BytesMut,
-    hint: usize,
-}
-
-impl BodyBuf {
-    /// An empty body; `hint` is the expected total length (the buffer for a body that comes
-    /// in several chunks is reserved with it).
-    pub(crate) fn with_hint(hint: usize) -> BodyBuf {
-        BodyBuf {
-            first: None,
-            joined: BytesMut::new(),
-            hint,
-        }
-    }
-
-    /// Bytes so far.
-    pub(crate) fn len(&self) -> usize {
-        self.first.as_ref().map_or(0, Bytes::len) + self.joined.len()
-    }
-
-    /// Whether nothing was read.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Appends a chunk.
-    pub(crate) fn push(&mut self, chunk: Bytes) {
-        if self.first.is_none() && self.joined.is_empty() {
-            self.first = Some(chunk);
-            return;
-        }
-        if let Some(first) = self.first.take() {
-            self.joined
-                .reserve(self.hint.max(first.len() + chunk.len()));
-            self.joined.extend_from_slice(&first);
-        }
-        self.joined.extend_from_slice(&chunk);
-    }
-
-    /// The whole body.
-    pub(crate) fn freeze(self) -> Bytes {
-        match self.first {
-            Some(first) => first,
-            None => self.joined.freeze(),
-        }
-    }
-}
-
-fn stored_response(h: &ResponseHeader, body: Bytes) -> StoredResponse {
-    let nominated = crate::upstream::connection_nominated(&h.headers);
-    let kept = || {
-        h.headers
-            .iter()
-            .filter(|(n, _)| !is_hop_by_hop(n) && !nominated.contains(n))
-    };
-    // Header values parsed by Pingora are slices of its (at least 4 KiB) header read buffer:
-    // kept as they are, every stored entry would pin that whole buffer. Copy them into one
-    // buffer of their exact size instead.
-    let mut values = BytesMut::with_capacity(kept().map(|(_, v)| v.len()).sum());
-    for (_, v) in kept() {
-        values.extend_from_slice(v.as_bytes());
-    }
-    let mut values = values.freeze();
-    // Exactly sized: the list lives as long as the record.
-    let mut headers = Vec::with_capacity(kept().count());
-    headers.extend(kept().map(|(n, v)| {
-        let own = values.split_to(v.len());
-        let value = match http::HeaderValue::from_maybe_shared(own) {
-            Ok(mut own) => {
-                own.set_sensitive(v.is_sensitive());
-                own
-            }
-            Err(_) => v.clone(),
-        };
-        (n.clone(), value)
-    }));
-    StoredResponse {
-        status: h.status.as_u16(),
-        headers,
-        body,
-        completed_at: Instant::now(),
-    }
-}
-
-/// The header for a streamed response: the upstream's, minus hop-by-hop fields, keeping its
-/// `Content-Length` when it declared one so the client can detect a cut-off.
-fn stream_header(h: &ResponseHeader) -> ResponseHeader {
-    let mut out = h.clone();
-    let length = h.headers.get(header::CONTENT_LENGTH).cloned();
-    let nominated = crate::upstream::connection_nominated(&h.headers);
-    for name in crate::upstream::HOP_BY_HOP.iter().chain(nominated.iter()) {
-        out.remove_header(name);
-    }
-    match length {
-        Some(len) => {
-            let _ = out.insert_header(header::CONTENT_LENGTH, len);
-        }
-        None => {
-            let _ = out.insert_header(header::TRANSFER_ENCODING, "chunked");
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_body_in_one_chunk_is_kept_without_a_copy() {
-        let chunk = Bytes::from(vec![7u8; 100]);
-        let mut b = BodyBuf::with_hint(100);
-        assert!(b.is_empty());
-        b.push(chunk.clone());
-        assert_eq!(b.len(), 100);
-        let body = b.freeze();
-        assert_eq!(body, chunk);
-        assert_eq!(body.as_ptr(), chunk.as_ptr());
-    }
-
-    #[test]
-    fn a_body_in_several_chunks_is_joined_in_order() {
-        let mut b = BodyBuf::with_hint(0);
-        for c in [&b"ab"[..], b"", b"cde", b"f"] {
-            b.push(Bytes::copy_from_slice(c));
-        }
-        assert_eq!(b.len(), 6);
-        assert_eq!(b.freeze(), Bytes::from_static(b"abcdef"));
-        assert!(BodyBuf::with_hint(10).freeze().is_empty());
-    }
-
-    #[test]
-    fn stored_headers_are_end_to_end_in_order_and_own_their_bytes() {
-        let mut h = ResponseHeader::build(201, None).unwrap();
-        h.append_header("content-type", "text/plain").unwrap();
-        h.append_header("connection", "keep-alive, x-hop").unwrap();
-        h.append_header("x-hop", "dropped").unwrap();
-        h.append_header("set-cookie", "a=1").unwrap();
-        h.append_header("set-cookie", "b=2").unwrap();
-        h.append_header("content-length", "2").unwrap();
-        let mut secret = http::HeaderValue::from_static("token");
-        secret.set_sensitive(true);
-        h.append_header("x-secret", secret).unwrap();
-        let r = stored_response(&h, Bytes::from_static(b"ok"));
-        let got: Vec<(&str, &[u8])> = r
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_bytes()))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("content-type", &b"text/plain"[..]),
-                ("set-cookie", b"a=1"),
-                ("set-cookie", b"b=2"),
-                ("x-secret", b"token"),
-            ]
-        );
-        assert!(r.headers[3].1.is_sensitive() && !r.headers[0].1.is_sensitive());
-        assert_eq!(r.headers.capacity(), r.headers.len());
-        // Copied out of the header's buffers, not sharing them.
-        let original = h.headers.get("content-type").unwrap().as_bytes().as_ptr();
-        assert_ne!(r.headers[0].1.as_bytes().as_ptr(), original);
-        assert_eq!((r.status, &r.body[..]), (201, &b"ok"[..]));
     }
 }

@@ -6,9 +6,9 @@
 //! turns out larger than `max_body`) is made by the body reader.
 
 use crate::config::file::Mode;
-use crate::config::settings::RoutePolicy;
+use crate::config::route::RoutePolicy;
 use crate::http::problem::Problem;
-use crate::key::{parse_idempotency_key, KeyHeaderError};
+use crate::key::parse_idempotency_key;
 use http::{header, HeaderMap, Method};
 
 /// Name of the request header that carries the client's key.
@@ -18,12 +18,7 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
     /// Pass through Pingora's proxy path, streamed.
-    PassThrough {
-        /// Add `Cache-Status: idem; fwd=bypass` (the route deduplicates, this request did not).
-        mark: bool,
-        /// The body is over `max_body` (counted as `too_large`, not `bypass`).
-        too_large: bool,
-    },
+    PassThrough(Bypass),
     /// Answer with a problem, without reading the body.
     Refuse(Problem),
     /// Read the body, derive the key, and coordinate.
@@ -39,19 +34,28 @@ pub enum Admission {
     },
 }
 
+/// Why a request passes through, which decides its `Cache-Status` and its metric outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bypass {
+    /// The route does not deduplicate (`off`, or `shadow`): nothing is marked.
+    Unmarked,
+    /// The route deduplicates, this request does not (ineligible method, upgrade, no key on
+    /// a `keyed` route): `Cache-Status: idem; fwd=bypass`, outcome `bypass`.
+    Marked,
+    /// The body is over `max_body` and no protection was asked for: marked as bypass,
+    /// counted as `too_large`.
+    TooLarge,
+}
+
 /// Decides admission for a request on `route`.
 pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admission {
-    let pass = |mark| Admission::PassThrough {
-        mark,
-        too_large: false,
-    };
     match route.mode {
-        Mode::Off => return pass(false),
+        Mode::Off => return Admission::PassThrough(Bypass::Unmarked),
         Mode::Shadow => return shadow(route, method, headers),
         Mode::Keyed | Mode::Fingerprint | Mode::RequireKey => {}
     }
     if !route.is_eligible_method(method) || is_upgrade(headers) {
-        return pass(true);
+        return Admission::PassThrough(Bypass::Marked);
     }
     let key = match parse_idempotency_key(
         headers
@@ -60,11 +64,11 @@ pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admis
             .map(|v| v.as_bytes()),
     ) {
         Ok(k) => k,
-        Err(e) => return Admission::Refuse(Problem::KeyMalformed(key_error_detail(e))),
+        Err(e) => return Admission::Refuse(Problem::KeyMalformed(e)),
     };
     let protected = key.is_some() || route.mode == Mode::RequireKey;
     match (&key, route.mode) {
-        (None, Mode::Keyed) => return pass(true),
+        (None, Mode::Keyed) => return Admission::PassThrough(Bypass::Marked),
         (None, Mode::RequireKey) => return Admission::Refuse(Problem::MissingKey),
         _ => {}
     }
@@ -73,10 +77,7 @@ pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admis
             // A client that asked for protection never silently loses it.
             Admission::Refuse(Problem::TooLarge)
         } else {
-            Admission::PassThrough {
-                mark: true,
-                too_large: true,
-            }
+            Admission::PassThrough(Bypass::TooLarge)
         };
     }
     Admission::Dedup { key }
@@ -86,10 +87,7 @@ pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admis
 /// would not deduplicate (ineligible method, upgrade, body over `max_body`) or would refuse
 /// (malformed key) are passed through uncounted.
 fn shadow(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admission {
-    let pass = Admission::PassThrough {
-        mark: false,
-        too_large: false,
-    };
+    let pass = Admission::PassThrough(Bypass::Unmarked);
     if !route.is_eligible_method(method)
         || is_upgrade(headers)
         || declared_length(headers).is_some_and(|n| n > route.max_body)
@@ -104,15 +102,6 @@ fn shadow(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admissio
     ) {
         Ok(key) => Admission::Shadow { key },
         Err(_) => pass,
-    }
-}
-
-fn key_error_detail(e: KeyHeaderError) -> &'static str {
-    match e {
-        KeyHeaderError::Repeated => "The Idempotency-Key header must appear once.",
-        KeyHeaderError::Empty => "The Idempotency-Key header must not be empty.",
-        KeyHeaderError::Malformed => "The Idempotency-Key must be a quoted string or a token of visible ASCII without quotes, commas or spaces.",
-        KeyHeaderError::TooLong => "The Idempotency-Key must be at most 255 bytes.",
     }
 }
 
@@ -154,10 +143,7 @@ mod tests {
         let none = headers(&[]);
         assert_eq!(
             admit(&route("keyed"), &Method::POST, &none),
-            Admission::PassThrough {
-                mark: true,
-                too_large: false
-            }
+            Admission::PassThrough(Bypass::Marked)
         );
         assert_eq!(
             admit(&route("fingerprint"), &Method::POST, &none),
@@ -173,10 +159,7 @@ mod tests {
                 &Method::POST,
                 &headers(&[("idempotency-key", "k")])
             ),
-            Admission::PassThrough {
-                mark: false,
-                too_large: false
-            }
+            Admission::PassThrough(Bypass::Unmarked)
         );
     }
 
@@ -184,10 +167,7 @@ mod tests {
     fn shadow_routes_pass_everything_through_and_hash_what_dedup_would_take() {
         let shadow = route("shadow");
         let none = headers(&[]);
-        let plain = Admission::PassThrough {
-            mark: false,
-            too_large: false,
-        };
+        let plain = Admission::PassThrough(Bypass::Unmarked);
         assert_eq!(
             admit(&shadow, &Method::POST, &none),
             Admission::Shadow { key: None }
@@ -220,10 +200,7 @@ mod tests {
         let h = headers(&[("idempotency-key", "k")]);
         assert_eq!(
             admit(&route("require-key"), &Method::GET, &h),
-            Admission::PassThrough {
-                mark: true,
-                too_large: false
-            }
+            Admission::PassThrough(Bypass::Marked)
         );
     }
 
@@ -241,10 +218,7 @@ mod tests {
         let big = headers(&[("content-length", "11")]);
         assert_eq!(
             admit(&route("fingerprint"), &Method::POST, &big),
-            Admission::PassThrough {
-                mark: true,
-                too_large: true
-            }
+            Admission::PassThrough(Bypass::TooLarge)
         );
         let big_keyed = headers(&[("content-length", "11"), ("idempotency-key", "k")]);
         assert_eq!(

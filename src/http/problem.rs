@@ -1,9 +1,12 @@
 //! Errors idem answers itself, as RFC 9457 `application/problem+json`.
 //!
-//! One variant per failure mode, each with its status, `type`, title and whether it carries
-//! `Retry-After`. `detail` is fixed text per variant: it never echoes keys, bodies or header
-//! values, so nothing a client sent is reflected back.
+//! One variant per failure mode; [`Problem::info`] gives each its status, `type`, title and
+//! fixed `detail` on one line, so adding a failure mode touches one place. `detail` never
+//! echoes keys, bodies or header values, so nothing a client sent is reflected back.
 
+use crate::key::KeyHeaderError;
+use crate::observe::metrics::Answered;
+use crate::outcome::{Held, Refusal, IN_PROGRESS_RETRY_AFTER};
 use std::time::Duration;
 
 /// Base of every problem `type` URI; README lists them all.
@@ -15,7 +18,7 @@ pub enum Problem {
     /// 400: `require-key` route and no `Idempotency-Key`.
     MissingKey,
     /// 400: the `Idempotency-Key` header is repeated, empty, malformed or too long.
-    KeyMalformed(&'static str),
+    KeyMalformed(KeyHeaderError),
     /// 422: the key was used before with a different request.
     FingerprintMismatch,
     /// 409: a call for this key is still running (reject mode, or the wait timed out).
@@ -48,87 +51,70 @@ pub enum Problem {
     TooManyWaiters,
     /// 502: no backend could be reached; nothing was sent, a retry may run.
     UpstreamUnreachable,
-    /// 500: an internal error idem could not attribute to the request.
-    Internal,
+}
+
+/// Everything a problem says about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Info {
+    /// HTTP status.
+    pub status: u16,
+    /// The last segment of the `type` URI, also the `detail=` of `Cache-Status`.
+    pub kind: &'static str,
+    /// The `title` member.
+    pub title: &'static str,
+    /// The `detail` member: fixed text, never what the client sent.
+    pub detail: &'static str,
+    /// The `outcome` label of `idem_requests_total`.
+    pub answered: Answered,
 }
 
 impl Problem {
+    /// The answer for a held key: its status, and `Retry-After` until the hold ends.
+    pub fn outcome_unknown(held: Held) -> Problem {
+        Problem::OutcomeUnknown {
+            status: held.status,
+            retry_after: held
+                .until
+                .saturating_duration_since(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Status, type, title, detail and metric label.
+    pub fn info(&self) -> Info {
+        use Answered as A;
+        let (status, kind, title, detail, answered) = match self {
+            Problem::MissingKey => (400, "missing-key", "Idempotency-Key required", "This route requires an Idempotency-Key header.", A::MissingKey),
+            Problem::KeyMalformed(e) => (400, "key-malformed", "Malformed Idempotency-Key", key_error_detail(*e), A::MissingKey),
+            Problem::FingerprintMismatch => (422, "fingerprint-mismatch", "Idempotency-Key reused with a different request", "This Idempotency-Key was used with a different method, path, query, headers or body. Use a new key for a new request.", A::Mismatch),
+            Problem::InProgress { .. } => (409, "in-progress", "Request in progress", "An identical request is still being processed. Retry later to receive its response.", A::Conflict),
+            Problem::OutcomeUnknown { status, .. } => (*status, "outcome-unknown", "Outcome unknown", "The upstream call may have been executed but no usable response was received. It will not be repeated before the hold ends.", A::OutcomeUnknown),
+            Problem::NotReplayable => (409, "not-replayable", "Response not replayable", "The response for this request was streamed to the first client only and cannot be replayed.", A::NotReplayable),
+            Problem::NotAcceptable => (406, "not-acceptable", "Stored response not acceptable", "The stored response uses a content coding this request does not accept.", A::Error),
+            Problem::TooLarge => (413, "too-large", "Request body too large", "The request body is larger than this route deduplicates.", A::TooLarge),
+            Problem::BodyTimeout => (408, "body-timeout", "Request body timeout", "The request body did not arrive in time.", A::Error),
+            Problem::StoreFull => (503, "store-full", "Dedup store full", "No room for a new key: every entry is in flight or held. Retry later.", A::Error),
+            Problem::StoreUnavailable => (503, "store-unavailable", "Dedup store unavailable", "The shared dedup store cannot be reached, and this deployment refuses to forward requests it cannot deduplicate. Retry later.", A::Error),
+            Problem::ScopeQuota => (429, "scope-quota", "Too many keys for this client", "This client has its full share of keys in flight, held or stored, and may not evict other clients' responses. Retry later.", A::Error),
+            Problem::TooManyWaiters => (503, "too-many-waiters", "Too many waiting requests", "Too many requests are waiting for identical calls. Retry later.", A::Error),
+            Problem::UpstreamUnreachable => (502, "upstream-unreachable", "Upstream unreachable", "No upstream server could be reached; the request was not sent. It is safe to retry.", A::Error),
+        };
+        Info {
+            status,
+            kind,
+            title,
+            detail,
+            answered,
+        }
+    }
+
     /// HTTP status.
     pub fn status(&self) -> u16 {
-        match self {
-            Problem::MissingKey | Problem::KeyMalformed(_) => 400,
-            Problem::FingerprintMismatch => 422,
-            Problem::InProgress { .. } | Problem::NotReplayable => 409,
-            Problem::NotAcceptable => 406,
-            Problem::OutcomeUnknown { status, .. } => *status,
-            Problem::TooLarge => 413,
-            Problem::BodyTimeout => 408,
-            Problem::StoreFull | Problem::StoreUnavailable | Problem::TooManyWaiters => 503,
-            Problem::ScopeQuota => 429,
-            Problem::UpstreamUnreachable => 502,
-            Problem::Internal => 500,
-        }
+        self.info().status
     }
 
-    /// The last segment of the `type` URI, also the `detail=` of `Cache-Status`.
+    /// The last segment of the `type` URI.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Problem::MissingKey => "missing-key",
-            Problem::KeyMalformed(_) => "key-malformed",
-            Problem::FingerprintMismatch => "fingerprint-mismatch",
-            Problem::InProgress { .. } => "in-progress",
-            Problem::OutcomeUnknown { .. } => "outcome-unknown",
-            Problem::NotReplayable => "not-replayable",
-            Problem::NotAcceptable => "not-acceptable",
-            Problem::TooLarge => "too-large",
-            Problem::BodyTimeout => "body-timeout",
-            Problem::StoreFull => "store-full",
-            Problem::StoreUnavailable => "store-unavailable",
-            Problem::ScopeQuota => "scope-quota",
-            Problem::TooManyWaiters => "too-many-waiters",
-            Problem::UpstreamUnreachable => "upstream-unreachable",
-            Problem::Internal => "internal",
-        }
-    }
-
-    fn title(&self) -> &'static str {
-        match self {
-            Problem::MissingKey => "Idempotency-Key required",
-            Problem::KeyMalformed(_) => "Malformed Idempotency-Key",
-            Problem::FingerprintMismatch => "Idempotency-Key reused with a different request",
-            Problem::InProgress { .. } => "Request in progress",
-            Problem::OutcomeUnknown { .. } => "Outcome unknown",
-            Problem::NotReplayable => "Response not replayable",
-            Problem::NotAcceptable => "Stored response not acceptable",
-            Problem::TooLarge => "Request body too large",
-            Problem::BodyTimeout => "Request body timeout",
-            Problem::StoreFull => "Dedup store full",
-            Problem::StoreUnavailable => "Dedup store unavailable",
-            Problem::ScopeQuota => "Too many keys for this client",
-            Problem::TooManyWaiters => "Too many waiting requests",
-            Problem::UpstreamUnreachable => "Upstream unreachable",
-            Problem::Internal => "Internal error",
-        }
-    }
-
-    fn detail(&self) -> &'static str {
-        match self {
-            Problem::MissingKey => "This route requires an Idempotency-Key header.",
-            Problem::KeyMalformed(why) => why,
-            Problem::FingerprintMismatch => "This Idempotency-Key was used with a different method, path, query, headers or body. Use a new key for a new request.",
-            Problem::InProgress { .. } => "An identical request is still being processed. Retry later to receive its response.",
-            Problem::OutcomeUnknown { .. } => "The upstream call may have been executed but no usable response was received. It will not be repeated before the hold ends.",
-            Problem::NotReplayable => "The response for this request was streamed to the first client only and cannot be replayed.",
-            Problem::NotAcceptable => "The stored response uses a content coding this request does not accept.",
-            Problem::TooLarge => "The request body is larger than this route deduplicates.",
-            Problem::BodyTimeout => "The request body did not arrive in time.",
-            Problem::StoreFull => "No room for a new key: every entry is in flight or held. Retry later.",
-            Problem::StoreUnavailable => "The shared dedup store cannot be reached, and this deployment refuses to forward requests it cannot deduplicate. Retry later.",
-            Problem::ScopeQuota => "This client has its full share of keys in flight, held or stored, and may not evict other clients' responses. Retry later.",
-            Problem::TooManyWaiters => "Too many requests are waiting for identical calls. Retry later.",
-            Problem::UpstreamUnreachable => "No upstream server could be reached; the request was not sent. It is safe to retry.",
-            Problem::Internal => "idem failed to process the request.",
-        }
+        self.info().kind
     }
 
     /// `Retry-After` seconds, when the condition is expected to pass.
@@ -147,13 +133,38 @@ impl Problem {
 
     /// The JSON body.
     pub fn body(&self) -> String {
+        let info = self.info();
         serde_json::json!({
-            "type": format!("{TYPE_BASE}{}", self.kind()),
-            "title": self.title(),
-            "status": self.status(),
-            "detail": self.detail(),
+            "type": format!("{TYPE_BASE}{}", info.kind),
+            "title": info.title,
+            "status": info.status,
+            "detail": info.detail,
         })
         .to_string()
+    }
+}
+
+impl From<Refusal> for Problem {
+    fn from(r: Refusal) -> Problem {
+        match r {
+            Refusal::FingerprintMismatch => Problem::FingerprintMismatch,
+            Refusal::InProgress => Problem::InProgress {
+                retry_after: IN_PROGRESS_RETRY_AFTER,
+            },
+            Refusal::StoreFull => Problem::StoreFull,
+            Refusal::ScopeQuota => Problem::ScopeQuota,
+            Refusal::TooManyWaiters => Problem::TooManyWaiters,
+            Refusal::StoreUnavailable => Problem::StoreUnavailable,
+        }
+    }
+}
+
+fn key_error_detail(e: KeyHeaderError) -> &'static str {
+    match e {
+        KeyHeaderError::Repeated => "The Idempotency-Key header must appear once.",
+        KeyHeaderError::Empty => "The Idempotency-Key header must not be empty.",
+        KeyHeaderError::Malformed => "The Idempotency-Key must be a quoted string or a token of visible ASCII without quotes, commas or spaces.",
+        KeyHeaderError::TooLong => "The Idempotency-Key must be at most 255 bytes.",
     }
 }
 
@@ -163,11 +174,17 @@ mod tests {
 
     #[test]
     fn body_is_problem_json_with_the_four_members() {
-        let p = Problem::FingerprintMismatch;
-        let v: serde_json::Value = serde_json::from_str(&p.body()).unwrap();
-        assert_eq!(v["type"], "https://idem.dev/problems/fingerprint-mismatch");
-        assert_eq!(v["status"], 422);
-        assert!(v["title"].is_string() && v["detail"].is_string());
+        let v: serde_json::Value =
+            serde_json::from_str(&Problem::FingerprintMismatch.body()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "type": "https://idem.dev/problems/fingerprint-mismatch",
+                "title": "Idempotency-Key reused with a different request",
+                "status": 422,
+                "detail": "This Idempotency-Key was used with a different method, path, query, headers or body. Use a new key for a new request.",
+            })
+        );
     }
 
     #[test]
@@ -178,5 +195,20 @@ mod tests {
         };
         assert_eq!(p.retry_after(), Some(2));
         assert_eq!(p.status(), 504);
+    }
+
+    #[test]
+    fn refusals_map_to_their_problems() {
+        assert_eq!(
+            Problem::from(Refusal::InProgress),
+            Problem::InProgress {
+                retry_after: IN_PROGRESS_RETRY_AFTER
+            }
+        );
+        assert_eq!(Problem::from(Refusal::ScopeQuota).status(), 429);
+        assert_eq!(
+            Problem::from(Refusal::StoreUnavailable).kind(),
+            "store-unavailable"
+        );
     }
 }

@@ -1,37 +1,45 @@
 //! The Pingora glue: the life of a request, top to bottom, in `request_filter`.
 //!
-//! 1. Route and admission from the head alone ([`crate::http::admission`]): pass-through requests
-//!    return `Ok(false)` and take Pingora's streamed proxy path untouched.
+//! 1. Route and admission from the head alone ([`crate::http::admission`]): pass-through
+//!    requests return `Ok(false)` and take Pingora's streamed proxy path untouched.
 //! 2. Read the whole body up to `max_body` within `body_read_timeout`, hashing it as it
-//!    arrives. A body that turns out too large is refused (key present) or forwarded by idem
-//!    itself (never handed back to Pingora: it was consumed).
-//! 3. Derive scope, fingerprint and dedup key ([`crate::key`]).
-//! 4. Join ([`crate::dedup::coordinator`]): the leader spawns the detached call ([`crate::dedup::leader`]),
-//!    waiters wait, others are replayed or refused.
-//! 5. Write the answer ([`crate::http::reply`]) and return `Ok(true)`.
+//!    arrives ([`crate::http::body`]). A body that turns out too large is refused (key
+//!    present) or forwarded by idem itself (never handed back to Pingora: it was consumed).
+//! 3. Derive scope, fingerprint and dedup key ([`crate::http::key_inputs`], [`crate::key`]).
+//! 4. Join ([`crate::dedup::coordinator`]): the leader spawns the detached call
+//!    ([`crate::dedup::leader`]), waiters wait, others are replayed or refused. Each ends in
+//!    a [`Reply`].
+//! 5. Write the reply ([`Idem::reply`], the one writer) and return `Ok(true)`.
 //!
-//! Metrics and the access log are recorded once, in `logging`, from the outcome kept in
-//! [`Ctx`].
+//! Metrics and the access log are recorded once, in `logging`, from what [`Ctx`] kept.
 //!
 //! Each request takes the configuration snapshot in force when it starts ([`Ctx::config`])
 //! and keeps it to its end, whatever a reload does meanwhile. Shadow routes take the
 //! pass-through path; their key is hashed in `request_body_filter` as the body streams to the
 //! backend, and the would-be leader's response settles the key in the response filters
-//! ([`crate::dedup::shadow::table`]).
+//! ([`crate::dedup::shadow`]).
 
 use crate::config::file::Mode;
 use crate::config::live::{Live, Snapshot};
-use crate::config::settings::{RoutePolicy, Settings};
-use crate::dedup::coordinator::{Coordinator, JoinRequest, Joined, Outcome, Retention};
+use crate::config::route::{RouteId, RoutePolicy};
+use crate::config::settings::Settings;
+use crate::dedup::coordinator::{Coordinator, JoinRequest, Joined};
 use crate::dedup::leader::{self, LeaderReply, Plan};
 use crate::dedup::shadow::request::{ShadowPolicy, ShadowRequest, Sinks};
 use crate::dedup::shadow::table::ShadowTable;
-use crate::http::admission::{admit, Admission};
+use crate::http::admission::{admit, Admission, Bypass};
+use crate::http::body::{self, BodyRead};
+use crate::http::forward;
+use crate::http::key_inputs;
 use crate::http::problem::Problem;
-use crate::http::reply::{self, Disposition};
-use crate::key::{DedupKey, Fingerprint, FingerprintHasher, KeyDeriver, Scope};
-use crate::observe::metrics::{self, Metrics, RouteId};
-use crate::upstream::{self, Upstream};
+use crate::http::reply::{self, Audience, Reply};
+use crate::key::{DedupKey, KeyDeriver};
+use crate::message::is_storable;
+use crate::observe::access_log;
+use crate::observe::metrics::{Answered, Lookup, Metrics};
+use crate::outcome::{Disposition, Refusal};
+use crate::store::redis::{LeadRequest, RedisStore};
+use crate::upstream::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
@@ -62,7 +70,7 @@ pub struct Idem {
     /// Keys seen on shadow routes.
     pub shadow: Arc<ShadowTable>,
     /// The Redis store shared by replicas (`store.kind = "redis"`); `None` with memory.
-    pub shared: Option<Arc<crate::store::redis::Shared>>,
+    pub redis: Option<Arc<RedisStore>>,
 }
 
 /// Per-request state.
@@ -71,13 +79,16 @@ pub struct Ctx {
     pub config: Arc<Snapshot>,
     started: Instant,
     route: RouteId,
-    outcome: metrics::Outcome,
+    /// The `outcome` label: set by admission for pass-through, by [`Idem::reply`] otherwise.
+    answered: Answered,
     /// Pass-through on an eligible route: tag the response `fwd=bypass`.
     mark_bypass: bool,
     /// Backends already tried by the pass-through path.
     tried: Vec<SocketAddr>,
     /// Short key hash for the access log.
     key: Option<DedupKey>,
+    /// The status idem wrote itself, or the upstream's on pass-through; the access log's
+    /// fallback when no response header went out.
     status: u16,
     /// Pass-through: when the first upstream peer was chosen.
     upstream_started: Option<Instant>,
@@ -98,13 +109,6 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Result of reading a request body that idem buffers.
-enum BodyRead {
-    Complete(Bytes, Fingerprint),
-    TooLarge(Bytes),
-    TimedOut,
-}
-
 impl Idem {
     /// Steps 2 to 5 for a request admitted to dedup.
     async fn dedup(
@@ -117,63 +121,67 @@ impl Idem {
     ) -> Result<bool> {
         // Until an answer is chosen, a request that ends here (its client left during the
         // upload) is an error, not a bypass: it was admitted to dedup.
-        ctx.outcome = metrics::Outcome::Error;
-        if is_expect_continue(session.req_header()) {
-            session.downstream_session.write_continue_response().await?;
-        }
-        let body = match self.read_body(session, settings, route).await? {
-            BodyRead::Complete(body, fp) => (body, fp),
-            BodyRead::TimedOut => return self.problem(session, ctx, Problem::BodyTimeout).await,
-            BodyRead::TooLarge(prefix) => {
+        ctx.answered = Answered::Error;
+        body::continue_if_expected(session).await?;
+        let hasher = key_inputs::fingerprint(&self.keys, session.req_header(), route);
+        let read = body::read(session, hasher, route.max_body, settings.body_read_timeout).await;
+        let (body, fingerprint) = match read {
+            Ok(BodyRead::Complete(body, fp)) => (body, fp),
+            Ok(BodyRead::TimedOut) => {
+                return self
+                    .reply(
+                        session,
+                        ctx,
+                        Problem::BodyTimeout.into(),
+                        Audience::Anonymous,
+                    )
+                    .await
+            }
+            Ok(BodyRead::TooLarge(prefix)) => {
                 if idem_key.is_some() || route.mode == Mode::RequireKey {
-                    return self.problem(session, ctx, Problem::TooLarge).await;
+                    let p = Problem::TooLarge.into();
+                    return self.reply(session, ctx, p, Audience::Anonymous).await;
                 }
-                ctx.outcome = metrics::Outcome::TooLarge;
+                ctx.answered = Answered::TooLarge;
                 // Boxed: a rare path with a large future (a whole upstream exchange) that would
                 // otherwise size every deduplicated request's future, waiters' included.
-                return Box::pin(self.forward_consumed(session, ctx, prefix)).await;
+                let forwarded = Box::pin(body::forward_consumed(session, &self.upstream, prefix));
+                ctx.status = forwarded.await?;
+                return Ok(true);
+            }
+            Err(e) => {
+                self.metrics.client_abort();
+                return Err(e);
             }
         };
-        let (body, fingerprint) = body;
-        let scope = self.scope(session.req_header(), route);
+        let scope = key_inputs::scope(&self.keys, session.req_header(), route);
+        let audience = if scope.anonymous {
+            Audience::Anonymous
+        } else {
+            Audience::Identified
+        };
         let key = match &idem_key {
             Some(k) => self.keys.keyed(&scope, k),
             None => self.keys.by_fingerprint(&scope, &fingerprint),
         };
         ctx.key = Some(key);
+        let hold_for = settings.upstream.total_timeout;
         let joined = self.coordinator.join(JoinRequest {
             key,
             fingerprint,
             keyed: idem_key.is_some(),
-            reject_concurrent: route.on_concurrent == crate::config::file::OnConcurrent::Reject,
+            on_concurrent: route.on_concurrent,
             max_waiters_per_key: route.max_waiters_per_key,
-            hold_for: settings.upstream.total_timeout,
+            hold_for,
             route: ctx.route,
             scope: scope.id(),
         });
-        self.metrics.store_op(
-            "lookup",
-            match &joined {
-                Joined::Leader(_) => "miss",
-                Joined::StoreFull => "full",
-                // Refused for lack of room, like store-full (its own series would break the
-                // "every series from start-up" set); the outcome tells them apart.
-                Joined::ScopeQuota => "full",
-                Joined::Waiter(_) | Joined::InProgress | Joined::TooManyWaiters => "inflight",
-                _ => "hit",
-            },
-        );
-        let retention = Retention {
-            ttl: if idem_key.is_some() {
-                route.ttl
-            } else {
-                route.fingerprint_ttl
-            },
-        };
-        match joined {
+        self.metrics.lookup(lookup_result(&joined));
+        let reply = match joined {
             Joined::Leader(permit) => {
-                ctx.outcome = metrics::Outcome::Leader;
-                let request = upstream::upstream_request(
+                // Its client may leave before the answer: the request still led the call.
+                ctx.answered = Answered::Leader;
+                let request = forward::upstream_request(
                     session.req_header(),
                     session.client_addr().and_then(|a| a.as_inet()),
                     body.len(),
@@ -183,16 +191,16 @@ impl Idem {
                     body,
                     store_statuses: route.store_statuses,
                     max_response_body: route.max_response_body,
-                    retention,
-                    deadline: tokio::time::Instant::now() + settings.upstream.total_timeout,
+                    retention: route.retention(idem_key.as_deref()),
+                    deadline: tokio::time::Instant::now() + hold_for,
                     route: ctx.route,
-                    shared: self.shared.as_ref().map(|store| leader::SharedPlan {
+                    shared: self.redis.as_ref().map(|store| leader::SharedPlan {
                         store: store.clone(),
-                        request: crate::store::redis::LeadRequest {
+                        request: LeadRequest {
                             key,
                             fingerprint,
                             keyed: idem_key.is_some(),
-                            hold_for: settings.upstream.total_timeout,
+                            hold_for,
                             wait_timeout: route.wait_timeout,
                         },
                     }),
@@ -203,288 +211,81 @@ impl Idem {
                     r = reply => r,
                     e = client_gone(session) => return Err(e),
                 };
-                let reply = reply.map(|(reply, report)| {
-                    ctx.upstream = Some(report.upstream);
-                    ctx.waiters_served = Some(report.waiters_served);
-                    reply
-                });
                 match reply {
-                    Ok(LeaderReply::Outcome(o)) => {
-                        self.answer(session, ctx, o, true, scope.anonymous).await
-                    }
-                    Ok(LeaderReply::Shared {
-                        outcome,
-                        replay_ttl,
-                    }) => {
-                        self.answer_shared(session, ctx, outcome, replay_ttl, scope.anonymous)
-                            .await
-                    }
-                    Ok(stream @ LeaderReply::Stream { .. }) => {
-                        ctx.status = 200;
-                        reply::write_stream(session, stream).await?;
-                        Ok(true)
+                    Ok((reply, report)) => {
+                        ctx.upstream = Some(report.upstream);
+                        ctx.waiters_served = Some(report.waiters_served);
+                        match reply {
+                            LeaderReply::Settled(outcome, how) => Reply::settled(outcome, how),
+                            LeaderReply::Stream { header, body } => Reply::Stream { header, body },
+                        }
                     }
                     // The task died without a word: its permit held the key.
-                    Err(_) => {
-                        let p = Problem::OutcomeUnknown {
-                            status: 502,
-                            retry_after: settings.upstream.total_timeout,
-                        };
-                        self.problem(session, ctx, p).await
-                    }
+                    Err(_) => Reply::Problem(Problem::OutcomeUnknown {
+                        status: 502,
+                        retry_after: hold_for,
+                    }),
                 }
             }
             Joined::Waiter(waiter) => {
-                ctx.outcome = metrics::Outcome::Collapsed;
+                ctx.answered = Answered::Collapsed;
                 let outcome = tokio::select! {
                     o = waiter.wait(route.wait_timeout) => o,
                     e = client_gone(session) => return Err(e),
                 };
                 match outcome {
-                    Some(o) => self.answer(session, ctx, o, false, scope.anonymous).await,
-                    None => {
-                        let p = Problem::InProgress {
-                            retry_after: Duration::from_secs(1),
-                        };
-                        self.problem(session, ctx, p).await
-                    }
+                    Some(o) => Reply::settled(o, Disposition::Collapsed),
+                    None => Reply::Problem(Refusal::InProgress.into()),
                 }
             }
-            Joined::Replay { response, .. }
-                if !reply::readable_by(
-                    &response,
-                    session.req_header().headers.get(header::ACCEPT_ENCODING),
-                ) =>
-            {
-                self.problem(session, ctx, Problem::NotAcceptable).await
-            }
             Joined::Replay { response, expires } => {
-                ctx.outcome = metrics::Outcome::Replayed;
-                ctx.status = response.status;
                 let ttl = expires
                     .saturating_duration_since(tokio::time::Instant::now())
                     .as_secs();
-                reply::write_stored(
-                    session,
-                    &response,
-                    Disposition::Replay { ttl },
-                    scope.anonymous,
-                )
-                .await?;
-                Ok(true)
-            }
-            Joined::Held(h) => {
-                let p = Problem::OutcomeUnknown {
-                    status: h.status,
-                    retry_after: h
-                        .until
-                        .saturating_duration_since(tokio::time::Instant::now()),
-                };
-                self.problem(session, ctx, p).await
-            }
-            Joined::NotReplayable => self.problem(session, ctx, Problem::NotReplayable).await,
-            Joined::Mismatch => {
-                self.problem(session, ctx, Problem::FingerprintMismatch)
-                    .await
-            }
-            Joined::InProgress => {
-                let p = Problem::InProgress {
-                    retry_after: Duration::from_secs(1),
-                };
-                self.problem(session, ctx, p).await
-            }
-            Joined::StoreFull => self.problem(session, ctx, Problem::StoreFull).await,
-            Joined::ScopeQuota => self.problem(session, ctx, Problem::ScopeQuota).await,
-            Joined::TooManyWaiters => self.problem(session, ctx, Problem::TooManyWaiters).await,
-        }
-    }
-
-    /// Writes a settled outcome to the leader (`leader`) or a waiter.
-    async fn answer(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        outcome: Outcome,
-        leader: bool,
-        anonymous: bool,
-    ) -> Result<bool> {
-        match outcome {
-            Outcome::Response { response, .. }
-                if !leader
-                    && !reply::readable_by(
-                        &response,
-                        session.req_header().headers.get(header::ACCEPT_ENCODING),
-                    ) =>
-            {
-                self.problem(session, ctx, Problem::NotAcceptable).await
-            }
-            Outcome::Response { response, stored } => {
-                ctx.status = response.status;
-                let how = if leader {
-                    Disposition::Leader { stored }
-                } else {
-                    Disposition::Collapsed
-                };
-                reply::write_stored(session, &response, how, anonymous).await?;
-                Ok(true)
-            }
-            Outcome::Unknown(h) => {
-                let p = Problem::OutcomeUnknown {
-                    status: h.status,
-                    retry_after: h
-                        .until
-                        .saturating_duration_since(tokio::time::Instant::now()),
-                };
-                self.problem(session, ctx, p).await
-            }
-            Outcome::NotReplayable => self.problem(session, ctx, Problem::NotReplayable).await,
-            Outcome::Unreachable => {
-                self.problem(session, ctx, Problem::UpstreamUnreachable)
-                    .await
-            }
-            Outcome::Refused(p) => self.problem(session, ctx, p).await,
-        }
-    }
-
-    /// Writes to a leader's client what the shared store answered: a replay of another
-    /// replica's stored response, another replica's outcome (as a collapsed waiter would
-    /// get it), or a problem.
-    async fn answer_shared(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        outcome: Outcome,
-        replay_ttl: Option<u64>,
-        anonymous: bool,
-    ) -> Result<bool> {
-        match (outcome, replay_ttl) {
-            (Outcome::Response { response, .. }, Some(ttl))
-                if reply::readable_by(
-                    &response,
-                    session.req_header().headers.get(header::ACCEPT_ENCODING),
-                ) =>
-            {
-                ctx.outcome = metrics::Outcome::Replayed;
-                ctx.status = response.status;
-                reply::write_stored(session, &response, Disposition::Replay { ttl }, anonymous)
-                    .await?;
-                Ok(true)
-            }
-            (outcome, _) => {
-                if matches!(outcome, Outcome::Response { .. }) {
-                    ctx.outcome = metrics::Outcome::Collapsed;
+                Reply::Response {
+                    response,
+                    how: Disposition::Replay { ttl },
                 }
-                self.answer(session, ctx, outcome, false, anonymous).await
             }
-        }
-    }
-
-    async fn problem(&self, session: &mut Session, ctx: &mut Ctx, p: Problem) -> Result<bool> {
-        ctx.status = p.status();
-        ctx.outcome = match p {
-            Problem::MissingKey | Problem::KeyMalformed(_) => metrics::Outcome::MissingKey,
-            Problem::FingerprintMismatch => metrics::Outcome::Mismatch,
-            Problem::InProgress { .. } => metrics::Outcome::Conflict,
-            Problem::OutcomeUnknown { .. } => metrics::Outcome::OutcomeUnknown,
-            Problem::NotReplayable => metrics::Outcome::NotReplayable,
-            Problem::TooLarge => metrics::Outcome::TooLarge,
-            Problem::BodyTimeout
-            | Problem::NotAcceptable
-            | Problem::StoreFull
-            | Problem::StoreUnavailable
-            | Problem::ScopeQuota
-            | Problem::TooManyWaiters
-            | Problem::UpstreamUnreachable
-            | Problem::Internal => metrics::Outcome::Error,
+            Joined::Held(held) => Reply::Problem(Problem::outcome_unknown(held)),
+            Joined::NotReplayable => Reply::Problem(Problem::NotReplayable),
+            Joined::Refused(refusal) => Reply::Problem(refusal.into()),
         };
-        reply::write_problem(session, p).await?;
-        Ok(true)
+        self.reply(session, ctx, reply, audience).await
     }
 
-    /// The scope of a request: its authority and the route's scope headers.
-    fn scope(&self, req: &RequestHeader, route: &RoutePolicy) -> Scope {
-        let authority = req
-            .headers
-            .get(header::HOST)
-            .map(|v| v.as_bytes())
-            .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()))
-            .unwrap_or_default();
-        self.keys.scope(
-            authority,
-            route.scope_headers.iter().map(|h| {
-                req.headers
-                    .get_all(h.as_str())
-                    .iter()
-                    .map(|v| v.as_bytes())
-                    .collect()
-            }),
-        )
-    }
-
-    /// A fingerprint of the request head, ready for the body.
-    fn fingerprint_hasher(&self, req: &RequestHeader, route: &RoutePolicy) -> FingerprintHasher {
-        self.keys.fingerprint(
-            req.method.as_str().as_bytes(),
-            req.uri.path().as_bytes(),
-            req.uri.query().unwrap_or("").as_bytes(),
-            route.fingerprint_headers.iter().map(|h| {
-                (
-                    h.as_str(),
-                    req.headers
-                        .get_all(h.as_str())
-                        .iter()
-                        .map(|v| v.as_bytes())
-                        .collect(),
-                )
-            }),
-        )
-    }
-
-    /// Reads the body up to `max_body` within the body deadline, hashing it on the way.
-    async fn read_body(
-        &self,
-        session: &mut Session,
-        settings: &Settings,
-        route: &RoutePolicy,
-    ) -> Result<BodyRead> {
-        let req = session.req_header();
-        let mut hasher = self.fingerprint_hasher(req, route);
-        let expected = crate::http::admission::declared_length(&req.headers).unwrap_or(0);
-        let mut buf = leader::BodyBuf::with_hint(expected.min(route.max_body) as usize);
-        let deadline = tokio::time::Instant::now() + settings.body_read_timeout;
-        loop {
-            let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    self.metrics.client_abort();
-                    return Err(e);
-                }
-                Err(_) => return Ok(BodyRead::TimedOut),
-            };
-            let Some(chunk) = chunk else { break };
-            // Kept without a copy when the body arrives in one chunk.
-            if (buf.len() + chunk.len()) as u64 > route.max_body {
-                buf.push(chunk);
-                return Ok(BodyRead::TooLarge(buf.freeze()));
-            }
-            hasher.update(&chunk);
-            buf.push(chunk);
-        }
-        Ok(BodyRead::Complete(buf.freeze(), hasher.finish()))
-    }
-
-    /// Forwards a request whose body idem already started reading (a keyless chunked body
-    /// over `max_body` on a fingerprint route): it is not deduplicated, and Pingora cannot
-    /// take it back, so idem streams it through itself.
-    async fn forward_consumed(
+    /// The one writer of idem's own answers: what the client may read, what it may not be
+    /// shared, the status and the outcome all follow from `reply` ([`crate::http::reply`]).
+    async fn reply(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-        prefix: Bytes,
+        reply: Reply,
+        audience: Audience,
     ) -> Result<bool> {
-        let status = self.upstream.forward_streaming(session, prefix).await?;
-        ctx.status = status;
+        let reply = reply.for_client(session.req_header());
+        let written = reply.written();
+        ctx.status = written.status;
+        ctx.answered = written.answered;
+        reply.write(session, audience).await?;
         Ok(true)
+    }
+}
+
+/// The lookup a join amounts to, for `idem_store_operations_total{op="lookup"}`.
+fn lookup_result(joined: &Joined) -> Lookup {
+    match joined {
+        Joined::Leader(_) => Lookup::Miss,
+        // Refused for lack of room, like store-full (its own series would break the "every
+        // series from start-up" set); the outcome tells them apart.
+        Joined::Refused(Refusal::StoreFull | Refusal::ScopeQuota) => Lookup::Full,
+        Joined::Waiter(_) | Joined::Refused(Refusal::InProgress | Refusal::TooManyWaiters) => {
+            Lookup::Inflight
+        }
+        Joined::Replay { .. }
+        | Joined::Held(_)
+        | Joined::NotReplayable
+        | Joined::Refused(Refusal::FingerprintMismatch | Refusal::StoreUnavailable) => Lookup::Hit,
     }
 }
 
@@ -494,16 +295,6 @@ async fn client_gone(session: &mut Session) -> Box<Error> {
         Err(e) => e.into_down(),
         Ok(_) => Error::explain(ErrorType::ConnectionClosed, "client left").into_down(),
     }
-}
-
-/// An HTTP/1.1+ request expecting `100 Continue` (RFC 9110 10.1.1: a server ignores the
-/// expectation in an HTTP/1.0 request).
-fn is_expect_continue(req: &RequestHeader) -> bool {
-    req.version != http::Version::HTTP_10
-        && req
-            .headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 #[async_trait]
@@ -516,7 +307,7 @@ impl ProxyHttp for Idem {
             config: self.config.load(),
             started: Instant::now(),
             route: RouteId(0),
-            outcome: metrics::Outcome::Bypass,
+            answered: Answered::Bypass,
             mark_bypass: false,
             tried: Vec::new(),
             key: None,
@@ -546,47 +337,36 @@ impl ProxyHttp for Idem {
         ctx.route = matched.id;
         let req = session.req_header();
         match admit(route, &req.method, &req.headers) {
-            Admission::PassThrough { mark, too_large } => {
-                ctx.mark_bypass = mark;
-                ctx.outcome = if too_large {
-                    metrics::Outcome::TooLarge
-                } else {
-                    metrics::Outcome::Bypass
-                };
-                // Pingora forwards `Expect` and relays only an origin's own `100 Continue`;
-                // many app servers never send one, so client and origin would wait for each
-                // other. idem answers it itself (as nginx and Envoy do) and strips `Expect`
-                // upstream (`upstream_request_filter`).
-                if is_expect_continue(session.req_header()) {
-                    session.downstream_session.write_continue_response().await?;
+            Admission::PassThrough(bypass) => {
+                ctx.mark_bypass = bypass != Bypass::Unmarked;
+                if bypass == Bypass::TooLarge {
+                    ctx.answered = Answered::TooLarge;
                 }
+                body::continue_if_expected(session).await?;
                 Ok(false)
             }
-            Admission::Refuse(p) => self.problem(session, ctx, p).await,
+            Admission::Refuse(p) => {
+                self.reply(session, ctx, p.into(), Audience::Anonymous)
+                    .await
+            }
             Admission::Dedup { key } => self.dedup(session, ctx, settings, route, key).await,
             // Forwarded like a pass-through (unmarked); the key is hashed as the body streams.
             Admission::Shadow { key } => {
                 let req = session.req_header();
                 let policy = ShadowPolicy {
                     max_body: route.max_body,
-                    retention: if key.is_some() {
-                        route.ttl
-                    } else {
-                        route.fingerprint_ttl
-                    },
+                    retention: route.retention(key.as_deref()),
                     store_statuses: route.store_statuses,
                     max_response_body: route.max_response_body,
                     hold_for: settings.upstream.total_timeout,
                 };
                 ctx.shadow = Some(ShadowRequest::new(
-                    self.fingerprint_hasher(req, route),
-                    self.scope(req, route),
+                    key_inputs::fingerprint(&self.keys, req, route),
+                    key_inputs::scope(&self.keys, req, route),
                     key,
                     policy,
                 ));
-                if is_expect_continue(session.req_header()) {
-                    session.downstream_session.write_continue_response().await?;
-                }
+                body::continue_if_expected(session).await?;
                 Ok(false)
             }
         }
@@ -618,7 +398,8 @@ impl ProxyHttp for Idem {
         let retry = !ctx.tried.is_empty();
         if let (true, Some(shadow)) = (retry, &mut ctx.shadow) {
             let req = session.req_header();
-            shadow.restart(self.fingerprint_hasher(req, ctx.config.route(req.uri.path()).policy));
+            let route = ctx.config.route(req.uri.path()).policy;
+            shadow.restart(key_inputs::fingerprint(&self.keys, req, route));
         }
         let backend = self
             .upstream
@@ -651,9 +432,9 @@ impl ProxyHttp for Idem {
         upstream_request: &mut RequestHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
-        // idem answered any `100-continue` itself (see `request_filter`).
+        // idem answered any `100-continue` itself (`body::continue_if_expected`).
         upstream_request.remove_header(&header::EXPECT);
-        upstream::add_forwarded(
+        forward::add_forwarded(
             upstream_request,
             session.client_addr().and_then(|a| a.as_inet()),
         )
@@ -672,7 +453,7 @@ impl ProxyHttp for Idem {
         }
         if let Some(shadow) = &mut ctx.shadow {
             if !resp.status.is_informational() {
-                shadow.response_header(resp.status.as_u16(), leader::is_storable(resp));
+                shadow.response_header(resp.status.as_u16(), is_storable(resp));
             }
         }
         Ok(())
@@ -697,16 +478,15 @@ impl ProxyHttp for Idem {
             shadow.finish(&self.shadow, e);
         }
         let took = ctx.started.elapsed();
-        self.metrics.request(ctx.route, ctx.outcome, took);
-        crate::observe::access_log::write(
+        self.metrics.request(ctx.route, ctx.answered, took);
+        access_log::write(
             session,
             e,
-            &crate::observe::access_log::Entry {
+            &access_log::Entry {
                 format: ctx.config.settings.log_format,
-                metrics: &self.metrics,
-                route: ctx.route,
+                route: &self.metrics.route_name(ctx.route),
                 fallback_status: ctx.status,
-                outcome: ctx.outcome,
+                answered: ctx.answered,
                 key: ctx.key.as_ref(),
                 took,
                 upstream: ctx.upstream,

@@ -1,52 +1,143 @@
-//! Writes idem's own answers to the client: stored responses (to the leader, to waiters, as
-//! replays), streamed responses, and problems.
+//! idem's own answers to the client, and the one writer of them.
 //!
-//! Replays and collapsed responses keep the stored status, headers and body. Hop-by-hop
-//! headers were dropped when the response was stored; framing is recomputed here
-//! (`Content-Length`), Pingora regenerates `Date` and `Connection`, and idem adds `Age`,
-//! `Cache-Status` (RFC 9211, member `idem`) and `Idempotent-Replayed: true`. A response
-//! served from another request's call into the anonymous scope drops `Set-Cookie`.
+//! A deduplicated request ends in a [`Reply`]: a complete response (the leader's own, a
+//! collapsed waiter's, a replay), a streamed response (not replayable, leader only), or a
+//! problem. [`write`] is the only place that writes one, so the rules live here once:
+//! * a stored response goes to a client other than its leader only if that client can read
+//!   its content coding (else 406 `not-acceptable`);
+//! * served from another request's call into the anonymous scope, it drops `Set-Cookie`;
+//! * hop-by-hop headers were dropped when the response was stored; framing is recomputed
+//!   (`Content-Length`), Pingora regenerates `Date` and `Connection`, and idem adds `Age`,
+//!   `Cache-Status` (RFC 9211, member `idem`) and `Idempotent-Replayed: true`;
+//! * the status and the metric outcome of the request follow from the reply written.
 
-use crate::dedup::leader::LeaderReply;
+use crate::dedup::leader::Chunk;
 use crate::http::problem::Problem;
-use crate::store::memory::StoredResponse;
+use crate::message::StoredResponse;
+use crate::observe::metrics::Answered;
+use crate::outcome::{Disposition, Outcome};
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
+use std::sync::Arc;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// How the response reached this client: decides `Cache-Status` and replay headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// The leader's own response; `stored` says whether it was kept for replay.
-    Leader {
-        /// Kept for replay.
-        stored: bool,
+/// `Cache-Status` for a pass-through on an eligible route.
+pub const CACHE_STATUS_BYPASS: &str = "idem; fwd=bypass";
+
+/// How a deduplicated request is answered.
+pub enum Reply {
+    /// A complete response, reaching this client as `how` says.
+    Response {
+        /// The response.
+        response: Arc<StoredResponse>,
+        /// The leader's own, collapsed, or a replay.
+        how: Disposition,
     },
-    /// A waiter attached to the leader's call.
-    Collapsed,
-    /// A stored response, with the seconds of retention left.
-    Replay {
-        /// Seconds until the record expires.
-        ttl: u64,
+    /// The leader's response, streamed because it cannot be stored.
+    Stream {
+        /// Response header, hop-by-hop fields removed.
+        header: Box<ResponseHeader>,
+        /// Body chunks.
+        body: mpsc::Receiver<Chunk>,
     },
+    /// A failure idem answers itself.
+    Problem(Problem),
 }
 
-impl Disposition {
-    fn cache_status(self) -> String {
-        match self {
-            Disposition::Leader { stored: true } => "idem; fwd=uri-miss; stored".to_string(),
-            Disposition::Leader { stored: false } => "idem; fwd=uri-miss".to_string(),
-            Disposition::Collapsed => "idem; fwd=uri-miss; collapsed".to_string(),
-            Disposition::Replay { ttl } => format!("idem; hit; ttl={ttl}"),
+impl Reply {
+    /// The answer a settled outcome gives; a response reaches this client as `how`.
+    pub fn settled(outcome: Outcome, how: Disposition) -> Reply {
+        match outcome {
+            Outcome::Response { response, .. } => Reply::Response { response, how },
+            Outcome::NotReplayable => Reply::Problem(Problem::NotReplayable),
+            Outcome::Unknown(held) => Reply::Problem(Problem::outcome_unknown(held)),
+            Outcome::Unreachable => Reply::Problem(Problem::UpstreamUnreachable),
+            Outcome::Refused(r) => Reply::Problem(r.into()),
         }
     }
 }
 
-/// `Cache-Status` for a pass-through on an eligible route.
-pub const CACHE_STATUS_BYPASS: &str = "idem; fwd=bypass";
+impl From<Problem> for Reply {
+    fn from(p: Problem) -> Reply {
+        Reply::Problem(p)
+    }
+}
+
+/// Who the client is, for what may be shared with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// The request carried a scope header (a credential): it is its own scope.
+    Identified,
+    /// No scope header: the anonymous scope of its authority, shared by every anonymous
+    /// client of that host.
+    Anonymous,
+}
+
+/// What was written, for the access log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// The status sent.
+    pub status: u16,
+    /// The `outcome` label.
+    pub answered: Answered,
+}
+
+impl Reply {
+    /// The reply this client may receive: a stored response served to a client other than
+    /// its leader, in a content coding that client did not accept, becomes 406.
+    pub fn for_client(self, req: &pingora::http::RequestHeader) -> Reply {
+        match self {
+            Reply::Response { response, how }
+                if !matches!(how, Disposition::Leader { .. })
+                    && !readable_by(&response, req.headers.get(header::ACCEPT_ENCODING)) =>
+            {
+                Reply::Problem(Problem::NotAcceptable)
+            }
+            other => other,
+        }
+    }
+
+    /// The status and outcome this reply writes.
+    pub fn written(&self) -> Written {
+        match self {
+            Reply::Response { response, how } => Written {
+                status: response.status,
+                answered: match how {
+                    Disposition::Leader { .. } => Answered::Leader,
+                    Disposition::Collapsed => Answered::Collapsed,
+                    Disposition::Replay { .. } => Answered::Replayed,
+                },
+            },
+            Reply::Stream { header, .. } => Written {
+                status: header.status.as_u16(),
+                answered: Answered::Leader,
+            },
+            Reply::Problem(p) => {
+                let info = p.info();
+                Written {
+                    status: info.status,
+                    answered: info.answered,
+                }
+            }
+        }
+    }
+
+    /// Writes the reply (see the module doc). An `Err` means the client connection broke
+    /// (or a stream was cut off upstream) and must not be reused.
+    pub async fn write(self, session: &mut Session, audience: Audience) -> Result<()> {
+        match self {
+            Reply::Response { response, how } => {
+                write_stored(session, &response, how, audience).await
+            }
+            Reply::Stream { header, body } => write_stream(session, header, body).await,
+            Reply::Problem(p) => write_problem(session, p).await,
+        }
+    }
+}
 
 /// Appends idem's member to any upstream `Cache-Status` (RFC 9211 lists the nearest cache
 /// last... and idem is the cache nearest the client).
@@ -65,6 +156,15 @@ pub fn append_cache_status(h: &mut ResponseHeader, member: &str) -> Result<()> {
     };
     h.insert_header("cache-status", value)?;
     Ok(())
+}
+
+fn cache_status(how: Disposition) -> String {
+    match how {
+        Disposition::Leader { stored: true } => "idem; fwd=uri-miss; stored".to_string(),
+        Disposition::Leader { stored: false } => "idem; fwd=uri-miss".to_string(),
+        Disposition::Collapsed => "idem; fwd=uri-miss; collapsed".to_string(),
+        Disposition::Replay { ttl } => format!("idem; hit; ttl={ttl}"),
+    }
 }
 
 /// Whether a client sending `accept_encoding` can read a body with `resp`'s content coding.
@@ -96,12 +196,11 @@ pub fn readable_by(resp: &StoredResponse, accept_encoding: Option<&http::HeaderV
     })
 }
 
-/// Writes a stored response.
-pub async fn write_stored(
+async fn write_stored(
     session: &mut Session,
     resp: &StoredResponse,
     how: Disposition,
-    anonymous: bool,
+    audience: Audience,
 ) -> Result<()> {
     // No case map: every name here is an `http::HeaderName` or a lowercase literal, which
     // Pingora writes the same way with or without one (standard names titled, others as
@@ -109,7 +208,7 @@ pub async fn write_stored(
     let mut h = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 4))?;
     let replayed = !matches!(how, Disposition::Leader { .. });
     for (name, value) in &resp.headers {
-        if replayed && anonymous && name == header::SET_COOKIE {
+        if replayed && audience == Audience::Anonymous && name == header::SET_COOKIE {
             continue;
         }
         h.append_header(name.clone(), value.clone())?;
@@ -124,7 +223,7 @@ pub async fn write_stored(
             .as_secs();
         h.insert_header(header::AGE, http::HeaderValue::from(age))?;
     }
-    append_cache_status(&mut h, &how.cache_status())?;
+    append_cache_status(&mut h, &cache_status(how))?;
     h.set_content_length(resp.body.len())?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session
@@ -140,20 +239,17 @@ pub async fn write_stored(
 
 /// Streams a response the leader's call could not store. An upstream cut-off aborts the
 /// client connection (an `Err`), so the client sees a truncated response, never a complete one.
-pub async fn write_stream(session: &mut Session, reply: LeaderReply) -> Result<()> {
-    let LeaderReply::Stream {
-        mut header,
-        mut body,
-    } = reply
-    else {
-        return Err(Error::explain(ErrorType::InternalError, "not a stream"));
-    };
+async fn write_stream(
+    session: &mut Session,
+    mut header: Box<ResponseHeader>,
+    mut body: mpsc::Receiver<Chunk>,
+) -> Result<()> {
     append_cache_status(&mut header, "idem; fwd=uri-miss")?;
     session.write_response_header(header, false).await?;
     while let Some(chunk) = body.recv().await {
         match chunk {
-            Ok(bytes) => session.write_response_body(Some(bytes), false).await?,
-            Err(()) => {
+            Chunk::Data(bytes) => session.write_response_body(Some(bytes), false).await?,
+            Chunk::CutOff => {
                 return Err(Error::explain(
                     ErrorType::ReadError,
                     "upstream response cut off while streaming",
@@ -166,7 +262,7 @@ pub async fn write_stream(session: &mut Session, reply: LeaderReply) -> Result<(
 }
 
 /// Writes a problem+json answer. Keep-alive is kept unless the request body may be unread.
-pub async fn write_problem(session: &mut Session, p: Problem) -> Result<()> {
+async fn write_problem(session: &mut Session, p: Problem) -> Result<()> {
     let body = Bytes::from(p.body());
     let mut h = ResponseHeader::build_no_case(p.status(), Some(5))?;
     h.insert_header(header::CONTENT_TYPE, "application/problem+json")?;

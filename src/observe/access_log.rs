@@ -7,7 +7,7 @@
 
 use crate::config::file::LogFormat;
 use crate::key::DedupKey;
-use crate::observe::metrics::{Metrics, Outcome, RouteId};
+use crate::observe::metrics::Answered;
 use pingora::proxy::Session;
 use pingora::Error;
 use std::time::Duration;
@@ -16,14 +16,12 @@ use std::time::Duration;
 pub struct Entry<'a> {
     /// Text or JSON.
     pub format: LogFormat,
-    /// For the route's name.
-    pub metrics: &'a Metrics,
-    /// The request's route.
-    pub route: RouteId,
+    /// The request's route (its metric label).
+    pub route: &'a str,
     /// Status when no response header was written (idem's own answers record theirs).
     pub fallback_status: u16,
     /// How idem answered.
-    pub outcome: Outcome,
+    pub answered: Answered,
     /// Short dedup key hash, when one was derived.
     pub key: Option<&'a DedupKey>,
     /// From request head to the end of the answer.
@@ -44,7 +42,7 @@ pub fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
         .map(|h| h.status.as_u16())
         .unwrap_or(entry.fallback_status);
     let req = session.req_header();
-    let route = entry.metrics.route_name(entry.route);
+    let route = entry.route;
     let error = e.map(|e| e.to_string());
     let key = entry.key.map(|k| k.short());
     let key = key.as_deref().unwrap_or("-");
@@ -56,7 +54,7 @@ pub fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
             method = %req.method,
             route = %route,
             status,
-            outcome = entry.outcome.as_str(),
+            outcome = entry.answered.as_str(),
             key,
             ms = entry.took.as_millis() as u64,
             upstream_ms,
@@ -72,7 +70,7 @@ pub fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
             req.uri.path(),
             route,
             status,
-            entry.outcome.as_str(),
+            entry.answered.as_str(),
             key,
             entry.took.as_millis(),
             upstream_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),

@@ -1,32 +1,22 @@
-//! Prometheus metrics (DESIGN section 7) and the metrics listener's small HTTP app.
+//! Prometheus metrics (DESIGN section 7).
 //!
 //! One [`Metrics`] value owns a private registry; methods are named for events. Labels are
-//! bounded: route names come from the config and outcomes from [`Outcome`], never keys or
+//! bounded: route names come from the config and outcomes from [`Answered`], never keys or
 //! paths. Every route x outcome series is created at start-up so that rates and ratios are
 //! defined from the first scrape. Gauges that mirror state (in flight, waiters, store size)
 //! are read from their owners at scrape time rather than updated on every request.
 
-use crate::dedup::coordinator::Coordinator;
-use crate::store::memory::StoreStats;
-use pingora::apps::http_app::ServeHttp;
-use pingora::protocols::http::ServerSession;
+use crate::config::route::RouteId;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Index of a route name in [`Metrics`]' label table (0 is the default route). The table
-/// only grows: a configuration reload appends the names it introduces
-/// ([`Metrics::register_routes`]), so an id taken before a reload stays valid after it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteId(pub usize);
-
 /// How idem answered one request: the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Answered {
     /// First request for a key: made the upstream call.
     Leader,
     /// Attached to a call in flight and got its response.
@@ -51,36 +41,36 @@ pub enum Outcome {
     Error,
 }
 
-impl Outcome {
+impl Answered {
     /// Every outcome, for series pre-registration.
-    pub const ALL: [Outcome; 11] = [
-        Outcome::Leader,
-        Outcome::Collapsed,
-        Outcome::Replayed,
-        Outcome::Bypass,
-        Outcome::Conflict,
-        Outcome::Mismatch,
-        Outcome::MissingKey,
-        Outcome::TooLarge,
-        Outcome::OutcomeUnknown,
-        Outcome::NotReplayable,
-        Outcome::Error,
+    pub const ALL: [Answered; 11] = [
+        Answered::Leader,
+        Answered::Collapsed,
+        Answered::Replayed,
+        Answered::Bypass,
+        Answered::Conflict,
+        Answered::Mismatch,
+        Answered::MissingKey,
+        Answered::TooLarge,
+        Answered::OutcomeUnknown,
+        Answered::NotReplayable,
+        Answered::Error,
     ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Leader => "leader",
-            Outcome::Collapsed => "collapsed",
-            Outcome::Replayed => "replayed",
-            Outcome::Bypass => "bypass",
-            Outcome::Conflict => "conflict",
-            Outcome::Mismatch => "mismatch",
-            Outcome::MissingKey => "missing_key",
-            Outcome::TooLarge => "too_large",
-            Outcome::OutcomeUnknown => "outcome_unknown",
-            Outcome::NotReplayable => "not_replayable",
-            Outcome::Error => "error",
+            Answered::Leader => "leader",
+            Answered::Collapsed => "collapsed",
+            Answered::Replayed => "replayed",
+            Answered::Bypass => "bypass",
+            Answered::Conflict => "conflict",
+            Answered::Mismatch => "mismatch",
+            Answered::MissingKey => "missing_key",
+            Answered::TooLarge => "too_large",
+            Answered::OutcomeUnknown => "outcome_unknown",
+            Answered::NotReplayable => "not_replayable",
+            Answered::Error => "error",
         }
     }
 }
@@ -110,11 +100,65 @@ impl ShadowKind {
 
 const UPSTREAM_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
 
-/// Results of the `lookup` store operation, pre-registered so that error ratios and alerts
-/// are defined from the first scrape (`error` comes from a remote store only).
-const STORE_LOOKUP_RESULTS: [&str; 5] = ["hit", "miss", "inflight", "full", "error"];
+/// The result of looking a key up when a request joins: the `result` label of
+/// `idem_store_operations_total{op="lookup"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// A record was found (stored, held, not-replayable, or a misuse of it).
+    Hit,
+    /// No record and no flight: the request leads.
+    Miss,
+    /// A flight was found (joined, or refused by the route or the waiter caps).
+    Inflight,
+    /// No room for the key (store full, or its scope at its quota).
+    Full,
+    /// A remote store failed (Redis only).
+    Error,
+}
 
-/// One route's request series, indexed by `Outcome as usize` (the order of [`Outcome::ALL`]).
+impl Lookup {
+    /// Every result, pre-registered so that error ratios and alerts are defined from the
+    /// first scrape.
+    pub const ALL: [Lookup; 5] = [
+        Lookup::Hit,
+        Lookup::Miss,
+        Lookup::Inflight,
+        Lookup::Full,
+        Lookup::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Miss => "miss",
+            Lookup::Inflight => "inflight",
+            Lookup::Full => "full",
+            Lookup::Error => "error",
+        }
+    }
+}
+
+/// State read from its owners at scrape time (flights, waiters, the store).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Keys with a leader running.
+    pub inflight: usize,
+    /// Requests waiting on a leader.
+    pub waiters: usize,
+    /// Keys held as outcome unknown.
+    pub held: u64,
+    /// Records kept in the store.
+    pub entries: u64,
+    /// Bytes of records kept.
+    pub bytes: u64,
+    /// Records evicted by capacity since start.
+    pub evicted_capacity: u64,
+    /// Records expired since start.
+    pub evicted_expired: u64,
+}
+
+/// One route's request series, indexed by `Answered as usize` (the order of [`Answered::ALL`]).
 struct RequestSeries {
     count: [IntCounter; 11],
     duration: [Histogram; 11],
@@ -126,7 +170,7 @@ pub struct Metrics {
     /// Route label values by [`RouteId`]; append-only.
     routes: parking_lot::RwLock<Vec<Arc<str>>>,
     /// The `idem_requests_total` and `idem_request_duration_seconds` series of each route by
-    /// [`RouteId`], then by [`Outcome`]: looked up once, not hashed on every request.
+    /// [`RouteId`], then by [`Answered`]: looked up once, not hashed on every request.
     request_series: parking_lot::RwLock<Vec<RequestSeries>>,
     requests: IntCounterVec,
     request_duration: HistogramVec,
@@ -140,7 +184,7 @@ pub struct Metrics {
     store_bytes: IntGauge,
     store_evictions: IntCounterVec,
     store_operations: IntCounterVec,
-    /// The `op="lookup"` series by `STORE_LOOKUP_RESULTS`, resolved once (one per request).
+    /// The `op="lookup"` series by [`Lookup`], resolved once (one per request).
     lookups: Vec<IntCounter>,
     shadow_duplicates: IntCounterVec,
     /// Configured bounds, so dashboards and alerts can relate usage to them.
@@ -153,7 +197,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers every family and pre-creates every route x outcome series.
-    pub fn new(route_names: Vec<String>) -> Arc<Metrics> {
+    pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -256,13 +300,15 @@ impl Metrics {
             request_series: parking_lot::RwLock::new(Vec::new()),
             registry,
         };
-        m.register_routes(&route_names);
         for reason in ["capacity", "expired"] {
             m.store_evictions.with_label_values(&[reason]);
         }
-        m.lookups = STORE_LOOKUP_RESULTS
+        m.lookups = Lookup::ALL
             .iter()
-            .map(|result| m.store_operations.with_label_values(&["lookup", result]))
+            .map(|r| {
+                m.store_operations
+                    .with_label_values(&["lookup", r.as_str()])
+            })
             .collect();
         Arc::new(m)
     }
@@ -280,9 +326,9 @@ impl Metrics {
                 }
                 self.create_route_series(name);
                 self.request_series.write().push(RequestSeries {
-                    count: Outcome::ALL
+                    count: Answered::ALL
                         .map(|o| self.requests.with_label_values(&[name, o.as_str()])),
-                    duration: Outcome::ALL
+                    duration: Answered::ALL
                         .map(|o| self.request_duration.with_label_values(&[name, o.as_str()])),
                 });
                 routes.push(Arc::from(name.as_str()));
@@ -292,7 +338,7 @@ impl Metrics {
     }
 
     fn create_route_series(&self, route: &str) {
-        for o in Outcome::ALL {
+        for o in Answered::ALL {
             self.requests.with_label_values(&[route, o.as_str()]);
             self.request_duration
                 .with_label_values(&[route, o.as_str()]);
@@ -327,26 +373,15 @@ impl Metrics {
             .unwrap_or_else(|| Arc::from("default"))
     }
 
-    fn route(&self, r: RouteId) -> Arc<str> {
-        self.route_name(r)
-    }
-
     /// One request answered.
-    pub fn request(&self, route: RouteId, outcome: Outcome, took: Duration) {
+    pub fn request(&self, route: RouteId, outcome: Answered, took: Duration) {
         let series = self.request_series.read();
-        if let Some(s) = series.get(route.0).or_else(|| series.first()) {
+        // Ids are issued by `register_routes` only, which creates the series first.
+        if let Some(s) = series.get(route.0) {
             let i = outcome as usize;
             s.count[i].inc();
             s.duration[i].observe(took.as_secs_f64());
-            return;
         }
-        drop(series);
-        let route = self.route(route);
-        let labels = [&*route, outcome.as_str()];
-        self.requests.with_label_values(&labels).inc();
-        self.request_duration
-            .with_label_values(&labels)
-            .observe(took.as_secs_f64());
     }
 
     /// A leader's upstream call got a response header.
@@ -358,46 +393,40 @@ impl Metrics {
             _ => "5xx",
         };
         self.upstream_requests
-            .with_label_values(&[&*self.route(route), class])
+            .with_label_values(&[&*self.route_name(route), class])
             .inc();
         self.upstream_duration
-            .with_label_values(&[&*self.route(route)])
+            .with_label_values(&[&*self.route_name(route)])
             .observe(took.as_secs_f64());
     }
 
     /// A leader's upstream call failed without a response header.
     pub fn upstream_failed(&self, route: RouteId, took: Duration) {
         self.upstream_requests
-            .with_label_values(&[&*self.route(route), "failed"])
+            .with_label_values(&[&*self.route_name(route), "failed"])
             .inc();
         self.upstream_duration
-            .with_label_values(&[&*self.route(route)])
+            .with_label_values(&[&*self.route_name(route)])
             .observe(took.as_secs_f64());
     }
 
     /// A leader's call completed after its client left.
     pub fn detached_completion(&self, route: RouteId) {
         self.detached
-            .with_label_values(&[&*self.route(route)])
+            .with_label_values(&[&*self.route_name(route)])
             .inc();
     }
 
     /// A shadow route saw a request it would have collapsed or replayed.
     pub fn shadow_duplicate(&self, route: RouteId, kind: ShadowKind) {
         self.shadow_duplicates
-            .with_label_values(&[&*self.route(route), kind.as_str()])
+            .with_label_values(&[&*self.route_name(route), kind.as_str()])
             .inc();
     }
 
-    /// A store operation (`op`: lookup) and its result (hit, miss, inflight, full, error).
-    pub fn store_op(&self, op: &'static str, result: &'static str) {
-        if op == "lookup" {
-            if let Some(i) = STORE_LOOKUP_RESULTS.iter().position(|r| *r == result) {
-                self.lookups[i].inc();
-                return;
-            }
-        }
-        self.store_operations.with_label_values(&[op, result]).inc();
+    /// The lookup of a joining request's key.
+    pub fn lookup(&self, result: Lookup) {
+        self.lookups[result as usize].inc();
     }
 
     /// The registry and the `idem_store_operations_total` family, for the Redis store's own
@@ -411,23 +440,20 @@ impl Metrics {
         self.client_aborts.inc();
     }
 
-    /// Renders the text exposition, refreshing state gauges from their owners.
-    pub fn render(&self, coordinator: &Coordinator, store: &StoreStats) -> Vec<u8> {
-        let counts = coordinator.counts();
-        self.inflight.set(counts.inflight as i64);
-        self.waiters.set(counts.waiters as i64);
-        self.held.set(store.held.load(Ordering::Relaxed) as i64);
-        self.store_entries
-            .set(store.entries.load(Ordering::Relaxed) as i64);
-        self.store_bytes
-            .set(store.bytes.load(Ordering::Relaxed) as i64);
+    /// Renders the text exposition with `gauges` read from their owners just before.
+    pub fn render(&self, gauges: &Gauges) -> Vec<u8> {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.inflight.set(clamp(gauges.inflight as u64));
+        self.waiters.set(clamp(gauges.waiters as u64));
+        self.held.set(clamp(gauges.held));
+        self.store_entries.set(clamp(gauges.entries));
+        self.store_bytes.set(clamp(gauges.bytes));
         for (reason, total) in [
-            ("capacity", &store.evicted_capacity),
-            ("expired", &store.evicted_expired),
+            ("capacity", gauges.evicted_capacity),
+            ("expired", gauges.evicted_expired),
         ] {
             let c = self.store_evictions.with_label_values(&[reason]);
-            let now = total.load(Ordering::Relaxed);
-            c.inc_by(now.saturating_sub(c.get()));
+            c.inc_by(total.saturating_sub(c.get()));
         }
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
@@ -437,73 +463,34 @@ impl Metrics {
     }
 }
 
-/// The metrics listener: `/metrics`, `/healthz` (process up), `/readyz` (listeners bound and
-/// at least one healthy backend).
-pub struct MetricsApp {
-    /// Metric families.
-    pub metrics: Arc<Metrics>,
-    /// For the in-flight gauges.
-    pub coordinator: Arc<Coordinator>,
-    /// For the store gauges.
-    pub store: Arc<StoreStats>,
-    /// Readiness: set once listeners are bound.
-    pub ready: Arc<AtomicBool>,
-    /// Readiness: at least one backend healthy.
-    pub upstream: Arc<crate::upstream::Upstream>,
-}
-
-#[async_trait::async_trait]
-impl ServeHttp for MetricsApp {
-    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
-        let path = session.req_header().uri.path().to_string();
-        let (status, ctype, body) = match path.as_str() {
-            "/metrics" => (
-                200,
-                "text/plain; version=0.0.4",
-                self.metrics.render(&self.coordinator, &self.store),
-            ),
-            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
-            "/readyz" => {
-                if !self.ready.load(Ordering::Relaxed) {
-                    (503, "text/plain", b"listeners not bound\n".to_vec())
-                } else if !self.upstream.any_healthy() {
-                    (503, "text/plain", b"no healthy backend\n".to_vec())
-                } else {
-                    (200, "text/plain", b"ready\n".to_vec())
-                }
-            }
-            _ => (404, "text/plain", b"not found\n".to_vec()),
-        };
-        http::Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, ctype)
-            .header(http::header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .expect("static response parts")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn outcome_discriminants_index_the_cached_series() {
-        for (i, o) in Outcome::ALL.into_iter().enumerate() {
+    fn discriminants_index_the_cached_series() {
+        for (i, o) in Answered::ALL.into_iter().enumerate() {
             assert_eq!(o as usize, i, "{o:?}");
+        }
+        for (i, r) in Lookup::ALL.into_iter().enumerate() {
+            assert_eq!(r as usize, i, "{r:?}");
         }
     }
 
     #[test]
     fn requests_land_in_their_route_and_outcome_series() {
-        let m = Metrics::new(vec!["default".into(), "api".into()]);
-        m.request(RouteId(1), Outcome::Replayed, Duration::from_millis(3));
-        m.request(RouteId(7), Outcome::Leader, Duration::from_millis(3));
+        let m = Metrics::new();
+        let ids = m.register_routes(&["default".into(), "api".into()]);
+        assert_eq!(ids, [RouteId(0), RouteId(1)]);
+        m.request(RouteId(1), Answered::Replayed, Duration::from_millis(3));
         let c = |r: &str, o: &str| m.requests.with_label_values(&[r, o]).get();
         assert_eq!(c("api", "replayed"), 1);
         assert_eq!(c("api", "leader"), 0);
-        // An id this table never issued counts as the default route, as its label says.
-        assert_eq!(c("default", "leader"), 1);
+        // A reload that keeps a name keeps its id and its series.
+        assert_eq!(
+            m.register_routes(&["api".into(), "new".into()]),
+            [RouteId(1), RouteId(2)]
+        );
         let h = m.request_duration.with_label_values(&["api", "replayed"]);
         assert_eq!(h.get_sample_count(), 1);
     }

@@ -24,12 +24,13 @@
 //! seconds while `wait_timeout` ends on a half second, so tokio's millisecond timer rounding
 //! cannot blur which of "settled" and "timed out" came first.
 
-use crate::dedup::coordinator::{
-    Coordinator, JoinRequest, Joined, LeaderPermit, Outcome, Retention,
-};
+use crate::config::file::OnConcurrent;
+use crate::config::route::RouteId;
+use crate::dedup::coordinator::{Coordinator, JoinRequest, Joined, LeaderPermit};
 use crate::key::{DedupKey, Fingerprint, ScopeId};
-use crate::observe::metrics::RouteId;
-use crate::store::memory::{MemoryStore, StoredResponse};
+use crate::message::StoredResponse;
+use crate::outcome::{Outcome, Refusal, Retention};
+use crate::store::memory::MemoryStore;
 use bytes::Bytes;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
@@ -150,11 +151,14 @@ fn actual(j: &Joined) -> Expect {
         Joined::Replay { .. } => Expect::Replay,
         Joined::Held(_) => Expect::Held,
         Joined::NotReplayable => Expect::NotReplayable,
-        Joined::Mismatch => Expect::Mismatch,
-        Joined::InProgress => Expect::InProgress,
-        Joined::StoreFull => Expect::StoreFull,
-        Joined::ScopeQuota => Expect::ScopeQuota,
-        Joined::TooManyWaiters => Expect::TooManyWaiters,
+        Joined::Refused(Refusal::FingerprintMismatch) => Expect::Mismatch,
+        Joined::Refused(Refusal::InProgress) => Expect::InProgress,
+        Joined::Refused(Refusal::StoreFull) => Expect::StoreFull,
+        Joined::Refused(Refusal::ScopeQuota) => Expect::ScopeQuota,
+        Joined::Refused(Refusal::TooManyWaiters) => Expect::TooManyWaiters,
+        Joined::Refused(Refusal::StoreUnavailable) => {
+            panic!("only the Redis store refuses with store-unavailable")
+        }
     }
 }
 
@@ -227,8 +231,7 @@ impl Harness {
     fn new() -> Harness {
         Harness {
             c: {
-                let store = MemoryStore::new(MAX_ENTRIES, 1 << 30);
-                store.set_scope_quota(SCOPE_QUOTA);
+                let store = MemoryStore::new(MAX_ENTRIES, 1 << 30, SCOPE_QUOTA);
                 Coordinator::new(store, MAX_WAITERS_TOTAL)
             },
             records: BTreeMap::new(),
@@ -379,7 +382,11 @@ impl Harness {
                     key: dedup_key(key),
                     fingerprint: fingerprint(key, fp),
                     keyed,
-                    reject_concurrent: reject,
+                    on_concurrent: if reject {
+                        OnConcurrent::Reject
+                    } else {
+                        OnConcurrent::Wait
+                    },
                     max_waiters_per_key: MAX_WAITERS_PER_KEY,
                     hold_for: HOLD,
                     route: RouteId(0),

@@ -215,7 +215,7 @@ pub fn accept_encoding(value: &[u8], coding: &[u8]) {
     let Ok(accept) = http::HeaderValue::from_bytes(value) else {
         return;
     };
-    let mut resp = crate::store::memory::StoredResponse {
+    let mut resp = crate::message::StoredResponse {
         status: 200,
         headers: vec![],
         body: bytes::Bytes::new(),

@@ -15,12 +15,10 @@
 
 use crate::config::settings::{HealthCheckSettings, UpstreamSettings};
 use bytes::Bytes;
-use http::header::{self, HeaderName};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::lb::{health_check, selection::RoundRobin, Backend, LoadBalancer};
 use pingora::protocols::http::client::HttpSession as ClientSession;
-use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use std::net::SocketAddr;
@@ -41,20 +39,6 @@ pub enum CallError {
         reason: String,
     },
 }
-
-/// Headers that describe one connection, never forwarded nor stored (RFC 9110 7.6.1), plus
-/// the framing headers idem recomputes.
-pub const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::CONTENT_LENGTH,
-    header::EXPECT,
-];
 
 /// The backend pool: round robin over health-checked backends, one connection pool.
 pub struct Upstream {
@@ -186,54 +170,22 @@ impl Upstream {
         Err(CallError::NotSent(last))
     }
 
-    /// Forwards a request whose body idem has partly consumed (`prefix`), streaming the rest
-    /// of the body up and the response down. Not deduplicated and not detached: this is a
-    /// pass-through that Pingora's proxy path can no longer perform. Returns the status.
-    pub async fn forward_streaming(
-        &self,
-        session: &mut Session,
-        prefix: Bytes,
-    ) -> pingora::Result<u16> {
+    /// A connection to any backend, for a pass-through idem performs itself (see
+    /// `http::body::forward_consumed`): no retry, not deduplicated.
+    pub async fn connect_any(&self) -> pingora::Result<(ClientSession, HttpPeer)> {
         let backend = self
             .select(&[])
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend"))?;
         let peer = self.peer(&backend);
-        let (mut s, _reused) = self.connector.get_http_session(&peer).await?;
-        let mut req = forwarded_request(
-            session.req_header(),
-            session.client_addr().and_then(|a| a.as_inet()),
-        )?;
-        req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-        s.write_request_header(Box::new(req)).await?;
-        s.write_request_body(prefix, false).await?;
-        while let Some(chunk) = session.read_request_body().await? {
-            s.write_request_body(chunk, false).await?;
-        }
-        s.finish_request_body().await?;
-        read_final_header(&mut s).await?;
-        let mut h = s.response_header().expect("header read").clone();
-        let length = h.headers.get(header::CONTENT_LENGTH).cloned();
-        for name in HOP_BY_HOP
-            .iter()
-            .chain(connection_nominated(&h.headers.clone()).iter())
-        {
-            h.remove_header(name);
-        }
-        match length {
-            Some(len) => h.insert_header(header::CONTENT_LENGTH, len)?,
-            None => h.insert_header(header::TRANSFER_ENCODING, "chunked")?,
-        }
-        crate::http::reply::append_cache_status(&mut h, crate::http::reply::CACHE_STATUS_BYPASS)?;
-        let status = h.status.as_u16();
-        session.write_response_header(Box::new(h), false).await?;
-        while let Some(b) = s.read_response_body().await? {
-            session.write_response_body(Some(b), false).await?;
-        }
-        session.write_response_body(None, true).await?;
+        let (session, _reused) = self.connector.get_http_session(&peer).await?;
+        Ok((session, peer))
+    }
+
+    /// Returns a connection from [`Upstream::connect_any`], fully read, to the pool.
+    pub async fn release_session(&self, session: ClientSession, peer: &HttpPeer) {
         self.connector
-            .release_http_session(s, &peer, peer.options.idle_timeout)
+            .release_http_session(session, peer, peer.options.idle_timeout)
             .await;
-        Ok(status)
     }
 
     /// Returns a fully read connection to the pool.
@@ -286,7 +238,8 @@ async fn write_request(
     s.finish_request_body().await
 }
 
-async fn read_final_header(s: &mut ClientSession) -> pingora::Result<()> {
+/// Reads the response header, skipping 1xx (HTTP/1 only).
+pub async fn read_final_header(s: &mut ClientSession) -> pingora::Result<()> {
     loop {
         s.read_response_header().await?;
         let informational = s
@@ -308,128 +261,5 @@ fn unknown(backend: &Backend, e: &Error) -> CallError {
     CallError::Unknown {
         status,
         reason: format!("{}: {e}", backend.addr),
-    }
-}
-
-/// Builds the request idem sends upstream for a buffered body: end-to-end headers, exact
-/// `Content-Length`, forwarding headers, and `Accept-Encoding: identity` so that a stored
-/// body can be replayed to any client (see README, "Content negotiation").
-pub fn upstream_request(
-    req: &RequestHeader,
-    client: Option<&SocketAddr>,
-    body_len: usize,
-) -> pingora::Result<RequestHeader> {
-    let mut out = forwarded_request(req, client)?;
-    out.remove_header(&header::ACCEPT_ENCODING);
-    out.insert_header(header::CONTENT_LENGTH, http::HeaderValue::from(body_len))?;
-    out.insert_header(
-        header::ACCEPT_ENCODING,
-        http::HeaderValue::from_static("identity"),
-    )?;
-    Ok(out)
-}
-
-/// The request head as forwarded: end-to-end headers, `Host`, forwarding headers; framing
-/// is left to the caller.
-fn forwarded_request(
-    req: &RequestHeader,
-    client: Option<&SocketAddr>,
-) -> pingora::Result<RequestHeader> {
-    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut out = RequestHeader::build(
-        req.method.clone(),
-        path.as_bytes(),
-        Some(req.headers.len() + 3),
-    )?;
-    let nominated = connection_nominated(&req.headers);
-    for (name, value) in req.headers.iter() {
-        if is_hop_by_hop(name) || nominated.contains(name) {
-            continue;
-        }
-        out.append_header(name.clone(), value.clone())?;
-    }
-    if out.headers.get(header::HOST).is_none() {
-        if let Some(auth) = req.uri.authority() {
-            out.insert_header(header::HOST, auth.as_str())?;
-        }
-    }
-    add_forwarded(&mut out, client)?;
-    Ok(out)
-}
-
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
-pub fn add_forwarded(req: &mut RequestHeader, client: Option<&SocketAddr>) -> pingora::Result<()> {
-    use std::io::Write;
-    if let Some(addr) = client {
-        // Formatted on the stack: one allocation, for the header value itself.
-        let mut buf = [0u8; 64];
-        let mut w = &mut buf[..];
-        let prev = req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        let value = match prev {
-            Some(prev) => http::HeaderValue::try_from(format!("{prev}, {}", addr.ip())),
-            None => {
-                // An IPv6 address is at most 45 characters.
-                let _ = write!(w, "{}", addr.ip());
-                let n = 64 - w.len();
-                http::HeaderValue::from_bytes(&buf[..n])
-            }
-        };
-        let value =
-            value.map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
-        req.insert_header("x-forwarded-for", value)?;
-    }
-    req.insert_header("x-forwarded-proto", http::HeaderValue::from_static("http"))?;
-    Ok(())
-}
-
-/// Whether `name` must not cross the proxy.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
-}
-
-/// Header names listed in `Connection`, which are hop-by-hop for this message only.
-pub fn connection_nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect()
-}
-
-#[cfg(test)]
-mod forwarded_tests {
-    use super::*;
-
-    fn forwarded(prev: Option<&str>, client: Option<&str>) -> (Option<String>, String) {
-        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        if let Some(p) = prev {
-            req.insert_header("x-forwarded-for", p).unwrap();
-        }
-        let client: Option<SocketAddr> = client.map(|c| c.parse().unwrap());
-        add_forwarded(&mut req, client.as_ref()).unwrap();
-        let get = |n: &str| req.headers.get(n).map(|v| v.to_str().unwrap().to_string());
-        (get("x-forwarded-for"), get("x-forwarded-proto").unwrap())
-    }
-
-    #[test]
-    fn client_address_is_appended_and_proto_set() {
-        let v4 = "203.0.113.9:5000";
-        let v6 = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:443";
-        assert_eq!(forwarded(None, Some(v4)).0.unwrap(), "203.0.113.9");
-        assert_eq!(
-            forwarded(None, Some(v6)).0.unwrap(),
-            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"
-        );
-        assert_eq!(
-            forwarded(Some("10.0.0.1"), Some(v4)).0.unwrap(),
-            "10.0.0.1, 203.0.113.9"
-        );
-        assert_eq!(forwarded(Some("10.0.0.1"), None).0.unwrap(), "10.0.0.1");
-        assert_eq!(forwarded(None, None), (None, "http".to_string()));
     }
 }

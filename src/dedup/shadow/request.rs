@@ -11,10 +11,11 @@
 //!    \--over max_body / duplicate / refused----------------------/
 //! ```
 
-use crate::config::settings::StatusSet;
+use crate::config::route::{RouteId, StatusSet};
 use crate::dedup::shadow::table::{Ending, Seen, ShadowLeader, ShadowTable};
 use crate::key::{DedupKey, FingerprintHasher, KeyDeriver, Scope};
-use crate::observe::metrics::{Metrics, RouteId};
+use crate::observe::metrics::Metrics;
+use crate::outcome::Retention;
 use pingora::{Error, ErrorType};
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ pub struct ShadowPolicy {
     /// Bodies over this would not be deduplicated by an enforcing route either.
     pub max_body: u64,
     /// `ttl` with a key, `fingerprint_ttl` without.
-    pub retention: Duration,
+    pub retention: Retention,
     /// Statuses an enforcing route would store.
     pub store_statuses: StatusSet,
     /// Larger responses would not be replayable.
@@ -208,10 +209,10 @@ impl ShadowRequest {
             Some(_) if error.is_some() => held,
             Some(s) if !policy.store_statuses.contains(s) => Ending::Freed,
             Some(_) if !storable || body > policy.max_response_body => Ending::Refused {
-                until: now + policy.retention,
+                until: now + policy.retention.ttl,
             },
             Some(_) => Ending::Stored {
-                until: now + policy.retention,
+                until: now + policy.retention.ttl,
             },
             None if not_sent => Ending::Freed,
             None => held,

@@ -3,7 +3,7 @@
 //! Bounds (`max_entries`, `max_bytes`) count stored records, held keys and the slots
 //! reserved by flights in progress. Only completed records (responses and not-replayable
 //! markers) are evictable, least recently used first; held keys and in-flight slots never
-//! are, so when nothing is evictable a new key is refused ([`StoreFull`]) rather than
+//! are, so when nothing is evictable a new key is refused ([`Refusal::StoreFull`]) rather than
 //! weakening the guarantee silently. Capacity evictions and expiries are counted apart.
 //!
 //! **Per-scope quota** (`store.max_keys_per_scope`): one caller (scope) must not be able to
@@ -23,50 +23,16 @@
 pub mod packed;
 
 use crate::key::{DedupKey, Fingerprint, FingerprintTag, ScopeId};
+use crate::message::StoredResponse;
+use crate::outcome::{Held, Refusal};
 use crate::store::memory::packed::Packed;
-use bytes::Bytes;
 use hashbrown::HashTable;
-use http::{HeaderName, HeaderValue};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// A complete upstream response as kept for replay: end-to-end headers only.
-#[derive(Debug, Clone)]
-pub struct StoredResponse {
-    /// Status code.
-    pub status: u16,
-    /// End-to-end headers in upstream order, multi-valued headers as separate entries.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// The whole body.
-    pub body: Bytes,
-    /// When the upstream call completed; `Age` is counted from here.
-    pub completed_at: Instant,
-}
-
-impl StoredResponse {
-    /// Bytes this response counts against `max_bytes`: status, headers and body as serialized.
-    pub fn weight(&self) -> u64 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum();
-        (16 + headers + self.body.len()) as u64
-    }
-}
-
-/// The answer a held key gives until it expires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Held {
-    /// 502 (reset, cut off, upstream 502) or 504 (timeout, upstream 504).
-    pub status: u16,
-    /// When the key is freed: the call's start plus the upstream total deadline.
-    pub until: Instant,
-}
 
 /// What a completed key holds.
 #[derive(Debug, Clone)]
@@ -120,22 +86,6 @@ pub struct Summary {
     pub evicted_capacity: u64,
     /// Records expired since start.
     pub evicted_expired: u64,
-}
-
-/// No slot can be freed for a new key: everything left is in flight or held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the store is full of keys in flight or held")]
-pub struct StoreFull;
-
-/// Why [`MemoryStore::reserve_for`] refused a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// Nothing is evictable: every entry is in flight or held (503 store-full).
-    #[error("the store is full of keys in flight or held")]
-    Full,
-    /// The scope reached `max_keys_per_scope` (429 scope-quota).
-    #[error("the scope holds its quota of keys")]
-    ScopeQuota,
 }
 
 /// Counters read by the metrics endpoint.
@@ -500,13 +450,14 @@ pub struct MemoryStore {
     max_entries: usize,
     max_bytes: u64,
     /// `store.max_keys_per_scope`; `usize::MAX` when unlimited.
-    scope_quota: AtomicUsize,
+    scope_quota: usize,
     stats: Arc<StoreStats>,
 }
 
 impl MemoryStore {
-    /// A store bounded by `max_entries` keys (including in-flight slots) and `max_bytes`.
-    pub fn new(max_entries: usize, max_bytes: u64) -> MemoryStore {
+    /// A store bounded by `max_entries` keys (including in-flight slots) and `max_bytes`,
+    /// with `scope_quota` keys per scope (see the module doc; `usize::MAX` for none).
+    pub fn new(max_entries: usize, max_bytes: u64, scope_quota: usize) -> MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner {
                 epoch: Instant::now(),
@@ -528,14 +479,9 @@ impl MemoryStore {
             }),
             max_entries,
             max_bytes,
-            scope_quota: AtomicUsize::new(usize::MAX),
+            scope_quota: scope_quota.max(1),
             stats: Arc::new(StoreStats::default()),
         }
-    }
-
-    /// Sets `max_keys_per_scope` (see the module doc); `usize::MAX` turns the quota off.
-    pub fn set_scope_quota(&self, quota: usize) {
-        self.scope_quota.store(quota.max(1), Ordering::Relaxed);
     }
 
     /// Keys (records and reserved slots) currently counted for `scope`.
@@ -565,17 +511,10 @@ impl MemoryStore {
         Some(found)
     }
 
-    /// Takes a slot for a new flight, evicting the least recently used record if needed.
-    /// Accounts it to the default scope (see [`MemoryStore::reserve_for`]).
-    pub fn reserve(&self, now: Instant) -> Result<(), StoreFull> {
-        self.reserve_for(now, ScopeId::default())
-            .map_err(|_| StoreFull)
-    }
-
     /// Takes a slot for a new flight of `scope`, evicting the least recently used record if
     /// needed, within the scope's quota (see the module doc).
-    pub fn reserve_for(&self, now: Instant, scope: ScopeId) -> Result<(), Refusal> {
-        let quota = self.scope_quota.load(Ordering::Relaxed);
+    pub fn reserve(&self, now: Instant, scope: ScopeId) -> Result<(), Refusal> {
+        let quota = self.scope_quota;
         let mut inner = self.inner.lock();
         self.sweep_locked(&mut inner, now);
         if inner.scope_pinned(&scope) >= quota {
@@ -586,7 +525,7 @@ impl MemoryStore {
                 // At its quota with nothing of its own to give up: other scopes' records
                 // stay. With nothing evictable at all, the store is simply full.
                 return Err(if inner.recency.oldest == NIL {
-                    Refusal::Full
+                    Refusal::StoreFull
                 } else {
                     Refusal::ScopeQuota
                 });
@@ -600,29 +539,19 @@ impl MemoryStore {
         Ok(())
     }
 
-    /// Releases a flight's slot and, if given, keeps its record. Returns false when the
-    /// record could not be kept (larger than `max_bytes` even after evicting every other
-    /// evictable record); that loss is counted as a capacity eviction.
+    /// Releases the slot [`MemoryStore::reserve`] took for `scope` and, if given, keeps its
+    /// record. Returns false when the record could not be kept (larger than `max_bytes` even
+    /// after evicting every other evictable record, or its scope at its quota with none of its
+    /// own records left to evict: another scope's are never taken); that loss is counted as a
+    /// capacity eviction.
     pub fn settle(
-        &self,
-        key: DedupKey,
-        record: Option<(Record, Fingerprint, Instant)>,
-        now: Instant,
-    ) -> bool {
-        self.settle_for(key, ScopeId::default(), record, now)
-    }
-
-    /// [`MemoryStore::settle`] for a slot reserved by [`MemoryStore::reserve_for`]. A scope
-    /// at its quota makes room for its record only from its own records; with none left the
-    /// record is not kept (counted as a capacity eviction) rather than evicting another's.
-    pub fn settle_for(
         &self,
         key: DedupKey,
         scope: ScopeId,
         record: Option<(Record, Fingerprint, Instant)>,
         now: Instant,
     ) -> bool {
-        let quota = self.scope_quota.load(Ordering::Relaxed);
+        let quota = self.scope_quota;
         // Packing (the only allocation) happens before the lock is taken.
         let record = record.map(|(record, fingerprint, expires)| {
             let (kind, data, at, status, bytes) = match record {
@@ -838,6 +767,8 @@ enum Removal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http::HeaderValue;
 
     fn key(n: u8) -> DedupKey {
         DedupKey([n; 32])
@@ -858,23 +789,33 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lru_record_is_evicted_for_a_new_flight_but_held_and_reserved_never_are() {
-        let s = MemoryStore::new(2, 1 << 20);
+        let s = MemoryStore::new(2, 1 << 20, usize::MAX);
         let now = Instant::now();
         let far = now + Duration::from_secs(3600);
-        s.reserve(now).unwrap();
-        assert!(s.settle(key(1), Some((resp(b"a", now), fp(), far)), now));
-        s.reserve(now).unwrap();
+        s.reserve(now, ScopeId::default()).unwrap();
+        assert!(s.settle(
+            key(1),
+            ScopeId::default(),
+            Some((resp(b"a", now), fp(), far)),
+            now
+        ));
+        s.reserve(now, ScopeId::default()).unwrap();
         let held = Held {
             status: 502,
             until: far,
         };
-        assert!(s.settle(key(2), Some((Record::Held(held), fp(), far)), now));
+        assert!(s.settle(
+            key(2),
+            ScopeId::default(),
+            Some((Record::Held(held), fp(), far)),
+            now
+        ));
         // Full: one stored, one held. A new flight evicts the stored record.
-        s.reserve(now).unwrap();
+        s.reserve(now, ScopeId::default()).unwrap();
         assert!(s.get(&key(1), now).is_none());
         assert_eq!(s.stats().evicted_capacity.load(Ordering::Relaxed), 1);
         // Now one held + one reserved: nothing evictable.
-        assert_eq!(s.reserve(now), Err(StoreFull));
+        assert_eq!(s.reserve(now, ScopeId::default()), Err(Refusal::StoreFull));
         assert!(matches!(
             s.get(&key(2), now).unwrap().record,
             Record::Held(_)
@@ -887,18 +828,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_scope_at_its_quota_evicts_only_its_own_records() {
-        let s = MemoryStore::new(6, 1 << 20);
-        s.set_scope_quota(2);
+        let s = MemoryStore::new(6, 1 << 20, 2);
         let now = Instant::now();
         let far = now + Duration::from_secs(3600);
         // The victim stores two records, then the store fills with the abuser's.
         for k in 1..=2 {
-            s.reserve_for(now, scope(1)).unwrap();
-            assert!(s.settle_for(key(k), scope(1), Some((resp(b"v", now), fp(), far)), now));
+            s.reserve(now, scope(1)).unwrap();
+            assert!(s.settle(key(k), scope(1), Some((resp(b"v", now), fp(), far)), now));
         }
         for k in 10..40 {
-            s.reserve_for(now, scope(2)).unwrap();
-            assert!(s.settle_for(key(k), scope(2), Some((resp(b"a", now), fp(), far)), now));
+            s.reserve(now, scope(2)).unwrap();
+            assert!(s.settle(key(k), scope(2), Some((resp(b"a", now), fp(), far)), now));
         }
         // Free room was never refused; once full, the abuser only ever replaced its own.
         assert_eq!(s.len(), (6, 0));
@@ -908,37 +848,36 @@ mod tests {
         assert!(s.get(&key(39), now).is_some() && s.get(&key(35), now).is_none());
         assert_eq!(s.stats().evicted_capacity.load(Ordering::Relaxed), 26);
         // A third scope under its quota still evicts the least recently used record overall.
-        s.reserve_for(now, scope(3)).unwrap();
+        s.reserve(now, scope(3)).unwrap();
         assert_eq!(s.scope_keys(&scope(2)), 3);
     }
 
     #[tokio::test(start_paused = true)]
     async fn in_flight_and_held_keys_of_one_scope_never_pass_its_quota() {
-        let s = MemoryStore::new(100, 1 << 20);
-        s.set_scope_quota(2);
+        let s = MemoryStore::new(100, 1 << 20, 2);
         let now = Instant::now();
         let held = Held {
             status: 502,
             until: now + Duration::from_secs(30),
         };
-        s.reserve_for(now, scope(1)).unwrap();
-        s.settle_for(
+        s.reserve(now, scope(1)).unwrap();
+        s.settle(
             key(1),
             scope(1),
             Some((Record::Held(held), fp(), held.until)),
             now,
         );
-        s.reserve_for(now, scope(1)).unwrap();
-        assert_eq!(s.reserve_for(now, scope(1)), Err(Refusal::ScopeQuota));
+        s.reserve(now, scope(1)).unwrap();
+        assert_eq!(s.reserve(now, scope(1)), Err(Refusal::ScopeQuota));
         // Other scopes are not affected.
-        s.reserve_for(now, scope(2)).unwrap();
+        s.reserve(now, scope(2)).unwrap();
         // The hold ends: the scope may start a new key again.
         let later = held.until;
-        s.reserve_for(later, scope(1)).unwrap();
+        s.reserve(later, scope(1)).unwrap();
         assert_eq!(s.scope_keys(&scope(1)), 2);
         // Every slot released: no per-scope bookkeeping is left behind.
         for sc in [1, 1, 2] {
-            s.settle_for(key(9), scope(sc), None, later);
+            s.settle(key(9), scope(sc), None, later);
         }
         assert_eq!(s.scope_keys(&scope(1)), 0);
         assert_eq!(s.inner.lock().scope_ids.len(), 0);
@@ -946,29 +885,28 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn full_store_with_nothing_evictable_is_store_full_not_quota() {
-        let s = MemoryStore::new(2, 1 << 20);
-        s.set_scope_quota(1);
+        let s = MemoryStore::new(2, 1 << 20, 1);
         let now = Instant::now();
-        s.reserve_for(now, scope(1)).unwrap();
-        s.reserve_for(now, scope(2)).unwrap();
-        assert_eq!(s.reserve_for(now, scope(3)), Err(Refusal::Full));
-        s.settle_for(
+        s.reserve(now, scope(1)).unwrap();
+        s.reserve(now, scope(2)).unwrap();
+        assert_eq!(s.reserve(now, scope(3)), Err(Refusal::StoreFull));
+        s.settle(
             key(2),
             scope(2),
             Some((resp(b"b", now), fp(), now + Duration::from_secs(60))),
             now,
         );
-        s.settle_for(
+        s.settle(
             key(1),
             scope(1),
             Some((resp(b"a", now), fp(), now + Duration::from_secs(60))),
             now,
         );
         // Scope 3, under its quota, evicts the least recently used record (scope 2's).
-        s.reserve_for(now, scope(3)).unwrap();
+        s.reserve(now, scope(3)).unwrap();
         assert!(s.get(&key(2), now).is_none());
         // Scope 1, at its quota, gives up its own record, never scope 3's slot.
-        s.reserve_for(now, scope(1)).unwrap();
+        s.reserve(now, scope(1)).unwrap();
         assert!(s.get(&key(1), now).is_none());
         assert_eq!(s.stats().evicted_capacity.load(Ordering::Relaxed), 2);
         assert_eq!(s.len(), (0, 2));
@@ -976,11 +914,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn records_expire_and_are_counted_apart() {
-        let s = MemoryStore::new(10, 1 << 20);
+        let s = MemoryStore::new(10, 1 << 20, usize::MAX);
         let now = Instant::now();
-        s.reserve(now).unwrap();
+        s.reserve(now, ScopeId::default()).unwrap();
         s.settle(
             key(1),
+            ScopeId::default(),
             Some((resp(b"a", now), fp(), now + Duration::from_secs(5))),
             now,
         );
@@ -999,15 +938,25 @@ mod tests {
         let Record::Response(r) = &one else {
             unreachable!()
         };
-        let s = MemoryStore::new(100, r.weight() * 2);
+        let s = MemoryStore::new(100, r.weight() * 2, usize::MAX);
         for n in 1..=2 {
-            s.reserve(now).unwrap();
-            s.settle(key(n), Some((resp(b"0123456789", now), fp(), far)), now);
+            s.reserve(now, ScopeId::default()).unwrap();
+            s.settle(
+                key(n),
+                ScopeId::default(),
+                Some((resp(b"0123456789", now), fp(), far)),
+                now,
+            );
         }
         // Touch 1 so that 2 is the least recently used.
         assert!(s.get(&key(1), now).is_some());
-        s.reserve(now).unwrap();
-        s.settle(key(3), Some((resp(b"0123456789", now), fp(), far)), now);
+        s.reserve(now, ScopeId::default()).unwrap();
+        s.settle(
+            key(3),
+            ScopeId::default(),
+            Some((resp(b"0123456789", now), fp(), far)),
+            now,
+        );
         assert!(s.get(&key(1), now).is_some());
         assert!(s.get(&key(2), now).is_none());
         assert!(s.get(&key(3), now).is_some());
@@ -1077,8 +1026,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn mixed_retentions_expire_exactly_and_the_slab_stays_consistent() {
-        let s = MemoryStore::new(64, 1 << 20);
-        s.set_scope_quota(24);
+        let s = MemoryStore::new(64, 1 << 20, 24);
         let start = Instant::now();
         let mut now = start;
         // key -> expiry, the model.
@@ -1097,7 +1045,7 @@ mod tests {
             match next() % 4 {
                 0 | 1 => {
                     let scope = scope((next() % 3) as u8);
-                    if s.reserve_for(now, scope).is_err() {
+                    if s.reserve(now, scope).is_err() {
                         continue;
                     }
                     let ttl = Duration::from_millis(ttls[(next() % 6) as usize]);
@@ -1109,7 +1057,7 @@ mod tests {
                     } else {
                         resp(b"x", now)
                     };
-                    if s.settle_for(key(k), scope, Some((record, fp(), now + ttl)), now) {
+                    if s.settle(key(k), scope, Some((record, fp(), now + ttl)), now) {
                         model.insert(k, now + ttl);
                     }
                 }

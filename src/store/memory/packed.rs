@@ -14,7 +14,7 @@
 //! Unpacking copies header values (small) and shares the body without a copy when it is
 //! large enough for that to matter.
 
-use crate::store::memory::StoredResponse;
+use crate::message::StoredResponse;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use std::sync::Arc;

@@ -25,7 +25,7 @@
 //! [`CodecError`], which the caller treats as a store error.
 
 use crate::key::Fingerprint;
-use crate::store::memory::StoredResponse;
+use crate::message::StoredResponse;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

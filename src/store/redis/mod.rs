@@ -3,7 +3,7 @@
 //!
 //! Layering: the local [`crate::dedup::coordinator::Coordinator`] still comes first, so many requests
 //! for a key on one replica make one flight and one claim. Its leader task
-//! ([`crate::dedup::leader`]) takes the shared step before any upstream call: [`Shared::lead`].
+//! ([`crate::dedup::leader`]) takes the shared step before any upstream call: [`RedisStore::lead`].
 //!
 //! ```text
 //! lead ── claim script (1 round trip) ──┬─ claimed ───────────> upstream call, then settle
@@ -49,10 +49,8 @@ pub mod conn;
 pub mod metrics;
 
 use crate::config::file::OnStoreError;
-use crate::dedup::coordinator::{Outcome, Retention};
-use crate::http::problem::Problem;
 use crate::key::{DedupKey, Fingerprint};
-use crate::store::memory::Held;
+use crate::outcome::{Disposition, Held, Outcome, Refusal, Retention};
 use codec::{unix_ms, Body, ClaimInfo, OwnerId, StoredBytes, Token, Value};
 use conn::{Link, StoreError, Target};
 use metrics::StoreMetrics;
@@ -106,7 +104,7 @@ return {v, redis.call('PTTL', KEYS[1])}
 
 /// `[store]` settings the shared store runs with.
 #[derive(Debug, Clone)]
-pub struct SharedSettings {
+pub struct RedisSettings {
     /// One node or a cluster.
     pub target: Target,
     /// What a leader does when Redis cannot be used.
@@ -119,10 +117,10 @@ pub struct SharedSettings {
     pub poll_interval: Duration,
 }
 
-impl SharedSettings {
+impl RedisSettings {
     /// From the resolved `[store]` section (`kind = "redis"`).
-    pub fn from_store(s: &crate::config::settings::StoreSettings) -> SharedSettings {
-        SharedSettings {
+    pub fn from_store(s: &crate::config::settings::StoreSettings) -> RedisSettings {
+        RedisSettings {
             target: match &s.url {
                 Some(url) => Target::Single(url.clone()),
                 None => Target::Cluster(s.nodes.clone()),
@@ -136,7 +134,7 @@ impl SharedSettings {
 }
 
 /// The shared store of one replica.
-pub struct Shared {
+pub struct RedisStore {
     link: Arc<Link>,
     owner: OwnerId,
     on_store_error: OnStoreError,
@@ -168,7 +166,7 @@ pub struct LeadRequest {
 /// What the local leader does after the shared step.
 #[derive(Debug)]
 pub enum Lead {
-    /// Make the upstream call. With a claim, settle it ([`Shared::settle`]); without one
+    /// Make the upstream call. With a claim, settle it ([`RedisStore::settle`]); without one
     /// (fail-open), the key is deduplicated on this replica only.
     Call(Option<Claimed>),
     /// Answer without calling upstream.
@@ -182,9 +180,9 @@ pub struct Answer {
     pub outcome: Outcome,
     /// How long this replica keeps it (the record's remaining life in Redis).
     pub retention: Retention,
-    /// `Some(seconds left)` when the leader's client gets a stored response as a replay;
-    /// `None` when it is another replica's fresh outcome (answered as collapsed) or a problem.
-    pub replay_ttl: Option<u64>,
+    /// How the leader's client gets a response: a stored one found on arrival as a replay,
+    /// another replica's fresh one as collapsed.
+    pub how: Disposition,
 }
 
 /// A claim this replica holds.
@@ -223,12 +221,12 @@ fn pttl(ms: i64) -> Duration {
     Duration::from_millis(ms.max(0) as u64)
 }
 
-impl Shared {
+impl RedisStore {
     /// Starts the connection (in the background, with backoff) and the liveness heartbeat.
     ///
     /// The store runs its connection on a runtime of its own (one thread): Pingora runs each
     /// service on its own runtimes, and requests from all of them share this connection.
-    pub fn start(settings: SharedSettings, metrics: Arc<StoreMetrics>) -> Arc<Shared> {
+    pub fn start(settings: RedisSettings, metrics: Arc<StoreMetrics>) -> Arc<RedisStore> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("idem-redis")
@@ -244,7 +242,7 @@ impl Shared {
             settings.timeout,
             metrics.clone(),
         );
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(RedisStore {
             link,
             owner: OwnerId(conn::random::<16>()),
             on_store_error: settings.on_store_error,
@@ -335,7 +333,7 @@ impl Shared {
             }
             Ok(ClaimReply::Mismatch) => {
                 self.metrics.observe("claim", "mismatch", started);
-                return Lead::Answer(refused(Problem::FingerprintMismatch));
+                return Lead::Answer(refused(Refusal::FingerprintMismatch));
             }
             Ok(ClaimReply::Exists(value, left)) => (value, left),
             Err(e) => {
@@ -359,7 +357,7 @@ impl Shared {
             }
             body => {
                 self.metrics.observe("claim", "hit", started);
-                match settled(body, left, true) {
+                match settled(body, left, ReadAt::Arrival) {
                     Some(a) => Lead::Answer(a),
                     // The script never returns a freed record.
                     None => self.unavailable(&req.key, None, &StoreError::Reply),
@@ -390,7 +388,7 @@ impl Shared {
                         write(&link, &script, &metrics, &claim, &[], 0).await;
                     });
                 }
-                Lead::Answer(refused(Problem::StoreUnavailable))
+                Lead::Answer(refused(Refusal::StoreUnavailable))
             }
         }
     }
@@ -424,16 +422,16 @@ impl Shared {
                                     until: read_at + pttl(left),
                                 }),
                                 retention: Retention { ttl: pttl(left) },
-                                replay_ttl: None,
+                                how: Disposition::Collapsed,
                             };
                         }
                     }
                     _ if req.keyed && value.fingerprint != req.fingerprint => {
-                        return refused(Problem::FingerprintMismatch);
+                        return refused(Refusal::FingerprintMismatch);
                     }
                     Body::Freed(_) if value.token != token => return vanished(),
                     body => {
-                        if let Some(a) = settled(body, left, false) {
+                        if let Some(a) = settled(body, left, ReadAt::Waiting) {
                             return a;
                         }
                     }
@@ -453,9 +451,7 @@ impl Shared {
                 _ = tokio::time::sleep_until(deadline) => {}
             }
             if tokio::time::Instant::now() >= deadline {
-                return refused(Problem::InProgress {
-                    retry_after: Duration::from_secs(1),
-                });
+                return refused(Refusal::InProgress);
             }
         }
     }
@@ -621,13 +617,13 @@ async fn write(
     }
 }
 
-fn refused(p: Problem) -> Answer {
+fn refused(r: Refusal) -> Answer {
     Answer {
-        outcome: Outcome::Refused(p),
+        outcome: Outcome::Refused(r),
         retention: Retention {
             ttl: Duration::ZERO,
         },
-        replay_ttl: None,
+        how: Disposition::Collapsed,
     }
 }
 
@@ -643,12 +639,21 @@ fn vanished() -> Answer {
         retention: Retention {
             ttl: Duration::ZERO,
         },
-        replay_ttl: None,
+        how: Disposition::Collapsed,
     }
 }
 
-/// The answer a settled record gives; `as_replay` when the leader found it on arrival.
-fn settled(body: Body, left_ms: i64, as_replay: bool) -> Option<Answer> {
+/// When a settled record was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadAt {
+    /// When the leader claimed the key: a stored response is a replay.
+    Arrival,
+    /// While waiting for another replica's call: its response is collapsed.
+    Waiting,
+}
+
+/// The answer a settled record gives.
+fn settled(body: Body, left_ms: i64, read_at: ReadAt) -> Option<Answer> {
     let left = pttl(left_ms);
     let retention = Retention { ttl: left };
     let outcome = match body {
@@ -659,7 +664,12 @@ fn settled(body: Body, left_ms: i64, as_replay: bool) -> Option<Answer> {
                     stored: true,
                 },
                 retention,
-                replay_ttl: as_replay.then_some(left.as_secs()),
+                how: match read_at {
+                    ReadAt::Arrival => Disposition::Replay {
+                        ttl: left.as_secs(),
+                    },
+                    ReadAt::Waiting => Disposition::Collapsed,
+                },
             })
         }
         Body::NotReplayable => Outcome::NotReplayable,
@@ -677,7 +687,7 @@ fn settled(body: Body, left_ms: i64, as_replay: bool) -> Option<Answer> {
     Some(Answer {
         outcome,
         retention,
-        replay_ttl: None,
+        how: Disposition::Collapsed,
     })
 }
 
@@ -702,7 +712,7 @@ fn parse_claim(v: Vec<redis::Value>) -> Result<ClaimReply, StoreError> {
 
 /// Keeps `idem:alive:<owner>` fresh: every `liveness_ttl / 3`, and at once after each
 /// (re)connection.
-async fn heartbeat(weak: std::sync::Weak<Shared>) {
+async fn heartbeat(weak: std::sync::Weak<RedisStore>) {
     loop {
         let Some(shared) = weak.upgrade() else { return };
         let interval = shared.liveness_ttl / 3;

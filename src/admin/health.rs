@@ -1,0 +1,72 @@
+//! The metrics listener: `/metrics`, `/healthz` (process up), `/readyz` (listeners bound and
+//! at least one healthy backend).
+
+use crate::dedup::coordinator::Coordinator;
+use crate::observe::metrics::{Gauges, Metrics};
+use crate::store::memory::StoreStats;
+use crate::upstream::Upstream;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The metrics listener's app.
+pub struct HealthApp {
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+    /// For the in-flight gauges.
+    pub coordinator: Arc<Coordinator>,
+    /// For the store gauges.
+    pub store: Arc<StoreStats>,
+    /// Readiness: set once listeners are bound.
+    pub ready: Arc<AtomicBool>,
+    /// Readiness: at least one backend healthy.
+    pub upstream: Arc<Upstream>,
+}
+
+impl HealthApp {
+    fn gauges(&self) -> Gauges {
+        let counts = self.coordinator.counts();
+        let s = &self.store;
+        Gauges {
+            inflight: counts.inflight,
+            waiters: counts.waiters,
+            held: s.held.load(Ordering::Relaxed),
+            entries: s.entries.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            evicted_capacity: s.evicted_capacity.load(Ordering::Relaxed),
+            evicted_expired: s.evicted_expired.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ServeHttp for HealthApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        let (status, ctype, body) = match path.as_str() {
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4",
+                self.metrics.render(&self.gauges()),
+            ),
+            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => {
+                if !self.ready.load(Ordering::Relaxed) {
+                    (503, "text/plain", b"listeners not bound\n".to_vec())
+                } else if !self.upstream.any_healthy() {
+                    (503, "text/plain", b"no healthy backend\n".to_vec())
+                } else {
+                    (200, "text/plain", b"ready\n".to_vec())
+                }
+            }
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        http::Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, ctype)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .expect("static response parts")
+    }
+}

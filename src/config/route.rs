@@ -1,0 +1,140 @@
+//! Routes: each one's policy, filled from `[dedup]` and the built-in defaults, and the one
+//! longest-prefix match that picks the route of a request.
+
+use crate::config::file::{Mode, OnConcurrent};
+use http::Method;
+use std::time::Duration;
+
+/// Index of a route name in the metrics' label table (0 is the default route). The table
+/// only grows: a configuration reload appends the names it introduces, so an id taken
+/// before a reload stays valid after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteId(pub usize);
+
+/// The route a request path matched.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteMatch<'a> {
+    /// Metric label id.
+    pub id: RouteId,
+    /// The route's policy.
+    pub policy: &'a RoutePolicy,
+}
+
+/// The index in `routes` of the route for `path`: the longest matching `path_prefix`;
+/// `None` means the default route.
+pub fn longest_prefix(routes: &[RoutePolicy], path: &str) -> Option<usize> {
+    routes
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| path.starts_with(r.path_prefix.as_str()))
+        .max_by_key(|(_, r)| r.path_prefix.len())
+        .map(|(i, _)| i)
+}
+
+/// One route with every field filled.
+#[derive(Debug, Clone)]
+pub struct RoutePolicy {
+    /// Metric label and log name.
+    pub name: String,
+    /// Matched against the request path; the longest match wins.
+    pub path_prefix: String,
+    /// How eligible requests are treated.
+    pub mode: Mode,
+    /// Methods eligible for dedup.
+    pub methods: Vec<Method>,
+    /// Headers whose values join the authority in the scope, lowercase.
+    pub scope_headers: Vec<String>,
+    /// Headers whose values are part of the fingerprint, lowercase.
+    pub fingerprint_headers: Vec<String>,
+    /// Retention of keyed entries, from completion.
+    pub ttl: Duration,
+    /// Retention of fingerprint entries, from completion.
+    pub fingerprint_ttl: Duration,
+    /// What a request for a key in flight does.
+    pub on_concurrent: OnConcurrent,
+    /// How long a waiter waits before 409 in-progress.
+    pub wait_timeout: Duration,
+    /// Cap on waiters for one key.
+    pub max_waiters_per_key: usize,
+    /// Largest request body idem buffers and hashes.
+    pub max_body: u64,
+    /// Largest response body idem stores.
+    pub max_response_body: u64,
+    /// Which response statuses are stored.
+    pub store_statuses: StatusSet,
+}
+
+impl RoutePolicy {
+    /// How long a settled key is kept from completion: `ttl` for a request that carried an
+    /// `Idempotency-Key`, `fingerprint_ttl` for one keyed by its fingerprint.
+    pub fn retention(&self, idempotency_key: Option<&[u8]>) -> crate::outcome::Retention {
+        crate::outcome::Retention {
+            ttl: match idempotency_key {
+                Some(_) => self.ttl,
+                None => self.fingerprint_ttl,
+            },
+        }
+    }
+
+    /// Whether `method` is eligible for dedup on this route.
+    pub fn is_eligible_method(&self, method: &Method) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+}
+
+/// A set of HTTP status codes 100..=599, as a bitset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let codes: Vec<u16> = (100..600).filter(|c| self.contains(*c)).collect();
+        write!(f, "StatusSet({} codes)", codes.len())
+    }
+}
+
+impl StatusSet {
+    /// Whether `code` is in the set.
+    pub fn contains(&self, code: u16) -> bool {
+        (100..600).contains(&code) && self.0[(code / 64) as usize] & (1 << (code % 64)) != 0
+    }
+
+    fn set(&mut self, code: u16, on: bool) {
+        let (w, b) = ((code / 64) as usize, code % 64);
+        if on {
+            self.0[w] |= 1 << b;
+        } else {
+            self.0[w] &= !(1 << b);
+        }
+    }
+
+    /// Parses entries like `"2xx"`, `"404"` and exclusions like `"!429"`, applied in order.
+    pub fn parse(items: &[String]) -> Result<Self, String> {
+        let mut set = StatusSet([0; 10]);
+        for item in items {
+            let (on, body) = match item.strip_prefix('!') {
+                Some(rest) => (false, rest),
+                None => (true, item.as_str()),
+            };
+            let range = if let Some(class) = body.strip_suffix("xx") {
+                match class.parse::<u16>() {
+                    Ok(c @ 1..=5) => c * 100..=c * 100 + 99,
+                    _ => return Err(format!("{item:?} is not a status class; use 1xx to 5xx")),
+                }
+            } else {
+                match body.parse::<u16>() {
+                    Ok(c @ 100..=599) => c..=c,
+                    _ => {
+                        return Err(format!(
+                            "{item:?} is not a status; use a code like \"404\", a class like \"2xx\" or an exclusion like \"!429\""
+                        ))
+                    }
+                }
+            };
+            for code in range {
+                set.set(code, on);
+            }
+        }
+        Ok(set)
+    }
+}

@@ -1,0 +1,109 @@
+//! The request body of a deduplicated request: `100 Continue`, reading it whole up to
+//! `max_body` within `body_read_timeout` while hashing it, and forwarding a body that turned
+//! out too large (it was consumed, so Pingora's proxy path can no longer send it).
+
+use crate::http::admission::declared_length;
+use crate::http::forward::forwarded_request;
+use crate::http::reply::{append_cache_status, CACHE_STATUS_BYPASS};
+use crate::key::{Fingerprint, FingerprintHasher};
+use crate::message::{stream_header, BodyBuf};
+use crate::upstream::{read_final_header, Upstream};
+use bytes::Bytes;
+use http::header;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use std::time::Duration;
+
+/// Result of reading a request body that idem buffers.
+pub enum BodyRead {
+    /// The whole body and its fingerprint.
+    Complete(Bytes, Fingerprint),
+    /// Over `max_body`: what was read so far (the rest is still unread).
+    TooLarge(Bytes),
+    /// Not complete within `body_read_timeout`.
+    TimedOut,
+}
+
+/// Answers `Expect: 100-continue` itself. Pingora forwards `Expect` and relays only an
+/// origin's own `100 Continue`; many app servers never send one, so client and origin would
+/// wait for each other. idem answers it (as nginx and Envoy do) and strips `Expect`
+/// upstream.
+pub async fn continue_if_expected(session: &mut Session) -> Result<()> {
+    if is_expect_continue(session.req_header()) {
+        session.downstream_session.write_continue_response().await?;
+    }
+    Ok(())
+}
+
+/// An HTTP/1.1+ request expecting `100 Continue` (RFC 9110 10.1.1: a server ignores the
+/// expectation in an HTTP/1.0 request).
+fn is_expect_continue(req: &RequestHeader) -> bool {
+    req.version != http::Version::HTTP_10
+        && req
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// Reads the body up to `max_body` within `deadline`, feeding `hasher` on the way. An `Err`
+/// means the client left or broke the framing.
+pub async fn read(
+    session: &mut Session,
+    mut hasher: FingerprintHasher,
+    max_body: u64,
+    deadline: Duration,
+) -> Result<BodyRead> {
+    let expected = declared_length(&session.req_header().headers).unwrap_or(0);
+    let mut buf = BodyBuf::with_hint(expected.min(max_body) as usize);
+    let deadline = tokio::time::Instant::now() + deadline;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(chunk) => chunk?,
+            Err(_) => return Ok(BodyRead::TimedOut),
+        };
+        let Some(chunk) = chunk else { break };
+        // Kept without a copy when the body arrives in one chunk.
+        if (buf.len() + chunk.len()) as u64 > max_body {
+            buf.push(chunk);
+            return Ok(BodyRead::TooLarge(buf.freeze()));
+        }
+        hasher.update(&chunk);
+        buf.push(chunk);
+    }
+    Ok(BodyRead::Complete(buf.freeze(), hasher.finish()))
+}
+
+/// Forwards a request whose body idem has partly consumed (`prefix`: a keyless chunked body
+/// over `max_body` on a fingerprint route), streaming the rest of the body up and the
+/// response down. Not deduplicated and not detached: a pass-through that Pingora's proxy
+/// path can no longer perform. Returns the status.
+pub async fn forward_consumed(
+    session: &mut Session,
+    upstream: &Upstream,
+    prefix: Bytes,
+) -> Result<u16> {
+    let (mut s, peer) = upstream.connect_any().await?;
+    let mut req = forwarded_request(
+        session.req_header(),
+        session.client_addr().and_then(|a| a.as_inet()),
+    )?;
+    req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    s.write_request_header(Box::new(req)).await?;
+    s.write_request_body(prefix, false).await?;
+    while let Some(chunk) = session.read_request_body().await? {
+        s.write_request_body(chunk, false).await?;
+    }
+    s.finish_request_body().await?;
+    read_final_header(&mut s).await?;
+    let mut h = stream_header(s.response_header().expect("header read"));
+    append_cache_status(&mut h, CACHE_STATUS_BYPASS)?;
+    let status = h.status.as_u16();
+    session.write_response_header(Box::new(h), false).await?;
+    while let Some(b) = s.read_response_body().await? {
+        session.write_response_body(Some(b), false).await?;
+    }
+    session.write_response_body(None, true).await?;
+    upstream.release_session(s, &peer).await;
+    Ok(status)
+}
