@@ -1,11 +1,14 @@
 //! proxy.toml as written by the operator: serde structs that reject unknown keys.
 //!
 //! This module only parses. Durations ("60s", "24h") and sizes ("1MiB") are parsed inside
-//! `Deserialize`, so the toml crate reports the line and column of a bad value. Checks that
-//! need the whole file (route defaults, cross-field limits) live in [`crate::config::settings`].
+//! `Deserialize`, so the toml crate reports the line and column of a bad value. Every value
+//! is kept with its place in the file (`toml::Spanned`), so that the checks that need the
+//! whole file ([`crate::config::resolve`]) can name the exact line and column too, however
+//! the key was written (`[section]`, dotted key, inline table).
 //!
-//! `flatten` is avoided on purpose: serde's `deny_unknown_fields` does not see through it,
-//! so the per-route overrides repeat the `[dedup]` fields as `Option`s instead.
+//! `flatten` is avoided on purpose: serde's `deny_unknown_fields` does not see through it.
+//! The route-policy keys, which `[dedup]` and every `[[route]]` share, are written once, in
+//! the [`policy_keys!`] invocation below, which emits both structs and [`PolicyKeys`].
 
 // Field meanings, units and defaults are documented once, in README's proxy.toml reference
 // and on the resolved `Settings`; repeating them on these raw mirrors would drift.
@@ -13,6 +16,10 @@
 
 use serde::{Deserialize, Deserializer};
 use std::time::Duration;
+use toml::Spanned;
+
+/// An optional value and where it was written.
+pub type Opt<T> = Option<Spanned<T>>;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -38,120 +45,116 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
-    pub listen: Option<OneOrMany>,
-    pub threads: Option<usize>,
-    pub work_stealing: Option<bool>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub grace_period: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub keepalive_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub body_read_timeout: Option<Duration>,
-    pub max_waiters: Option<usize>,
-    pub log_format: Option<LogFormat>,
+    pub listen: Opt<OneOrMany>,
+    pub threads: Opt<usize>,
+    pub work_stealing: Opt<bool>,
+    pub grace_period: Opt<Dur>,
+    pub keepalive_timeout: Opt<Dur>,
+    pub body_read_timeout: Opt<Dur>,
+    pub max_waiters: Opt<usize>,
+    pub log_format: Opt<LogFormat>,
 }
 
 /// `[upstream]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    pub backends: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub connect_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub read_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub total_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub pool_idle_timeout: Option<Duration>,
-    pub health_check: Option<HealthCheckKind>,
-    pub health_check_path: Option<String>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub health_check_interval: Option<Duration>,
+    pub backends: Opt<Vec<String>>,
+    pub connect_timeout: Opt<Dur>,
+    pub read_timeout: Opt<Dur>,
+    pub total_timeout: Opt<Dur>,
+    pub pool_idle_timeout: Opt<Dur>,
+    pub health_check: Opt<HealthCheckKind>,
+    pub health_check_path: Opt<String>,
+    pub health_check_interval: Opt<Dur>,
 }
 
 /// `[metrics]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMetrics {
-    pub listen: Option<String>,
+    pub listen: Opt<String>,
 }
 
 /// `[admin]`: off unless `listen` is set; loopback only.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
-    pub listen: Option<String>,
+    pub listen: Opt<String>,
 }
 
 /// `[store]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    pub kind: Option<StoreKind>,
-    pub max_entries: Option<usize>,
-    #[serde(default, deserialize_with = "de_size_opt")]
-    pub max_bytes: Option<u64>,
-    pub max_keys_per_scope: Option<usize>,
-    pub url: Option<String>,
-    pub nodes: Option<Vec<String>>,
-    pub on_store_error: Option<OnStoreError>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub liveness_ttl: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub poll_interval: Option<Duration>,
+    pub kind: Opt<StoreKind>,
+    pub max_entries: Opt<usize>,
+    pub max_bytes: Opt<Size>,
+    pub max_keys_per_scope: Opt<usize>,
+    pub url: Opt<String>,
+    pub nodes: Opt<Vec<String>>,
+    pub on_store_error: Opt<OnStoreError>,
+    pub timeout: Opt<Dur>,
+    pub liveness_ttl: Opt<Dur>,
+    pub poll_interval: Opt<Dur>,
 }
 
-/// `[dedup]`: the defaults every route inherits.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawPolicy {
-    pub mode: Option<Mode>,
-    pub methods: Option<Vec<String>>,
-    pub scope_headers: Option<Vec<String>>,
-    pub fingerprint_headers: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub ttl: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub fingerprint_ttl: Option<Duration>,
-    pub on_concurrent: Option<OnConcurrent>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub wait_timeout: Option<Duration>,
-    pub max_waiters_per_key: Option<usize>,
-    #[serde(default, deserialize_with = "de_size_opt")]
-    pub max_body: Option<u64>,
-    #[serde(default, deserialize_with = "de_size_opt")]
-    pub max_response_body: Option<u64>,
-    pub store_statuses: Option<Vec<String>>,
-    /// Only valid in `[dedup]`: the deployment secret for key derivation.
-    pub secret: Option<String>,
+/// Emits [`RawPolicy`] (`[dedup]`), [`RawRoute`] (`[[route]]`) and [`PolicyKeys`] from one
+/// list of the route-policy keys, so that a new key is added in one place.
+macro_rules! policy_keys {
+    ($($key:ident: $ty:ty,)*) => {
+        /// The route-policy keys, as written in `[dedup]` or in one `[[route]]`.
+        #[derive(Debug, Default, Clone)]
+        pub struct PolicyKeys {
+            $(pub $key: Opt<$ty>,)*
+        }
+
+        /// `[dedup]`: the defaults every route inherits, and the deployment secret.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RawPolicy {
+            pub secret: Opt<String>,
+            $(pub $key: Opt<$ty>,)*
+        }
+
+        /// One `[[route]]`: a name, a prefix, and overrides of `[dedup]`.
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RawRoute {
+            pub name: Opt<String>,
+            pub path_prefix: Spanned<String>,
+            $(pub $key: Opt<$ty>,)*
+        }
+
+        impl RawPolicy {
+            /// The policy keys of `[dedup]`.
+            pub fn keys(&self) -> PolicyKeys {
+                PolicyKeys { $($key: self.$key.clone(),)* }
+            }
+        }
+
+        impl RawRoute {
+            /// The policy keys this route overrides.
+            pub fn keys(&self) -> PolicyKeys {
+                PolicyKeys { $($key: self.$key.clone(),)* }
+            }
+        }
+    };
 }
 
-/// One `[[route]]`: a name, a prefix, and overrides of `[dedup]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRoute {
-    pub name: Option<String>,
-    pub path_prefix: String,
-    pub mode: Option<Mode>,
-    pub methods: Option<Vec<String>>,
-    pub scope_headers: Option<Vec<String>>,
-    pub fingerprint_headers: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub ttl: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub fingerprint_ttl: Option<Duration>,
-    pub on_concurrent: Option<OnConcurrent>,
-    #[serde(default, deserialize_with = "de_duration_opt")]
-    pub wait_timeout: Option<Duration>,
-    pub max_waiters_per_key: Option<usize>,
-    #[serde(default, deserialize_with = "de_size_opt")]
-    pub max_body: Option<u64>,
-    #[serde(default, deserialize_with = "de_size_opt")]
-    pub max_response_body: Option<u64>,
-    pub store_statuses: Option<Vec<String>>,
+policy_keys! {
+    mode: Mode,
+    methods: Vec<String>,
+    scope_headers: Vec<String>,
+    fingerprint_headers: Vec<String>,
+    ttl: Dur,
+    fingerprint_ttl: Dur,
+    on_concurrent: OnConcurrent,
+    wait_timeout: Dur,
+    max_waiters_per_key: usize,
+    max_body: Size,
+    max_response_body: Size,
+    store_statuses: Vec<String>,
 }
 
 /// A string or a list of strings (`listen = "a"` or `listen = ["a", "b"]`).
@@ -170,6 +173,47 @@ impl OneOrMany {
         match self {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A duration written like "500ms", "60s" or "24h".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration ({e}); write it like \"500ms\", \"60s\" or \"24h\""
+            ))
+        })
+    }
+}
+
+/// A size in bytes, written as a number or like "64KiB", "1MiB" or "256MiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Int(u64),
+            Text(String),
+        }
+        match Written::deserialize(d)? {
+            Written::Int(n) => Ok(Size(n)),
+            Written::Text(s) => s
+                .parse::<bytesize::ByteSize>()
+                .map(|b| Size(b.as_u64()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is not a size ({e}); write it like \"64KiB\", \"1MiB\" or \"256MiB\""
+                    ))
+                }),
         }
     }
 }
@@ -253,33 +297,4 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map(Some).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "{s:?} is not a duration ({e}); write it like \"500ms\", \"60s\" or \"24h\""
-        ))
-    })
-}
-
-fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Int(u64),
-        Text(String),
-    }
-    match Size::deserialize(d)? {
-        Size::Int(n) => Ok(Some(n)),
-        Size::Text(s) => s
-            .parse::<bytesize::ByteSize>()
-            .map(|b| Some(b.as_u64()))
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "{s:?} is not a size ({e}); write it like \"64KiB\", \"1MiB\" or \"256MiB\""
-                ))
-            }),
-    }
 }

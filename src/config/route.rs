@@ -138,3 +138,16 @@ impl StatusSet {
         Ok(set)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_set_parses_classes_and_exclusions() {
+        let s = StatusSet::parse(&["2xx".into(), "!204".into(), "404".into()]).unwrap();
+        assert!(s.contains(200) && !s.contains(204) && s.contains(404) && !s.contains(403));
+        assert!(StatusSet::parse(&["6xx".into()]).is_err());
+        assert!(StatusSet::parse(&["99".into()]).is_err());
+    }
+}

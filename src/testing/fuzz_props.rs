@@ -357,7 +357,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "f.toml:1: invalid TOML at column 2: unexpected character '\\u{1d}'"
+            "f.toml:1:2: invalid TOML: unexpected character '\\u{1d}'"
         );
     }
 }
