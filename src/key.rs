@@ -13,11 +13,11 @@ use std::fmt;
 
 /// The 32-byte identity of one logical request: the map key for flights and stored entries.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DedupKey(pub [u8; 32]);
+pub(crate) struct DedupKey(pub(crate) [u8; 32]);
 
 impl DedupKey {
     /// A short, non-reversible prefix for logs and the admin view: never the raw key.
-    pub fn short(&self) -> String {
+    pub(crate) fn short(&self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut s = String::with_capacity(12);
         for b in &self.0[..6] {
@@ -29,7 +29,7 @@ impl DedupKey {
 
     /// Whether the key's lowercase hex form starts with `prefix` (hex digits, any case;
     /// the admin purge names keys this way).
-    pub fn has_hex_prefix(&self, prefix: &str) -> bool {
+    pub(crate) fn has_hex_prefix(&self, prefix: &str) -> bool {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         prefix.len() <= 64
             && prefix.bytes().enumerate().all(|(i, c)| {
@@ -48,7 +48,7 @@ impl fmt::Debug for DedupKey {
 
 /// Digest of method, path, query, fingerprint headers and body.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub [u8; 32]);
+pub(crate) struct Fingerprint(pub(crate) [u8; 32]);
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -60,7 +60,7 @@ impl Fingerprint {
     /// The half of the fingerprint the embedded store keeps to detect key misuse: two
     /// different requests share one only by a 128-bit collision, and it saves 16 bytes per
     /// stored entry.
-    pub fn tag(&self) -> FingerprintTag {
+    pub(crate) fn tag(&self) -> FingerprintTag {
         let mut tag = [0u8; 16];
         tag.copy_from_slice(&self.0[..16]);
         FingerprintTag(tag)
@@ -69,25 +69,25 @@ impl Fingerprint {
 
 /// See [`Fingerprint::tag`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct FingerprintTag(pub [u8; 16]);
+pub(crate) struct FingerprintTag(pub(crate) [u8; 16]);
 
 /// Digest of who is asking: the authority plus the scope header values.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct Scope {
+pub(crate) struct Scope {
     digest: [u8; 32],
     /// No scope header was present: responses served into this scope drop `Set-Cookie`.
-    pub anonymous: bool,
+    pub(crate) anonymous: bool,
 }
 
 /// A short identity of a scope, for per-scope accounting in the store
 /// (`store.max_keys_per_scope`). Half of the keyed scope digest: not reversible, and two
 /// scopes share one only by a 128-bit collision.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub struct ScopeId(pub [u8; 16]);
+pub(crate) struct ScopeId(pub(crate) [u8; 16]);
 
 impl Scope {
     /// This scope's identity for per-scope accounting.
-    pub fn id(&self) -> ScopeId {
+    pub(crate) fn id(&self) -> ScopeId {
         let mut id = [0u8; 16];
         id.copy_from_slice(&self.digest[..16]);
         ScopeId(id)
@@ -96,15 +96,15 @@ impl Scope {
 
 /// Domain tags keep the different digests apart even for identical inputs.
 mod domain {
-    pub const SCOPE: u8 = 1;
-    pub const FINGERPRINT: u8 = 2;
-    pub const KEYED: u8 = 3;
-    pub const BY_FINGERPRINT: u8 = 4;
+    pub(crate) const SCOPE: u8 = 1;
+    pub(crate) const FINGERPRINT: u8 = 2;
+    pub(crate) const KEYED: u8 = 3;
+    pub(crate) const BY_FINGERPRINT: u8 = 4;
 }
 
 /// Derives scopes, fingerprints and keys with the deployment secret.
 #[derive(Clone)]
-pub struct KeyDeriver {
+pub(crate) struct KeyDeriver {
     secret: [u8; 32],
 }
 
@@ -117,17 +117,17 @@ impl fmt::Debug for KeyDeriver {
 impl KeyDeriver {
     /// From the configured secret; `None` draws a random per-process secret (fine for the
     /// memory store, whose keys die with the process anyway).
-    pub fn new(secret: Option<&str>) -> KeyDeriver {
+    pub(crate) fn new(secret: Option<&str>) -> KeyDeriver {
         let secret = match secret {
             Some(s) => blake3::derive_key("idem 2026-11 dedup key secret", s.as_bytes()),
-            None => random_secret(),
+            None => random_bytes(),
         };
         KeyDeriver { secret }
     }
 
     /// The scope of a request. `headers` yields, for each configured scope header in order,
     /// its values as sent (an empty list when absent).
-    pub fn scope<'a>(
+    pub(crate) fn scope<'a>(
         &self,
         authority: &[u8],
         headers: impl Iterator<Item = Vec<&'a [u8]>>,
@@ -147,7 +147,7 @@ impl KeyDeriver {
     }
 
     /// Starts a fingerprint; feed the body with [`FingerprintHasher::update`].
-    pub fn fingerprint<'a>(
+    pub(crate) fn fingerprint<'a>(
         &self,
         method: &[u8],
         path: &[u8],
@@ -176,7 +176,7 @@ impl KeyDeriver {
     }
 
     /// The key of a request that carries an `Idempotency-Key` (already decoded).
-    pub fn keyed(&self, scope: &Scope, key: &[u8]) -> DedupKey {
+    pub(crate) fn keyed(&self, scope: &Scope, key: &[u8]) -> DedupKey {
         let mut buf = Encoder::new(domain::KEYED, 48 + key.len());
         buf.0.extend_from_slice(&scope.digest);
         buf.field(key);
@@ -184,7 +184,7 @@ impl KeyDeriver {
     }
 
     /// The key of a keyless request on a fingerprint route.
-    pub fn by_fingerprint(&self, scope: &Scope, fp: &Fingerprint) -> DedupKey {
+    pub(crate) fn by_fingerprint(&self, scope: &Scope, fp: &Fingerprint) -> DedupKey {
         let mut input = [0u8; 65];
         input[0] = domain::BY_FINGERPRINT;
         input[1..33].copy_from_slice(&scope.digest);
@@ -207,7 +207,7 @@ impl KeyDeriver {
 const ONE_PASS_UP_TO: usize = 16 * 1024;
 
 /// A fingerprint being computed while the body streams in.
-pub struct FingerprintHasher {
+pub(crate) struct FingerprintHasher {
     secret: [u8; 32],
     /// The encoded head, then the body while it stays small.
     input: Vec<u8>,
@@ -219,7 +219,7 @@ pub struct FingerprintHasher {
 
 impl FingerprintHasher {
     /// Adds a chunk of the request body.
-    pub fn update(&mut self, chunk: &[u8]) {
+    pub(crate) fn update(&mut self, chunk: &[u8]) {
         self.body_len += chunk.len() as u64;
         if let Some(h) = &mut self.hasher {
             h.update(chunk);
@@ -235,7 +235,7 @@ impl FingerprintHasher {
     }
 
     /// Finishes; the body length goes last so the encoding stays injective.
-    pub fn finish(mut self) -> Fingerprint {
+    pub(crate) fn finish(mut self) -> Fingerprint {
         let len = self.body_len.to_le_bytes();
         let digest = match &mut self.hasher {
             Some(h) => h.update(&len).finalize(),
@@ -278,16 +278,19 @@ impl Encoder {
     }
 }
 
-fn random_secret() -> [u8; 32] {
-    let mut buf = [0u8; 32];
-    // SAFETY: getrandom writes at most buf.len() bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    assert_eq!(n, 32, "getrandom failed: cannot draw a key secret");
+/// `N` random bytes from the OS, drawn at start-up (the per-process key secret, the Redis
+/// owner id and token seed).
+///
+/// # Panics
+/// When the OS has no random source: idem cannot derive unguessable keys without one.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).expect("the OS random source is unavailable");
     buf
 }
 
 /// Largest decoded `Idempotency-Key` value.
-pub const MAX_KEY_LEN: usize = 255;
+pub(crate) const MAX_KEY_LEN: usize = 255;
 
 /// Why an `Idempotency-Key` header was refused (all answered with 400 key-malformed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -24,19 +24,20 @@
 //! AdminApp            /flights /held /store, purge (admin.rs), on its own listener
 //! ```
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod config;
-pub mod dedup;
-pub mod http;
+pub(crate) mod dedup;
+pub(crate) mod http;
 pub mod key;
-pub mod message;
-pub mod observe;
-pub mod outcome;
+pub(crate) mod message;
+pub(crate) mod observe;
+pub(crate) mod outcome;
 pub mod server;
-pub mod store;
+pub(crate) mod store;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod testing;
-pub mod upstream;
+pub(crate) mod upstream;

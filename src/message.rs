@@ -11,20 +11,20 @@ use tokio::time::Instant;
 
 /// A complete upstream response as kept for replay: end-to-end headers only.
 #[derive(Debug, Clone)]
-pub struct StoredResponse {
+pub(crate) struct StoredResponse {
     /// Status code.
-    pub status: u16,
+    pub(crate) status: u16,
     /// End-to-end headers in upstream order, multi-valued headers as separate entries.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// The whole body.
-    pub body: Bytes,
+    pub(crate) body: Bytes,
     /// When the upstream call completed; `Age` is counted from here.
-    pub completed_at: Instant,
+    pub(crate) completed_at: Instant,
 }
 
 impl StoredResponse {
     /// Bytes this response counts against `max_bytes`: status, headers and body as serialized.
-    pub fn weight(&self) -> u64 {
+    pub(crate) fn weight(&self) -> u64 {
         let headers: usize = self
             .headers
             .iter()
@@ -36,7 +36,7 @@ impl StoredResponse {
 
 /// Headers that describe one connection, never forwarded nor stored (RFC 9110 7.6.1), plus
 /// the framing headers idem recomputes.
-pub const HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -49,12 +49,12 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Whether `name` must not cross the proxy.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
 /// Header names listed in `Connection`, which are hop-by-hop for this message only.
-pub fn connection_nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
+pub(crate) fn connection_nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -65,7 +65,7 @@ pub fn connection_nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
 }
 
 /// Event streams, gRPC and responses with trailers are not replayable as a stored body.
-pub fn is_storable(h: &ResponseHeader) -> bool {
+pub(crate) fn is_storable(h: &ResponseHeader) -> bool {
     let ct = h
         .headers
         .get(header::CONTENT_TYPE)

@@ -12,11 +12,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// `Retry-After` of a 409 in-progress: the call may end any moment, so a short wait.
-pub const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// How one upstream call ended, as seen by everyone attached to it.
 #[derive(Debug, Clone)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// A complete response; `stored` says whether later requests will be replayed it.
     Response {
         /// The response.
@@ -38,23 +38,23 @@ pub enum Outcome {
 
 /// The answer a held key gives until it expires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Held {
+pub(crate) struct Held {
     /// 502 (reset, cut off, upstream 502) or 504 (timeout, upstream 504).
-    pub status: u16,
+    pub(crate) status: u16,
     /// When the key is freed: the call's start plus the upstream total deadline.
-    pub until: Instant,
+    pub(crate) until: Instant,
 }
 
 /// How long a settled outcome is kept.
 #[derive(Debug, Clone, Copy)]
-pub struct Retention {
+pub(crate) struct Retention {
     /// Retention of stored and not-replayable records, from completion.
-    pub ttl: Duration,
+    pub(crate) ttl: Duration,
 }
 
 /// Why a request neither leads, waits nor is replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// Same `Idempotency-Key`, different request (422).
     FingerprintMismatch,
     /// A call for the key is running and this request may not wait for it: the route says
@@ -72,7 +72,7 @@ pub enum Refusal {
 
 /// How a response reached this client: decides `Cache-Status` and the replay headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// The leader's own response; `stored` says whether it was kept for replay.
     Leader {
         /// Kept for replay.

@@ -11,17 +11,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The metrics listener's app.
-pub struct HealthApp {
+pub(crate) struct HealthApp {
     /// Metric families.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// For the in-flight gauges.
-    pub coordinator: Arc<Coordinator>,
+    pub(crate) coordinator: Arc<Coordinator>,
     /// For the store gauges.
-    pub store: Arc<StoreStats>,
+    pub(crate) store: Arc<StoreStats>,
     /// Readiness: set once listeners are bound.
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<AtomicBool>,
     /// Readiness: at least one backend healthy.
-    pub upstream: Arc<Upstream>,
+    pub(crate) upstream: Arc<Upstream>,
 }
 
 impl HealthApp {

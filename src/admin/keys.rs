@@ -28,14 +28,14 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 /// Fewest hex digits a purge accepts: the short form the access log and `/flights` show.
-pub const MIN_PURGE_DIGITS: usize = 12;
+pub(crate) const MIN_PURGE_DIGITS: usize = 12;
 
 /// The admin listener's app.
-pub struct AdminApp {
+pub(crate) struct AdminApp {
     /// Flights and the store.
-    pub coordinator: Arc<Coordinator>,
+    pub(crate) coordinator: Arc<Coordinator>,
     /// Route names by id.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl AdminApp {

@@ -1,4 +1,4 @@
 //! idem's own listeners besides the proxy: metrics and health, and the admin view.
 
-pub mod health;
-pub mod keys;
+pub(crate) mod health;
+pub(crate) mod keys;

@@ -19,84 +19,84 @@ use std::time::Duration;
 use toml::Spanned;
 
 /// An optional value and where it was written.
-pub type Opt<T> = Option<Spanned<T>>;
+pub(crate) type Opt<T> = Option<Spanned<T>>;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    pub server: RawServer,
+    pub(crate) server: RawServer,
     #[serde(default)]
-    pub upstream: RawUpstream,
+    pub(crate) upstream: RawUpstream,
     #[serde(default)]
-    pub metrics: RawMetrics,
+    pub(crate) metrics: RawMetrics,
     #[serde(default)]
-    pub admin: RawAdmin,
+    pub(crate) admin: RawAdmin,
     #[serde(default)]
-    pub store: RawStore,
+    pub(crate) store: RawStore,
     #[serde(default)]
-    pub dedup: RawPolicy,
+    pub(crate) dedup: RawPolicy,
     #[serde(default, rename = "route")]
-    pub routes: Vec<RawRoute>,
+    pub(crate) routes: Vec<RawRoute>,
 }
 
 /// `[server]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawServer {
-    pub listen: Opt<OneOrMany>,
-    pub threads: Opt<usize>,
-    pub work_stealing: Opt<bool>,
-    pub grace_period: Opt<Dur>,
-    pub keepalive_timeout: Opt<Dur>,
-    pub body_read_timeout: Opt<Dur>,
-    pub max_waiters: Opt<usize>,
-    pub log_format: Opt<LogFormat>,
+pub(crate) struct RawServer {
+    pub(crate) listen: Opt<OneOrMany>,
+    pub(crate) threads: Opt<usize>,
+    pub(crate) work_stealing: Opt<bool>,
+    pub(crate) grace_period: Opt<Dur>,
+    pub(crate) keepalive_timeout: Opt<Dur>,
+    pub(crate) body_read_timeout: Opt<Dur>,
+    pub(crate) max_waiters: Opt<usize>,
+    pub(crate) log_format: Opt<LogFormat>,
 }
 
 /// `[upstream]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawUpstream {
-    pub backends: Opt<Vec<String>>,
-    pub connect_timeout: Opt<Dur>,
-    pub read_timeout: Opt<Dur>,
-    pub total_timeout: Opt<Dur>,
-    pub pool_idle_timeout: Opt<Dur>,
-    pub health_check: Opt<HealthCheckKind>,
-    pub health_check_path: Opt<String>,
-    pub health_check_interval: Opt<Dur>,
+pub(crate) struct RawUpstream {
+    pub(crate) backends: Opt<Vec<String>>,
+    pub(crate) connect_timeout: Opt<Dur>,
+    pub(crate) read_timeout: Opt<Dur>,
+    pub(crate) total_timeout: Opt<Dur>,
+    pub(crate) pool_idle_timeout: Opt<Dur>,
+    pub(crate) health_check: Opt<HealthCheckKind>,
+    pub(crate) health_check_path: Opt<String>,
+    pub(crate) health_check_interval: Opt<Dur>,
 }
 
 /// `[metrics]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawMetrics {
-    pub listen: Opt<String>,
+pub(crate) struct RawMetrics {
+    pub(crate) listen: Opt<String>,
 }
 
 /// `[admin]`: off unless `listen` is set; loopback only.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    pub listen: Opt<String>,
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Opt<String>,
 }
 
 /// `[store]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawStore {
-    pub kind: Opt<StoreKind>,
-    pub max_entries: Opt<usize>,
-    pub max_bytes: Opt<Size>,
-    pub max_keys_per_scope: Opt<usize>,
-    pub url: Opt<String>,
-    pub nodes: Opt<Vec<String>>,
-    pub on_store_error: Opt<OnStoreError>,
-    pub timeout: Opt<Dur>,
-    pub liveness_ttl: Opt<Dur>,
-    pub poll_interval: Opt<Dur>,
+pub(crate) struct RawStore {
+    pub(crate) kind: Opt<StoreKind>,
+    pub(crate) max_entries: Opt<usize>,
+    pub(crate) max_bytes: Opt<Size>,
+    pub(crate) max_keys_per_scope: Opt<usize>,
+    pub(crate) url: Opt<String>,
+    pub(crate) nodes: Opt<Vec<String>>,
+    pub(crate) on_store_error: Opt<OnStoreError>,
+    pub(crate) timeout: Opt<Dur>,
+    pub(crate) liveness_ttl: Opt<Dur>,
+    pub(crate) poll_interval: Opt<Dur>,
 }
 
 /// Emits [`RawPolicy`] (`[dedup]`), [`RawRoute`] (`[[route]]`) and [`PolicyKeys`] from one
@@ -105,37 +105,37 @@ macro_rules! policy_keys {
     ($($key:ident: $ty:ty,)*) => {
         /// The route-policy keys, as written in `[dedup]` or in one `[[route]]`.
         #[derive(Debug, Default, Clone)]
-        pub struct PolicyKeys {
-            $(pub $key: Opt<$ty>,)*
+        pub(crate) struct PolicyKeys {
+            $(pub(crate) $key: Opt<$ty>,)*
         }
 
         /// `[dedup]`: the defaults every route inherits, and the deployment secret.
         #[derive(Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields)]
-        pub struct RawPolicy {
-            pub secret: Opt<String>,
-            $(pub $key: Opt<$ty>,)*
+        pub(crate) struct RawPolicy {
+            pub(crate) secret: Opt<String>,
+            $(pub(crate) $key: Opt<$ty>,)*
         }
 
         /// One `[[route]]`: a name, a prefix, and overrides of `[dedup]`.
         #[derive(Debug, Deserialize)]
         #[serde(deny_unknown_fields)]
-        pub struct RawRoute {
-            pub name: Opt<String>,
-            pub path_prefix: Spanned<String>,
-            $(pub $key: Opt<$ty>,)*
+        pub(crate) struct RawRoute {
+            pub(crate) name: Opt<String>,
+            pub(crate) path_prefix: Spanned<String>,
+            $(pub(crate) $key: Opt<$ty>,)*
         }
 
         impl RawPolicy {
             /// The policy keys of `[dedup]`.
-            pub fn keys(&self) -> PolicyKeys {
+            pub(crate) fn keys(&self) -> PolicyKeys {
                 PolicyKeys { $($key: self.$key.clone(),)* }
             }
         }
 
         impl RawRoute {
             /// The policy keys this route overrides.
-            pub fn keys(&self) -> PolicyKeys {
+            pub(crate) fn keys(&self) -> PolicyKeys {
                 PolicyKeys { $($key: self.$key.clone(),)* }
             }
         }
@@ -160,7 +160,7 @@ policy_keys! {
 /// A string or a list of strings (`listen = "a"` or `listen = ["a", "b"]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub enum OneOrMany {
+pub(crate) enum OneOrMany {
     /// `listen = "127.0.0.1:8080"`
     One(String),
     /// `listen = ["127.0.0.1:8080", "[::1]:8080"]`
@@ -169,7 +169,7 @@ pub enum OneOrMany {
 
 impl OneOrMany {
     /// The addresses as a list.
-    pub fn into_vec(self) -> Vec<String> {
+    pub(crate) fn into_vec(self) -> Vec<String> {
         match self {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
@@ -179,7 +179,7 @@ impl OneOrMany {
 
 /// A duration written like "500ms", "60s" or "24h".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
+pub(crate) struct Dur(pub(crate) Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
@@ -194,7 +194,7 @@ impl<'de> Deserialize<'de> for Dur {
 
 /// A size in bytes, written as a number or like "64KiB", "1MiB" or "256MiB".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub u64);
+pub(crate) struct Size(pub(crate) u64);
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
@@ -221,7 +221,7 @@ impl<'de> Deserialize<'de> for Size {
 /// How a route treats eligible requests (DESIGN section 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Everything passes through, streamed.
     Off,
     /// Requests with an `Idempotency-Key` are deduplicated; others pass through.
@@ -234,23 +234,10 @@ pub enum Mode {
     Shadow,
 }
 
-impl Mode {
-    /// The value as spelled in proxy.toml.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Off => "off",
-            Mode::Keyed => "keyed",
-            Mode::Fingerprint => "fingerprint",
-            Mode::RequireKey => "require-key",
-            Mode::Shadow => "shadow",
-        }
-    }
-}
-
 /// What a request for a key in flight does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum OnConcurrent {
+pub(crate) enum OnConcurrent {
     /// Wait for the leader's response, up to `wait_timeout`.
     Wait,
     /// Answer 409 in-progress at once (IETF draft behaviour).
@@ -260,7 +247,7 @@ pub enum OnConcurrent {
 /// Which store keeps completed keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum StoreKind {
+pub(crate) enum StoreKind {
     /// Embedded, per process.
     Memory,
     /// Shared by replicas: one Redis node (`url`) or a Redis Cluster (`nodes`).
@@ -270,7 +257,7 @@ pub enum StoreKind {
 /// What a leader does when the shared store cannot be used (DESIGN section 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum OnStoreError {
+pub(crate) enum OnStoreError {
     /// Serve with local dedup only (counted and logged).
     FailOpen,
     /// Answer 503 `store-unavailable`.
@@ -280,7 +267,7 @@ pub enum OnStoreError {
 /// How backends are health checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum HealthCheckKind {
+pub(crate) enum HealthCheckKind {
     /// A TCP connect.
     Tcp,
     /// An HTTP GET of `health_check_path` expecting 2xx.

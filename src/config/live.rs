@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One configuration, with the metric label id of each route.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// The settings.
-    pub settings: Settings,
+    pub(crate) settings: Settings,
     /// `route_ids[0]` is the default route's id, `route_ids[i + 1]` that of `settings.routes[i]`.
     route_ids: Vec<RouteId>,
 }
@@ -29,7 +29,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Wraps `settings` with the label ids of its routes, in [`Settings::all_routes`] order
     /// (the metrics issue them: `Metrics::register_routes`).
-    pub fn new(settings: Settings, route_ids: Vec<RouteId>) -> Snapshot {
+    pub(crate) fn new(settings: Settings, route_ids: Vec<RouteId>) -> Snapshot {
         assert_eq!(
             route_ids.len(),
             settings.routes.len() + 1,
@@ -42,7 +42,7 @@ impl Snapshot {
     }
 
     /// The route for a request path: the longest matching `path_prefix`, or the default.
-    pub fn route(&self, path: &str) -> RouteMatch<'_> {
+    pub(crate) fn route(&self, path: &str) -> RouteMatch<'_> {
         let s = &self.settings;
         match longest_prefix(&s.routes, path) {
             Some(i) => RouteMatch {
@@ -58,14 +58,14 @@ impl Snapshot {
 }
 
 /// The configuration in force and where it was read from.
-pub struct Live {
+pub(crate) struct Live {
     current: ArcSwap<Snapshot>,
     path: PathBuf,
 }
 
 impl Live {
     /// Starts with `snapshot`, read from `path`.
-    pub fn new(snapshot: Snapshot, path: PathBuf) -> Live {
+    pub(crate) fn new(snapshot: Snapshot, path: PathBuf) -> Live {
         Live {
             current: ArcSwap::from_pointee(snapshot),
             path,
@@ -73,23 +73,23 @@ impl Live {
     }
 
     /// The snapshot in force now.
-    pub fn load(&self) -> Arc<Snapshot> {
+    pub(crate) fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
     }
 
     /// The file a reload reads.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Re-reads the file against the settings in force (see [`Settings::reload`]); nothing
     /// changes until the caller puts the result in force with [`Live::store`].
-    pub fn read(&self) -> Result<Reloaded, ConfigError> {
+    pub(crate) fn read(&self) -> Result<Reloaded, ConfigError> {
         Settings::reload(&self.path, &self.current.load().settings)
     }
 
     /// Puts `next` in force for requests that start from now on.
-    pub fn store(&self, next: Snapshot) {
+    pub(crate) fn store(&self, next: Snapshot) {
         self.current.store(Arc::new(next));
     }
 }

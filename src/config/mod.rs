@@ -1,9 +1,9 @@
 //! Configuration: proxy.toml as written ([`file`]), resolved and validated ([`settings`]),
 //! and the configuration in force, swapped by SIGHUP ([`live`]).
 
-pub mod defaults;
+pub(crate) mod defaults;
 pub mod file;
-pub mod live;
-pub mod resolve;
-pub mod route;
+pub(crate) mod live;
+pub(crate) mod resolve;
+pub(crate) mod route;
 pub mod settings;

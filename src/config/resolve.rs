@@ -20,14 +20,14 @@ use toml::Spanned;
 
 /// What idem reads from its environment besides the file.
 #[derive(Debug, Clone, Default)]
-pub struct Env {
+pub(crate) struct Env {
     /// `IDEM_SECRET`: the deployment secret when `[dedup] secret` is not set.
-    pub secret: Option<String>,
+    pub(crate) secret: Option<String>,
 }
 
 impl Env {
     /// This process's environment.
-    pub fn from_process() -> Env {
+    pub(crate) fn from_process() -> Env {
         Env {
             secret: std::env::var("IDEM_SECRET").ok(),
         }
@@ -36,13 +36,13 @@ impl Env {
 
 /// A value the file cannot have, found after parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
+pub(crate) struct Invalid {
     /// `section.key`, e.g. `upstream.total_timeout` or `route[2].ttl`.
-    pub key: String,
+    pub(crate) key: String,
     /// Byte range in the file of the value at fault, when it was written.
-    pub span: Option<Range<usize>>,
+    pub(crate) span: Option<Range<usize>>,
     /// What is wrong and what to write instead.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 fn invalid(
@@ -80,7 +80,7 @@ const REFUSED_METHODS: [&str; 4] = ["GET", "HEAD", "OPTIONS", "CONNECT"];
 
 /// Resolves `raw`. With `fixed` (a reload), `[upstream]`, `[store]` and the grace period are
 /// taken from the running settings before the route policies are resolved against them.
-pub fn resolve(raw: RawConfig, env: &Env, fixed: Option<&Settings>) -> Result<Settings, Invalid> {
+pub(crate) fn resolve(raw: RawConfig, env: &Env, fixed: Option<&Settings>) -> Result<Settings, Invalid> {
     let server = &raw.server;
     let listen = match &server.listen {
         Some(l) => l.get_ref().clone().into_vec(),

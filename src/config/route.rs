@@ -9,20 +9,20 @@ use std::time::Duration;
 /// only grows: a configuration reload appends the names it introduces, so an id taken
 /// before a reload stays valid after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteId(pub usize);
+pub(crate) struct RouteId(pub(crate) usize);
 
 /// The route a request path matched.
 #[derive(Debug, Clone, Copy)]
-pub struct RouteMatch<'a> {
+pub(crate) struct RouteMatch<'a> {
     /// Metric label id.
-    pub id: RouteId,
+    pub(crate) id: RouteId,
     /// The route's policy.
-    pub policy: &'a RoutePolicy,
+    pub(crate) policy: &'a RoutePolicy,
 }
 
 /// The index in `routes` of the route for `path`: the longest matching `path_prefix`;
 /// `None` means the default route.
-pub fn longest_prefix(routes: &[RoutePolicy], path: &str) -> Option<usize> {
+pub(crate) fn longest_prefix(routes: &[RoutePolicy], path: &str) -> Option<usize> {
     routes
         .iter()
         .enumerate()
@@ -33,41 +33,41 @@ pub fn longest_prefix(routes: &[RoutePolicy], path: &str) -> Option<usize> {
 
 /// One route with every field filled.
 #[derive(Debug, Clone)]
-pub struct RoutePolicy {
+pub(crate) struct RoutePolicy {
     /// Metric label and log name.
-    pub name: String,
+    pub(crate) name: String,
     /// Matched against the request path; the longest match wins.
-    pub path_prefix: String,
+    pub(crate) path_prefix: String,
     /// How eligible requests are treated.
-    pub mode: Mode,
+    pub(crate) mode: Mode,
     /// Methods eligible for dedup.
-    pub methods: Vec<Method>,
+    pub(crate) methods: Vec<Method>,
     /// Headers whose values join the authority in the scope, lowercase.
-    pub scope_headers: Vec<String>,
+    pub(crate) scope_headers: Vec<String>,
     /// Headers whose values are part of the fingerprint, lowercase.
-    pub fingerprint_headers: Vec<String>,
+    pub(crate) fingerprint_headers: Vec<String>,
     /// Retention of keyed entries, from completion.
-    pub ttl: Duration,
+    pub(crate) ttl: Duration,
     /// Retention of fingerprint entries, from completion.
-    pub fingerprint_ttl: Duration,
+    pub(crate) fingerprint_ttl: Duration,
     /// What a request for a key in flight does.
-    pub on_concurrent: OnConcurrent,
+    pub(crate) on_concurrent: OnConcurrent,
     /// How long a waiter waits before 409 in-progress.
-    pub wait_timeout: Duration,
+    pub(crate) wait_timeout: Duration,
     /// Cap on waiters for one key.
-    pub max_waiters_per_key: usize,
+    pub(crate) max_waiters_per_key: usize,
     /// Largest request body idem buffers and hashes.
-    pub max_body: u64,
+    pub(crate) max_body: u64,
     /// Largest response body idem stores.
-    pub max_response_body: u64,
+    pub(crate) max_response_body: u64,
     /// Which response statuses are stored.
-    pub store_statuses: StatusSet,
+    pub(crate) store_statuses: StatusSet,
 }
 
 impl RoutePolicy {
     /// How long a settled key is kept from completion: `ttl` for a request that carried an
     /// `Idempotency-Key`, `fingerprint_ttl` for one keyed by its fingerprint.
-    pub fn retention(&self, idempotency_key: Option<&[u8]>) -> crate::outcome::Retention {
+    pub(crate) fn retention(&self, idempotency_key: Option<&[u8]>) -> crate::outcome::Retention {
         crate::outcome::Retention {
             ttl: match idempotency_key {
                 Some(_) => self.ttl,
@@ -77,14 +77,14 @@ impl RoutePolicy {
     }
 
     /// Whether `method` is eligible for dedup on this route.
-    pub fn is_eligible_method(&self, method: &Method) -> bool {
+    pub(crate) fn is_eligible_method(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
     }
 }
 
 /// A set of HTTP status codes 100..=599, as a bitset.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct StatusSet([u64; 10]);
+pub(crate) struct StatusSet([u64; 10]);
 
 impl std::fmt::Debug for StatusSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,7 +95,7 @@ impl std::fmt::Debug for StatusSet {
 
 impl StatusSet {
     /// Whether `code` is in the set.
-    pub fn contains(&self, code: u16) -> bool {
+    pub(crate) fn contains(&self, code: u16) -> bool {
         (100..600).contains(&code) && self.0[(code / 64) as usize] & (1 << (code % 64)) != 0
     }
 
@@ -109,7 +109,7 @@ impl StatusSet {
     }
 
     /// Parses entries like `"2xx"`, `"404"` and exclusions like `"!429"`, applied in order.
-    pub fn parse(items: &[String]) -> Result<Self, String> {
+    pub(crate) fn parse(items: &[String]) -> Result<Self, String> {
         let mut set = StatusSet([0; 10]);
         for item in items {
             let (on, body) = match item.strip_prefix('!') {

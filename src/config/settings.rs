@@ -16,13 +16,13 @@ use std::time::Duration;
 #[error("{}{}: {message}", file.display(), position(*line, *column))]
 pub struct ConfigError {
     /// The file that was read.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// 1-based line, when known.
-    pub line: Option<usize>,
+    pub(crate) line: Option<usize>,
     /// 1-based column (in characters), when known.
-    pub column: Option<usize>,
+    pub(crate) column: Option<usize>,
     /// What is wrong and, where possible, what to write instead.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 fn position(line: Option<usize>, column: Option<usize>) -> String {
@@ -69,73 +69,73 @@ impl ConfigError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Proxy listeners (h1 and h2c).
-    pub listen: Vec<String>,
+    pub(crate) listen: Vec<String>,
     /// Worker threads of the proxy service.
-    pub threads: usize,
+    pub(crate) threads: usize,
     /// One work-stealing runtime over `threads` (true), or one single-threaded runtime per
     /// thread with each connection placed on one at random (false, the default: measured
     /// faster on every path, 8 to 24 %, see BENCHMARKS.md; a connection's requests and the
     /// upstream calls they start stay on one thread, so no cross-thread wake-ups).
-    pub work_stealing: bool,
+    pub(crate) work_stealing: bool,
     /// SIGTERM drain budget; covers the upstream total deadline.
-    pub grace_period: Duration,
+    pub(crate) grace_period: Duration,
     /// How long an idle keep-alive client connection is kept; also how long a new connection
     /// may take to send its first byte (`first_bytes.rs`).
-    pub keepalive_timeout: Duration,
+    pub(crate) keepalive_timeout: Duration,
     /// Total deadline for reading a request body that idem buffers.
-    pub body_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
     /// Cap on waiters across all keys; past it a new waiter gets 503.
-    pub max_waiters: usize,
+    pub(crate) max_waiters: usize,
     /// Access log format.
     pub log_format: LogFormat,
     /// Upstream backends and timeouts.
-    pub upstream: UpstreamSettings,
+    pub(crate) upstream: UpstreamSettings,
     /// Metrics, health and readiness listener.
-    pub metrics_listen: String,
+    pub(crate) metrics_listen: String,
     /// Admin listener (flights, held keys, store summary, purge); `None` means off.
     /// Always a loopback address.
-    pub admin_listen: Option<String>,
+    pub(crate) admin_listen: Option<String>,
     /// Store bounds.
-    pub store: StoreSettings,
+    pub(crate) store: StoreSettings,
     /// Secret for keyed blake3; `None` means a random per-process secret.
-    pub secret: Option<String>,
+    pub(crate) secret: Option<String>,
     /// Policy for paths that match no route.
-    pub default_route: RoutePolicy,
+    pub(crate) default_route: RoutePolicy,
     /// Configured routes, in file order.
-    pub routes: Vec<RoutePolicy>,
+    pub(crate) routes: Vec<RoutePolicy>,
 }
 
 /// A configuration re-read by [`Settings::reload`].
 #[derive(Debug)]
-pub struct Reloaded {
+pub(crate) struct Reloaded {
     /// What to run with from now on.
-    pub settings: Settings,
+    pub(crate) settings: Settings,
     /// Settings fixed at start-up that the file changes: their running values were kept.
-    pub restart_needed: Vec<&'static str>,
+    pub(crate) restart_needed: Vec<&'static str>,
 }
 
 /// `[upstream]`, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamSettings {
+pub(crate) struct UpstreamSettings {
     /// `host:port` of each backend, tried round robin.
-    pub backends: Vec<String>,
+    pub(crate) backends: Vec<String>,
     /// TCP connect deadline per attempt.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Per-read deadline on the upstream connection.
-    pub read_timeout: Duration,
+    pub(crate) read_timeout: Duration,
     /// Deadline for a whole upstream call, from its start; also how long an unknown outcome is held.
-    pub total_timeout: Duration,
+    pub(crate) total_timeout: Duration,
     /// How long an idle pooled upstream connection is kept; keep it below the backend's own.
-    pub pool_idle_timeout: Duration,
+    pub(crate) pool_idle_timeout: Duration,
     /// How backends are health checked.
-    pub health_check: HealthCheckSettings,
+    pub(crate) health_check: HealthCheckSettings,
     /// How often backends are checked.
-    pub health_check_interval: Duration,
+    pub(crate) health_check_interval: Duration,
 }
 
 /// A backend health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HealthCheckSettings {
+pub(crate) enum HealthCheckSettings {
     /// Every backend always eligible.
     None,
     /// TCP connect.
@@ -149,28 +149,28 @@ pub enum HealthCheckSettings {
 
 /// `[store]`, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreSettings {
+pub(crate) struct StoreSettings {
     /// Which store.
-    pub kind: StoreKind,
+    pub(crate) kind: StoreKind,
     /// Bound on keys: stored, held and in flight together.
-    pub max_entries: usize,
+    pub(crate) max_entries: usize,
     /// Bound on stored bytes (status, headers and body of each stored response).
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
     /// Per-scope quota of keys (see `store.rs`): in flight plus held never above it, and a
     /// scope at it makes room only from its own records when the store is full.
-    pub max_keys_per_scope: usize,
+    pub(crate) max_keys_per_scope: usize,
     /// Redis URL of a single node (for `kind = "redis"`).
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// Redis Cluster seed nodes (for `kind = "redis"`), as URLs; exclusive with `url`.
-    pub nodes: Vec<String>,
+    pub(crate) nodes: Vec<String>,
     /// What a leader does when Redis cannot be used.
-    pub on_store_error: OnStoreError,
+    pub(crate) on_store_error: OnStoreError,
     /// Deadline of one Redis operation (and of a connection attempt).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// A replica counts as alive this long after its last heartbeat (refreshed every third).
-    pub liveness_ttl: Duration,
+    pub(crate) liveness_ttl: Duration,
     /// How often a waiter re-reads a key claimed by another replica (pub/sub fallback).
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
 }
 
 impl Settings {
@@ -182,7 +182,8 @@ impl Settings {
 
     /// Parses and validates `text`, naming `path` in errors, with no environment: what the
     /// file alone says.
-    pub fn from_toml_str(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn from_toml_str(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         Settings::parse(text, path, &Env::default(), None)
     }
 
@@ -193,7 +194,7 @@ impl Settings {
     /// policies are resolved against those: a route's default `wait_timeout` is the running
     /// `upstream.total_timeout`, and `max_response_body` is checked against the running
     /// `store.max_bytes`.
-    pub fn reload(path: &Path, running: &Settings) -> Result<Reloaded, ConfigError> {
+    pub(crate) fn reload(path: &Path, running: &Settings) -> Result<Reloaded, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, e))?;
         let env = Env::from_process();
         let file = Settings::parse(&text, path, &env, None)?;
@@ -217,7 +218,7 @@ impl Settings {
     /// server and the log subscriber are built once), `[upstream]` (backends, health check
     /// and connection pool are built at start, and `total_timeout` is bound to the grace
     /// period), `[store]`, and `[dedup] secret` (a new secret would orphan every key).
-    pub fn restart_only_changes(&self, other: &Settings) -> Vec<&'static str> {
+    pub(crate) fn restart_only_changes(&self, other: &Settings) -> Vec<&'static str> {
         let (a, b) = (self, other);
         let (u, v) = (&a.upstream, &b.upstream);
         let mut changed = [
@@ -288,7 +289,7 @@ impl Settings {
     }
 
     /// Every route including the default one, for metric label pre-registration.
-    pub fn all_routes(&self) -> impl Iterator<Item = &RoutePolicy> {
+    pub(crate) fn all_routes(&self) -> impl Iterator<Item = &RoutePolicy> {
         std::iter::once(&self.default_route).chain(self.routes.iter())
     }
 }

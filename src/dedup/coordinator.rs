@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 /// What [`Coordinator::join`] decided for a request.
 #[derive(Debug)]
-pub enum Joined {
+pub(crate) enum Joined {
     /// First request for the key: make the one upstream call and settle the permit.
     Leader(LeaderPermit),
     /// A call for the key is in flight: wait for its outcome.
@@ -56,23 +56,23 @@ pub enum Joined {
 
 /// What a request brings to [`Coordinator::join`].
 #[derive(Debug, Clone, Copy)]
-pub struct JoinRequest {
+pub(crate) struct JoinRequest {
     /// The dedup key.
-    pub key: DedupKey,
+    pub(crate) key: DedupKey,
     /// The request's fingerprint.
-    pub fingerprint: Fingerprint,
+    pub(crate) fingerprint: Fingerprint,
     /// The request carried an `Idempotency-Key`: a different fingerprint is misuse.
-    pub keyed: bool,
+    pub(crate) keyed: bool,
     /// What a request for a key in flight does.
-    pub on_concurrent: OnConcurrent,
+    pub(crate) on_concurrent: OnConcurrent,
     /// Cap on waiters for this key.
-    pub max_waiters_per_key: usize,
+    pub(crate) max_waiters_per_key: usize,
     /// How long an unknown outcome is held, from the call's start (the upstream total deadline).
-    pub hold_for: Duration,
+    pub(crate) hold_for: Duration,
     /// The request's route, for the admin view.
-    pub route: RouteId,
+    pub(crate) route: RouteId,
     /// Who asks, for the store's per-scope quota.
-    pub scope: ScopeId,
+    pub(crate) scope: ScopeId,
 }
 
 struct Flight {
@@ -87,7 +87,7 @@ struct Flight {
 }
 
 /// Coordinates flights over the store.
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     flights: DashMap<DedupKey, Arc<Flight>>,
     store: MemoryStore,
     waiters_total: AtomicUsize,
@@ -97,29 +97,29 @@ pub struct Coordinator {
 
 /// One key in flight, for the admin view.
 #[derive(Debug, Clone)]
-pub struct FlightInfo {
+pub(crate) struct FlightInfo {
     /// The key.
-    pub key: DedupKey,
+    pub(crate) key: DedupKey,
     /// The route of the request that leads it.
-    pub route: RouteId,
+    pub(crate) route: RouteId,
     /// Time since the leader was registered.
-    pub age: Duration,
+    pub(crate) age: Duration,
     /// Requests waiting for it.
-    pub waiters: usize,
+    pub(crate) waiters: usize,
 }
 
 /// Point-in-time counts for the metrics gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Keys with a leader running.
-    pub inflight: usize,
+    pub(crate) inflight: usize,
     /// Requests waiting on a leader.
-    pub waiters: usize,
+    pub(crate) waiters: usize,
 }
 
 impl Coordinator {
     /// A coordinator over `store`, with `max_waiters` waiters in total.
-    pub fn new(store: MemoryStore, max_waiters: usize) -> Arc<Coordinator> {
+    pub(crate) fn new(store: MemoryStore, max_waiters: usize) -> Arc<Coordinator> {
         Arc::new(Coordinator {
             flights: DashMap::new(),
             store,
@@ -130,12 +130,12 @@ impl Coordinator {
 
     /// Sets the cap on waiters across all keys (configuration reload); waiters already
     /// attached stay.
-    pub fn set_max_waiters(&self, max_waiters: usize) {
+    pub(crate) fn set_max_waiters(&self, max_waiters: usize) {
         self.max_waiters.store(max_waiters, Ordering::Relaxed);
     }
 
     /// Every key in flight, oldest first.
-    pub fn flights(&self) -> Vec<FlightInfo> {
+    pub(crate) fn flights(&self) -> Vec<FlightInfo> {
         let now = Instant::now();
         let mut all: Vec<FlightInfo> = self
             .flights
@@ -151,18 +151,20 @@ impl Coordinator {
         all
     }
 
+
     /// Whether `key` has a call in flight.
-    pub fn is_in_flight(&self, key: &DedupKey) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_in_flight(&self, key: &DedupKey) -> bool {
         self.flights.contains_key(key)
     }
 
     /// The store underneath.
-    pub fn store(&self) -> &MemoryStore {
+    pub(crate) fn store(&self) -> &MemoryStore {
         &self.store
     }
 
     /// Current in-flight and waiter counts.
-    pub fn counts(&self) -> Counts {
+    pub(crate) fn counts(&self) -> Counts {
         Counts {
             inflight: self.flights.len(),
             waiters: self.waiters_total.load(Ordering::Relaxed),
@@ -170,7 +172,7 @@ impl Coordinator {
     }
 
     /// Decides what a request for `req.key` does. Never blocks on I/O.
-    pub fn join(self: &Arc<Self>, req: JoinRequest) -> Joined {
+    pub(crate) fn join(self: &Arc<Self>, req: JoinRequest) -> Joined {
         let now = Instant::now();
         match self.flights.entry(req.key) {
             Entry::Occupied(e) => {
@@ -242,7 +244,7 @@ impl Coordinator {
 /// # Drop
 /// Dropping an unsettled permit settles the key as outcome unknown (held 502 until the call's
 /// start plus the upstream deadline): the call may have reached the app.
-pub struct LeaderPermit {
+pub(crate) struct LeaderPermit {
     key: DedupKey,
     flight: Arc<Flight>,
     coordinator: Arc<Coordinator>,
@@ -258,12 +260,12 @@ impl std::fmt::Debug for LeaderPermit {
 
 impl LeaderPermit {
     /// The key this permit leads.
-    pub fn key(&self) -> DedupKey {
+    pub(crate) fn key(&self) -> DedupKey {
         self.key
     }
 
     /// The hold an unknown outcome gets: until start plus the upstream deadline.
-    pub fn hold(&self, status: u16) -> Held {
+    pub(crate) fn hold(&self, status: u16) -> Held {
         Held {
             status,
             until: self.flight.started + self.hold_for,
@@ -273,7 +275,7 @@ impl LeaderPermit {
     /// Records the outcome, frees or keeps the key, and wakes every waiter. Returns how many
     /// waiters were attached at that moment: they receive this outcome (the access log's
     /// "waiters served").
-    pub fn settle(mut self, outcome: Outcome, retention: Retention) -> usize {
+    pub(crate) fn settle(mut self, outcome: Outcome, retention: Retention) -> usize {
         self.settle_inner(outcome, retention)
     }
 
@@ -324,7 +326,7 @@ impl Drop for LeaderPermit {
 }
 
 /// A request attached to a flight in progress.
-pub struct Waiter {
+pub(crate) struct Waiter {
     rx: watch::Receiver<Option<Outcome>>,
     flight: Arc<Flight>,
     coordinator: Arc<Coordinator>,
@@ -342,7 +344,7 @@ impl Waiter {
     /// # Cancel safety
     /// Cancel safe: dropping the future (or the waiter) gives the waiter's place back and
     /// leaves the flight untouched.
-    pub async fn wait(mut self, timeout: Duration) -> Option<Outcome> {
+    pub(crate) async fn wait(mut self, timeout: Duration) -> Option<Outcome> {
         let r = tokio::time::timeout(timeout, self.rx.wait_for(|s| s.is_some())).await;
         match r {
             Ok(Ok(state)) => state.clone(),

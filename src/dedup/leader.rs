@@ -38,35 +38,35 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant};
 
 /// Everything the detached call needs, owned.
-pub struct Plan {
+pub(crate) struct Plan {
     /// The request as sent upstream.
-    pub request: RequestHeader,
+    pub(crate) request: RequestHeader,
     /// The complete request body.
-    pub body: Bytes,
+    pub(crate) body: Bytes,
     /// Statuses kept for replay.
-    pub store_statuses: StatusSet,
+    pub(crate) store_statuses: StatusSet,
     /// Largest body kept for replay.
-    pub max_response_body: u64,
+    pub(crate) max_response_body: u64,
     /// Retention of the record.
-    pub retention: Retention,
+    pub(crate) retention: Retention,
     /// The total deadline of the call.
-    pub deadline: Instant,
+    pub(crate) deadline: Instant,
     /// Route, for metrics.
-    pub route: RouteId,
+    pub(crate) route: RouteId,
     /// The Redis store's step (with `store.kind = "redis"`), `None` with the memory store.
-    pub shared: Option<SharedPlan>,
+    pub(crate) shared: Option<SharedPlan>,
 }
 
 /// What the shared step needs (Redis mode).
-pub struct SharedPlan {
+pub(crate) struct SharedPlan {
     /// The Redis store.
-    pub store: Arc<RedisStore>,
+    pub(crate) store: Arc<RedisStore>,
     /// The key, its fingerprint and the deadlines.
-    pub request: LeadRequest,
+    pub(crate) request: LeadRequest,
 }
 
 /// What the leader's own client receives.
-pub enum LeaderReply {
+pub(crate) enum LeaderReply {
     /// The settled outcome; a response is answered as `how` says (the leader's own, or, from
     /// the Redis store, another replica's as collapsed or a stored one as a replay).
     Settled(Outcome, Disposition),
@@ -81,7 +81,7 @@ pub enum LeaderReply {
 
 /// A piece of a streamed response body.
 #[derive(Debug)]
-pub enum Chunk {
+pub(crate) enum Chunk {
     /// The next bytes.
     Data(Bytes),
     /// The upstream body was cut off: the client connection must be aborted, so the client
@@ -91,15 +91,15 @@ pub enum Chunk {
 
 /// What the access log reports about the call, delivered with the leader's reply.
 #[derive(Debug, Clone, Copy)]
-pub struct CallReport {
+pub(crate) struct CallReport {
     /// From the start of the call to its response header (or to its failure).
-    pub upstream: Duration,
+    pub(crate) upstream: Duration,
     /// Waiters attached when the outcome was settled: they receive it too.
-    pub waiters_served: usize,
+    pub(crate) waiters_served: usize,
 }
 
 /// Starts the detached call; the returned receiver yields the leader client's answer.
-pub fn spawn(
+pub(crate) fn spawn(
     permit: LeaderPermit,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,

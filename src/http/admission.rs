@@ -12,11 +12,11 @@ use crate::key::parse_idempotency_key;
 use http::{header, HeaderMap, Method};
 
 /// Name of the request header that carries the client's key.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// What to do with a request, decided from its head.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Pass through Pingora's proxy path, streamed.
     PassThrough(Bypass),
     /// Answer with a problem, without reading the body.
@@ -36,7 +36,7 @@ pub enum Admission {
 
 /// Why a request passes through, which decides its `Cache-Status` and its metric outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bypass {
+pub(crate) enum Bypass {
     /// The route does not deduplicate (`off`, or `shadow`): nothing is marked.
     Unmarked,
     /// The route deduplicates, this request does not (ineligible method, upgrade, no key on
@@ -48,7 +48,7 @@ pub enum Bypass {
 }
 
 /// Decides admission for a request on `route`.
-pub fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admission {
+pub(crate) fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admission {
     match route.mode {
         Mode::Off => return Admission::PassThrough(Bypass::Unmarked),
         Mode::Shadow => return shadow(route, method, headers),
@@ -106,7 +106,7 @@ fn shadow(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admissio
 }
 
 /// `Content-Length`, when present and valid (Pingora has already rejected conflicting framing).
-pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -16,7 +16,7 @@ use pingora::Result;
 use std::time::Duration;
 
 /// Result of reading a request body that idem buffers.
-pub enum BodyRead {
+pub(crate) enum BodyRead {
     /// The whole body and its fingerprint.
     Complete(Bytes, Fingerprint),
     /// Over `max_body`: what was read so far (the rest is still unread).
@@ -29,7 +29,7 @@ pub enum BodyRead {
 /// origin's own `100 Continue`; many app servers never send one, so client and origin would
 /// wait for each other. idem answers it (as nginx and Envoy do) and strips `Expect`
 /// upstream.
-pub async fn continue_if_expected(session: &mut Session) -> Result<()> {
+pub(crate) async fn continue_if_expected(session: &mut Session) -> Result<()> {
     if is_expect_continue(session.req_header()) {
         session.downstream_session.write_continue_response().await?;
     }
@@ -48,7 +48,7 @@ fn is_expect_continue(req: &RequestHeader) -> bool {
 
 /// Reads the body up to `max_body` within `deadline`, feeding `hasher` on the way. An `Err`
 /// means the client left or broke the framing.
-pub async fn read(
+pub(crate) async fn read(
     session: &mut Session,
     mut hasher: FingerprintHasher,
     max_body: u64,
@@ -78,7 +78,7 @@ pub async fn read(
 /// over `max_body` on a fingerprint route), streaming the rest of the body up and the
 /// response down. Not deduplicated and not detached: a pass-through that Pingora's proxy
 /// path can no longer perform. Returns the status.
-pub async fn forward_consumed(
+pub(crate) async fn forward_consumed(
     session: &mut Session,
     upstream: &Upstream,
     prefix: Bytes,

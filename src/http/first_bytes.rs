@@ -30,7 +30,7 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the first bytes say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     /// Anything that is not the HTTP/2 preface.
     Http1,
     /// The HTTP/2 preface, whole.
@@ -38,7 +38,7 @@ pub enum Protocol {
 }
 
 /// The protocol `first` bytes show, or `None` while they are still a prefix of the preface.
-pub fn sniff(first: &[u8]) -> Option<Protocol> {
+pub(crate) fn sniff(first: &[u8]) -> Option<Protocol> {
     let n = first.len().min(PREFACE.len());
     if first[..n] != PREFACE[..n] {
         Some(Protocol::Http1)
@@ -50,7 +50,7 @@ pub fn sniff(first: &[u8]) -> Option<Protocol> {
 }
 
 /// Sends each new connection to the HTTP/1 or the h2c app, within the first-bytes deadline.
-pub struct FirstBytesDeadline<H1, H2> {
+pub(crate) struct FirstBytesDeadline<H1, H2> {
     http1: Arc<H1>,
     h2c: Arc<H2>,
     live: Arc<Live>,
@@ -58,7 +58,7 @@ pub struct FirstBytesDeadline<H1, H2> {
 
 impl<H1, H2> FirstBytesDeadline<H1, H2> {
     /// `http1` must not look for the h2c preface itself; `h2c` must.
-    pub fn new(http1: H1, h2c: H2, live: Arc<Live>) -> FirstBytesDeadline<H1, H2> {
+    pub(crate) fn new(http1: H1, h2c: H2, live: Arc<Live>) -> FirstBytesDeadline<H1, H2> {
         FirstBytesDeadline {
             http1: Arc::new(http1),
             h2c: Arc::new(h2c),

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 /// Builds the request idem sends upstream for a buffered body: end-to-end headers, exact
 /// `Content-Length`, forwarding headers, and `Accept-Encoding: identity` so that a stored
 /// body can be replayed to any client (see README, "Content negotiation").
-pub fn upstream_request(
+pub(crate) fn upstream_request(
     req: &RequestHeader,
     client: Option<&SocketAddr>,
     body_len: usize,
@@ -27,7 +27,7 @@ pub fn upstream_request(
 
 /// The request head as forwarded: end-to-end headers, `Host`, forwarding headers; framing
 /// is left to the caller.
-pub fn forwarded_request(
+pub(crate) fn forwarded_request(
     req: &RequestHeader,
     client: Option<&SocketAddr>,
 ) -> pingora::Result<RequestHeader> {
@@ -54,7 +54,7 @@ pub fn forwarded_request(
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
-pub fn add_forwarded(req: &mut RequestHeader, client: Option<&SocketAddr>) -> pingora::Result<()> {
+pub(crate) fn add_forwarded(req: &mut RequestHeader, client: Option<&SocketAddr>) -> pingora::Result<()> {
     use std::io::Write;
     if let Some(addr) = client {
         // Formatted on the stack: one allocation, for the header value itself.

@@ -8,7 +8,7 @@ use http::header;
 use pingora::http::RequestHeader;
 
 /// The scope of a request: its authority and the route's scope headers.
-pub fn scope(keys: &KeyDeriver, req: &RequestHeader, route: &RoutePolicy) -> Scope {
+pub(crate) fn scope(keys: &KeyDeriver, req: &RequestHeader, route: &RoutePolicy) -> Scope {
     let authority = req
         .headers
         .get(header::HOST)
@@ -28,7 +28,7 @@ pub fn scope(keys: &KeyDeriver, req: &RequestHeader, route: &RoutePolicy) -> Sco
 }
 
 /// A fingerprint of the request head, ready for the body.
-pub fn fingerprint(
+pub(crate) fn fingerprint(
     keys: &KeyDeriver,
     req: &RequestHeader,
     route: &RoutePolicy,

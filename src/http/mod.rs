@@ -1,10 +1,10 @@
 //! Everything that reads or writes the client's Pingora session.
 
-pub mod admission;
-pub mod body;
-pub mod first_bytes;
-pub mod forward;
-pub mod key_inputs;
-pub mod problem;
-pub mod proxy;
-pub mod reply;
+pub(crate) mod admission;
+pub(crate) mod body;
+pub(crate) mod first_bytes;
+pub(crate) mod forward;
+pub(crate) mod key_inputs;
+pub(crate) mod problem;
+pub(crate) mod proxy;
+pub(crate) mod reply;

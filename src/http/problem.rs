@@ -10,11 +10,11 @@ use crate::outcome::{Held, Refusal, IN_PROGRESS_RETRY_AFTER};
 use std::time::Duration;
 
 /// Base of every problem `type` URI; README lists them all.
-pub const TYPE_BASE: &str = "https://idem.dev/problems/";
+pub(crate) const TYPE_BASE: &str = "https://idem.dev/problems/";
 
 /// A failure idem answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Problem {
+pub(crate) enum Problem {
     /// 400: `require-key` route and no `Idempotency-Key`.
     MissingKey,
     /// 400: the `Idempotency-Key` header is repeated, empty, malformed or too long.
@@ -55,22 +55,22 @@ pub enum Problem {
 
 /// Everything a problem says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Info {
+pub(crate) struct Info {
     /// HTTP status.
-    pub status: u16,
+    pub(crate) status: u16,
     /// The last segment of the `type` URI, also the `detail=` of `Cache-Status`.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// The `title` member.
-    pub title: &'static str,
+    pub(crate) title: &'static str,
     /// The `detail` member: fixed text, never what the client sent.
-    pub detail: &'static str,
+    pub(crate) detail: &'static str,
     /// The `outcome` label of `idem_requests_total`.
-    pub answered: Answered,
+    pub(crate) answered: Answered,
 }
 
 impl Problem {
     /// The answer for a held key: its status, and `Retry-After` until the hold ends.
-    pub fn outcome_unknown(held: Held) -> Problem {
+    pub(crate) fn outcome_unknown(held: Held) -> Problem {
         Problem::OutcomeUnknown {
             status: held.status,
             retry_after: held
@@ -80,7 +80,7 @@ impl Problem {
     }
 
     /// Status, type, title, detail and metric label.
-    pub fn info(&self) -> Info {
+    pub(crate) fn info(&self) -> Info {
         use Answered as A;
         let (status, kind, title, detail, answered) = match self {
             Problem::MissingKey => (400, "missing-key", "Idempotency-Key required", "This route requires an Idempotency-Key header.", A::MissingKey),
@@ -108,17 +108,17 @@ impl Problem {
     }
 
     /// HTTP status.
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         self.info().status
     }
 
     /// The last segment of the `type` URI.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         self.info().kind
     }
 
     /// `Retry-After` seconds, when the condition is expected to pass.
-    pub fn retry_after(&self) -> Option<u64> {
+    pub(crate) fn retry_after(&self) -> Option<u64> {
         let secs = |d: &Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
         match self {
             Problem::InProgress { retry_after } => Some(secs(retry_after).max(1)),
@@ -132,7 +132,7 @@ impl Problem {
     }
 
     /// The JSON body.
-    pub fn body(&self) -> String {
+    pub(crate) fn body(&self) -> String {
         let info = self.info();
         serde_json::json!({
             "type": format!("{TYPE_BASE}{}", info.kind),

@@ -54,29 +54,29 @@ use std::time::{Duration, Instant};
 
 /// The proxy: shared state for every request (cloned once, for the HTTP/1 and the h2c app).
 #[derive(Clone)]
-pub struct Idem {
+pub(crate) struct Idem {
     /// The configuration in force (swapped by a reload).
-    pub config: Arc<Live>,
+    pub(crate) config: Arc<Live>,
     /// Key derivation with the deployment secret.
-    pub keys: KeyDeriver,
+    pub(crate) keys: KeyDeriver,
     /// Flights and the store.
-    pub coordinator: Arc<Coordinator>,
+    pub(crate) coordinator: Arc<Coordinator>,
     /// Backends and the connection pool for detached calls.
-    pub upstream: Arc<Upstream>,
+    pub(crate) upstream: Arc<Upstream>,
     /// Metric families.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Requests being processed, for the SIGTERM drain.
-    pub active: Arc<AtomicUsize>,
+    pub(crate) active: Arc<AtomicUsize>,
     /// Keys seen on shadow routes.
-    pub shadow: Arc<ShadowTable>,
+    pub(crate) shadow: Arc<ShadowTable>,
     /// The Redis store shared by replicas (`store.kind = "redis"`); `None` with memory.
-    pub redis: Option<Arc<RedisStore>>,
+    pub(crate) redis: Option<Arc<RedisStore>>,
 }
 
 /// Per-request state.
-pub struct Ctx {
+pub(crate) struct Ctx {
     /// The configuration this request runs with, from start to end.
-    pub config: Arc<Snapshot>,
+    pub(crate) config: Arc<Snapshot>,
     started: Instant,
     route: RouteId,
     /// The `outcome` label: set by admission for pass-through, by [`Idem::reply`] otherwise.

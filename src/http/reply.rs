@@ -26,10 +26,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// `Cache-Status` for a pass-through on an eligible route.
-pub const CACHE_STATUS_BYPASS: &str = "idem; fwd=bypass";
+pub(crate) const CACHE_STATUS_BYPASS: &str = "idem; fwd=bypass";
 
 /// How a deduplicated request is answered.
-pub enum Reply {
+pub(crate) enum Reply {
     /// A complete response, reaching this client as `how` says.
     Response {
         /// The response.
@@ -50,7 +50,7 @@ pub enum Reply {
 
 impl Reply {
     /// The answer a settled outcome gives; a response reaches this client as `how`.
-    pub fn settled(outcome: Outcome, how: Disposition) -> Reply {
+    pub(crate) fn settled(outcome: Outcome, how: Disposition) -> Reply {
         match outcome {
             Outcome::Response { response, .. } => Reply::Response { response, how },
             Outcome::NotReplayable => Reply::Problem(Problem::NotReplayable),
@@ -69,7 +69,7 @@ impl From<Problem> for Reply {
 
 /// Who the client is, for what may be shared with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Audience {
+pub(crate) enum Audience {
     /// The request carried a scope header (a credential): it is its own scope.
     Identified,
     /// No scope header: the anonymous scope of its authority, shared by every anonymous
@@ -79,17 +79,17 @@ pub enum Audience {
 
 /// What was written, for the access log and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Written {
+pub(crate) struct Written {
     /// The status sent.
-    pub status: u16,
+    pub(crate) status: u16,
     /// The `outcome` label.
-    pub answered: Answered,
+    pub(crate) answered: Answered,
 }
 
 impl Reply {
     /// The reply this client may receive: a stored response served to a client other than
     /// its leader, in a content coding that client did not accept, becomes 406.
-    pub fn for_client(self, req: &pingora::http::RequestHeader) -> Reply {
+    pub(crate) fn for_client(self, req: &pingora::http::RequestHeader) -> Reply {
         match self {
             Reply::Response { response, how }
                 if !matches!(how, Disposition::Leader { .. })
@@ -102,7 +102,7 @@ impl Reply {
     }
 
     /// The status and outcome this reply writes.
-    pub fn written(&self) -> Written {
+    pub(crate) fn written(&self) -> Written {
         match self {
             Reply::Response { response, how } => Written {
                 status: response.status,
@@ -128,7 +128,7 @@ impl Reply {
 
     /// Writes the reply (see the module doc). An `Err` means the client connection broke
     /// (or a stream was cut off upstream) and must not be reused.
-    pub async fn write(self, session: &mut Session, audience: Audience) -> Result<()> {
+    pub(crate) async fn write(self, session: &mut Session, audience: Audience) -> Result<()> {
         match self {
             Reply::Response { response, how } => {
                 write_stored(session, &response, how, audience).await
@@ -141,7 +141,7 @@ impl Reply {
 
 /// Appends idem's member to any upstream `Cache-Status` (RFC 9211 lists the nearest cache
 /// last... and idem is the cache nearest the client).
-pub fn append_cache_status(h: &mut ResponseHeader, member: &str) -> Result<()> {
+pub(crate) fn append_cache_status(h: &mut ResponseHeader, member: &str) -> Result<()> {
     let value = match h.headers.get("cache-status").and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {member}"),
         _ if member == CACHE_STATUS_BYPASS => {
@@ -170,7 +170,7 @@ fn cache_status(how: Disposition) -> String {
 /// Whether a client sending `accept_encoding` can read a body with `resp`'s content coding.
 /// idem asks upstream for `identity`, so this only bites when a backend ignores that.
 /// No `Accept-Encoding` at all means any coding is acceptable (RFC 9110 12.5.3).
-pub fn readable_by(resp: &StoredResponse, accept_encoding: Option<&http::HeaderValue>) -> bool {
+pub(crate) fn readable_by(resp: &StoredResponse, accept_encoding: Option<&http::HeaderValue>) -> bool {
     let coding = resp
         .headers
         .iter()

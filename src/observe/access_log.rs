@@ -13,27 +13,27 @@ use pingora::Error;
 use std::time::Duration;
 
 /// What one request contributes to its access line.
-pub struct Entry<'a> {
+pub(crate) struct Entry<'a> {
     /// Text or JSON.
-    pub format: LogFormat,
+    pub(crate) format: LogFormat,
     /// The request's route (its metric label).
-    pub route: &'a str,
+    pub(crate) route: &'a str,
     /// Status when no response header was written (idem's own answers record theirs).
-    pub fallback_status: u16,
+    pub(crate) fallback_status: u16,
     /// How idem answered.
-    pub answered: Answered,
+    pub(crate) answered: Answered,
     /// Short dedup key hash, when one was derived.
-    pub key: Option<&'a DedupKey>,
+    pub(crate) key: Option<&'a DedupKey>,
     /// From request head to the end of the answer.
-    pub took: Duration,
+    pub(crate) took: Duration,
     /// Upstream latency to the response header (leaders and pass-through).
-    pub upstream: Option<Duration>,
+    pub(crate) upstream: Option<Duration>,
     /// Waiters that received this leader's outcome.
-    pub waiters_served: Option<usize>,
+    pub(crate) waiters_served: Option<usize>,
 }
 
 /// Writes the line, unless `idem::access` is filtered out (then nothing is built).
-pub fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
+pub(crate) fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
     if !tracing::enabled!(target: "idem::access", tracing::Level::INFO) {
         return;
     }

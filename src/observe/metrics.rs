@@ -16,7 +16,7 @@ use std::time::Duration;
 
 /// How idem answered one request: the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answered {
+pub(crate) enum Answered {
     /// First request for a key: made the upstream call.
     Leader,
     /// Attached to a call in flight and got its response.
@@ -43,7 +43,7 @@ pub enum Answered {
 
 impl Answered {
     /// Every outcome, for series pre-registration.
-    pub const ALL: [Answered; 11] = [
+    pub(crate) const ALL: [Answered; 11] = [
         Answered::Leader,
         Answered::Collapsed,
         Answered::Replayed,
@@ -58,7 +58,7 @@ impl Answered {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Answered::Leader => "leader",
             Answered::Collapsed => "collapsed",
@@ -78,7 +78,7 @@ impl Answered {
 /// What a shadow route would have done with a duplicate: the `kind` label of
 /// `idem_shadow_duplicates_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShadowKind {
+pub(crate) enum ShadowKind {
     /// The same key was in flight: it would have waited for that call.
     Collapsed,
     /// The same key had a stored response: it would have been replayed.
@@ -87,10 +87,10 @@ pub enum ShadowKind {
 
 impl ShadowKind {
     /// Every kind, for series pre-registration.
-    pub const ALL: [ShadowKind; 2] = [ShadowKind::Collapsed, ShadowKind::Replayed];
+    pub(crate) const ALL: [ShadowKind; 2] = [ShadowKind::Collapsed, ShadowKind::Replayed];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ShadowKind::Collapsed => "collapsed",
             ShadowKind::Replayed => "replayed",
@@ -103,7 +103,7 @@ const UPSTREAM_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
 /// The result of looking a key up when a request joins: the `result` label of
 /// `idem_store_operations_total{op="lookup"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     /// A record was found (stored, held, not-replayable, or a misuse of it).
     Hit,
     /// No record and no flight: the request leads.
@@ -119,7 +119,7 @@ pub enum Lookup {
 impl Lookup {
     /// Every result, pre-registered so that error ratios and alerts are defined from the
     /// first scrape.
-    pub const ALL: [Lookup; 5] = [
+    pub(crate) const ALL: [Lookup; 5] = [
         Lookup::Hit,
         Lookup::Miss,
         Lookup::Inflight,
@@ -128,7 +128,7 @@ impl Lookup {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Lookup::Hit => "hit",
             Lookup::Miss => "miss",
@@ -141,21 +141,21 @@ impl Lookup {
 
 /// State read from its owners at scrape time (flights, waiters, the store).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Gauges {
+pub(crate) struct Gauges {
     /// Keys with a leader running.
-    pub inflight: usize,
+    pub(crate) inflight: usize,
     /// Requests waiting on a leader.
-    pub waiters: usize,
+    pub(crate) waiters: usize,
     /// Keys held as outcome unknown.
-    pub held: u64,
+    pub(crate) held: u64,
     /// Records kept in the store.
-    pub entries: u64,
+    pub(crate) entries: u64,
     /// Bytes of records kept.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Records evicted by capacity since start.
-    pub evicted_capacity: u64,
+    pub(crate) evicted_capacity: u64,
     /// Records expired since start.
-    pub evicted_expired: u64,
+    pub(crate) evicted_expired: u64,
 }
 
 /// One route's request series, indexed by `Answered as usize` (the order of [`Answered::ALL`]).
@@ -165,7 +165,7 @@ struct RequestSeries {
 }
 
 /// All of idem's metric families.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Route label values by [`RouteId`]; append-only.
     routes: parking_lot::RwLock<Vec<Arc<str>>>,
@@ -197,7 +197,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers every family and pre-creates every route x outcome series.
-    pub fn new() -> Arc<Metrics> {
+    pub(crate) fn new() -> Arc<Metrics> {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -316,7 +316,7 @@ impl Metrics {
     /// The id of each of `names`, in order, adding the names not seen before and creating
     /// their series (every route x outcome series exists from the moment a route does).
     /// Called at start-up and on every configuration reload.
-    pub fn register_routes(&self, names: &[String]) -> Vec<RouteId> {
+    pub(crate) fn register_routes(&self, names: &[String]) -> Vec<RouteId> {
         let mut routes = self.routes.write();
         names
             .iter()
@@ -356,7 +356,7 @@ impl Metrics {
 
     /// Publishes the configured bounds (`idem_store_max_entries`, `idem_store_max_bytes`,
     /// `idem_max_waiters`).
-    pub fn set_bounds(&self, max_entries: usize, max_bytes: u64, max_waiters: usize) {
+    pub(crate) fn set_bounds(&self, max_entries: usize, max_bytes: u64, max_waiters: usize) {
         let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.store_max_entries.set(clamp(max_entries as u64));
         self.store_max_bytes.set(clamp(max_bytes));
@@ -364,7 +364,7 @@ impl Metrics {
     }
 
     /// The label value of `r` ("default" for an id this table never issued).
-    pub fn route_name(&self, r: RouteId) -> Arc<str> {
+    pub(crate) fn route_name(&self, r: RouteId) -> Arc<str> {
         let routes = self.routes.read();
         routes
             .get(r.0)
@@ -374,7 +374,7 @@ impl Metrics {
     }
 
     /// One request answered.
-    pub fn request(&self, route: RouteId, outcome: Answered, took: Duration) {
+    pub(crate) fn request(&self, route: RouteId, outcome: Answered, took: Duration) {
         let series = self.request_series.read();
         // Ids are issued by `register_routes` only, which creates the series first.
         if let Some(s) = series.get(route.0) {
@@ -385,7 +385,7 @@ impl Metrics {
     }
 
     /// A leader's upstream call got a response header.
-    pub fn upstream_answered(&self, route: RouteId, status: u16, took: Duration) {
+    pub(crate) fn upstream_answered(&self, route: RouteId, status: u16, took: Duration) {
         let class = match status {
             200..=299 => "2xx",
             300..=399 => "3xx",
@@ -401,7 +401,7 @@ impl Metrics {
     }
 
     /// A leader's upstream call failed without a response header.
-    pub fn upstream_failed(&self, route: RouteId, took: Duration) {
+    pub(crate) fn upstream_failed(&self, route: RouteId, took: Duration) {
         self.upstream_requests
             .with_label_values(&[&*self.route_name(route), "failed"])
             .inc();
@@ -411,37 +411,37 @@ impl Metrics {
     }
 
     /// A leader's call completed after its client left.
-    pub fn detached_completion(&self, route: RouteId) {
+    pub(crate) fn detached_completion(&self, route: RouteId) {
         self.detached
             .with_label_values(&[&*self.route_name(route)])
             .inc();
     }
 
     /// A shadow route saw a request it would have collapsed or replayed.
-    pub fn shadow_duplicate(&self, route: RouteId, kind: ShadowKind) {
+    pub(crate) fn shadow_duplicate(&self, route: RouteId, kind: ShadowKind) {
         self.shadow_duplicates
             .with_label_values(&[&*self.route_name(route), kind.as_str()])
             .inc();
     }
 
     /// The lookup of a joining request's key.
-    pub fn lookup(&self, result: Lookup) {
+    pub(crate) fn lookup(&self, result: Lookup) {
         self.lookups[result as usize].inc();
     }
 
     /// The registry and the `idem_store_operations_total` family, for the Redis store's own
     /// families ([`crate::store::redis::metrics`]), registered only in Redis mode.
-    pub fn store_families(&self) -> (&Registry, IntCounterVec) {
+    pub(crate) fn store_families(&self) -> (&Registry, IntCounterVec) {
         (&self.registry, self.store_operations.clone())
     }
 
     /// A client left while idem read its request body.
-    pub fn client_abort(&self) {
+    pub(crate) fn client_abort(&self) {
         self.client_aborts.inc();
     }
 
     /// Renders the text exposition with `gauges` read from their owners just before.
-    pub fn render(&self, gauges: &Gauges) -> Vec<u8> {
+    pub(crate) fn render(&self, gauges: &Gauges) -> Vec<u8> {
         let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.inflight.set(clamp(gauges.inflight as u64));
         self.waiters.set(clamp(gauges.waiters as u64));

@@ -1,4 +1,4 @@
 //! What an operator sees: Prometheus metrics ([`metrics`]) and the access log ([`access_log`]).
 
-pub mod access_log;
-pub mod metrics;
+pub(crate) mod access_log;
+pub(crate) mod metrics;

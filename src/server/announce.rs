@@ -20,18 +20,18 @@ use tokio::sync::Notify;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Sweeps expired records, marks readiness and prints the listening line once.
-pub struct Housekeeping {
-    pub coordinator: Arc<Coordinator>,
-    pub ready: Arc<AtomicBool>,
+pub(crate) struct Housekeeping {
+    pub(crate) coordinator: Arc<Coordinator>,
+    pub(crate) ready: Arc<AtomicBool>,
     /// The listening line waits for the signal handlers: before them, SIGTERM or SIGHUP
     /// would get the default action and kill the process.
-    pub signals_installed: Arc<Notify>,
+    pub(crate) signals_installed: Arc<Notify>,
     /// Every address idem listens on. Pingora reports its services started before their
     /// listeners are bound, so the listening line (and readiness) also waits until each
     /// accepts a connection: a client that connects as soon as it reads the line must not
     /// be refused (it was, in about one start in seven).
-    pub listeners: Vec<SocketAddr>,
-    pub announce: String,
+    pub(crate) listeners: Vec<SocketAddr>,
+    pub(crate) announce: String,
 }
 
 #[async_trait]

@@ -21,15 +21,15 @@ use tokio::sync::Notify;
 const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(50);
 
 /// idem's signal policy (see the module doc).
-pub struct Signals {
+pub(crate) struct Signals {
     /// Notified once the handlers are installed (the listening line waits for it).
-    pub installed: Arc<Notify>,
+    pub(crate) installed: Arc<Notify>,
     /// The configuration in force.
-    pub live: Arc<Live>,
+    pub(crate) live: Arc<Live>,
     /// Route labels for a reloaded configuration, and the bounds it publishes.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Takes the reloaded `max_waiters`.
-    pub coordinator: Arc<Coordinator>,
+    pub(crate) coordinator: Arc<Coordinator>,
 }
 
 impl Signals {
@@ -95,7 +95,7 @@ impl ShutdownSignalWatch for Signals {
 }
 
 /// Exits the process once a graceful shutdown has nothing left to drain.
-pub fn spawn_drain_watcher(
+pub(crate) fn spawn_drain_watcher(
     server: &Server,
     active: Arc<AtomicUsize>,
     coordinator: Arc<Coordinator>,

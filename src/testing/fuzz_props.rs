@@ -50,15 +50,15 @@ pub fn key_header(values: &[&[u8]]) {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// Method.
-    pub method: Vec<u8>,
+    pub(crate) method: Vec<u8>,
     /// Raw path.
-    pub path: Vec<u8>,
+    pub(crate) path: Vec<u8>,
     /// Raw query.
-    pub query: Vec<u8>,
+    pub(crate) query: Vec<u8>,
     /// Fingerprint headers in configured order: name and values as sent (empty: absent).
-    pub headers: Vec<(String, Vec<Vec<u8>>)>,
+    pub(crate) headers: Vec<(String, Vec<Vec<u8>>)>,
     /// The body as it arrived, in chunks.
-    pub body: Vec<Vec<u8>>,
+    pub(crate) body: Vec<Vec<u8>>,
 }
 
 impl Request {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 /// Why a call produced no response.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum CallError {
+pub(crate) enum CallError {
     /// No backend received a complete request: the key may be freed.
     #[error("request not sent: {0}")]
     NotSent(String),
@@ -41,14 +41,14 @@ pub enum CallError {
 }
 
 /// The backend pool: round robin over health-checked backends, one connection pool.
-pub struct Upstream {
+pub(crate) struct Upstream {
     lb: Arc<LoadBalancer<RoundRobin>>,
     connector: Connector,
     settings: UpstreamSettings,
 }
 
 /// Builds the load balancer with its health check; the caller runs it as a background service.
-pub fn load_balancer(settings: &UpstreamSettings) -> std::io::Result<LoadBalancer<RoundRobin>> {
+pub(crate) fn load_balancer(settings: &UpstreamSettings) -> std::io::Result<LoadBalancer<RoundRobin>> {
     let mut lb =
         LoadBalancer::<RoundRobin>::try_from_iter(settings.backends.iter().map(String::as_str))?;
     match &settings.health_check {
@@ -75,7 +75,7 @@ pub fn load_balancer(settings: &UpstreamSettings) -> std::io::Result<LoadBalance
 
 impl Upstream {
     /// Wraps the running load balancer and a connector for detached calls.
-    pub fn new(
+    pub(crate) fn new(
         lb: Arc<LoadBalancer<RoundRobin>>,
         connector: Connector,
         settings: UpstreamSettings,
@@ -88,7 +88,7 @@ impl Upstream {
     }
 
     /// The peer for `backend`, with the configured timeouts.
-    pub fn peer(&self, backend: &Backend) -> HttpPeer {
+    pub(crate) fn peer(&self, backend: &Backend) -> HttpPeer {
         let mut peer = HttpPeer::new(backend.addr.clone(), false, String::new());
         peer.options.connection_timeout = Some(self.settings.connect_timeout);
         peer.options.read_timeout = Some(self.settings.read_timeout);
@@ -99,7 +99,7 @@ impl Upstream {
 
     /// The next backend not in `tried`: healthy ones first, then any (a health check may lag
     /// behind a backend that just came back).
-    pub fn select(&self, tried: &[SocketAddr]) -> Option<Backend> {
+    pub(crate) fn select(&self, tried: &[SocketAddr]) -> Option<Backend> {
         let untried = |b: &Backend| b.addr.as_inet().map(|a| !tried.contains(a)).unwrap_or(true);
         let n = self.settings.backends.len() * 2 + 1;
         self.lb
@@ -108,12 +108,12 @@ impl Upstream {
     }
 
     /// Number of configured backends.
-    pub fn backend_count(&self) -> usize {
+    pub(crate) fn backend_count(&self) -> usize {
         self.settings.backends.len()
     }
 
     /// Whether any backend currently passes its health check.
-    pub fn any_healthy(&self) -> bool {
+    pub(crate) fn any_healthy(&self) -> bool {
         self.lb.select(b"", self.backend_count() * 2 + 1).is_some()
     }
 
@@ -123,7 +123,7 @@ impl Upstream {
     /// # Cancel safety
     /// Dropping the future closes the upstream connection; whatever was sent stays sent, so the
     /// caller must treat a cancelled call as outcome unknown.
-    pub async fn send(&self, req: &RequestHeader, body: &Bytes) -> Result<Exchange, CallError> {
+    pub(crate) async fn send(&self, req: &RequestHeader, body: &Bytes) -> Result<Exchange, CallError> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last = String::from("no backend configured");
         // Each backend once, plus one extra attempt for a stale pooled connection.
@@ -172,7 +172,7 @@ impl Upstream {
 
     /// A connection to any backend, for a pass-through idem performs itself (see
     /// `http::body::forward_consumed`): no retry, not deduplicated.
-    pub async fn connect_any(&self) -> pingora::Result<(ClientSession, HttpPeer)> {
+    pub(crate) async fn connect_any(&self) -> pingora::Result<(ClientSession, HttpPeer)> {
         let backend = self
             .select(&[])
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend"))?;
@@ -182,14 +182,14 @@ impl Upstream {
     }
 
     /// Returns a connection from [`Upstream::connect_any`], fully read, to the pool.
-    pub async fn release_session(&self, session: ClientSession, peer: &HttpPeer) {
+    pub(crate) async fn release_session(&self, session: ClientSession, peer: &HttpPeer) {
         self.connector
             .release_http_session(session, peer, peer.options.idle_timeout)
             .await;
     }
 
     /// Returns a fully read connection to the pool.
-    pub async fn release(&self, ex: Exchange) {
+    pub(crate) async fn release(&self, ex: Exchange) {
         let Exchange { session, peer, .. } = ex;
         self.connector
             .release_http_session(session, &peer, peer.options.idle_timeout)
@@ -198,7 +198,7 @@ impl Upstream {
 }
 
 /// An upstream exchange whose response header has arrived.
-pub struct Exchange {
+pub(crate) struct Exchange {
     session: ClientSession,
     peer: HttpPeer,
     backend: Backend,
@@ -206,14 +206,14 @@ pub struct Exchange {
 
 impl Exchange {
     /// The response header.
-    pub fn header(&self) -> &ResponseHeader {
+    pub(crate) fn header(&self) -> &ResponseHeader {
         self.session
             .response_header()
             .expect("read_final_header succeeded")
     }
 
     /// The next body chunk; `Ok(None)` at the end.
-    pub async fn read_body(&mut self) -> Result<Option<Bytes>, CallError> {
+    pub(crate) async fn read_body(&mut self) -> Result<Option<Bytes>, CallError> {
         match self.session.read_response_body().await {
             Ok(b) => Ok(b),
             Err(e) => Err(unknown(&self.backend, &e)),
@@ -221,7 +221,7 @@ impl Exchange {
     }
 
     /// Closes the connection without returning it to the pool.
-    pub async fn abort(mut self) {
+    pub(crate) async fn abort(mut self) {
         self.session.shutdown().await;
     }
 }
@@ -239,7 +239,7 @@ async fn write_request(
 }
 
 /// Reads the response header, skipping 1xx (HTTP/1 only).
-pub async fn read_final_header(s: &mut ClientSession) -> pingora::Result<()> {
+pub(crate) async fn read_final_header(s: &mut ClientSession) -> pingora::Result<()> {
     loop {
         s.read_response_header().await?;
         let informational = s

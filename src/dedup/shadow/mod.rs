@@ -1,5 +1,5 @@
 //! Shadow routes: requests pass through untouched while idem counts what it would have
 //! collapsed or replayed.
 
-pub mod request;
-pub mod table;
+pub(crate) mod request;
+pub(crate) mod table;

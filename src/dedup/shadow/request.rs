@@ -21,21 +21,21 @@ use std::time::Duration;
 
 /// What a shadow request needs from its route once the body is on its way.
 #[derive(Clone, Copy)]
-pub struct ShadowPolicy {
+pub(crate) struct ShadowPolicy {
     /// Bodies over this would not be deduplicated by an enforcing route either.
-    pub max_body: u64,
+    pub(crate) max_body: u64,
     /// `ttl` with a key, `fingerprint_ttl` without.
-    pub retention: Retention,
+    pub(crate) retention: Retention,
     /// Statuses an enforcing route would store.
-    pub store_statuses: StatusSet,
+    pub(crate) store_statuses: StatusSet,
     /// Larger responses would not be replayable.
-    pub max_response_body: u64,
+    pub(crate) max_response_body: u64,
     /// How long an unknown outcome would be held: the upstream total deadline.
-    pub hold_for: Duration,
+    pub(crate) hold_for: Duration,
 }
 
 /// The state of one shadow request.
-pub struct ShadowRequest(State);
+pub(crate) struct ShadowRequest(State);
 
 enum State {
     /// The body streams through to the backend and is hashed on the way.
@@ -65,20 +65,20 @@ enum State {
 }
 
 /// Where a shadow request reports to.
-pub struct Sinks<'a> {
+pub(crate) struct Sinks<'a> {
     /// The table of keys seen on shadow routes.
-    pub table: &'a ShadowTable,
+    pub(crate) table: &'a ShadowTable,
     /// Key derivation.
-    pub keys: &'a KeyDeriver,
+    pub(crate) keys: &'a KeyDeriver,
     /// For `idem_shadow_duplicates_total`.
-    pub metrics: &'a Metrics,
+    pub(crate) metrics: &'a Metrics,
     /// The request's route.
-    pub route: RouteId,
+    pub(crate) route: RouteId,
 }
 
 impl ShadowRequest {
     /// Starts hashing a request whose head gave `hasher` and `scope`.
-    pub fn new(
+    pub(crate) fn new(
         hasher: FingerprintHasher,
         scope: Scope,
         key: Option<Vec<u8>>,
@@ -95,7 +95,7 @@ impl ShadowRequest {
 
     /// A request body chunk on its way upstream. At the end of the body the key is derived
     /// and classified; its short hash is returned for the access log.
-    pub fn body(&mut self, chunk: Option<&[u8]>, end: bool, sinks: &Sinks<'_>) -> Option<DedupKey> {
+    pub(crate) fn body(&mut self, chunk: Option<&[u8]>, end: bool, sinks: &Sinks<'_>) -> Option<DedupKey> {
         let State::Hashing {
             hasher,
             read,
@@ -149,7 +149,7 @@ impl ShadowRequest {
     }
 
     /// Pingora retries re-send the body from the start: hash it afresh.
-    pub fn restart(&mut self, fresh: FingerprintHasher) {
+    pub(crate) fn restart(&mut self, fresh: FingerprintHasher) {
         if let State::Hashing { hasher, read, .. } = &mut self.0 {
             **hasher = fresh;
             *read = 0;
@@ -157,7 +157,7 @@ impl ShadowRequest {
     }
 
     /// The final response header arrived.
-    pub fn response_header(&mut self, code: u16, is_storable: bool) {
+    pub(crate) fn response_header(&mut self, code: u16, is_storable: bool) {
         if let State::Leader {
             status, storable, ..
         } = &mut self.0
@@ -169,7 +169,7 @@ impl ShadowRequest {
 
     /// A response body chunk; the key settles at the end, before the last bytes reach the
     /// client, as a stored response would.
-    pub fn response_body(&mut self, len: usize, end: bool, table: &ShadowTable) {
+    pub(crate) fn response_body(&mut self, len: usize, end: bool, table: &ShadowTable) {
         if let State::Leader { body, .. } = &mut self.0 {
             *body += len as u64;
             if end {
@@ -180,7 +180,7 @@ impl ShadowRequest {
 
     /// The would-be leader's response is complete (`error` is `None`) or ended early: record
     /// what an enforcing route would keep for its key.
-    pub fn finish(&mut self, table: &ShadowTable, error: Option<&Error>) {
+    pub(crate) fn finish(&mut self, table: &ShadowTable, error: Option<&Error>) {
         let State::Leader {
             leader,
             policy,

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::time::Instant;
 
 /// Keys a shadow route has seen, and what an enforcing route would hold for them.
-pub struct ShadowTable {
+pub(crate) struct ShadowTable {
     entries: Mutex<LruCache<DedupKey, Entry>>,
     next_leader: AtomicU64,
 }
@@ -52,7 +52,7 @@ enum State {
 
 /// How a request on a shadow route was classified at the end of its body.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Seen {
+pub(crate) enum Seen {
     /// It would have been the leader: settle the key with its response.
     Leader(ShadowLeader),
     /// It would not have reached the backend.
@@ -63,16 +63,16 @@ pub enum Seen {
 
 /// The would-be leader of a key: settles it once its response is known.
 #[derive(Debug, PartialEq, Eq)]
-pub struct ShadowLeader {
+pub(crate) struct ShadowLeader {
     key: DedupKey,
     id: u64,
     /// When the call started: a held key would be held from here.
-    pub started: Instant,
+    pub(crate) started: Instant,
 }
 
 /// What the would-be leader's response would have left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
+pub(crate) enum Ending {
     /// A stored response, replayed until `until`.
     Stored {
         /// End of retention.
@@ -89,7 +89,7 @@ pub enum Ending {
 
 impl ShadowTable {
     /// A table of at most `max_entries` keys.
-    pub fn new(max_entries: usize) -> ShadowTable {
+    pub(crate) fn new(max_entries: usize) -> ShadowTable {
         ShadowTable {
             entries: Mutex::new(LruCache::new(
                 NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN),
@@ -99,7 +99,7 @@ impl ShadowTable {
     }
 
     /// Classifies a request whose body has been read to the end.
-    pub fn arrive(&self, key: DedupKey, fingerprint: Fingerprint, keyed: bool) -> Seen {
+    pub(crate) fn arrive(&self, key: DedupKey, fingerprint: Fingerprint, keyed: bool) -> Seen {
         let now = Instant::now();
         let mut entries = self.entries.lock();
         if let Some(e) = entries.get(&key) {
@@ -135,7 +135,7 @@ impl ShadowTable {
 
     /// Records what `leader`'s response would have left. A no-op when the entry has been
     /// evicted or replaced since.
-    pub fn settle(&self, leader: ShadowLeader, ending: Ending) {
+    pub(crate) fn settle(&self, leader: ShadowLeader, ending: Ending) {
         let mut entries = self.entries.lock();
         let Some(e) = entries.peek_mut(&leader.key) else {
             return;
@@ -153,14 +153,11 @@ impl ShadowTable {
     }
 
     /// Number of keys tracked (expired ones included until they are reused or evicted).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.entries.lock().len()
     }
 
-    /// Whether no key is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 //!
 //! Time is `tokio::time::Instant` so the coordination tests can run under paused time.
 
-pub mod packed;
+pub(crate) mod packed;
 
 use crate::key::{DedupKey, Fingerprint, FingerprintTag, ScopeId};
 use crate::message::StoredResponse;
@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 /// What a completed key holds.
 #[derive(Debug, Clone)]
-pub enum Record {
+pub(crate) enum Record {
     /// A stored response, replayed to later requests.
     Response(Arc<StoredResponse>),
     /// The response was streamed to the leader only; later requests get 409 not-replayable.
@@ -47,18 +47,18 @@ pub enum Record {
 
 /// A record found by [`MemoryStore::get`].
 #[derive(Debug, Clone)]
-pub struct Found {
+pub(crate) struct Found {
     /// The record.
-    pub record: Record,
+    pub(crate) record: Record,
     /// The fingerprint of the request that created it (half of it), to detect key misuse.
-    pub fingerprint: FingerprintTag,
+    pub(crate) fingerprint: FingerprintTag,
     /// When it expires.
-    pub expires: Instant,
+    pub(crate) expires: Instant,
 }
 
 /// What a kept key holds, for the admin view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kept {
+pub(crate) enum Kept {
     /// A stored response.
     Response,
     /// The not-replayable marker.
@@ -69,38 +69,38 @@ pub enum Kept {
 
 /// Sizes and counters, for the admin view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// Kept records (stored, not-replayable and held).
-    pub entries: usize,
+    pub(crate) entries: usize,
     /// Of which held.
-    pub held: usize,
+    pub(crate) held: usize,
     /// Slots reserved by flights in progress.
-    pub reserved: usize,
+    pub(crate) reserved: usize,
     /// Bytes of kept records.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// `store.max_entries`.
-    pub max_entries: usize,
+    pub(crate) max_entries: usize,
     /// `store.max_bytes`.
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
     /// Records evicted by capacity since start.
-    pub evicted_capacity: u64,
+    pub(crate) evicted_capacity: u64,
     /// Records expired since start.
-    pub evicted_expired: u64,
+    pub(crate) evicted_expired: u64,
 }
 
 /// Counters read by the metrics endpoint.
 #[derive(Debug, Default)]
-pub struct StoreStats {
+pub(crate) struct StoreStats {
     /// Records evicted to make room (each weakens the guarantee for its key).
-    pub evicted_capacity: AtomicU64,
+    pub(crate) evicted_capacity: AtomicU64,
     /// Records removed because their retention ended.
-    pub evicted_expired: AtomicU64,
+    pub(crate) evicted_expired: AtomicU64,
     /// Records currently kept (stored, not-replayable and held).
-    pub entries: AtomicU64,
+    pub(crate) entries: AtomicU64,
     /// Bytes currently kept.
-    pub bytes: AtomicU64,
+    pub(crate) bytes: AtomicU64,
     /// Keys currently held as outcome unknown.
-    pub held: AtomicU64,
+    pub(crate) held: AtomicU64,
 }
 
 /// Slots and index entries reserved at start, at most (beyond it they grow on demand):
@@ -445,7 +445,7 @@ impl Inner {
 }
 
 /// Bounded in-memory store.
-pub struct MemoryStore {
+pub(crate) struct MemoryStore {
     inner: Mutex<Inner>,
     max_entries: usize,
     max_bytes: u64,
@@ -457,7 +457,7 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// A store bounded by `max_entries` keys (including in-flight slots) and `max_bytes`,
     /// with `scope_quota` keys per scope (see the module doc; `usize::MAX` for none).
-    pub fn new(max_entries: usize, max_bytes: u64, scope_quota: usize) -> MemoryStore {
+    pub(crate) fn new(max_entries: usize, max_bytes: u64, scope_quota: usize) -> MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner {
                 epoch: Instant::now(),
@@ -485,17 +485,18 @@ impl MemoryStore {
     }
 
     /// Keys (records and reserved slots) currently counted for `scope`.
-    pub fn scope_keys(&self, scope: &ScopeId) -> usize {
+    #[cfg(test)]
+    pub(crate) fn scope_keys(&self, scope: &ScopeId) -> usize {
         self.inner.lock().scope_keys(scope)
     }
 
     /// Shared counters for the metrics endpoint.
-    pub fn stats(&self) -> Arc<StoreStats> {
+    pub(crate) fn stats(&self) -> Arc<StoreStats> {
         self.stats.clone()
     }
 
     /// Looks a key up, refreshing its recency. Expired records are not returned.
-    pub fn get(&self, key: &DedupKey, now: Instant) -> Option<Found> {
+    pub(crate) fn get(&self, key: &DedupKey, now: Instant) -> Option<Found> {
         let mut inner = self.inner.lock();
         let id = inner.lookup(key)?;
         let slot = &inner.slots[id as usize];
@@ -513,7 +514,7 @@ impl MemoryStore {
 
     /// Takes a slot for a new flight of `scope`, evicting the least recently used record if
     /// needed, within the scope's quota (see the module doc).
-    pub fn reserve(&self, now: Instant, scope: ScopeId) -> Result<(), Refusal> {
+    pub(crate) fn reserve(&self, now: Instant, scope: ScopeId) -> Result<(), Refusal> {
         let quota = self.scope_quota;
         let mut inner = self.inner.lock();
         self.sweep_locked(&mut inner, now);
@@ -544,7 +545,7 @@ impl MemoryStore {
     /// after evicting every other evictable record, or its scope at its quota with none of its
     /// own records left to evict: another scope's are never taken); that loss is counted as a
     /// capacity eviction.
-    pub fn settle(
+    pub(crate) fn settle(
         &self,
         key: DedupKey,
         scope: ScopeId,
@@ -624,7 +625,7 @@ impl MemoryStore {
     }
 
     /// Removes a stored record (admin purge). Held keys cannot be purged: the call may run.
-    pub fn purge(&self, key: &DedupKey) -> bool {
+    pub(crate) fn purge(&self, key: &DedupKey) -> bool {
         let mut inner = self.inner.lock();
         match inner.lookup(key) {
             Some(id) if inner.slots[id as usize].kind != Kind::Held => {
@@ -636,7 +637,7 @@ impl MemoryStore {
     }
 
     /// Unexpired kept keys whose hex form starts with `prefix`, at most `limit` of them.
-    pub fn find(&self, prefix: &str, limit: usize, now: Instant) -> Vec<(DedupKey, Kept)> {
+    pub(crate) fn find(&self, prefix: &str, limit: usize, now: Instant) -> Vec<(DedupKey, Kept)> {
         let inner = self.inner.lock();
         let now = inner.tick(now);
         inner
@@ -656,7 +657,7 @@ impl MemoryStore {
     }
 
     /// Unexpired held keys, the soonest freed first.
-    pub fn held(&self, now: Instant) -> Vec<(DedupKey, Held)> {
+    pub(crate) fn held(&self, now: Instant) -> Vec<(DedupKey, Held)> {
         let inner = self.inner.lock();
         let tick = inner.tick(now);
         let mut all: Vec<(DedupKey, Held)> = inner
@@ -676,7 +677,7 @@ impl MemoryStore {
     }
 
     /// Sizes, bounds and eviction counters.
-    pub fn summary(&self) -> Summary {
+    pub(crate) fn summary(&self) -> Summary {
         let inner = self.inner.lock();
         Summary {
             entries: inner.live,
@@ -691,13 +692,14 @@ impl MemoryStore {
     }
 
     /// Drops every expired entry now (the periodic sweeper calls this).
-    pub fn sweep(&self, now: Instant) {
+    pub(crate) fn sweep(&self, now: Instant) {
         let mut inner = self.inner.lock();
         self.sweep_locked(&mut inner, now);
     }
 
     /// Number of kept records and reserved flight slots, for tests and the admin view.
-    pub fn len(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> (usize, usize) {
         let inner = self.inner.lock();
         (inner.live, inner.reserved)
     }

@@ -26,7 +26,7 @@ const COPY_BODY_UP_TO: usize = 1024;
 
 /// A response packed into one exactly sized allocation; cloning shares it.
 #[derive(Clone)]
-pub struct Packed(Arc<[u8]>);
+pub(crate) struct Packed(Arc<[u8]>);
 
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,7 +36,7 @@ impl std::fmt::Debug for Packed {
 
 impl Packed {
     /// Packs status, headers and body (the completion time is kept by the caller).
-    pub fn pack(r: &StoredResponse) -> Packed {
+    pub(crate) fn pack(r: &StoredResponse) -> Packed {
         let size = 6
             + r.headers
                 .iter()
@@ -59,18 +59,16 @@ impl Packed {
         Packed(Arc::from(buf))
     }
 
+
+
     /// Bytes held (the packed allocation's payload).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.0.len()
     }
 
-    /// Always false: a packed response has at least its status and header count.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The response again, completed at `completed_at`.
-    pub fn unpack(&self, completed_at: Instant) -> StoredResponse {
+    pub(crate) fn unpack(&self, completed_at: Instant) -> StoredResponse {
         let b = &self.0[..];
         let mut at = 0;
         let mut take = |n: usize| {

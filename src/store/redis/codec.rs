@@ -31,27 +31,27 @@ use http::{HeaderName, HeaderValue};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Format version written in byte 0.
-pub const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 /// Length of the fixed prefix every value starts with.
-pub const PREFIX: usize = 50;
+pub(crate) const PREFIX: usize = 50;
 
 /// A claim's fence: random, unique per claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Token(pub [u8; 16]);
+pub(crate) struct Token(pub(crate) [u8; 16]);
 
 /// The identity of one idem process (a replica), random at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct OwnerId(pub [u8; 16]);
+pub(crate) struct OwnerId(pub(crate) [u8; 16]);
 
 impl OwnerId {
     /// Lowercase hex, for the liveness key and logs.
-    pub fn hex(&self) -> String {
+    pub(crate) fn hex(&self) -> String {
         hex(&self.0)
     }
 }
 
 /// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -63,18 +63,18 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// A claim as read back from Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClaimInfo {
+pub(crate) struct ClaimInfo {
     /// The replica running the call.
-    pub owner: OwnerId,
+    pub(crate) owner: OwnerId,
     /// When the call started (the owner's clock), unix ms.
-    pub start_ms: u64,
+    pub(crate) start_ms: u64,
     /// How long the claim lives from its start: the owner's upstream total deadline.
-    pub hold_ms: u64,
+    pub(crate) hold_ms: u64,
 }
 
 /// The state of a key in Redis.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Body {
+pub(crate) enum Body {
     /// A call is in flight somewhere.
     Claim(ClaimInfo),
     /// A stored response.
@@ -90,20 +90,20 @@ pub enum Body {
 /// A response as kept in Redis: like [`StoredResponse`], with the completion time on the
 /// wall clock (replicas do not share a monotonic clock).
 #[derive(Debug, Clone, PartialEq)]
-pub struct StoredBytes {
+pub(crate) struct StoredBytes {
     /// Completion, unix ms.
-    pub completed_ms: u64,
+    pub(crate) completed_ms: u64,
     /// Status code.
-    pub status: u16,
+    pub(crate) status: u16,
     /// Headers in upstream order, repeats kept.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// The body.
-    pub body: Bytes,
+    pub(crate) body: Bytes,
 }
 
 impl StoredBytes {
     /// From a response idem holds.
-    pub fn from_response(r: &StoredResponse) -> StoredBytes {
+    pub(crate) fn from_response(r: &StoredResponse) -> StoredBytes {
         let age = tokio::time::Instant::now().saturating_duration_since(r.completed_at);
         StoredBytes {
             completed_ms: unix_ms().saturating_sub(age.as_millis() as u64),
@@ -114,7 +114,7 @@ impl StoredBytes {
     }
 
     /// As a response idem can replay: `Age` counts from the recorded completion.
-    pub fn into_response(self) -> StoredResponse {
+    pub(crate) fn into_response(self) -> StoredResponse {
         let age = Duration::from_millis(unix_ms().saturating_sub(self.completed_ms));
         let now = tokio::time::Instant::now();
         StoredResponse {
@@ -128,22 +128,22 @@ impl StoredBytes {
 
 /// A whole value: prefix and body.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Value {
+pub(crate) struct Value {
     /// Fingerprint of the claiming request.
-    pub fingerprint: Fingerprint,
+    pub(crate) fingerprint: Fingerprint,
     /// Token of the claim.
-    pub token: Token,
+    pub(crate) token: Token,
     /// What the key holds.
-    pub body: Body,
+    pub(crate) body: Body,
 }
 
 /// A value that is not one idem wrote (or a version it does not know).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("undecodable store value: {0}")]
-pub struct CodecError(pub &'static str);
+pub(crate) struct CodecError(pub(crate) &'static str);
 
 /// Milliseconds since the Unix epoch on this host's clock.
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -151,7 +151,7 @@ pub fn unix_ms() -> u64 {
 
 impl Value {
     /// The kind byte the scripts look at.
-    pub fn kind(&self) -> u8 {
+    pub(crate) fn kind(&self) -> u8 {
         match self.body {
             Body::Claim(_) => b'C',
             Body::Stored(_) => b'S',
@@ -162,7 +162,7 @@ impl Value {
     }
 
     /// Serializes.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(PREFIX + 64);
         out.push(VERSION);
         out.push(self.kind());
@@ -187,7 +187,7 @@ impl Value {
     }
 
     /// Parses; never panics.
-    pub fn decode(bytes: &[u8]) -> Result<Value, CodecError> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Value, CodecError> {
         let mut r = Reader(bytes);
         if r.u8()? != VERSION {
             return Err(CodecError("unknown version"));

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 /// Where Redis is.
 #[derive(Debug, Clone)]
-pub enum Target {
+pub(crate) enum Target {
     /// One node: `redis://host:port[/db]`.
     Single(String),
     /// Redis Cluster seed nodes.
@@ -30,7 +30,7 @@ pub enum Target {
 
 /// A connection handle (cheap to clone).
 #[derive(Clone)]
-pub enum Conn {
+pub(crate) enum Conn {
     /// One node.
     Single(MultiplexedConnection),
     /// Redis Cluster.
@@ -83,7 +83,7 @@ impl Conn {
 
 /// Why an operation did not reach Redis or got no usable answer.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// The link is down and reconnecting.
     #[error("redis is unreachable (reconnecting)")]
     Down,
@@ -108,7 +108,7 @@ struct Channels {
 }
 
 /// The shared connection state.
-pub struct Link {
+pub(crate) struct Link {
     /// The store's own runtime: connection drivers, reconnects, pub/sub dispatch.
     handle: tokio::runtime::Handle,
     target: Target,
@@ -123,11 +123,11 @@ pub struct Link {
 }
 
 /// A subscription held by one waiter; unsubscribes when the last holder of the channel drops.
-pub struct Subscription {
+pub(crate) struct Subscription {
     link: Arc<Link>,
     channel: String,
     /// Changes on every message published on the channel.
-    pub wake: watch::Receiver<u64>,
+    pub(crate) wake: watch::Receiver<u64>,
 }
 
 impl Drop for Subscription {
@@ -161,7 +161,7 @@ impl Drop for Subscription {
 impl Link {
     /// Starts the link: connects in the background (retrying with backoff) and returns at
     /// once; operations fail with [`StoreError::Down`] until the first connection is up.
-    pub fn start(
+    pub(crate) fn start(
         handle: tokio::runtime::Handle,
         target: Target,
         timeout: Duration,
@@ -183,12 +183,12 @@ impl Link {
     }
 
     /// Whether the link is up.
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
 
     /// Runs `f` on the store's runtime (work that must outlive the request that starts it).
-    pub fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
         self.handle.spawn(f);
     }
 
@@ -198,7 +198,7 @@ impl Link {
 
     /// Runs `op` on the connection under the store timeout; a connection-level failure marks
     /// the link down and wakes the reconnect task.
-    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    pub(crate) async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = RedisResult<T>>,
@@ -238,7 +238,7 @@ impl Link {
 
     /// Subscribes to `channel` (shared by every holder on this replica). Best effort: on
     /// failure the waiter still polls.
-    pub async fn subscribe(self: &Arc<Self>, channel: String) -> Subscription {
+    pub(crate) async fn subscribe(self: &Arc<Self>, channel: String) -> Subscription {
         let (wake, first) = {
             let mut map = self.channels.map.lock();
             match map.get_mut(&channel) {
@@ -385,19 +385,14 @@ async fn reconnect_loop(weak: Weak<Link>) {
                 };
                 tracing::debug!(error = %why, retry_in = ?backoff, "redis store: connect failed");
                 drop(link);
-                let jitter = Duration::from_millis(u64::from(random::<1>()[0]) % 20);
+                // Spreads the replicas' reconnects; any varying number will do.
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let jitter = Duration::from_millis(u64::from(nanos) % 20);
                 tokio::time::sleep(backoff + jitter).await;
                 backoff = (backoff * 2).min(MAX);
             }
         }
     }
-}
-
-/// `N` random bytes from the OS (owner ids, token seeds, jitter).
-pub fn random<const N: usize>() -> [u8; N] {
-    let mut buf = [0u8; N];
-    // SAFETY: getrandom writes at most buf.len() bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    assert_eq!(n, N as isize, "getrandom failed");
-    buf
 }

@@ -29,18 +29,18 @@ const OPS: [(&str, &[&str]); 7] = [
 ];
 
 /// The Redis store's metric handles.
-pub struct StoreMetrics {
+pub(crate) struct StoreMetrics {
     operations: IntCounterVec,
     duration: HistogramVec,
     unavailable: IntCounterVec,
     /// 1 while connected.
-    pub connected: IntGauge,
+    pub(crate) connected: IntGauge,
 }
 
 impl StoreMetrics {
     /// Registers the families in `registry` and creates every series; `operations` is idem's
     /// `idem_store_operations_total` family, already registered there.
-    pub fn register(registry: &Registry, operations: IntCounterVec) -> StoreMetrics {
+    pub(crate) fn register(registry: &Registry, operations: IntCounterVec) -> StoreMetrics {
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "idem_store_operation_duration_seconds",
@@ -91,7 +91,7 @@ impl StoreMetrics {
     }
 
     /// One operation that started at `started`.
-    pub fn observe(&self, op: &str, result: &str, started: Instant) {
+    pub(crate) fn observe(&self, op: &str, result: &str, started: Instant) {
         self.operations.with_label_values(&[op, result]).inc();
         self.duration
             .with_label_values(&[op])
@@ -99,7 +99,7 @@ impl StoreMetrics {
     }
 
     /// A leader could not use Redis; `policy` is what it did.
-    pub fn unavailable(&self, policy: &str) {
+    pub(crate) fn unavailable(&self, policy: &str) {
         self.unavailable.with_label_values(&[policy]).inc();
     }
 }

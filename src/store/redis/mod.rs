@@ -44,12 +44,12 @@
 //! the fenced write like any claim, fail-closed releases it, so other replicas never wait on
 //! a claim nobody will settle.
 
-pub mod codec;
-pub mod conn;
-pub mod metrics;
+pub(crate) mod codec;
+pub(crate) mod conn;
+pub(crate) mod metrics;
 
 use crate::config::file::OnStoreError;
-use crate::key::{DedupKey, Fingerprint};
+use crate::key::{random_bytes, DedupKey, Fingerprint};
 use crate::outcome::{Disposition, Held, Outcome, Refusal, Retention};
 use codec::{unix_ms, Body, ClaimInfo, OwnerId, StoredBytes, Token, Value};
 use conn::{Link, StoreError, Target};
@@ -104,22 +104,22 @@ return {v, redis.call('PTTL', KEYS[1])}
 
 /// `[store]` settings the shared store runs with.
 #[derive(Debug, Clone)]
-pub struct RedisSettings {
+pub(crate) struct RedisSettings {
     /// One node or a cluster.
-    pub target: Target,
+    pub(crate) target: Target,
     /// What a leader does when Redis cannot be used.
-    pub on_store_error: OnStoreError,
+    pub(crate) on_store_error: OnStoreError,
     /// Deadline of one Redis operation.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// How long a replica counts as alive after its last heartbeat.
-    pub liveness_ttl: Duration,
+    pub(crate) liveness_ttl: Duration,
     /// How often a waiter re-reads a key claimed by another replica.
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
 }
 
 impl RedisSettings {
     /// From the resolved `[store]` section (`kind = "redis"`).
-    pub fn from_store(s: &crate::config::settings::StoreSettings) -> RedisSettings {
+    pub(crate) fn from_store(s: &crate::config::settings::StoreSettings) -> RedisSettings {
         RedisSettings {
             target: match &s.url {
                 Some(url) => Target::Single(url.clone()),
@@ -134,7 +134,7 @@ impl RedisSettings {
 }
 
 /// The shared store of one replica.
-pub struct RedisStore {
+pub(crate) struct RedisStore {
     link: Arc<Link>,
     owner: OwnerId,
     on_store_error: OnStoreError,
@@ -150,22 +150,22 @@ pub struct RedisStore {
 
 /// What the local leader asks of the shared store.
 #[derive(Debug, Clone, Copy)]
-pub struct LeadRequest {
+pub(crate) struct LeadRequest {
     /// The dedup key.
-    pub key: DedupKey,
+    pub(crate) key: DedupKey,
     /// The request's fingerprint.
-    pub fingerprint: Fingerprint,
+    pub(crate) fingerprint: Fingerprint,
     /// With an `Idempotency-Key`: another fingerprint is misuse.
-    pub keyed: bool,
+    pub(crate) keyed: bool,
     /// The upstream total deadline: a claim lives this long from its start.
-    pub hold_for: Duration,
+    pub(crate) hold_for: Duration,
     /// How long to wait for a call running on another replica.
-    pub wait_timeout: Duration,
+    pub(crate) wait_timeout: Duration,
 }
 
 /// What the local leader does after the shared step.
 #[derive(Debug)]
-pub enum Lead {
+pub(crate) enum Lead {
     /// Make the upstream call. With a claim, settle it ([`RedisStore::settle`]); without one
     /// (fail-open), the key is deduplicated on this replica only.
     Call(Option<Claimed>),
@@ -175,19 +175,19 @@ pub enum Lead {
 
 /// An outcome that came from the shared store rather than from this replica's call.
 #[derive(Debug)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// What the leader and its local waiters receive.
-    pub outcome: Outcome,
+    pub(crate) outcome: Outcome,
     /// How long this replica keeps it (the record's remaining life in Redis).
-    pub retention: Retention,
+    pub(crate) retention: Retention,
     /// How the leader's client gets a response: a stored one found on arrival as a replay,
     /// another replica's fresh one as collapsed.
-    pub how: Disposition,
+    pub(crate) how: Disposition,
 }
 
 /// A claim this replica holds.
 #[derive(Debug, Clone)]
-pub struct Claimed {
+pub(crate) struct Claimed {
     key: DedupKey,
     token: Token,
     fingerprint: Fingerprint,
@@ -226,7 +226,7 @@ impl RedisStore {
     ///
     /// The store runs its connection on a runtime of its own (one thread): Pingora runs each
     /// service on its own runtimes, and requests from all of them share this connection.
-    pub fn start(settings: RedisSettings, metrics: Arc<StoreMetrics>) -> Arc<RedisStore> {
+    pub(crate) fn start(settings: RedisSettings, metrics: Arc<StoreMetrics>) -> Arc<RedisStore> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("idem-redis")
@@ -244,12 +244,12 @@ impl RedisStore {
         );
         let shared = Arc::new(RedisStore {
             link,
-            owner: OwnerId(conn::random::<16>()),
+            owner: OwnerId(random_bytes::<16>()),
             on_store_error: settings.on_store_error,
             poll_interval: settings.poll_interval,
             liveness_ttl: settings.liveness_ttl,
             metrics,
-            token_seed: conn::random::<32>(),
+            token_seed: random_bytes::<32>(),
             tokens: AtomicU64::new(0),
             claim: Script::new(CLAIM),
             settle: Script::new(SETTLE),
@@ -260,18 +260,14 @@ impl RedisStore {
     }
 
     /// This replica's owner id.
-    pub fn owner(&self) -> OwnerId {
+    pub(crate) fn owner(&self) -> OwnerId {
         self.owner
     }
 
-    /// Whether the connection to Redis is up.
-    pub fn is_up(&self) -> bool {
-        self.link.is_up()
-    }
 
     /// Waits (bounded) for the first connection, so a replica that starts next to a running
     /// Redis does not serve its first requests in fail-open. Blocking: call before serving.
-    pub fn wait_up(&self, within: Duration) -> bool {
+    pub(crate) fn wait_up(&self, within: Duration) -> bool {
         let deadline = std::time::Instant::now() + within;
         while !self.link.is_up() {
             if std::time::Instant::now() >= deadline {
@@ -291,7 +287,7 @@ impl RedisStore {
     }
 
     /// The shared step of a local leader, before any upstream call.
-    pub async fn lead(&self, req: LeadRequest) -> Lead {
+    pub(crate) async fn lead(&self, req: LeadRequest) -> Lead {
         let token = self.token();
         let value = Value {
             fingerprint: req.fingerprint,
@@ -510,7 +506,7 @@ impl RedisStore {
     /// Writes the outcome of this replica's call over its claim, if the claim is still
     /// ours, and wakes the waiters on other replicas. Failures are logged and counted; the
     /// outcome is delivered locally either way.
-    pub async fn settle(&self, claim: &Claimed, outcome: &Outcome, retention: Retention) {
+    pub(crate) async fn settle(&self, claim: &Claimed, outcome: &Outcome, retention: Retention) {
         let value = |body| {
             Value {
                 fingerprint: claim.fingerprint,
