@@ -80,7 +80,11 @@ const REFUSED_METHODS: [&str; 4] = ["GET", "HEAD", "OPTIONS", "CONNECT"];
 
 /// Resolves `raw`. With `fixed` (a reload), `[upstream]`, `[store]` and the grace period are
 /// taken from the running settings before the route policies are resolved against them.
-pub(crate) fn resolve(raw: RawConfig, env: &Env, fixed: Option<&Settings>) -> Result<Settings, Invalid> {
+pub(crate) fn resolve(
+    raw: RawConfig,
+    env: &Env,
+    fixed: Option<&Settings>,
+) -> Result<Settings, Invalid> {
     let server = &raw.server;
     let listen = match &server.listen {
         Some(l) => l.get_ref().clone().into_vec(),

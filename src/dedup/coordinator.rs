@@ -151,7 +151,6 @@ impl Coordinator {
         all
     }
 
-
     /// Whether `key` has a call in flight.
     #[cfg(test)]
     pub(crate) fn is_in_flight(&self, key: &DedupKey) -> bool {

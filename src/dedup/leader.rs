@@ -137,7 +137,8 @@ enum Called {
         header: Box<ResponseHeader>,
         /// The body read before that was known.
         read: Bytes,
-        exchange: Exchange,
+        /// Boxed: the rare variant, much larger than the other.
+        exchange: Box<Exchange>,
     },
 }
 
@@ -205,7 +206,7 @@ async fn run(
             if !read.is_empty() {
                 let _ = tx.send(Chunk::Data(read)).await;
             }
-            pump(&upstream, exchange, &plan, key, tx).await;
+            pump(&upstream, *exchange, &plan, key, tx).await;
         }
     }
 }
@@ -309,7 +310,7 @@ async fn call(
         Called::Stream {
             header,
             read,
-            exchange: ex,
+            exchange: Box::new(ex),
         },
         took,
     )

@@ -54,7 +54,10 @@ pub(crate) fn forwarded_request(
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
-pub(crate) fn add_forwarded(req: &mut RequestHeader, client: Option<&SocketAddr>) -> pingora::Result<()> {
+pub(crate) fn add_forwarded(
+    req: &mut RequestHeader,
+    client: Option<&SocketAddr>,
+) -> pingora::Result<()> {
     use std::io::Write;
     if let Some(addr) = client {
         // Formatted on the stack: one allocation, for the header value itself.

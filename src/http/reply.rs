@@ -170,7 +170,10 @@ fn cache_status(how: Disposition) -> String {
 /// Whether a client sending `accept_encoding` can read a body with `resp`'s content coding.
 /// idem asks upstream for `identity`, so this only bites when a backend ignores that.
 /// No `Accept-Encoding` at all means any coding is acceptable (RFC 9110 12.5.3).
-pub(crate) fn readable_by(resp: &StoredResponse, accept_encoding: Option<&http::HeaderValue>) -> bool {
+pub(crate) fn readable_by(
+    resp: &StoredResponse,
+    accept_encoding: Option<&http::HeaderValue>,
+) -> bool {
     let coding = resp
         .headers
         .iter()

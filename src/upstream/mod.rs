@@ -48,7 +48,9 @@ pub(crate) struct Upstream {
 }
 
 /// Builds the load balancer with its health check; the caller runs it as a background service.
-pub(crate) fn load_balancer(settings: &UpstreamSettings) -> std::io::Result<LoadBalancer<RoundRobin>> {
+pub(crate) fn load_balancer(
+    settings: &UpstreamSettings,
+) -> std::io::Result<LoadBalancer<RoundRobin>> {
     let mut lb =
         LoadBalancer::<RoundRobin>::try_from_iter(settings.backends.iter().map(String::as_str))?;
     match &settings.health_check {
@@ -123,7 +125,11 @@ impl Upstream {
     /// # Cancel safety
     /// Dropping the future closes the upstream connection; whatever was sent stays sent, so the
     /// caller must treat a cancelled call as outcome unknown.
-    pub(crate) async fn send(&self, req: &RequestHeader, body: &Bytes) -> Result<Exchange, CallError> {
+    pub(crate) async fn send(
+        &self,
+        req: &RequestHeader,
+        body: &Bytes,
+    ) -> Result<Exchange, CallError> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last = String::from("no backend configured");
         // Each backend once, plus one extra attempt for a stale pooled connection.

@@ -95,7 +95,12 @@ impl ShadowRequest {
 
     /// A request body chunk on its way upstream. At the end of the body the key is derived
     /// and classified; its short hash is returned for the access log.
-    pub(crate) fn body(&mut self, chunk: Option<&[u8]>, end: bool, sinks: &Sinks<'_>) -> Option<DedupKey> {
+    pub(crate) fn body(
+        &mut self,
+        chunk: Option<&[u8]>,
+        end: bool,
+        sinks: &Sinks<'_>,
+    ) -> Option<DedupKey> {
         let State::Hashing {
             hasher,
             read,

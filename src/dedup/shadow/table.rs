@@ -157,7 +157,6 @@ impl ShadowTable {
     pub(crate) fn len(&self) -> usize {
         self.entries.lock().len()
     }
-
 }
 
 #[cfg(test)]

@@ -59,8 +59,6 @@ impl Packed {
         Packed(Arc::from(buf))
     }
 
-
-
     /// Bytes held (the packed allocation's payload).
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

@@ -46,7 +46,13 @@
 
 pub(crate) mod codec;
 pub(crate) mod conn;
+mod heartbeat;
 pub(crate) mod metrics;
+mod scripts;
+mod wait;
+
+use heartbeat::heartbeat;
+use scripts::{parse_claim, write, ClaimReply, CLAIM, PEEK, SETTLE};
 
 use crate::config::file::OnStoreError;
 use crate::key::{random_bytes, DedupKey, Fingerprint};
@@ -61,46 +67,6 @@ use std::time::{Duration, Instant};
 
 /// How long a freed key's outcome stays readable for waiters on other replicas.
 const FREED_TTL: Duration = Duration::from_secs(10);
-
-/// Claims the key, or returns what holds it. KEYS[1]: the key. ARGV: fingerprint, keyed
-/// ('1'/'0'), the claim value, its PX. A freed record does not block a new claim.
-const CLAIM: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 2, 2) ~= 'F' then
-  if ARGV[2] == '1' and string.sub(v, 3, 34) ~= ARGV[1] then
-    return {'M'}
-  end
-  return {'E', v, redis.call('PTTL', KEYS[1])}
-end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-return {'C'}
-";
-
-/// Fenced result write. KEYS[1]: the key. ARGV: token, new value ('' deletes), PX ('0'
-/// keeps the claim's expiry), channel, message. Returns 1 when written, 0 when the claim is
-/// no longer ours.
-const SETTLE: &str = r"
-local v = redis.call('GET', KEYS[1])
-if (not v) or string.sub(v, 2, 2) ~= 'C' or string.sub(v, 35, 50) ~= ARGV[1] then
-  return 0
-end
-if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1])
-elseif ARGV[3] == '0' then
-  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 1
-";
-
-/// The value and its remaining life, or nothing.
-const PEEK: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return {} end
-return {v, redis.call('PTTL', KEYS[1])}
-";
 
 /// `[store]` settings the shared store runs with.
 #[derive(Debug, Clone)]
@@ -264,7 +230,6 @@ impl RedisStore {
         self.owner
     }
 
-
     /// Waits (bounded) for the first connection, so a replica that starts next to a running
     /// Redis does not serve its first requests in fail-open. Blocking: call before serving.
     pub(crate) fn wait_up(&self, within: Duration) -> bool {
@@ -389,120 +354,6 @@ impl RedisStore {
         }
     }
 
-    /// Waits for a call running on another replica (see the module doc).
-    async fn wait(&self, req: LeadRequest, mut token: Token) -> Answer {
-        let deadline = tokio::time::Instant::now() + req.wait_timeout;
-        let sub = self.link.subscribe(channel(&req.key)).await;
-        let mut wake = sub.wake.clone();
-        loop {
-            // Remaining lives are counted from the moment the read was sent: a local hold
-            // then ends no later than the claim in Redis.
-            let read_at = tokio::time::Instant::now();
-            match self.read(&req.key).await {
-                Ok(None) => {
-                    tracing::warn!(key = %req.key.short(), "claim vanished without a record (expired, or lost by Redis): outcome unknown");
-                    return vanished();
-                }
-                Ok(Some((value, left))) => match value.body {
-                    Body::Claim(info) => {
-                        // A new claim after a freed outcome: wait for that call instead.
-                        token = value.token;
-                        // A claim of this replica's that no local flight holds (this
-                        // leader has the key's only one) is stale: its call ended and the
-                        // result write failed. Its owner is as good as gone.
-                        if info.owner == self.owner || !self.is_alive(&info.owner).await {
-                            tracing::warn!(key = %req.key.short(), owner = %info.owner.hex(), "the replica running this key is gone: outcome unknown, key held until the claim expires");
-                            return Answer {
-                                outcome: Outcome::Unknown(Held {
-                                    status: 502,
-                                    until: read_at + pttl(left),
-                                }),
-                                retention: Retention { ttl: pttl(left) },
-                                how: Disposition::Collapsed,
-                            };
-                        }
-                    }
-                    _ if req.keyed && value.fingerprint != req.fingerprint => {
-                        return refused(Refusal::FingerprintMismatch);
-                    }
-                    Body::Freed(_) if value.token != token => return vanished(),
-                    body => {
-                        if let Some(a) = settled(body, left, ReadAt::Waiting) {
-                            return a;
-                        }
-                    }
-                },
-                // Retried at the poll interval: never start a call another replica may run.
-                Err(_) => {}
-            }
-            let sleep = tokio::time::sleep(self.poll_interval);
-            tokio::pin!(sleep);
-            tokio::select! {
-                changed = wake.changed() => {
-                    if changed.is_err() {
-                        (&mut sleep).await;
-                    }
-                }
-                _ = &mut sleep => {}
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return refused(Refusal::InProgress);
-            }
-        }
-    }
-
-    async fn read(&self, key: &DedupKey) -> Result<Option<(Value, i64)>, StoreError> {
-        let started = Instant::now();
-        let k = redis_key(key);
-        let script = &self.peek;
-        let r = self
-            .link
-            .run(|mut c| async move {
-                script
-                    .key(&k)
-                    .invoke_async::<Vec<redis::Value>>(&mut c)
-                    .await
-            })
-            .await
-            .and_then(|v| match v.as_slice() {
-                [] => Ok(None),
-                [redis::Value::BulkString(b), redis::Value::Int(ms)] => {
-                    Ok(Some((Value::decode(b)?, *ms)))
-                }
-                _ => Err(StoreError::Reply),
-            });
-        self.metrics
-            .observe("peek", if r.is_ok() { "ok" } else { "error" }, started);
-        r
-    }
-
-    async fn is_alive(&self, owner: &OwnerId) -> bool {
-        let started = Instant::now();
-        let k = alive_key(owner);
-        let r = self
-            .link
-            .run(|mut c| async move {
-                redis::cmd("EXISTS")
-                    .arg(&k)
-                    .query_async::<i64>(&mut c)
-                    .await
-            })
-            .await;
-        match r {
-            Ok(n) => {
-                self.metrics
-                    .observe("liveness", if n > 0 { "alive" } else { "dead" }, started);
-                n > 0
-            }
-            Err(_) => {
-                self.metrics.observe("liveness", "error", started);
-                // Unknown: keep waiting rather than declare a live call dead.
-                true
-            }
-        }
-    }
-
     /// Writes the outcome of this replica's call over its claim, if the claim is still
     /// ours, and wakes the waiters on other replicas. Failures are logged and counted; the
     /// outcome is delivered locally either way.
@@ -562,76 +413,9 @@ impl RedisStore {
     }
 }
 
-/// The fenced write: `bytes` replace the claim (empty: delete it) only if it still carries
-/// the claim's token, with `px` ms to live (0: the claim's own expiry), then a message on the
-/// key's channel. Returns false when it failed and may be retried.
-async fn write(
-    link: &Link,
-    script: &Script,
-    metrics: &StoreMetrics,
-    claim: &Claimed,
-    bytes: &[u8],
-    px: u64,
-) -> bool {
-    let kind = bytes.get(1).copied().unwrap_or(b'D');
-    let started = Instant::now();
-    let k = redis_key(&claim.key);
-    let ch = channel(&claim.key);
-    let token = claim.token.0;
-    let r = link
-        .run(|mut c| async move {
-            script
-                .key(&k)
-                .arg(&token[..])
-                .arg(bytes)
-                .arg(px)
-                .arg(&ch)
-                .arg(&[kind][..])
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await;
-    match r {
-        Ok(1) => {
-            metrics.observe("settle", "ok", started);
-            true
-        }
-        Ok(_) => {
-            metrics.observe("settle", "fenced", started);
-            if claim.tentative {
-                tracing::debug!(key = %claim.key.short(), "redis store: the claim never landed; result not written there");
-            } else {
-                tracing::warn!(key = %claim.key.short(), "redis store: the claim is no longer ours (expired or lost); result not written there");
-            }
-            true
-        }
-        Err(e) => {
-            metrics.observe("settle", "error", started);
-            tracing::warn!(key = %claim.key.short(), error = %e, "redis store: result write failed (retried in the background until the claim expires); the response is delivered regardless");
-            false
-        }
-    }
-}
-
 fn refused(r: Refusal) -> Answer {
     Answer {
         outcome: Outcome::Refused(r),
-        retention: Retention {
-            ttl: Duration::ZERO,
-        },
-        how: Disposition::Collapsed,
-    }
-}
-
-/// The claim is gone and nothing replaced it: the call may have run (its owner died after
-/// the hold, or Redis lost the key). Answer outcome unknown now; the key is free for the
-/// next request.
-fn vanished() -> Answer {
-    Answer {
-        outcome: Outcome::Unknown(Held {
-            status: 502,
-            until: tokio::time::Instant::now(),
-        }),
         retention: Retention {
             ttl: Duration::ZERO,
         },
@@ -685,62 +469,4 @@ fn settled(body: Body, left_ms: i64, read_at: ReadAt) -> Option<Answer> {
         retention,
         how: Disposition::Collapsed,
     })
-}
-
-enum ClaimReply {
-    Claimed,
-    Mismatch,
-    Exists(Value, i64),
-}
-
-fn parse_claim(v: Vec<redis::Value>) -> Result<ClaimReply, StoreError> {
-    match v.as_slice() {
-        [redis::Value::BulkString(c)] if c == b"C" => Ok(ClaimReply::Claimed),
-        [redis::Value::BulkString(c)] if c == b"M" => Ok(ClaimReply::Mismatch),
-        [redis::Value::BulkString(c), redis::Value::BulkString(v), redis::Value::Int(ms)]
-            if c == b"E" =>
-        {
-            Ok(ClaimReply::Exists(Value::decode(v)?, *ms))
-        }
-        _ => Err(StoreError::Reply),
-    }
-}
-
-/// Keeps `idem:alive:<owner>` fresh: every `liveness_ttl / 3`, and at once after each
-/// (re)connection.
-async fn heartbeat(weak: std::sync::Weak<RedisStore>) {
-    loop {
-        let Some(shared) = weak.upgrade() else { return };
-        let interval = shared.liveness_ttl / 3;
-        let up = shared.link.is_up();
-        if up {
-            let started = Instant::now();
-            let k = alive_key(&shared.owner);
-            let ttl = millis(shared.liveness_ttl);
-            let r = shared
-                .link
-                .run(|mut c| async move {
-                    redis::cmd("SET")
-                        .arg(&k)
-                        .arg(1)
-                        .arg("PX")
-                        .arg(ttl)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await;
-            shared
-                .metrics
-                .observe("heartbeat", if r.is_ok() { "ok" } else { "error" }, started);
-        }
-        let connected = up;
-        drop(shared);
-        // Poll the link often while down so the first heartbeat follows a reconnect closely.
-        let nap = if connected {
-            interval
-        } else {
-            interval.min(Duration::from_millis(20))
-        };
-        tokio::time::sleep(nap).await;
-    }
 }

@@ -1,0 +1,119 @@
+//! The Lua scripts that read and change a key's whole state in one round trip, and what
+//! their replies mean. Each reads only the value's fixed prefix ([`super::codec`]).
+
+use super::codec::Value;
+use super::conn::{Link, StoreError};
+use super::metrics::StoreMetrics;
+use super::{channel, redis_key, Claimed};
+use redis::Script;
+use std::time::Instant;
+
+/// Claims the key, or returns what holds it. KEYS[1]: the key. ARGV: fingerprint, keyed
+/// ('1'/'0'), the claim value, its PX. A freed record does not block a new claim.
+pub(super) const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 2, 2) ~= 'F' then
+  if ARGV[2] == '1' and string.sub(v, 3, 34) ~= ARGV[1] then
+    return {'M'}
+  end
+  return {'E', v, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return {'C'}
+";
+
+/// Fenced result write. KEYS[1]: the key. ARGV: token, new value ('' deletes), PX ('0'
+/// keeps the claim's expiry), channel, message. Returns 1 when written, 0 when the claim is
+/// no longer ours.
+pub(super) const SETTLE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if (not v) or string.sub(v, 2, 2) ~= 'C' or string.sub(v, 35, 50) ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+";
+
+/// The value and its remaining life, or nothing.
+pub(super) const PEEK: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return {} end
+return {v, redis.call('PTTL', KEYS[1])}
+";
+
+pub(super) enum ClaimReply {
+    Claimed,
+    Mismatch,
+    Exists(Value, i64),
+}
+
+pub(super) fn parse_claim(v: Vec<redis::Value>) -> Result<ClaimReply, StoreError> {
+    match v.as_slice() {
+        [redis::Value::BulkString(c)] if c == b"C" => Ok(ClaimReply::Claimed),
+        [redis::Value::BulkString(c)] if c == b"M" => Ok(ClaimReply::Mismatch),
+        [redis::Value::BulkString(c), redis::Value::BulkString(v), redis::Value::Int(ms)]
+            if c == b"E" =>
+        {
+            Ok(ClaimReply::Exists(Value::decode(v)?, *ms))
+        }
+        _ => Err(StoreError::Reply),
+    }
+}
+
+/// The fenced write: `bytes` replace the claim (empty: delete it) only if it still carries
+/// the claim's token, with `px` ms to live (0: the claim's own expiry), then a message on the
+/// key's channel. Returns false when it failed and may be retried.
+pub(super) async fn write(
+    link: &Link,
+    script: &Script,
+    metrics: &StoreMetrics,
+    claim: &Claimed,
+    bytes: &[u8],
+    px: u64,
+) -> bool {
+    let kind = bytes.get(1).copied().unwrap_or(b'D');
+    let started = Instant::now();
+    let k = redis_key(&claim.key);
+    let ch = channel(&claim.key);
+    let token = claim.token.0;
+    let r = link
+        .run(|mut c| async move {
+            script
+                .key(&k)
+                .arg(&token[..])
+                .arg(bytes)
+                .arg(px)
+                .arg(&ch)
+                .arg(&[kind][..])
+                .invoke_async::<i64>(&mut c)
+                .await
+        })
+        .await;
+    match r {
+        Ok(1) => {
+            metrics.observe("settle", "ok", started);
+            true
+        }
+        Ok(_) => {
+            metrics.observe("settle", "fenced", started);
+            if claim.tentative {
+                tracing::debug!(key = %claim.key.short(), "redis store: the claim never landed; result not written there");
+            } else {
+                tracing::warn!(key = %claim.key.short(), "redis store: the claim is no longer ours (expired or lost); result not written there");
+            }
+            true
+        }
+        Err(e) => {
+            metrics.observe("settle", "error", started);
+            tracing::warn!(key = %claim.key.short(), error = %e, "redis store: result write failed (retried in the background until the claim expires); the response is delivered regardless");
+            false
+        }
+    }
+}
