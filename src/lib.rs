@@ -1,27 +1,47 @@
 //! idem: a deduplicating reverse proxy. The backend does the work once, however many times
 //! and however impatiently the client sends the request.
 //!
-//! Life of an eligible request (see `proxy.rs`, top to bottom):
-//! route + admission from the head -> body read and hashed -> scope, fingerprint, dedup key
-//! -> join: leader (detached upstream call), waiter (waits for it), replay (stored), or a
-//! problem -> answer written by idem.
+//! # Life of a request
+//! Read top to bottom in `http::proxy` (`request_filter`):
+//! 1. Route (`config::route`) and admission from the head alone (`http::admission`):
+//!    pass-through requests go to Pingora's streamed proxy path untouched.
+//! 2. The body is read whole and hashed (`http::body`); scope and fingerprint come from the
+//!    head (`http::key_inputs`) and give the dedup key ([`key`]).
+//! 3. Join (`dedup::coordinator`): the first request leads and its call runs detached from
+//!    its client (`dedup::leader`, over `upstream`, with the Redis step first in
+//!    `store::redis`); identical ones wait for it; later ones replay what the store kept
+//!    (`store::memory`); misuse and lack of room are refused.
+//! 4. Every outcome becomes one `http::reply::Reply`, written by one writer.
 //!
-//! Lifecycle of a key: absent -> in flight (one leader, waiters) -> stored | not-replayable |
-//! held (outcome unknown) | freed -> expired. The rule that outranks convenience: idem never
-//! starts a second upstream call for a key while an earlier call for it may still be
-//! executing or its result is retained.
+//! # Lifecycle of a key
+//! absent -> in flight (one leader, waiters) -> stored | not-replayable | held (outcome
+//! unknown) | freed -> expired (`outcome` names these states for every tier). The rule that
+//! outranks convenience: idem never starts a second upstream call for a key while an earlier
+//! call for it may still be executing or its result is retained.
 //!
+//! # Layers
+//! Folders follow the direction of dependency; a module uses only those above it in this
+//! list and its own folder:
+//! `key`, `outcome`, `message`, `config/`, `observe/` (vocabulary, configuration, metrics)
+//! <- `store/`, `upstream/` (state and the backend client)
+//! <- `dedup/` (coalescing, plain Rust over the tiers)
+//! <- `http/` (the client's Pingora session) <- `admin/` <- `server/` (process assembly).
+//!
+//! # Ownership
 //! ```text
-//! Idem (proxy.rs)
-//! ├── Live            the Settings in force, swapped by SIGHUP (reload.rs; settings.rs, config.rs)
-//! ├── KeyDeriver      keyed blake3 (key.rs)
-//! ├── Coordinator     flights: DashMap<DedupKey, Flight> (inflight.rs)
-//! │   └── MemoryStore bounded LRU + expiry (store.rs)
-//! ├── Upstream        load balancer + Pingora Connector (upstream.rs); flights run in flight.rs
-//! ├── ShadowTable     keys seen on shadow routes, would-be duplicates (shadow.rs)
-//! ├── Shared          the Redis store shared by replicas: claims, fenced results, waits (shared/)
-//! └── Metrics         Prometheus registry, /metrics /healthz /readyz (metrics.rs)
-//! AdminApp            /flights /held /store, purge (admin.rs), on its own listener
+//! server::run
+//! ├── Idem (http::proxy)      one per proxy app, cloned for HTTP/1 and h2c
+//! │   ├── Live                the Settings in force, swapped by SIGHUP (config::live)
+//! │   ├── KeyDeriver          keyed blake3 (key)
+//! │   ├── Coordinator         flights: DashMap<DedupKey, Flight> (dedup::coordinator)
+//! │   │   └── MemoryStore     bounded slab + expiry (store::memory)
+//! │   ├── Upstream            load balancer + connection pool (upstream)
+//! │   ├── ShadowTable         keys seen on shadow routes (dedup::shadow)
+//! │   ├── RedisStore          claims, fenced results, waits across replicas (store::redis)
+//! │   └── Metrics             Prometheus registry (observe::metrics)
+//! ├── HealthApp               /metrics /healthz /readyz (admin::health)
+//! ├── AdminApp                /flights /held /store, purge (admin::keys), loopback only
+//! └── Housekeeping, Signals   listening line, sweep, SIGTERM/SIGHUP/SIGINT (server)
 //! ```
 
 #![forbid(unsafe_code)]

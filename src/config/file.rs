@@ -3,7 +3,7 @@
 //! This module only parses. Durations ("60s", "24h") and sizes ("1MiB") are parsed inside
 //! `Deserialize`, so the toml crate reports the line and column of a bad value. Every value
 //! is kept with its place in the file (`toml::Spanned`), so that the checks that need the
-//! whole file ([`crate::config::resolve`]) can name the exact line and column too, however
+//! whole file (`crate::config::resolve`) can name the exact line and column too, however
 //! the key was written (`[section]`, dotted key, inline table).
 //!
 //! `flatten` is avoided on purpose: serde's `deny_unknown_fields` does not see through it.

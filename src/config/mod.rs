@@ -1,5 +1,5 @@
 //! Configuration: proxy.toml as written ([`file`]), resolved and validated ([`settings`]),
-//! and the configuration in force, swapped by SIGHUP ([`live`]).
+//! and the configuration in force, swapped by SIGHUP (`live`).
 
 pub(crate) mod defaults;
 pub mod file;
