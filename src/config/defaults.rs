@@ -3,6 +3,9 @@
 use std::time::Duration;
 /// `[server] listen`
 pub(crate) const LISTEN: &str = "127.0.0.1:8080";
+/// `[server] unix_socket_mode`: owner and group may connect (a front proxy running as
+/// another user joins idem's group, or the mode is widened on purpose).
+pub(crate) const UNIX_SOCKET_MODE: u32 = 0o660;
 /// `[server] grace_period`
 pub(crate) const GRACE_PERIOD: Duration = Duration::from_secs(330);
 /// `[server] keepalive_timeout`
@@ -19,8 +22,13 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(300);
 /// `[upstream] total_timeout`
 pub(crate) const TOTAL_TIMEOUT: Duration = Duration::from_secs(310);
-/// `[upstream] pool_idle_timeout`
-pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[upstream] pool_idle_timeout`: below the shortest keep-alive timeout of the common app
+/// servers (gunicorn 2 s; uvicorn, Node and Apache 5 s), so that an idle connection is
+/// closed by idem before its backend closes it. idem also learns each backend's own
+/// behaviour (`upstream::reuse`), which only ever shortens this.
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// `[upstream] resolve_interval`: how often backend names are resolved again.
+pub(crate) const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 /// `[upstream] health_check_interval`
 pub(crate) const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// `[metrics] listen`

@@ -46,6 +46,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawServer {
     pub(crate) listen: Opt<OneOrMany>,
+    pub(crate) unix_socket_mode: Opt<String>,
     pub(crate) threads: Opt<usize>,
     pub(crate) work_stealing: Opt<bool>,
     pub(crate) grace_period: Opt<Dur>,
@@ -66,7 +67,9 @@ pub(crate) struct RawUpstream {
     pub(crate) pool_idle_timeout: Opt<Dur>,
     pub(crate) health_check: Opt<HealthCheckKind>,
     pub(crate) health_check_path: Opt<String>,
+    pub(crate) health_check_host: Opt<String>,
     pub(crate) health_check_interval: Opt<Dur>,
+    pub(crate) resolve_interval: Opt<Dur>,
 }
 
 /// `[metrics]`

@@ -1,6 +1,7 @@
 //! Configuration: proxy.toml as written ([`file`]), resolved and validated ([`settings`]),
 //! and the configuration in force, swapped by SIGHUP (`live`).
 
+pub(crate) mod address;
 pub(crate) mod defaults;
 pub mod file;
 pub(crate) mod live;

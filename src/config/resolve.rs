@@ -6,6 +6,7 @@
 //! error names the key as `section.key` and carries the place of the value that is wrong
 //! (or, for a missing key, of the value that requires it).
 
+use crate::config::address::{Address, Port};
 use crate::config::defaults;
 use crate::config::file::{
     Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, RawConfig, RawRoute,
@@ -97,9 +98,27 @@ pub(crate) fn resolve(
             "needs at least one address",
         ));
     }
-    for a in &listen {
-        check_addr(a).map_err(|m| invalid("server.listen", at(&server.listen), m))?;
-    }
+    let listen = listen
+        .iter()
+        .map(|a| Address::parse(a, Port::AnyAllowed))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|m| invalid("server.listen", at(&server.listen), m))?;
+    let unix_socket_mode = match &server.unix_socket_mode {
+        Some(m) => u32::from_str_radix(m.get_ref().trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|n| *n <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "server.unix_socket_mode",
+                    Some(m.span()),
+                    format!(
+                        "{:?} is not a file mode; write it in octal, like \"0660\"",
+                        m.get_ref()
+                    ),
+                )
+            })?,
+        None => defaults::UNIX_SOCKET_MODE,
+    };
     let threads = server.threads.as_ref().map_or_else(
         || {
             std::thread::available_parallelism()
@@ -135,13 +154,28 @@ pub(crate) fn resolve(
         ));
     }
 
-    let metrics_listen = or(&raw.metrics.listen, defaults::METRICS_LISTEN.to_string());
-    check_addr(&metrics_listen)
-        .map_err(|m| invalid("metrics.listen", at(&raw.metrics.listen), m))?;
-    let admin_listen = raw.admin.listen.as_ref().map(|l| l.get_ref().clone());
-    if let Some(a) = &admin_listen {
-        check_loopback(a).map_err(|m| invalid("admin.listen", at(&raw.admin.listen), m))?;
-    }
+    let metrics_listen = tcp_listener(&or(
+        &raw.metrics.listen,
+        defaults::METRICS_LISTEN.to_string(),
+    ))
+    .map_err(|m| invalid("metrics.listen", at(&raw.metrics.listen), m))?;
+    let admin_listen = match &raw.admin.listen {
+        Some(l) => {
+            let a = tcp_listener(l.get_ref())
+                .map_err(|m| invalid("admin.listen", Some(l.span()), m))?;
+            // Purging a key lets its next request execute again: an operator's decision,
+            // never something another host may do.
+            if !a.is_local() {
+                return Err(invalid(
+                    "admin.listen",
+                    Some(l.span()),
+                    format!("{a} is not a loopback address; the admin listener can purge keys, so it only listens on loopback (e.g. \"127.0.0.1:9465\")"),
+                ));
+            }
+            Some(a)
+        }
+        None => None,
+    };
 
     let store = store(&raw.store)?;
     let store = fixed.map_or(store, |f| f.store.clone());
@@ -191,6 +225,7 @@ pub(crate) fn resolve(
 
     Ok(Settings {
         listen,
+        unix_socket_mode,
         threads,
         work_stealing: or(&server.work_stealing, false),
         grace_period,
@@ -218,9 +253,11 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
             "needs at least one backend",
         ));
     }
-    for b in &backends {
-        check_addr(b).map_err(|m| invalid("upstream.backends", at(&up.backends), m))?;
-    }
+    let backends = backends
+        .iter()
+        .map(|b| Address::parse(b, Port::Required))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|m| invalid("upstream.backends", at(&up.backends), m))?;
     if let Some(p) = &up.health_check_path {
         if !p.get_ref().starts_with('/') {
             return Err(invalid(
@@ -241,10 +278,28 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
             HealthCheckKind::Tcp => HealthCheckSettings::Tcp,
             HealthCheckKind::Http => HealthCheckSettings::Http {
                 path: or(&up.health_check_path, "/".to_string()),
+                host: up.health_check_host.as_ref().map(|h| h.get_ref().clone()),
             },
         },
         health_check_interval: dur(&up.health_check_interval, defaults::HEALTH_CHECK_INTERVAL),
+        resolve_interval: dur(&up.resolve_interval, defaults::RESOLVE_INTERVAL),
     };
+    if let Some(h) = &up.health_check_host {
+        if http::HeaderValue::from_str(h.get_ref()).is_err() || h.get_ref().is_empty() {
+            return Err(invalid(
+                "upstream.health_check_host",
+                Some(h.span()),
+                "must be a host name as sent in a Host header, like \"app.internal\"",
+            ));
+        }
+        if or(&up.health_check, HealthCheckKind::Tcp) != HealthCheckKind::Http {
+            return Err(invalid(
+                "upstream.health_check_host",
+                Some(h.span()),
+                "is only used with health_check = \"http\"",
+            ));
+        }
+    }
     for (key, value, d) in [
         (
             "connect_timeout",
@@ -257,6 +312,11 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
             "health_check_interval",
             &up.health_check_interval,
             settings.health_check_interval,
+        ),
+        (
+            "resolve_interval",
+            &up.resolve_interval,
+            settings.resolve_interval,
         ),
     ] {
         if d.is_zero() {
@@ -523,29 +583,12 @@ fn methods(items: &Spanned<Vec<String>>) -> Result<Vec<Method>, (Option<Range<us
         .collect()
 }
 
-fn check_addr(a: &str) -> Result<(), String> {
-    use std::net::ToSocketAddrs;
-    match a.to_socket_addrs() {
-        Ok(it) if it.len() > 0 => Ok(()),
-        _ => Err(format!("{a:?} is not a host:port address")),
+/// A listener of idem's own besides the proxy's: TCP only.
+fn tcp_listener(text: &str) -> Result<Address, String> {
+    match Address::parse(text, Port::AnyAllowed)? {
+        Address::Unix(_) => Err(format!(
+            "{text:?}: this listener takes a host:port address, like \"127.0.0.1:9464\""
+        )),
+        a => Ok(a),
     }
-}
-
-/// The admin listener can purge keys: it must not be reachable from another host.
-fn check_loopback(a: &str) -> Result<(), String> {
-    use std::net::ToSocketAddrs;
-    let addrs: Vec<_> = a
-        .to_socket_addrs()
-        .map_err(|_| format!("{a:?} is not a host:port address"))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(format!("{a:?} is not a host:port address"));
-    }
-    if let Some(public) = addrs.iter().find(|s| !s.ip().is_loopback()) {
-        return Err(format!(
-            "{a:?} resolves to {}, which is not a loopback address; the admin listener can purge keys, so it only listens on loopback (e.g. \"127.0.0.1:9465\")",
-            public.ip()
-        ));
-    }
-    Ok(())
 }

@@ -5,6 +5,7 @@
 //! line and what to do, so `idem check` and a failed start read alike. After this point no
 //! field is optional "to be filled later".
 
+use crate::config::address::Address;
 use crate::config::file::{LogFormat, OnStoreError, RawConfig, StoreKind};
 use crate::config::resolve::{resolve, Env};
 use crate::config::route::RoutePolicy;
@@ -68,8 +69,10 @@ impl ConfigError {
 /// Everything idem runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Proxy listeners (h1 and h2c).
-    pub(crate) listen: Vec<String>,
+    /// Proxy listeners (h1 and h2c): TCP or Unix-domain sockets.
+    pub(crate) listen: Vec<Address>,
+    /// Permission bits of the socket files of Unix-domain listeners.
+    pub(crate) unix_socket_mode: u32,
     /// Worker threads of the proxy service.
     pub(crate) threads: usize,
     /// One work-stealing runtime over `threads` (true), or one single-threaded runtime per
@@ -90,11 +93,11 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Upstream backends and timeouts.
     pub(crate) upstream: UpstreamSettings,
-    /// Metrics, health and readiness listener.
-    pub(crate) metrics_listen: String,
+    /// Metrics, health and readiness listener (TCP).
+    pub(crate) metrics_listen: Address,
     /// Admin listener (flights, held keys, store summary, purge); `None` means off.
-    /// Always a loopback address.
-    pub(crate) admin_listen: Option<String>,
+    /// Always a loopback address (TCP).
+    pub(crate) admin_listen: Option<Address>,
     /// Store bounds.
     pub(crate) store: StoreSettings,
     /// Secret for keyed blake3; `None` means a random per-process secret.
@@ -117,20 +120,24 @@ pub(crate) struct Reloaded {
 /// `[upstream]`, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UpstreamSettings {
-    /// `host:port` of each backend, tried round robin.
-    pub(crate) backends: Vec<String>,
+    /// Each backend (`host:port` or a Unix socket), tried round robin; a name may resolve to
+    /// several addresses, each a backend of its own.
+    pub(crate) backends: Vec<Address>,
     /// TCP connect deadline per attempt.
     pub(crate) connect_timeout: Duration,
     /// Per-read deadline on the upstream connection.
     pub(crate) read_timeout: Duration,
     /// Deadline for a whole upstream call, from its start; also how long an unknown outcome is held.
     pub(crate) total_timeout: Duration,
-    /// How long an idle pooled upstream connection is kept; keep it below the backend's own.
+    /// How long an idle pooled upstream connection is kept at most (`upstream::reuse`
+    /// shortens it per backend from what the backend shows).
     pub(crate) pool_idle_timeout: Duration,
     /// How backends are health checked.
     pub(crate) health_check: HealthCheckSettings,
     /// How often backends are checked.
     pub(crate) health_check_interval: Duration,
+    /// How often backend names are resolved again.
+    pub(crate) resolve_interval: Duration,
 }
 
 /// A backend health check.
@@ -144,6 +151,10 @@ pub(crate) enum HealthCheckSettings {
     Http {
         /// Request path.
         path: String,
+        /// `Host` of the check request; `None` sends the backend's own address (as a client
+        /// connecting to it would), which apps that check the Host (Django's
+        /// `ALLOWED_HOSTS`) may refuse: set `health_check_host` then.
+        host: Option<String>,
     },
 }
 
@@ -201,6 +212,7 @@ impl Settings {
         let restart_needed = file.restart_only_changes(running);
         let mut settings = Settings::parse(&text, path, &env, Some(running))?;
         settings.listen = running.listen.clone();
+        settings.unix_socket_mode = running.unix_socket_mode;
         settings.threads = running.threads;
         settings.work_stealing = running.work_stealing;
         settings.log_format = running.log_format;
@@ -223,6 +235,10 @@ impl Settings {
         let (u, v) = (&a.upstream, &b.upstream);
         let mut changed = [
             ("server.listen", a.listen == b.listen),
+            (
+                "server.unix_socket_mode",
+                a.unix_socket_mode == b.unix_socket_mode,
+            ),
             ("server.threads", a.threads == b.threads),
             ("server.work_stealing", a.work_stealing == b.work_stealing),
             ("server.grace_period", a.grace_period == b.grace_period),
@@ -331,7 +347,7 @@ mod tests {
     #[test]
     fn empty_file_gets_every_default() {
         let s = load("").unwrap();
-        assert_eq!(s.listen, vec!["127.0.0.1:8080"]);
+        assert_eq!(s.listen[0].to_string(), "127.0.0.1:8080");
         assert_eq!(s.default_route.mode, Mode::Keyed);
         assert_eq!(s.default_route.ttl, Duration::from_secs(86400));
         assert!(s.default_route.store_statuses.contains(404));
@@ -437,7 +453,7 @@ mod tests {
     fn admin_listener_is_off_by_default_and_loopback_only() {
         assert_eq!(load("").unwrap().admin_listen, None);
         let s = load("[admin]\nlisten = \"127.0.0.1:9465\"\n").unwrap();
-        assert_eq!(s.admin_listen.as_deref(), Some("127.0.0.1:9465"));
+        assert_eq!(s.admin_listen.unwrap().to_string(), "127.0.0.1:9465");
         let e = load("[server]\nthreads = 1\n[admin]\nlisten = \"0.0.0.0:9465\"\n").unwrap_err();
         assert_eq!(e.line, Some(4), "{e}");
         assert!(e.message.contains("admin.listen"), "{e}");

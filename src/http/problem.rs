@@ -51,6 +51,13 @@ pub(crate) enum Problem {
     TooManyWaiters,
     /// 502: no backend could be reached; nothing was sent, a retry may run.
     UpstreamUnreachable,
+    /// 504: a passed-through request got no answer in time (not deduplicated: nothing held).
+    UpstreamTimeout,
+    /// 502: the backend failed a passed-through request after receiving it (reset, invalid
+    /// or cut-off response); it may have run it.
+    UpstreamFailed,
+    /// 400: the request could not be read (malformed framing).
+    BadRequest,
 }
 
 /// Everything a problem says about itself.
@@ -97,6 +104,9 @@ impl Problem {
             Problem::ScopeQuota => (429, "scope-quota", "Too many keys for this client", "This client has its full share of keys in flight, held or stored, and may not evict other clients' responses. Retry later.", A::Error),
             Problem::TooManyWaiters => (503, "too-many-waiters", "Too many waiting requests", "Too many requests are waiting for identical calls. Retry later.", A::Error),
             Problem::UpstreamUnreachable => (502, "upstream-unreachable", "Upstream unreachable", "No upstream server could be reached; the request was not sent. It is safe to retry.", A::Error),
+            Problem::UpstreamTimeout => (504, "upstream-timeout", "Upstream timeout", "The upstream server did not answer in time. It may have processed the request.", A::Error),
+            Problem::UpstreamFailed => (502, "upstream-failed", "Upstream failed", "The upstream server failed while handling the request. It may have processed the request.", A::Error),
+            Problem::BadRequest => (400, "bad-request", "Bad request", "The request could not be read: its framing is malformed.", A::Error),
         };
         Info {
             status,

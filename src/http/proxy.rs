@@ -31,6 +31,7 @@ use crate::http::admission::{admit, Admission, Bypass};
 use crate::http::body::{self, BodyRead};
 use crate::http::forward;
 use crate::http::key_inputs;
+use crate::http::pass_through::{self, Attempts};
 use crate::http::problem::Problem;
 use crate::http::reply::{self, Audience, Reply};
 use crate::key::{DedupKey, KeyDeriver};
@@ -44,10 +45,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,8 +83,8 @@ pub(crate) struct Ctx {
     answered: Answered,
     /// Pass-through on an eligible route: tag the response `fwd=bypass`.
     mark_bypass: bool,
-    /// Backends already tried by the pass-through path.
-    tried: Vec<SocketAddr>,
+    /// Pass-through: the attempts on backends and connections.
+    attempts: Attempts,
     /// Short key hash for the access log.
     key: Option<DedupKey>,
     /// The status idem wrote itself, or the upstream's on pass-through; the access log's
@@ -309,7 +309,7 @@ impl ProxyHttp for Idem {
             route: RouteId(0),
             answered: Answered::Bypass,
             mark_bypass: false,
-            tried: Vec::new(),
+            attempts: Attempts::default(),
             key: None,
             status: 0,
             upstream_started: None,
@@ -395,21 +395,27 @@ impl ProxyHttp for Idem {
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         // A retry re-sends the body from the start (Pingora's retry buffer): hash it afresh.
-        let retry = !ctx.tried.is_empty();
-        if let (true, Some(shadow)) = (retry, &mut ctx.shadow) {
+        if let (true, Some(shadow)) = (ctx.attempts.is_retry(), &mut ctx.shadow) {
             let req = session.req_header();
             let route = ctx.config.route(req.uri.path()).policy;
             shadow.restart(key_inputs::fingerprint(&self.keys, req, route));
         }
-        let backend = self
-            .upstream
-            .select(&ctx.tried)
-            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend left to try"))?;
-        if let Some(a) = backend.addr.as_inet() {
-            ctx.tried.push(*a);
-        }
+        let peer = ctx.attempts.next_peer(&self.upstream, session)?;
         ctx.upstream_started.get_or_insert_with(Instant::now);
-        Ok(Box::new(self.upstream.peer(&backend)))
+        Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.attempts.connected(reused, fd);
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -419,11 +425,59 @@ impl ProxyHttp for Idem {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Nothing reached the backend: another one may take it.
-        if ctx.tried.len() < self.upstream.backend_count() {
-            e.set_retry(true);
-        }
+        ctx.attempts.connect_failed(&self.upstream, &mut e);
         e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        ctx.attempts.failed(session, &mut e, client_reused);
+        e
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &Ctx,
+        _error: &Error,
+        context: ProxyWarnLogContext,
+    ) -> bool {
+        // A pooled connection the backend had closed, retried on a new one: expected, and
+        // logged at debug by idem instead.
+        context == ProxyWarnLogContext::UpstreamRetry && ctx.attempts.retrying_on_new_connection()
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let Some(problem) = pass_through::problem(e) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        let status = problem.status();
+        if session.response_written().is_none() {
+            ctx.answered = Answered::Error;
+            ctx.status = status;
+            // The connection may hold the rest of a body nobody read.
+            session.set_keepalive(None);
+            if let Err(err) = Reply::Problem(problem)
+                .write(session, Audience::Anonymous)
+                .await
+            {
+                tracing::debug!(error = %err, "could not write the error answer: the client is gone");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn upstream_request_filter(
@@ -448,6 +502,7 @@ impl ProxyHttp for Idem {
     ) -> Result<()> {
         ctx.status = resp.status.as_u16();
         ctx.upstream = ctx.upstream_started.map(|t| t.elapsed());
+        ctx.attempts.answered();
         if ctx.mark_bypass {
             reply::append_cache_status(resp, reply::CACHE_STATUS_BYPASS)?;
         }
@@ -474,6 +529,9 @@ impl ProxyHttp for Idem {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if e.is_none() {
+            ctx.attempts.finished();
+        }
         if let Some(shadow) = &mut ctx.shadow {
             shadow.finish(&self.shadow, e);
         }

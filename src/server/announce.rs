@@ -1,16 +1,21 @@
 //! The listening line and readiness: announced only once every listener is this process's
 //! own, then the periodic sweep of expired records.
 //!
-//! Pingora reports its services started before their listeners are bound, so a client that
-//! connects as soon as it reads the line could be refused (it was, in about one start in
-//! seven), or reach another process that took a port resolved from port 0 in between.
-//! Linux-only check through `/proc`; elsewhere, a successful connect.
+//! Pingora reports its services started before their listeners are bound, and retries a
+//! bind that fails ("is in use, will try again") for ever. So the line waits until each
+//! listening socket is one of this process's file descriptors (`/proc/self/net/*`), which a
+//! successful connect does not prove (the port may have been taken by another process
+//! between idem's own check and Pingora's bind). A listener not this process's own within
+//! [`GIVE_UP_AFTER`] stops idem with its address, exit status 1: idem never claims a
+//! socket it does not hold. Linux-only check; elsewhere, a successful connect.
 
+use super::Bound;
 use crate::dedup::coordinator::Coordinator;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,18 +24,24 @@ use tokio::sync::Notify;
 /// How often expired records are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// How long Pingora may take to bind a listener before idem gives up. Generous: a port in
+/// use at start-up is found at once by `concrete` (in `server`); this covers the race where
+/// another process takes it between that check and Pingora's bind, and a loaded machine
+/// must not turn a slow bind into an exit.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(10);
+
 /// Sweeps expired records, marks readiness and prints the listening line once.
 pub(crate) struct Housekeeping {
+    /// The store to sweep.
     pub(crate) coordinator: Arc<Coordinator>,
+    /// Readiness: set once every listener is this process's own.
     pub(crate) ready: Arc<AtomicBool>,
     /// The listening line waits for the signal handlers: before them, SIGTERM or SIGHUP
     /// would get the default action and kill the process.
     pub(crate) signals_installed: Arc<Notify>,
-    /// Every address idem listens on. Pingora reports its services started before their
-    /// listeners are bound, so the listening line (and readiness) also waits until each
-    /// accepts a connection: a client that connects as soon as it reads the line must not
-    /// be refused (it was, in about one start in seven).
-    pub(crate) listeners: Vec<SocketAddr>,
+    /// Every listener idem has.
+    pub(crate) listeners: Vec<Bound>,
+    /// The line to print.
     pub(crate) announce: String,
 }
 
@@ -38,8 +49,14 @@ pub(crate) struct Housekeeping {
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         self.signals_installed.notified().await;
-        for addr in &self.listeners {
-            wait_accepting(*addr).await;
+        for listener in &self.listeners {
+            if !wait_own(listener).await {
+                tracing::error!(%listener, "cannot listen: the address is not this process's within {} (in use by another process?)", humantime::format_duration(GIVE_UP_AFTER));
+                eprintln!(
+                    "idem: cannot listen on {listener}: the address is in use by another process"
+                );
+                std::process::exit(1);
+            }
         }
         self.ready.store(true, Ordering::Relaxed);
         tracing::info!("{}", self.announce);
@@ -54,33 +71,33 @@ impl BackgroundService for Housekeeping {
     }
 }
 
-/// Returns once this process listens on `addr`, or after 10 s with a warning. A connection
-/// that succeeds is not proof: a port resolved from port 0 can be taken by another process
-/// before Pingora binds it (Pingora then logs "is in use, will try again" and retries), and
-/// the connection would reach that process. So on Linux the check is that a listening socket
-/// on the port is one of this process's own file descriptors; elsewhere, that it accepts.
-async fn wait_accepting(addr: SocketAddr) {
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+/// Returns whether this process listens on `listener` within [`GIVE_UP_AFTER`].
+async fn wait_own(listener: &Bound) -> bool {
+    let give_up = tokio::time::Instant::now() + GIVE_UP_AFTER;
     loop {
-        let ready = match own_listener(addr.port()) {
-            Some(mine) => mine,
-            None => tokio::net::TcpStream::connect(addr).await.is_ok(),
+        let own = match listener {
+            Bound::Tcp(addr) => match own_tcp_listener(addr.port()) {
+                Some(own) => own,
+                None => tokio::net::TcpStream::connect(addr).await.is_ok(),
+            },
+            Bound::Unix(path) => match own_unix_listener(path) {
+                Some(own) => own,
+                None => tokio::net::UnixStream::connect(path).await.is_ok(),
+            },
         };
-        if ready {
-            return;
+        if own {
+            return true;
         }
         if tokio::time::Instant::now() >= give_up {
-            tracing::warn!(%addr, "listener not accepting connections 10 s after start");
-            return;
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
-/// Whether one of this process's sockets listens on TCP `port` (`None` where `/proc` does not
-/// tell: not Linux).
-fn own_listener(port: u16) -> Option<bool> {
-    let mut inodes = std::collections::HashSet::new();
+/// Inodes of this process's sockets (`None` where `/proc` does not tell: not Linux).
+fn own_socket_inodes() -> Option<HashSet<String>> {
+    let mut inodes = HashSet::new();
     for fd in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
         if let Ok(target) = std::fs::read_link(fd.path()) {
             let target = target.to_string_lossy();
@@ -92,6 +109,12 @@ fn own_listener(port: u16) -> Option<bool> {
             }
         }
     }
+    Some(inodes)
+}
+
+/// Whether one of this process's sockets listens on TCP `port`.
+fn own_tcp_listener(port: u16) -> Option<bool> {
+    let inodes = own_socket_inodes()?;
     let mut found = false;
     for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
@@ -110,4 +133,18 @@ fn own_listener(port: u16) -> Option<bool> {
         });
     }
     Some(found)
+}
+
+/// Whether one of this process's sockets listens on the Unix socket `path`.
+fn own_unix_listener(path: &Path) -> Option<bool> {
+    let inodes = own_socket_inodes()?;
+    let text = std::fs::read_to_string("/proc/self/net/unix").ok()?;
+    let path = path.to_string_lossy();
+    // Num RefCount Protocol Flags Type St Inode Path; listening: Flags 00010000 (accepting).
+    Some(text.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.get(3) == Some(&"00010000")
+            && f.get(6).is_some_and(|i| inodes.contains(*i))
+            && f.get(7) == Some(&&*path)
+    }))
 }

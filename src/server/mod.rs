@@ -17,6 +17,7 @@ mod signals;
 
 use crate::admin::health::HealthApp;
 use crate::admin::keys::AdminApp;
+use crate::config::address::Address;
 use crate::config::file::StoreKind;
 use crate::config::live::{Live, Snapshot};
 use crate::config::settings::Settings;
@@ -29,12 +30,10 @@ use crate::observe::metrics::Metrics;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::metrics::StoreMetrics;
 use crate::store::redis::{RedisSettings, RedisStore};
-use crate::upstream::{self, Upstream};
+use crate::upstream::Upstream;
 use announce::Housekeeping;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
-use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
@@ -42,6 +41,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use signals::{spawn_drain_watcher, Signals};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
@@ -58,21 +58,18 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-    /// A backend address could not be resolved.
-    #[error("upstream backends: {0}")]
-    Backends(std::io::Error),
 }
 
 /// Runs idem with `settings`, read from `config_path` (re-read on SIGHUP), until it is told
 /// to stop. Returns only on a start-up error.
 pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
-    let listen: Vec<SocketAddr> = settings
+    let listen: Vec<Bound> = settings
         .listen
         .iter()
-        .map(|a| concrete(a))
+        .map(concrete)
         .collect::<Result<_, _>>()?;
     let metrics_listen = concrete(&settings.metrics_listen)?;
-    let admin_listen = settings.admin_listen.as_deref().map(concrete).transpose()?;
+    let admin_listen = settings.admin_listen.as_ref().map(concrete).transpose()?;
 
     let mut conf = ServerConf {
         threads: settings.threads,
@@ -86,16 +83,14 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 
-    let lb = upstream::load_balancer(&settings.upstream).map_err(StartError::Backends)?;
-    let health = background_service("health check", lb);
-    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
-        &server.configuration,
-    )));
-    let upstream = Arc::new(Upstream::new(
-        health.task(),
-        connector,
-        settings.upstream.clone(),
-    ));
+    let upstream = Arc::new(Upstream::new(&settings.upstream, &server.configuration));
+    let unix_socket_mode = settings.unix_socket_mode;
+    let health = background_service(
+        "backends",
+        Maintain {
+            upstream: upstream.clone(),
+        },
+    );
 
     let store = MemoryStore::new(
         settings.store.max_entries,
@@ -145,12 +140,16 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         // No L4 read buffer on client connections: Pingora's HTTP/1 layer reads the head into
         // its own buffer, and the default 64 KiB buffer (zeroed by tokio) made every open
         // connection, idle or waiting on a flight, cost that much memory (BENCHMARKS.md).
-        proxy.add_listener(
-            ListenerConfig::tcp(a.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
-        );
+        let buffer = L4BufferSettings::default().read(0);
+        proxy.add_listener(match a {
+            Bound::Tcp(addr) => ListenerConfig::tcp(addr.to_string()).l4_buffer(buffer),
+            Bound::Unix(path) => ListenerConfig::uds(path.to_string_lossy())
+                .permissions(std::fs::Permissions::from_mode(unix_socket_mode))
+                .l4_buffer(buffer),
+        });
     }
 
-    let admin_service = admin_listen.map(|addr| {
+    let admin_service = admin_listen.as_ref().map(|addr| {
         let mut service = Service::new(
             "admin".to_string(),
             HttpServer::new_app(AdminApp {
@@ -182,9 +181,9 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
             signals_installed: signals_installed.clone(),
             listeners: listen
                 .iter()
-                .copied()
-                .chain([metrics_listen])
-                .chain(admin_listen)
+                .cloned()
+                .chain([metrics_listen.clone()])
+                .chain(admin_listen.clone())
                 .collect(),
             announce: format!(
                 "listening proxy={} metrics={metrics_listen}{}",
@@ -194,6 +193,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
                     .collect::<Vec<_>>()
                     .join(","),
                 admin_listen
+                    .as_ref()
                     .map(|a| format!(" admin={a}"))
                     .unwrap_or_default()
             ),
@@ -241,21 +241,63 @@ fn start_redis_store(settings: &Settings, metrics: &Metrics) -> Option<Arc<Redis
     Some(store)
 }
 
-/// Resolves `addr`; port 0 is replaced by a free port found by binding it, so that the
-/// announced address is the one Pingora listens on.
-fn concrete(addr: &str) -> Result<SocketAddr, StartError> {
+/// A listener as bound: what the `listening` line names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Bound {
+    /// A TCP socket; port 0 was replaced by the free port found.
+    Tcp(SocketAddr),
+    /// A Unix-domain socket.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Tcp(a) => write!(f, "{a}"),
+            Bound::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Resolves a listen address and makes sure this process can bind it now: a port taken by
+/// another process stops the start with its address (as nginx does), rather than Pingora
+/// retrying it for ever. Port 0 is replaced by a free port found by binding it, so that
+/// the announced address is the one Pingora listens on.
+fn concrete(addr: &Address) -> Result<Bound, StartError> {
     let err = |source| StartError::Bind {
         addr: addr.to_string(),
         source,
     };
-    let a = addr
+    let (host, port) = match addr {
+        Address::Unix(path) => return Ok(Bound::Unix(path.clone())),
+        Address::Tcp { host, port } => (host, *port),
+    };
+    let a = (host.as_str(), port)
         .to_socket_addrs()
-        .map_err(err)?
+        .map_err(|e| {
+            err(std::io::Error::new(
+                e.kind(),
+                format!("does not resolve: {e}"),
+            ))
+        })?
         .next()
-        .ok_or_else(|| err(std::io::Error::other("no address")))?;
-    if a.port() != 0 {
-        return Ok(a);
-    }
+        .ok_or_else(|| err(std::io::Error::other("does not resolve to any address")))?;
+    // Bound and closed at once: Pingora binds it again right after.
     let l = TcpListener::bind(a).map_err(err)?;
-    l.local_addr().map_err(err)
+    l.local_addr().map(Bound::Tcp).map_err(err)
+}
+
+/// Resolves names and checks backends in the background.
+struct Maintain {
+    upstream: Arc<Upstream>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Maintain {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        tokio::select! {
+            _ = self.upstream.maintain() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
 }

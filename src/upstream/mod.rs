@@ -1,4 +1,5 @@
-//! The upstream client for calls idem makes itself (leaders), on Pingora's own `Connector`.
+//! The backends and the connections to them: for calls idem makes itself (leaders, bodies it
+//! forwards), and the peers it hands Pingora's proxy path for pass-through.
 //!
 //! Failure classes follow DESIGN section 4 and decide whether a key may be freed:
 //! * [`CallError::NotSent`]: no backend received a complete request (connect refused or timed
@@ -7,22 +8,34 @@
 //! * [`CallError::Unknown`]: the complete request was written, then the connection reset,
 //!   closed or timed out. The app may be running it: the key must be held.
 //!
-//! A failed write on a reused pooled connection is the one case Pingora marks retryable that
-//! is also safe here (the app never saw a complete request), and it is covered by the first
-//! rule. An EOF while waiting for the response header is *not* retried even on a reused
-//! connection: Pingora calls it `ReusedOnly`, but the app may have run the request (see
-//! notes on Pingora 0.9.1, correction 1).
+//! Connection reuse ([`reuse`]): a request that must not be lost (a leader's, a
+//! non-idempotent pass-through) goes out on a pooled connection only when its backend has
+//! shown it keeps connections that long; otherwise on a new one. A request that may be sent
+//! again (idempotent method) uses any pooled connection, and if that one fails before any
+//! response byte it is retried once on a new connection to the same backend, before any
+//! other backend (`http::proxy`, `error_while_proxy`). A failed write on a reused
+//! connection is a request that never arrived: retried on a new connection too. An EOF while
+//! waiting for the response header is *not* retried: Pingora calls it `ReusedOnly`, but
+//! the app may have run the request.
 
-use crate::config::settings::{HealthCheckSettings, UpstreamSettings};
+pub(crate) mod backends;
+mod pool;
+pub(crate) mod reuse;
+
+use crate::config::settings::UpstreamSettings;
+use backends::{Backends, Endpoint};
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::lb::{health_check, selection::RoundRobin, Backend, LoadBalancer};
 use pingora::protocols::http::client::HttpSession as ClientSession;
+use pingora::protocols::http::v1::client::HttpSession as H1Session;
+use pingora::server::configuration::ServerConf;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
-use std::net::SocketAddr;
+use reuse::{keep_alive_timeout, Learned, PROBATION};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Why a call produced no response.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -40,83 +53,113 @@ pub(crate) enum CallError {
     },
 }
 
-/// The backend pool: round robin over health-checked backends, one connection pool.
-pub(crate) struct Upstream {
-    lb: Arc<LoadBalancer<RoundRobin>>,
-    connector: Connector,
-    settings: UpstreamSettings,
+/// Whether a pass-through request may be sent twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resend {
+    /// An idempotent method: any pooled connection; retried on a new one if it fails
+    /// before any response byte.
+    Allowed,
+    /// It must not be lost: a pooled connection only within its backend's reuse window.
+    Forbidden,
+    /// The retry after a pooled connection failed: a new connection.
+    OnNewConnection,
 }
 
-/// Builds the load balancer with its health check; the caller runs it as a background service.
-pub(crate) fn load_balancer(
-    settings: &UpstreamSettings,
-) -> std::io::Result<LoadBalancer<RoundRobin>> {
-    let mut lb =
-        LoadBalancer::<RoundRobin>::try_from_iter(settings.backends.iter().map(String::as_str))?;
-    match &settings.health_check {
-        HealthCheckSettings::None => {}
-        HealthCheckSettings::Tcp => {
-            let mut hc = health_check::TcpHealthCheck::new();
-            hc.peer_template.options.connection_timeout = Some(settings.connect_timeout);
-            lb.set_health_check(hc);
-        }
-        HealthCheckSettings::Http { path } => {
-            let mut hc = health_check::HttpHealthCheck::new("localhost", false);
-            hc.req = RequestHeader::build("GET", path.as_bytes(), None)
-                .expect("validated health check path");
-            hc.req
-                .insert_header("host", "localhost")
-                .expect("static header");
-            hc.peer_template.options.connection_timeout = Some(settings.connect_timeout);
-            lb.set_health_check(Box::new(hc));
-        }
-    }
-    lb.health_check_frequency = Some(settings.health_check_interval);
-    Ok(lb)
+/// Pingora's pool is keyed by peer, group key included: requests that must not be lost
+/// pool apart from the others, so they never take a connection older than their window.
+const GROUP_ANY_AGE: u64 = 0;
+const GROUP_WITHIN_WINDOW: u64 = 1;
+/// Group keys from here up are used once each: a new connection.
+const GROUP_NEW: u64 = 1 << 63;
+
+/// The backends, health checked, and the connections to them.
+pub(crate) struct Upstream {
+    backends: Arc<Backends>,
+    connector: Arc<TransportConnector>,
+    settings: UpstreamSettings,
+    new_groups: AtomicU64,
 }
 
 impl Upstream {
-    /// Wraps the running load balancer and a connector for detached calls.
-    pub(crate) fn new(
-        lb: Arc<LoadBalancer<RoundRobin>>,
-        connector: Connector,
-        settings: UpstreamSettings,
-    ) -> Upstream {
+    /// Resolves the backends (blocking: before serving) and prepares the connector.
+    pub(crate) fn new(settings: &UpstreamSettings, conf: &ServerConf) -> Upstream {
         Upstream {
-            lb,
-            connector,
-            settings,
+            backends: Backends::resolve(settings),
+            connector: Arc::new(TransportConnector::new(Some(
+                ConnectorOptions::from_server_conf(conf),
+            ))),
+            settings: settings.clone(),
+            new_groups: AtomicU64::new(GROUP_NEW),
         }
     }
 
-    /// The peer for `backend`, with the configured timeouts.
-    pub(crate) fn peer(&self, backend: &Backend) -> HttpPeer {
-        let mut peer = HttpPeer::new(backend.addr.clone(), false, String::new());
-        peer.options.connection_timeout = Some(self.settings.connect_timeout);
-        peer.options.read_timeout = Some(self.settings.read_timeout);
-        peer.options.write_timeout = Some(self.settings.read_timeout);
-        peer.options.idle_timeout = Some(self.settings.pool_idle_timeout);
+    /// Resolves names again and checks health, forever (run as a background task).
+    pub(crate) async fn maintain(&self) {
+        self.backends.clone().maintain(self.connector.clone()).await
+    }
+
+    /// The next backend not in `tried` (endpoint ids).
+    pub(crate) fn select(&self, tried: &[u64]) -> Option<Arc<Endpoint>> {
+        self.backends.select(tried)
+    }
+
+    /// Number of backend endpoints now.
+    pub(crate) fn endpoint_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Whether any backend passed its last health check.
+    pub(crate) fn any_healthy(&self) -> bool {
+        self.backends.any_up()
+    }
+
+    /// The peer Pingora's proxy path connects to for a pass-through request to `e` (see
+    /// [`Resend`] and the module doc).
+    pub(crate) fn pass_through_peer(&self, e: &Endpoint, resend: Resend) -> HttpPeer {
+        let now = Instant::now();
+        let cap = self.settings.pool_idle_timeout;
+        let mut peer = e.peer.clone();
+        let pooled = match resend {
+            // A backend known to close after responses: pooling would only make retries.
+            Resend::Allowed => Some((GROUP_ANY_AGE, e.reuse.keep_for(cap, now)))
+                .filter(|(_, keep)| *keep >= PROBATION.min(cap)),
+            Resend::Forbidden => Some((GROUP_WITHIN_WINDOW, e.reuse.window(cap, now)))
+                .filter(|(_, window)| !window.is_zero()),
+            Resend::OnNewConnection => None,
+        };
+        // A group used once is never looked up again: its connection is closed as soon as
+        // it is released.
+        let (group, idle) = pooled.unwrap_or_else(|| (self.new_group(), Duration::ZERO));
+        peer.group_key = group;
+        peer.options.idle_timeout = Some(idle);
         peer
     }
 
-    /// The next backend not in `tried`: healthy ones first, then any (a health check may lag
-    /// behind a backend that just came back).
-    pub(crate) fn select(&self, tried: &[SocketAddr]) -> Option<Backend> {
-        let untried = |b: &Backend| b.addr.as_inet().map(|a| !tried.contains(a)).unwrap_or(true);
-        let n = self.settings.backends.len() * 2 + 1;
-        self.lb
-            .select_with(b"", n, |b, healthy| healthy && untried(b))
-            .or_else(|| self.lb.select_with(b"", n, |b, _| untried(b)))
+    fn new_group(&self) -> u64 {
+        self.new_groups.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Number of configured backends.
-    pub(crate) fn backend_count(&self) -> usize {
-        self.settings.backends.len()
-    }
-
-    /// Whether any backend currently passes its health check.
-    pub(crate) fn any_healthy(&self) -> bool {
-        self.lb.select(b"", self.backend_count() * 2 + 1).is_some()
+    /// A connection to `e` for a request that must not be lost: a pooled one within the
+    /// backend's reuse window, else a new one.
+    async fn connect(&self, e: &Endpoint, fresh: bool) -> pingora::Result<Conn> {
+        if !fresh {
+            let window = e
+                .reuse
+                .window(self.settings.pool_idle_timeout, Instant::now());
+            if let Some((stream, idle)) = e.pool.take(window).await {
+                let session = ClientSession::H1(H1Session::new_with_options(stream, &e.peer));
+                return Ok(Conn {
+                    session,
+                    idle: Some(idle),
+                });
+            }
+        }
+        let stream = self.connector.new_stream(&e.peer).await?;
+        let session = ClientSession::H1(H1Session::new_with_options(stream, &e.peer));
+        Ok(Conn {
+            session,
+            idle: None,
+        })
     }
 
     /// Sends `req` with `body` and reads the response header, trying each backend once when
@@ -130,84 +173,141 @@ impl Upstream {
         req: &RequestHeader,
         body: &Bytes,
     ) -> Result<Exchange, CallError> {
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last = String::from("no backend configured");
-        // Each backend once, plus one extra attempt for a stale pooled connection.
-        for _ in 0..self.backend_count() + 1 {
-            let Some(backend) = self.select(&tried) else {
+        let mut tried: Vec<u64> = Vec::new();
+        let mut last = String::from("no backend resolves");
+        // A pooled connection that failed during the write: the same backend again, new.
+        let mut again: Option<Arc<Endpoint>> = None;
+        loop {
+            let fresh = again.is_some();
+            let Some(e) = again.take().or_else(|| self.select(&tried)) else {
                 break;
             };
-            let peer = self.peer(&backend);
-            let (mut session, reused) = match self.connector.get_http_session(&peer).await {
-                Ok(s) => s,
-                Err(e) => {
-                    last = format!("{}: {e}", backend.addr);
-                    if let Some(a) = backend.addr.as_inet() {
-                        tried.push(*a);
-                    }
+            let mut conn = match self.connect(&e, fresh).await {
+                Ok(c) => c,
+                Err(err) => {
+                    last = format!("{}: {}", e.label, err);
+                    tried.push(e.id);
                     continue;
                 }
             };
-            session.set_read_timeout(Some(self.settings.read_timeout));
-            session.set_write_timeout(Some(self.settings.read_timeout));
-            if let Err(e) = write_request(&mut session, req, body).await {
-                last = format!("{}: {e}", backend.addr);
-                session.shutdown().await;
-                // A fresh connection that fails mid-write is a dead backend; a reused one may
-                // just have been closed by the backend while idle: retry it once.
-                if !reused {
-                    if let Some(a) = backend.addr.as_inet() {
-                        tried.push(*a);
+            conn.session
+                .set_read_timeout(Some(self.settings.read_timeout));
+            conn.session
+                .set_write_timeout(Some(self.settings.read_timeout));
+            if let Err(err) = write_request(&mut conn.session, req, body).await {
+                last = format!("{}: {}", e.label, err);
+                conn.session.shutdown().await;
+                match conn.idle {
+                    // The backend had closed it: nothing reached the app.
+                    Some(idle) => {
+                        self.learned(&e, e.reuse.closed(idle, Instant::now()));
+                        again = Some(e);
                     }
+                    None => tried.push(e.id),
                 }
                 continue;
             }
             // From here on the app may have the complete request.
-            if let Err(e) = read_final_header(&mut session).await {
-                session.shutdown().await;
-                return Err(unknown(&backend, &e));
+            if let Err(err) = read_final_header(&mut conn.session).await {
+                conn.session.shutdown().await;
+                if let Some(idle) = conn.idle {
+                    tracing::warn!(
+                        backend = %e.label,
+                        idle_ms = idle.as_millis() as u64,
+                        "a pooled connection within the backend's reuse window failed after the request was sent"
+                    );
+                    self.learned(&e, e.reuse.closed(idle, Instant::now()));
+                }
+                return Err(unknown(&e, &err));
             }
             return Ok(Exchange {
-                session,
-                peer,
-                backend,
+                session: conn.session,
+                endpoint: e,
             });
         }
         Err(CallError::NotSent(last))
     }
 
-    /// A connection to any backend, for a pass-through idem performs itself (see
-    /// `http::body::forward_consumed`): no retry, not deduplicated.
-    pub(crate) async fn connect_any(&self) -> pingora::Result<(ClientSession, HttpPeer)> {
-        let backend = self
+    /// A connection to any backend for a pass-through idem performs itself (a body it
+    /// already consumed, `http::body::forward_consumed`): it must not be lost.
+    pub(crate) async fn connect_any(&self) -> pingora::Result<(ClientSession, Arc<Endpoint>)> {
+        let e = self
             .select(&[])
-            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend"))?;
-        let peer = self.peer(&backend);
-        let (session, _reused) = self.connector.get_http_session(&peer).await?;
-        Ok((session, peer))
+            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no backend resolves"))?;
+        let conn = self.connect(&e, false).await?;
+        Ok((conn.session, e))
     }
 
-    /// Returns a connection from [`Upstream::connect_any`], fully read, to the pool.
-    pub(crate) async fn release_session(&self, session: ClientSession, peer: &HttpPeer) {
-        self.connector
-            .release_http_session(session, peer, peer.options.idle_timeout)
-            .await;
+    /// Returns a connection whose response was read to the end to `e`'s pool, if the backend
+    /// keeps it and is worth keeping it for.
+    pub(crate) async fn release_session(&self, session: ClientSession, e: &Arc<Endpoint>) {
+        let ClientSession::H1(mut h1) = session else {
+            return;
+        };
+        h1.respect_keepalive();
+        if let Some(t) = h1
+            .resp_header()
+            .and_then(|h| h.headers.get("keep-alive"))
+            .and_then(|v| keep_alive_timeout(v.as_bytes()))
+        {
+            e.reuse.hint(t);
+        }
+        let keep_for = e
+            .reuse
+            .keep_for(self.settings.pool_idle_timeout, Instant::now());
+        let Some(stream) = h1.reuse().await else {
+            return;
+        };
+        // A backend known to close after responses: nothing to keep, nothing to learn.
+        if keep_for < PROBATION.min(self.settings.pool_idle_timeout) {
+            return;
+        }
+        let label = e.label.clone();
+        e.pool.put(stream, keep_for, e.reuse.clone(), move |l| {
+            log_learned(&label, l)
+        });
     }
 
-    /// Returns a fully read connection to the pool.
+    /// Returns a fully read exchange's connection to its pool.
     pub(crate) async fn release(&self, ex: Exchange) {
-        let Exchange { session, peer, .. } = ex;
-        self.connector
-            .release_http_session(session, &peer, peer.options.idle_timeout)
-            .await;
+        let Exchange { session, endpoint } = ex;
+        self.release_session(session, &endpoint).await;
     }
+
+    fn learned(&self, e: &Endpoint, l: Learned) {
+        log_learned(&e.label, l);
+    }
+}
+
+/// One log line when a backend's reuse rule changes.
+pub(crate) fn log_learned(backend: &str, l: Learned) {
+    match l {
+        Learned::Nothing => {}
+        Learned::ClosesAfterResponses => tracing::info!(
+            backend,
+            "backend closes connections right after its responses without saying so: requests that must not be lost get a new connection each"
+        ),
+        Learned::ClosesIdleAfter(d) => tracing::info!(
+            backend,
+            "backend closes idle connections after {} without saying so: idle connections to it are kept at most half that",
+            humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+        ),
+        Learned::KeepsConnections => {
+            tracing::debug!(backend, "backend keeps connections: pooled ones may carry any request")
+        }
+    }
+}
+
+/// A connection for one call, and how long it was idle if it came from the pool.
+struct Conn {
+    session: ClientSession,
+    idle: Option<Duration>,
 }
 
 /// An upstream exchange whose response header has arrived.
 pub(crate) struct Exchange {
     session: ClientSession,
-    peer: HttpPeer,
-    backend: Backend,
+    endpoint: Arc<Endpoint>,
 }
 
 impl Exchange {
@@ -222,7 +322,7 @@ impl Exchange {
     pub(crate) async fn read_body(&mut self) -> Result<Option<Bytes>, CallError> {
         match self.session.read_response_body().await {
             Ok(b) => Ok(b),
-            Err(e) => Err(unknown(&self.backend, &e)),
+            Err(e) => Err(unknown(&self.endpoint, &e)),
         }
     }
 
@@ -259,13 +359,13 @@ pub(crate) async fn read_final_header(s: &mut ClientSession) -> pingora::Result<
     }
 }
 
-fn unknown(backend: &Backend, e: &Error) -> CallError {
-    let status = match e.etype() {
+fn unknown(e: &Endpoint, err: &Error) -> CallError {
+    let status = match err.etype() {
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
         _ => 502,
     };
     CallError::Unknown {
         status,
-        reason: format!("{}: {e}", backend.addr),
+        reason: format!("{}: {err}", e.label),
     }
 }

@@ -1,0 +1,170 @@
+//! Pass-through on Pingora's proxy path: which backend and which connection each attempt
+//! takes, when a failed attempt is tried again, and what the client gets when none works.
+//!
+//! Attempts: a connect failure moves to the next backend (nothing was sent). A pooled
+//! connection that fails before any response byte, for a request that may be sent again
+//! (idempotent method, body not truncated from the retry buffer), is retried once on a new
+//! connection to the same backend, before any other (`upstream::Resend`). Anything else is
+//! final.
+//!
+//! What idem learns on the way: each attempt on a pooled connection knows how long that
+//! connection sat idle (Pingora does not say, so idem notes when it returned a connection,
+//! by descriptor, and looks it up when Pingora reuses it). A success says the backend kept
+//! it that long; a failure says it did not, which shortens how long idem pools connections
+//! to that backend (`upstream::reuse`).
+//!
+//! Failures are answered by idem, as problem+json, never 500: 502 `upstream-unreachable`
+//! (nothing was sent: no backend answered the connect, or none resolves), 504
+//! `upstream-timeout`, 502 `upstream-failed` (the backend failed after receiving the
+//! request; it may have run it), 400 `bad-request` (the client's framing). Counted as the
+//! outcome `error`.
+
+use crate::http::problem::Problem;
+use crate::upstream::backends::Endpoint;
+use crate::upstream::{Resend, Upstream};
+use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, RetryType};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One request's pass-through attempts.
+#[derive(Default)]
+pub(crate) struct Attempts {
+    /// Backends a connect failed to.
+    tried: Vec<u64>,
+    /// The backend of the attempt in progress.
+    current: Option<Arc<Endpoint>>,
+    /// The next attempt goes to this backend on a new connection.
+    again: Option<Arc<Endpoint>>,
+    /// The connection of the attempt in progress: its descriptor, and how long it had been
+    /// idle in Pingora's pool (`None`: new).
+    conn: Option<(i32, Option<Duration>)>,
+    /// Any attempt made: a later one re-sends the body from the start.
+    started: bool,
+}
+
+impl Attempts {
+    /// Whether an attempt was already made (the body is sent again from the start).
+    pub(crate) fn is_retry(&self) -> bool {
+        self.started
+    }
+
+    /// The peer for the next attempt.
+    pub(crate) fn next_peer(
+        &mut self,
+        upstream: &Upstream,
+        session: &Session,
+    ) -> pingora::Result<HttpPeer> {
+        let (e, resend) = match self.again.take() {
+            Some(e) => (e, Resend::OnNewConnection),
+            None => {
+                let e = upstream.select(&self.tried).ok_or_else(|| {
+                    Error::explain(ErrorType::ConnectNoRoute, "no backend left to try")
+                })?;
+                let resend = if may_resend(session) {
+                    Resend::Allowed
+                } else {
+                    Resend::Forbidden
+                };
+                (e, resend)
+            }
+        };
+        self.started = true;
+        self.conn = None;
+        let peer = upstream.pass_through_peer(&e, resend);
+        self.current = Some(e);
+        Ok(peer)
+    }
+
+    /// The connection Pingora took for the attempt.
+    pub(crate) fn connected(&mut self, reused: bool, fd: i32) {
+        let idle = self
+            .current
+            .as_ref()
+            .and_then(|e| e.released.lock().remove(&fd))
+            .filter(|_| reused)
+            .map(|at| at.elapsed());
+        self.conn = Some((fd, idle));
+    }
+
+    /// A connect failed: the next backend, if any is left.
+    pub(crate) fn connect_failed(&mut self, upstream: &Upstream, e: &mut Error) {
+        if let Some(current) = &self.current {
+            self.tried.push(current.id);
+        }
+        if self.tried.len() < upstream.endpoint_count() {
+            e.set_retry(true);
+        }
+    }
+
+    /// An attempt failed after its connection was made: retried on a new connection to the
+    /// same backend when that is safe (see the module doc).
+    pub(crate) fn failed(&mut self, session: &Session, e: &mut Error, reused: bool) {
+        if let (Some(current), Some((_, Some(idle)))) = (&self.current, self.conn) {
+            crate::upstream::log_learned(
+                &current.label,
+                current.reuse.closed(idle, Instant::now()),
+            );
+        }
+        // Pingora marks a failure before the response header on a reused connection
+        // `ReusedOnly`: the request may have reached the app, so only a request that may be
+        // sent again is retried.
+        let before_response = matches!(e.retry, RetryType::ReusedOnly);
+        if reused && before_response && may_resend(session) {
+            self.again = self.current.clone();
+            e.set_retry(true);
+        } else {
+            e.set_retry(false);
+        }
+    }
+
+    /// The response header arrived on the attempt's connection.
+    pub(crate) fn answered(&self) {
+        if let (Some(current), Some((_, Some(idle)))) = (&self.current, self.conn) {
+            crate::upstream::log_learned(&current.label, current.reuse.survived(idle));
+        }
+    }
+
+    /// The request is over; Pingora has returned its connection to the pool (or closed it).
+    pub(crate) fn finished(&self) {
+        if let (Some(current), Some((fd, _))) = (&self.current, self.conn) {
+            current.released.lock().insert(fd, Instant::now());
+        }
+    }
+
+    /// Whether the attempt in progress is being retried on a new connection (Pingora's own
+    /// retry warning would only say what is expected).
+    pub(crate) fn retrying_on_new_connection(&self) -> bool {
+        self.again.is_some()
+    }
+}
+
+/// Whether the request may be sent again: an idempotent method whose body, if any, is
+/// still whole in Pingora's retry buffer.
+fn may_resend(session: &Session) -> bool {
+    session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated()
+}
+
+/// The problem a failed pass-through is answered with; `None` when the client is gone.
+pub(crate) fn problem(e: &Error) -> Option<Problem> {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(code) if *code >= 500 => Some(Problem::UpstreamFailed),
+        HTTPStatus(_) => Some(Problem::BadRequest),
+        ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | BindError
+        | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => {
+            Some(Problem::UpstreamUnreachable)
+        }
+        ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
+            Some(Problem::UpstreamTimeout)
+        }
+        _ => match e.esource() {
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => None,
+                _ => Some(Problem::BadRequest),
+            },
+            _ => Some(Problem::UpstreamFailed),
+        },
+    }
+}
