@@ -46,7 +46,8 @@ pub const POST_RESPONSE_WORK: Duration = Duration::from_millis(2);
 pub enum AppServerKind {
     /// gunicorn, sync workers: one request per connection, announced with `Connection: close`.
     GunicornSync,
-    /// gunicorn, gthread workers: keep-alive, closed after `--keep-alive` idle seconds.
+    /// gunicorn, gthread workers: keep-alive, closed after `--keep-alive` idle seconds (checked
+    /// once a second, so 1 to 2 s).
     GunicornGthread,
     /// uWSGI `--http-socket`: answers HTTP/1.1 with Content-Length and no `Connection: close`,
     /// then closes the connection once the app is done (the incident of issue 11).
@@ -55,7 +56,8 @@ pub enum AppServerKind {
     UwsgiHttp11Socket,
     /// uvicorn (h11): keep-alive, closed after `--timeout-keep-alive` idle seconds.
     Uvicorn,
-    /// Node's `http` module: keep-alive, closed after `server.keepAliveTimeout`.
+    /// Node's `http` module: keep-alive, closed after `server.keepAliveTimeout` (the
+    /// `Keep-Alive: timeout=1` it announces) plus a second of its own (Node 20 measured: 2 s).
     NodeHttp,
 }
 
