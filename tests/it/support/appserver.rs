@@ -389,7 +389,7 @@ pub struct AppServer {
     listen: Listen,
     exec_log: PathBuf,
     output: PathBuf,
-    // Last, so the files go only after the processes.
+    /// Holds the logs and the Unix socket; removed after Drop has killed the processes.
     dir: TempDir,
 }
 
