@@ -2,6 +2,7 @@
 
 mod support;
 
+mod app_servers;
 mod dedup;
 mod failures;
 mod observability;

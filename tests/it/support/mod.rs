@@ -5,6 +5,7 @@
 //! module uses only part of this API, hence the blanket allowances.
 #![allow(dead_code, unused_imports)]
 
+pub mod appserver;
 pub mod backend;
 pub mod client;
 pub mod config;
@@ -17,6 +18,7 @@ mod redis;
 use std::time::Duration;
 
 pub use self::redis::{value_kind, RedisCluster, RedisServer};
+pub use appserver::{AppServer, AppServerKind, Execution, KEEP_ALIVE, POST_RESPONSE_WORK};
 pub use backend::{free_addr, free_port, pattern, Backend, Counts, Gate, RecordedRequest, Row};
 pub use client::{
     chunked_body, client, client_with_timeout, h2c_client, http_request, raw_request,
