@@ -51,6 +51,16 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
+            let preflight = idem::server::preflight(&settings);
+            for w in &preflight.warnings {
+                eprintln!("idem: warning: {}: {w}", cli.config.display());
+            }
+            for e in &preflight.errors {
+                eprintln!("idem: {}: {e}", cli.config.display());
+            }
+            if !preflight.errors.is_empty() {
+                return ExitCode::from(1);
+            }
             println!("{}: ok", cli.config.display());
             ExitCode::SUCCESS
         }

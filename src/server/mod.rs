@@ -241,6 +241,49 @@ fn start_redis_store(settings: &Settings, metrics: &Metrics) -> Option<Arc<Redis
     Some(store)
 }
 
+/// What `idem check` finds beyond the file itself: names that do not resolve.
+#[derive(Debug, Default)]
+pub struct Preflight {
+    /// Reasons idem would not start (a listener whose name does not resolve).
+    pub errors: Vec<String>,
+    /// Worth knowing, not fatal (a backend whose name does not resolve yet: idem starts
+    /// with it down).
+    pub warnings: Vec<String>,
+}
+
+/// Resolves the names in `settings` as a start would, without binding anything (the
+/// running idem may hold those ports).
+pub fn preflight(settings: &Settings) -> Preflight {
+    let mut p = Preflight::default();
+    let resolves = |a: &Address| match a {
+        Address::Tcp { host, port } => (host.as_str(), *port)
+            .to_socket_addrs()
+            .map(|mut it| it.next().is_some())
+            .unwrap_or(false),
+        Address::Unix(_) => true,
+    };
+    let listeners = settings
+        .listen
+        .iter()
+        .map(|a| ("server.listen", a))
+        .chain([("metrics.listen", &settings.metrics_listen)])
+        .chain(settings.admin_listen.iter().map(|a| ("admin.listen", a)));
+    for (key, a) in listeners {
+        if !resolves(a) {
+            p.errors.push(format!("{key}: {a} does not resolve"));
+        }
+    }
+    for b in &settings.upstream.backends {
+        if !resolves(b) {
+            p.warnings.push(format!(
+                "upstream.backends: {b} does not resolve (yet): idem starts with it down and resolves it again every {}",
+                humantime::format_duration(settings.upstream.resolve_interval)
+            ));
+        }
+    }
+    p
+}
+
 /// A listener as bound: what the `listening` line names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Bound {

@@ -99,11 +99,7 @@ impl Backends {
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
         });
-        let found: Vec<_> = settings
-            .backends
-            .iter()
-            .map(|a| lookup_blocking(a))
-            .collect();
+        let found: Vec<_> = settings.backends.iter().map(lookup_blocking).collect();
         backends.apply(found);
         backends
     }

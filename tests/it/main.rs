@@ -10,6 +10,7 @@ mod operations;
 mod passthrough_ops;
 mod redis_replicas;
 mod reliability;
+mod startup;
 
 /// The backend is the yardstick for every idem test, so it is tested on its
 /// own first: if these fail, idem test failures mean nothing.
