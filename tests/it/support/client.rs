@@ -140,6 +140,44 @@ impl RawConn {
         }
     }
 
+    /// Connects from `source` (any 127.0.0.0/8 address is local on Linux), so that a
+    /// front proxy's view of the client differs from its own loopback address.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> RawConn {
+        let socket = match source {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .expect("raw client: socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .unwrap_or_else(|e| panic!("raw client: bind {source}: {e}"));
+        let stream = socket
+            .connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("raw client: connect {addr} from {source}: {e}"));
+        let _ = stream.set_nodelay(true);
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Every byte until the server closes the connection (bounded), unparsed: for tests
+    /// about the exact framing of a response.
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        let deadline = Instant::now() + RAW_TIMEOUT;
+        loop {
+            match self.fill(deadline).await {
+                Ok(()) => {}
+                Err(RawError::Closed { .. }) => return std::mem::take(&mut self.buf),
+                Err(e) => panic!(
+                    "raw client: reading to the end: {e}; received {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            }
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream
             .write_all(bytes)
