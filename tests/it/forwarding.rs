@@ -63,6 +63,15 @@ impl Fwd {
     }
 }
 
+/// Asserts every path's fields at once, so a failure shows which of idem's two paths
+/// (pass-through, dedup) is wrong, or both.
+#[track_caller]
+fn assert_fwd(got: &[(String, Fwd)], want: Fwd) {
+    let expected: Vec<(String, &Fwd)> = got.iter().map(|(p, _)| (p.clone(), &want)).collect();
+    let got: Vec<(String, &Fwd)> = got.iter().map(|(p, f)| (p.clone(), f)).collect();
+    assert_eq!(got, expected);
+}
+
 fn lines(req: &RecordedRequest, name: &str) -> Vec<String> {
     req.header_values(name)
         .into_iter()
@@ -257,21 +266,20 @@ async fn behind_nginx_the_backend_sees_the_clients_scheme_and_address_chain() {
     let idem = Idem::start(&config.to_string()).await;
     let nginx = Nginx::start(&nginx_forwarding(&format!("http://{}", idem.addr()))).await;
     let mut seen = Vec::new();
+    let mut got = Vec::new();
     for (path, request) in both_paths("/fwd/", CLIENT_HEADERS) {
-        let resp = send_from(nginx.addr(), CLIENT, &request).await;
-        seen.push(resp);
-        let req = only_request(&b, &path).await;
-        assert_eq!(
-            Fwd::of(&req),
-            Fwd::one(
-                "203.0.113.7, 127.0.0.2, 127.0.0.1",
-                "https",
-                "shop.example",
-                "443"
-            ),
-            "{path}"
-        );
+        seen.push(send_from(nginx.addr(), CLIENT, &request).await);
+        got.push((path.clone(), Fwd::of(&only_request(&b, &path).await)));
     }
+    assert_fwd(
+        &got,
+        Fwd::one(
+            "203.0.113.7, 127.0.0.2, 127.0.0.1",
+            "https",
+            "shop.example",
+            "443",
+        ),
+    );
     assert_paths(&seen[0], &seen[1]);
 }
 
@@ -289,20 +297,20 @@ async fn behind_haproxy_every_forwarded_for_line_is_joined_in_order() {
     )
     .await;
     let mut seen = Vec::new();
+    let mut got = Vec::new();
     for (path, request) in both_paths("/fwd/", CLIENT_HEADERS) {
         seen.push(send_from(haproxy.addr(), CLIENT, &request).await);
-        let req = only_request(&b, &path).await;
-        assert_eq!(
-            Fwd::of(&req),
-            Fwd::one(
-                "203.0.113.7, 127.0.0.2, 127.0.0.1",
-                "https",
-                "shop.example",
-                "443"
-            ),
-            "{path}"
-        );
+        got.push((path.clone(), Fwd::of(&only_request(&b, &path).await)));
     }
+    assert_fwd(
+        &got,
+        Fwd::one(
+            "203.0.113.7, 127.0.0.2, 127.0.0.1",
+            "https",
+            "shop.example",
+            "443",
+        ),
+    );
     assert_paths(&seen[0], &seen[1]);
 }
 
@@ -324,28 +332,32 @@ async fn a_trusted_peers_forwarded_lines_are_joined_and_extended() {
         ("forwarded", "for=198.51.100.1, for=\"[2001:db8::1]\""),
     ];
     let mut seen = Vec::new();
+    let mut got = Vec::new();
+    let mut forwarded = Vec::new();
     for (path, request) in both_paths("/fwd/", &headers) {
         seen.push(raw_request(idem.addr(), &request).await);
         let req = only_request(&b, &path).await;
-        assert_eq!(
-            Fwd::of(&req),
-            Fwd::one(
-                "203.0.113.7, 198.51.100.1, 192.0.2.5, 127.0.0.1",
-                "https",
-                "shop.example",
-                "8443"
-            ),
-            "{path}"
-        );
-        assert_eq!(
-            lines(&req, "forwarded"),
-            vec![
-                "for=203.0.113.7;proto=https, for=198.51.100.1, for=\"[2001:db8::1]\", \
-                 for=127.0.0.1"
-            ],
-            "{path}"
-        );
+        got.push((path.clone(), Fwd::of(&req)));
+        forwarded.push((path, lines(&req, "forwarded")));
     }
+    assert_fwd(
+        &got,
+        Fwd::one(
+            "203.0.113.7, 198.51.100.1, 192.0.2.5, 127.0.0.1",
+            "https",
+            "shop.example",
+            "8443",
+        ),
+    );
+    let joined = "for=203.0.113.7;proto=https, for=198.51.100.1, for=\"[2001:db8::1]\", \
+                  for=127.0.0.1";
+    assert_eq!(
+        forwarded,
+        vec![
+            ("/fwd/pass".to_owned(), vec![joined.to_owned()]),
+            ("/fwd/keyed".to_owned(), vec![joined.to_owned()]),
+        ]
+    );
     assert_paths(&seen[0], &seen[1]);
 }
 
@@ -375,16 +387,22 @@ async fn an_untrusted_peers_forwarding_headers_are_replaced() {
         ("forwarded", "for=203.0.113.7;proto=https;host=bank.example"),
     ];
     let mut seen = Vec::new();
+    let mut got = Vec::new();
+    let mut forwarded = Vec::new();
     for (path, request) in both_paths("/fwd/", &headers) {
         seen.push(raw_request(idem.addr(), &request).await);
         let req = only_request(&b, &path).await;
-        assert_eq!(
-            Fwd::of(&req),
-            Fwd::one("127.0.0.1", "http", &authority, &port),
-            "{path}"
-        );
-        assert_eq!(lines(&req, "forwarded"), vec!["for=127.0.0.1"], "{path}");
+        got.push((path.clone(), Fwd::of(&req)));
+        forwarded.push((path, lines(&req, "forwarded")));
     }
+    assert_fwd(&got, Fwd::one("127.0.0.1", "http", &authority, &port));
+    assert_eq!(
+        forwarded,
+        vec![
+            ("/fwd/pass".to_owned(), vec!["for=127.0.0.1".to_owned()]),
+            ("/fwd/keyed".to_owned(), vec!["for=127.0.0.1".to_owned()]),
+        ]
+    );
     assert_paths(&seen[0], &seen[1]);
 }
 
@@ -402,15 +420,12 @@ async fn behind_an_untrusted_nginx_its_claims_are_replaced() {
     let authority = idem.addr().to_string();
     let port = idem.addr().port().to_string();
     let mut seen = Vec::new();
+    let mut got = Vec::new();
     for (path, request) in both_paths("/fwd/", CLIENT_HEADERS) {
         seen.push(send_from(nginx.addr(), CLIENT, &request).await);
-        let req = only_request(&b, &path).await;
-        assert_eq!(
-            Fwd::of(&req),
-            Fwd::one("127.0.0.1", "http", &authority, &port),
-            "{path}"
-        );
+        got.push((path.clone(), Fwd::of(&only_request(&b, &path).await)));
     }
+    assert_fwd(&got, Fwd::one("127.0.0.1", "http", &authority, &port));
     assert_paths(&seen[0], &seen[1]);
 }
 

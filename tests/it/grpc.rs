@@ -366,7 +366,11 @@ async fn a_call_that_never_reached_the_backend_is_not_held() {
 
     let server = GrpcServer::start_on(port).await;
     let up = grpc_calls(idem.addr(), call).await;
-    assert_eq!(up[0]["code"], "OK", "the key was held: {}", up[0]);
+    assert_eq!(
+        up[0]["code"], "OK",
+        "the retry with the server up did not execute: {}",
+        up[0]
+    );
     assert_eq!(up[0]["responses"], json!(["echo:x#1"]));
     assert_eq!(server.lines(), vec!["Unary start 1 d-1", "Unary done 1"]);
     drop(reserved);

@@ -213,6 +213,7 @@ async fn http10_response_of_unknown_length_is_close_delimited() {
             ],
         ),
     ];
+    let mut got = Vec::new();
     for (method, path, extra) in cases {
         let mut head =
             format!("{method} {path} HTTP/1.0\r\nhost: idem.test\r\nx-body-size: 3000\r\n");
@@ -228,20 +229,24 @@ async fn http10_response_of_unknown_length_is_close_delimited() {
         conn.send(head.as_bytes()).await;
         let bytes = conn.read_to_end().await;
         let (status, headers, body) = split_raw(&bytes);
-        assert_eq!(status, 200, "{path}: {headers:?}");
-        let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
-        assert!(
-            !names.contains(&"transfer-encoding"),
-            "{path}: chunked to an HTTP/1.0 client: {headers:?}"
-        );
-        assert!(!names.contains(&"content-length"), "{path}: {headers:?}");
-        assert_eq!(
-            body,
-            pattern(3000),
-            "{path}: the body must be exactly the origin's bytes, then EOF"
-        );
+        let framing: Vec<String> = headers
+            .iter()
+            .filter(|(n, _)| n == "transfer-encoding" || n == "content-length")
+            .map(|(n, v)| format!("{n}: {v}"))
+            .collect();
+        // Whether the bytes after the head are exactly the origin's body (read to EOF).
+        let exact = body == pattern(3000);
+        got.push((path, status, framing, exact));
         assert_eq!(b.settled(path).await, ONE_CALL, "{path}");
     }
+    let want: Vec<_> = cases
+        .iter()
+        .map(|(_, path, _)| (*path, 200, Vec::<String>::new(), true))
+        .collect();
+    assert_eq!(
+        got, want,
+        "(path, status, framing headers, body exactly the origin's bytes then EOF)"
+    );
 }
 
 /// `Connection: keep-alive` from an HTTP/1.0 client is honoured when the length is known:
@@ -298,6 +303,13 @@ idempotency-key: ka-1\r\ncontent-length: 3\r\n\r\nx=1"
 // Pipelining
 // ---------------------------------------------------------------------------
 
+/// The next response on `conn`, failing with which one was missing.
+async fn next_response(conn: &mut RawConn, which: &str) -> RawResponse {
+    conn.try_read_response(false)
+        .await
+        .unwrap_or_else(|e| panic!("{which}: {e}"))
+}
+
 /// Three requests in one write: two identical keyed POSTs and a GET. Each is answered in
 /// order, as if sent alone: the second POST is a replay of the first.
 #[tokio::test]
@@ -313,9 +325,9 @@ async fn pipelined_requests_are_answered_in_order_with_dedup() {
     let get = http_request("GET", "/api/pipe-get", &[], b"");
     let mut conn = RawConn::connect(idem.addr()).await;
     conn.send(&[post.clone(), post, get.clone()].concat()).await;
-    let first = conn.read_response().await;
-    let second = conn.read_response().await;
-    let third = conn.read_response().await;
+    let first = next_response(&mut conn, "response 1 of 3 (keyed POST)").await;
+    let second = next_response(&mut conn, "response 2 of 3 (same keyed POST)").await;
+    let third = next_response(&mut conn, "response 3 of 3 (GET)").await;
     assert_eq!(
         (first.status, second.status, third.status),
         (200, 200, 200),
@@ -329,16 +341,17 @@ async fn pipelined_requests_are_answered_in_order_with_dedup() {
     assert_eq!(third.text(), r#"{"path":"/api/pipe-get","call":1}"#);
     // The connection is still usable.
     conn.send(&get).await;
-    let fourth = conn.read_response().await;
+    let fourth = next_response(&mut conn, "a request after the pipelined ones").await;
     assert_eq!(fourth.text(), r#"{"path":"/api/pipe-get","call":2}"#);
     assert_eq!(b.settled("/api/pipe").await, ONE_CALL);
     assert_eq!(b.settled("/api/pipe-get").await, calls(2));
 }
 
 /// A request pipelined behind one that waits on another client's flight waits its turn:
-/// the waiter gets the leader's response, then the pipelined GET its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_pipelined_behind_a_waiter_waits_its_turn() {
+/// the waiter gets the leader's response, then the pipelined GET its own. `later`: the GET
+/// is written once the waiter is attached, while idem watches that connection for the
+/// client leaving; otherwise both go in one write.
+async fn pipelined_behind_a_waiter(later: bool) {
     let b = Backend::start().await;
     let idem = Idem::start(&api_config(&b).to_string()).await;
     let gate = b.gate("/api/slow");
@@ -355,23 +368,39 @@ async fn a_request_pipelined_behind_a_waiter_waits_its_turn() {
     gate.wait_started(1).await;
 
     let mut piped = RawConn::connect(idem.addr()).await;
-    piped.send(&[post, get].concat()).await;
-    wait_metric(&idem, "idem_waiters", 1.0).await;
+    if later {
+        piped.send(&post).await;
+        wait_metric(&idem, "idem_waiters", 1.0).await;
+        piped.send(&get).await;
+    } else {
+        piped.send(&[post, get].concat()).await;
+        wait_metric(&idem, "idem_waiters", 1.0).await;
+    }
     assert_eq!(gate.arrived(), 1);
     gate.open();
 
-    let led = leader.read_response().await;
+    let led = next_response(&mut leader, "the leader's response").await;
     assert_cache_status(&led, "idem; fwd=uri-miss; stored");
-    let collapsed = piped.read_response().await;
+    let collapsed = next_response(&mut piped, "pipelined response 1 of 2 (the waiter)").await;
     assert_eq!(collapsed.status, 200, "{collapsed:#?}");
     assert_cache_status(&collapsed, "idem; fwd=uri-miss; collapsed");
     assert_eq!(collapsed.text(), led.text());
-    let after = piped.read_response().await;
+    let after = next_response(&mut piped, "pipelined response 2 of 2 (GET)").await;
     assert_eq!(after.status, 200, "{after:#?}");
     assert_cache_status(&after, "idem; fwd=bypass");
     assert_eq!(after.text(), r#"{"path":"/api/after","call":1}"#);
     assert_eq!(b.settled("/api/slow").await, ONE_CALL);
     assert_eq!(b.settled("/api/after").await, ONE_CALL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_pipelined_behind_a_waiter_waits_its_turn() {
+    pipelined_behind_a_waiter(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_pipelined_while_a_waiter_waits_waits_its_turn() {
+    pipelined_behind_a_waiter(true).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -418,11 +447,30 @@ async fn h2_split_cookies_are_one_cookie_for_scope_and_backend() {
     )
     .await;
     assert_eq!(retry.status, 200, "{retry:#?}");
+    let executions = b.settled("/api/cookie").await;
+    let cookie_lines: Vec<Vec<String>> = b
+        .requests("/api/cookie")
+        .iter()
+        .map(|r| {
+            r.header_values("cookie")
+                .into_iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        })
+        .collect();
+    let cache = retry.header("cache-status").unwrap_or_default();
+    assert_eq!(
+        (
+            executions,
+            cache.starts_with("idem; hit; ttl="),
+            cookie_lines
+        ),
+        (ONE_CALL, true, vec![vec!["a=1; b=2".to_owned()]]),
+        "(backend executions, whether the HTTP/1.1 retry was a replay, the cookie lines of \
+         each backend request); the retry's Cache-Status: {cache:?}"
+    );
     assert_replayed(&retry);
     assert_eq!(retry.text(), h2_body);
-    assert_eq!(b.settled("/api/cookie").await, ONE_CALL);
-    let req = &b.requests("/api/cookie")[0];
-    assert_eq!(req.header_values("cookie"), vec![b"a=1; b=2".as_slice()]);
 
     // The pass-through path forwards one line too.
     let resp = h2

@@ -48,7 +48,7 @@ pub fn h2c_client() -> reqwest::Client {
 }
 
 /// A response read off a raw socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RawResponse {
     /// Minor HTTP version: 1 for HTTP/1.1.
     pub version: u8,
@@ -61,6 +61,27 @@ pub struct RawResponse {
     pub trailers: Vec<(String, Vec<u8>)>,
     /// Statuses of 1xx responses that preceded this one.
     pub interim: Vec<u16>,
+}
+
+/// Header values and bodies as text: a failing assertion that prints a response should
+/// show `cache-status: idem; hit` rather than a column of byte values.
+impl std::fmt::Debug for RawResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields = |list: &[(String, Vec<u8>)]| -> Vec<String> {
+            list.iter()
+                .map(|(n, v)| format!("{n}: {}", String::from_utf8_lossy(v)))
+                .collect()
+        };
+        f.debug_struct("RawResponse")
+            .field("version", &format_args!("HTTP/1.{}", self.version))
+            .field("status", &self.status)
+            .field("reason", &self.reason)
+            .field("headers", &fields(&self.headers))
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .field("trailers", &fields(&self.trailers))
+            .field("interim", &self.interim)
+            .finish()
+    }
 }
 
 impl RawResponse {
