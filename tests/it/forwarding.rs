@@ -361,6 +361,49 @@ async fn a_trusted_peers_forwarded_lines_are_joined_and_extended() {
     assert_paths(&seen[0], &seen[1]);
 }
 
+/// `::1/128` is in the default trust: an IPv6 loopback peer's claims are kept, and it is
+/// appended as `::1` to `X-Forwarded-For` and as `for="[::1]"` (RFC 7239 quotes IPv6) to
+/// `Forwarded`.
+#[tokio::test]
+async fn an_ipv6_loopback_peer_is_trusted_by_default() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.listen", "[::1]:0")
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    assert!(idem.addr().is_ipv6(), "{}", idem.addr());
+    let headers = [
+        ("host", "shop.example"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example"),
+        ("x-forwarded-port", "443"),
+        ("forwarded", "for=203.0.113.7;proto=https"),
+    ];
+    let mut seen = Vec::new();
+    let mut got = Vec::new();
+    let mut forwarded = Vec::new();
+    for (path, request) in both_paths("/fwd/", &headers) {
+        seen.push(raw_request(idem.addr(), &request).await);
+        let req = only_request(&b, &path).await;
+        got.push((path.clone(), Fwd::of(&req)));
+        forwarded.push((path, lines(&req, "forwarded")));
+    }
+    assert_fwd(
+        &got,
+        Fwd::one("203.0.113.7, ::1", "https", "shop.example", "443"),
+    );
+    let joined = "for=203.0.113.7;proto=https, for=\"[::1]\"";
+    assert_eq!(
+        forwarded,
+        vec![
+            ("/fwd/pass".to_owned(), vec![joined.to_owned()]),
+            ("/fwd/keyed".to_owned(), vec![joined.to_owned()]),
+        ]
+    );
+    assert_paths(&seen[0], &seen[1]);
+}
+
 // ---------------------------------------------------------------------------
 // Untrusted peers
 // ---------------------------------------------------------------------------
