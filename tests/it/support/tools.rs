@@ -155,15 +155,50 @@ impl Supervised {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             if self.group {
-                // The group id is the child's pid, reserved until we reap it below.
-                // SAFETY: plain syscall on our own unreaped child's group.
-                unsafe {
-                    libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
-                }
+                stop_group(&child);
             }
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// How long a process group leader gets to stop its workers on SIGTERM.
+const GROUP_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stops a process group led by `child` (nginx's master and its worker): SIGTERM first, so
+/// the master reaps its workers itself (a worker orphaned by SIGKILL lingers as a zombie
+/// until init collects it), then SIGKILL for anything left. The leader is never reaped
+/// here: while it is unreaped its pid, which is the group id, cannot be reused.
+fn stop_group(child: &Child) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: plain syscalls on our own unreaped child and its group.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + GROUP_STOP_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        // SAFETY: zeroed siginfo_t is a valid out-parameter for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // With WNOHANG, a zero pid in `info` means "still running".
+        let exited = rc != 0 || unsafe { info.si_pid() } != 0;
+        if exited || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
     }
 }
 
