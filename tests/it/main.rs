@@ -4,9 +4,12 @@ mod support;
 
 mod dedup;
 mod failures;
+mod forwarding;
+mod grpc;
 mod observability;
 mod operations;
 mod passthrough_ops;
+mod protocols;
 mod redis_replicas;
 mod reliability;
 

@@ -1,0 +1,627 @@
+//! idem behind front proxies (issue 13): what the backend learns about the client.
+//!
+//! From a trusted peer (`[server] trusted_proxies`, default loopback) idem keeps
+//! `X-Forwarded-Proto`, `-Host`, `-Port`, joins every `X-Forwarded-For` line into one and
+//! appends the peer; from any other peer it replaces them with what it saw. `Forwarded`
+//! (RFC 7239) likewise. With `[server] proxy_protocol = true` the PROXY header's source is
+//! the peer. Real nginx and HAProxy sit in front; clients connect from 127.0.0.2 or
+//! 127.0.0.3 so that each hop's address is told apart from the proxies' 127.0.0.1.
+//!
+//! Each case goes through both of idem's paths: a GET (pass-through, Pingora's proxy) and
+//! a keyed POST (the leader's detached call), which build the upstream request separately.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinSet;
+
+use crate::support::*;
+
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const CLIENT_V2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+const ONE_CALL: Counts = Counts {
+    started: 1,
+    completed: 1,
+    aborted: 0,
+};
+
+/// The forwarding fields of one request as the backend received them: every line of each,
+/// in order, so a second line or a missing one shows.
+#[derive(Debug, PartialEq, Eq)]
+struct Fwd {
+    xff: Vec<String>,
+    proto: Vec<String>,
+    host: Vec<String>,
+    port: Vec<String>,
+}
+
+impl Fwd {
+    fn of(req: &RecordedRequest) -> Fwd {
+        let lines = |name: &str| {
+            req.header_values(name)
+                .into_iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        };
+        Fwd {
+            xff: lines("x-forwarded-for"),
+            proto: lines("x-forwarded-proto"),
+            host: lines("x-forwarded-host"),
+            port: lines("x-forwarded-port"),
+        }
+    }
+
+    /// One line of each, as idem must send them.
+    fn one(xff: &str, proto: &str, host: &str, port: &str) -> Fwd {
+        Fwd {
+            xff: vec![xff.to_owned()],
+            proto: vec![proto.to_owned()],
+            host: vec![host.to_owned()],
+            port: vec![port.to_owned()],
+        }
+    }
+}
+
+/// Asserts every path's fields at once, so a failure shows which of idem's two paths
+/// (pass-through, dedup) is wrong, or both.
+#[track_caller]
+fn assert_fwd(got: &[(String, Fwd)], want: Fwd) {
+    let expected: Vec<(String, &Fwd)> = got.iter().map(|(p, _)| (p.clone(), &want)).collect();
+    let got: Vec<(String, &Fwd)> = got.iter().map(|(p, f)| (p.clone(), f)).collect();
+    assert_eq!(got, expected);
+}
+
+fn lines(req: &RecordedRequest, name: &str) -> Vec<String> {
+    req.header_values(name)
+        .into_iter()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+/// One request on a fresh connection from `source`.
+async fn send_from(to: SocketAddr, source: IpAddr, request: &[u8]) -> RawResponse {
+    let mut conn = RawConn::connect_from(to, source).await;
+    conn.send(request).await;
+    conn.read_final_response(false).await
+}
+
+/// The pass-through GET and the keyed POST every case sends, with `headers`.
+fn both_paths(prefix: &str, headers: &[(&str, &str)]) -> [(String, Vec<u8>); 2] {
+    let get = http_request("GET", &format!("{prefix}pass"), headers, b"");
+    let mut keyed = headers.to_vec();
+    keyed.push(("idempotency-key", "fwd-1"));
+    let post = http_request("POST", &format!("{prefix}keyed"), &keyed, b"x=1");
+    [
+        (format!("{prefix}pass"), get),
+        (format!("{prefix}keyed"), post),
+    ]
+}
+
+/// Asserts that idem took the expected path for each of [`both_paths`]' responses.
+#[track_caller]
+fn assert_paths(get: &RawResponse, post: &RawResponse) {
+    assert_eq!(get.status, 200, "{get:#?}");
+    assert_eq!(
+        get.header("cache-status"),
+        Some("idem; fwd=bypass"),
+        "{get:#?}"
+    );
+    assert_eq!(post.status, 200, "{post:#?}");
+    assert_eq!(
+        post.header("cache-status"),
+        Some("idem; fwd=uri-miss; stored"),
+        "{post:#?}"
+    );
+}
+
+/// The only request the backend received on `path`.
+async fn only_request(b: &Backend, path: &str) -> RecordedRequest {
+    assert_eq!(b.settled(path).await, ONE_CALL, "{path}");
+    let mut reqs = b.requests(path);
+    assert_eq!(reqs.len(), 1, "{path}: {reqs:#?}");
+    reqs.remove(0)
+}
+
+/// An nginx that terminates TLS would say so: these are the directives of nginx's own
+/// reverse-proxy guide, with the scheme and port of an HTTPS front.
+fn nginx_forwarding(upstream: &str) -> String {
+    format!(
+        "        location / {{
+            proxy_pass {upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header X-Forwarded-Port 443;
+        }}"
+    )
+}
+
+/// HAProxy as a TLS front would be configured: `option forwardfor` adds its own
+/// `X-Forwarded-For` line after any the client sent.
+const HAPROXY_FORWARDING: &str = "    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request set-header X-Forwarded-Port 443";
+
+/// A client that sits behind its own proxy already: it sends an `X-Forwarded-For`.
+const CLIENT_HEADERS: &[(&str, &str)] =
+    &[("host", "shop.example"), ("x-forwarded-for", "203.0.113.7")];
+
+// ---------------------------------------------------------------------------
+// The fixtures themselves, without idem: what each front proxy sends
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn nginx_fixture_sends_the_forwarding_headers() {
+    let b = Backend::start().await;
+    let nginx = Nginx::start(&nginx_forwarding(&format!("http://{}", b.addr()))).await;
+    let resp = send_from(
+        nginx.addr(),
+        CLIENT,
+        &http_request("GET", "/direct", CLIENT_HEADERS, b""),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:#?}\n{}", nginx.error_log());
+    let req = only_request(&b, "/direct").await;
+    assert_eq!(
+        Fwd::of(&req),
+        Fwd::one("203.0.113.7, 127.0.0.2", "https", "shop.example", "443")
+    );
+    // nginx's default `Host` is the upstream's address.
+    assert_eq!(req.header("host"), Some(b.addr().to_string().as_str()));
+}
+
+#[tokio::test]
+async fn haproxy_fixture_adds_a_second_forwarded_for_line() {
+    let b = Backend::start().await;
+    let haproxy = HaProxy::start(
+        "http",
+        HAPROXY_FORWARDING,
+        &format!("    server app {}", b.addr()),
+    )
+    .await;
+    let resp = send_from(
+        haproxy.addr(),
+        CLIENT,
+        &http_request("GET", "/direct", CLIENT_HEADERS, b""),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:#?}\n{}", haproxy.logs());
+    let req = only_request(&b, "/direct").await;
+    assert_eq!(
+        Fwd::of(&req),
+        Fwd {
+            xff: vec!["203.0.113.7".into(), "127.0.0.2".into()],
+            proto: vec!["https".into()],
+            host: vec!["shop.example".into()],
+            port: vec!["443".into()],
+        }
+    );
+}
+
+/// What HAProxy's `send-proxy` and `send-proxy-v2` put before the client's bytes, read by a
+/// plain listener: the exact bytes idem must parse.
+#[tokio::test]
+async fn haproxy_fixture_sends_proxy_protocol_v1_and_v2() {
+    for (option, client) in [("send-proxy", CLIENT), ("send-proxy-v2", CLIENT_V2)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let haproxy = HaProxy::start(
+            "tcp",
+            "",
+            &format!("    server app {} {option}", listener.local_addr().unwrap()),
+        )
+        .await;
+        let mut conn = RawConn::connect_from(haproxy.addr(), client).await;
+        let client_port = conn.stream().local_addr().unwrap().port();
+        conn.send(b"hello").await;
+        let (mut upstream, _) = tokio::time::timeout(WAIT_TIMEOUT, listener.accept())
+            .await
+            .expect("HAProxy connected to the server")
+            .unwrap();
+        let IpAddr::V4(src) = client else {
+            unreachable!()
+        };
+        let expected = if option == "send-proxy" {
+            format!(
+                "PROXY TCP4 {client} 127.0.0.1 {client_port} {}\r\nhello",
+                haproxy.addr().port()
+            )
+            .into_bytes()
+        } else {
+            let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+            v2.extend_from_slice(&src.octets());
+            v2.extend_from_slice(&[127, 0, 0, 1]);
+            v2.extend_from_slice(&client_port.to_be_bytes());
+            v2.extend_from_slice(&haproxy.addr().port().to_be_bytes());
+            v2.extend_from_slice(b"hello");
+            v2
+        };
+        let mut got = vec![0u8; expected.len()];
+        tokio::time::timeout(WAIT_TIMEOUT, upstream.read_exact(&mut got))
+            .await
+            .expect("the PROXY header and the client's bytes")
+            .unwrap();
+        assert_eq!(
+            got,
+            expected,
+            "{option}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Trusted front proxies
+// ---------------------------------------------------------------------------
+
+/// nginx as a TLS front: the backend learns the client's scheme, host and port, and the
+/// whole address chain: the client's own proxy, the client, nginx.
+#[tokio::test]
+async fn behind_nginx_the_backend_sees_the_clients_scheme_and_address_chain() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr()).route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    let nginx = Nginx::start(&nginx_forwarding(&format!("http://{}", idem.addr()))).await;
+    let mut seen = Vec::new();
+    let mut got = Vec::new();
+    for (path, request) in both_paths("/fwd/", CLIENT_HEADERS) {
+        seen.push(send_from(nginx.addr(), CLIENT, &request).await);
+        got.push((path.clone(), Fwd::of(&only_request(&b, &path).await)));
+    }
+    assert_fwd(
+        &got,
+        Fwd::one(
+            "203.0.113.7, 127.0.0.2, 127.0.0.1",
+            "https",
+            "shop.example",
+            "443",
+        ),
+    );
+    assert_paths(&seen[0], &seen[1]);
+}
+
+/// HAProxy's `option forwardfor` adds a second `X-Forwarded-For` line when the client sent
+/// one: idem joins the lines in order, then appends HAProxy's address.
+#[tokio::test]
+async fn behind_haproxy_every_forwarded_for_line_is_joined_in_order() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr()).route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    let haproxy = HaProxy::start(
+        "http",
+        HAPROXY_FORWARDING,
+        &format!("    server idem {}", idem.addr()),
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut got = Vec::new();
+    for (path, request) in both_paths("/fwd/", CLIENT_HEADERS) {
+        seen.push(send_from(haproxy.addr(), CLIENT, &request).await);
+        got.push((path.clone(), Fwd::of(&only_request(&b, &path).await)));
+    }
+    assert_fwd(
+        &got,
+        Fwd::one(
+            "203.0.113.7, 127.0.0.2, 127.0.0.1",
+            "https",
+            "shop.example",
+            "443",
+        ),
+    );
+    assert_paths(&seen[0], &seen[1]);
+}
+
+/// A trusted peer's repeated `X-Forwarded-For` and `Forwarded` lines are each joined into
+/// one, in order, and extended with the peer.
+#[tokio::test]
+async fn a_trusted_peers_forwarded_lines_are_joined_and_extended() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr()).route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    let headers = [
+        ("host", "shop.example"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-for", "198.51.100.1, 192.0.2.5"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example"),
+        ("x-forwarded-port", "8443"),
+        ("forwarded", "for=203.0.113.7;proto=https"),
+        ("forwarded", "for=198.51.100.1, for=\"[2001:db8::1]\""),
+    ];
+    let mut seen = Vec::new();
+    let mut got = Vec::new();
+    let mut forwarded = Vec::new();
+    for (path, request) in both_paths("/fwd/", &headers) {
+        seen.push(raw_request(idem.addr(), &request).await);
+        let req = only_request(&b, &path).await;
+        got.push((path.clone(), Fwd::of(&req)));
+        forwarded.push((path, lines(&req, "forwarded")));
+    }
+    assert_fwd(
+        &got,
+        Fwd::one(
+            "203.0.113.7, 198.51.100.1, 192.0.2.5, 127.0.0.1",
+            "https",
+            "shop.example",
+            "8443",
+        ),
+    );
+    let joined = "for=203.0.113.7;proto=https, for=198.51.100.1, for=\"[2001:db8::1]\", \
+                  for=127.0.0.1";
+    assert_eq!(
+        forwarded,
+        vec![
+            ("/fwd/pass".to_owned(), vec![joined.to_owned()]),
+            ("/fwd/keyed".to_owned(), vec![joined.to_owned()]),
+        ]
+    );
+    assert_paths(&seen[0], &seen[1]);
+}
+
+/// `::1/128` is in the default trust: an IPv6 loopback peer's claims are kept, and it is
+/// appended as `::1` to `X-Forwarded-For` and as `for="[::1]"` (RFC 7239 quotes IPv6) to
+/// `Forwarded`.
+#[tokio::test]
+async fn an_ipv6_loopback_peer_is_trusted_by_default() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.listen", "[::1]:0")
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    assert!(idem.addr().is_ipv6(), "{}", idem.addr());
+    let headers = [
+        ("host", "shop.example"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example"),
+        ("x-forwarded-port", "443"),
+        ("forwarded", "for=203.0.113.7;proto=https"),
+    ];
+    let mut seen = Vec::new();
+    let mut got = Vec::new();
+    let mut forwarded = Vec::new();
+    for (path, request) in both_paths("/fwd/", &headers) {
+        seen.push(raw_request(idem.addr(), &request).await);
+        let req = only_request(&b, &path).await;
+        got.push((path.clone(), Fwd::of(&req)));
+        forwarded.push((path, lines(&req, "forwarded")));
+    }
+    assert_fwd(
+        &got,
+        Fwd::one("203.0.113.7, ::1", "https", "shop.example", "443"),
+    );
+    let joined = "for=203.0.113.7;proto=https, for=\"[::1]\"";
+    assert_eq!(
+        forwarded,
+        vec![
+            ("/fwd/pass".to_owned(), vec![joined.to_owned()]),
+            ("/fwd/keyed".to_owned(), vec![joined.to_owned()]),
+        ]
+    );
+    assert_paths(&seen[0], &seen[1]);
+}
+
+// ---------------------------------------------------------------------------
+// Untrusted peers
+// ---------------------------------------------------------------------------
+
+/// `trusted_proxies = []`: whatever a client claims is replaced with what idem saw.
+#[tokio::test]
+async fn an_untrusted_peers_forwarding_headers_are_replaced() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.trusted_proxies", toml::Value::Array(Vec::new()))
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    // The client names idem's address as the authority, so "Host/port as received" has one
+    // meaning whether the port is read from `Host` or from the listener.
+    let authority = idem.addr().to_string();
+    let port = idem.addr().port().to_string();
+    let headers = [
+        ("host", authority.as_str()),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-for", "198.51.100.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "bank.example"),
+        ("x-forwarded-port", "443"),
+        ("forwarded", "for=203.0.113.7;proto=https;host=bank.example"),
+    ];
+    let mut seen = Vec::new();
+    let mut got = Vec::new();
+    let mut forwarded = Vec::new();
+    for (path, request) in both_paths("/fwd/", &headers) {
+        seen.push(raw_request(idem.addr(), &request).await);
+        let req = only_request(&b, &path).await;
+        got.push((path.clone(), Fwd::of(&req)));
+        forwarded.push((path, lines(&req, "forwarded")));
+    }
+    assert_fwd(&got, Fwd::one("127.0.0.1", "http", &authority, &port));
+    assert_eq!(
+        forwarded,
+        vec![
+            ("/fwd/pass".to_owned(), vec!["for=127.0.0.1".to_owned()]),
+            ("/fwd/keyed".to_owned(), vec!["for=127.0.0.1".to_owned()]),
+        ]
+    );
+    assert_paths(&seen[0], &seen[1]);
+}
+
+/// A front proxy outside `trusted_proxies` is just another client: nginx's claims are
+/// replaced, and the chain starts at nginx.
+#[tokio::test]
+async fn behind_an_untrusted_nginx_its_claims_are_replaced() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.trusted_proxies", vec!["192.0.2.0/24"])
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    let nginx = Nginx::start(&nginx_forwarding(&format!("http://{}", idem.addr()))).await;
+    // nginx sends `Host: <idem's address>` (its default, the upstream's name).
+    let authority = idem.addr().to_string();
+    let port = idem.addr().port().to_string();
+    let mut seen = Vec::new();
+    let mut got = Vec::new();
+    for (path, request) in both_paths("/fwd/", CLIENT_HEADERS) {
+        seen.push(send_from(nginx.addr(), CLIENT, &request).await);
+        got.push((path.clone(), Fwd::of(&only_request(&b, &path).await)));
+    }
+    assert_fwd(&got, Fwd::one("127.0.0.1", "http", &authority, &port));
+    assert_paths(&seen[0], &seen[1]);
+}
+
+// ---------------------------------------------------------------------------
+// PROXY protocol
+// ---------------------------------------------------------------------------
+
+/// HAProxy in TCP mode with `send-proxy` / `send-proxy-v2`: idem takes the client's address
+/// from the PROXY header, for every request on the connection.
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_from_haproxy_name_the_client() {
+    for (option, client) in [("send-proxy", CLIENT), ("send-proxy-v2", CLIENT_V2)] {
+        let b = Backend::start().await;
+        let config = Config::new(b.addr())
+            .set("server.proxy_protocol", true)
+            .route(Route::new("fwd", "/fwd/", "keyed"));
+        let idem = Idem::start(&config.to_string()).await;
+        let haproxy = HaProxy::start(
+            "tcp",
+            "",
+            &format!("    server idem {} {option}", idem.addr()),
+        )
+        .await;
+        // One client connection, so one PROXY header, carries both requests.
+        let host = [("host", "shop.example")];
+        let [(get_path, get), (post_path, post)] = both_paths("/fwd/", &host);
+        let mut conn = RawConn::connect_from(haproxy.addr(), client).await;
+        conn.send(&get).await;
+        let get_resp = conn.read_response().await;
+        conn.send(&post).await;
+        let post_resp = conn.read_response().await;
+        assert_paths(&get_resp, &post_resp);
+        for path in [get_path, post_path] {
+            let req = only_request(&b, &path).await;
+            let fwd = Fwd::of(&req);
+            assert_eq!(fwd.xff, vec![client.to_string()], "{option} {path}");
+            assert_eq!(fwd.proto, vec!["http"], "{option} {path}");
+        }
+    }
+}
+
+/// The PROXY header's source is the peer for the trust decision too: a source outside the
+/// default (loopback) trust has its claims replaced, although the TCP peer is loopback.
+#[tokio::test]
+async fn a_proxy_protocol_source_outside_trusted_proxies_is_untrusted() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.proxy_protocol", true)
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    let port = idem.addr().port();
+    let headers = [
+        ("host", "shop.example"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+    ];
+    let mut seen = Vec::new();
+    for (path, request) in both_paths("/fwd/", &headers) {
+        let mut conn = RawConn::connect(idem.addr()).await;
+        let proxy_line = format!("PROXY TCP4 198.51.100.9 127.0.0.1 40000 {port}\r\n");
+        conn.send(&[proxy_line.as_bytes(), &request].concat()).await;
+        seen.push(conn.read_response().await);
+        let req = only_request(&b, &path).await;
+        let fwd = Fwd::of(&req);
+        assert_eq!(fwd.xff, vec!["198.51.100.9"], "{path}");
+        assert_eq!(fwd.proto, vec!["http"], "{path}");
+    }
+    assert_paths(&seen[0], &seen[1]);
+}
+
+// ---------------------------------------------------------------------------
+// nginx to idem over a Unix socket
+// ---------------------------------------------------------------------------
+
+/// `proxy_pass http://unix:/path/idem.sock:/`: three identical keyed POSTs through nginx
+/// while the backend holds the first make one call; a fourth is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_reaches_idem_over_a_unix_socket_and_dedup_holds() {
+    let b = Backend::start().await;
+    let sock_dir = TempDir::new();
+    let sock = sock_dir.path().join("idem.sock");
+    let config = Config::new(b.addr())
+        .set("server.listen", vec![format!("unix:{}", sock.display())])
+        .route(Route::new("api", "/api/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    assert!(
+        sock.exists(),
+        "idem announced its listeners without {}",
+        sock.display()
+    );
+    let nginx = Nginx::start(&format!(
+        "        location / {{
+            proxy_pass http://unix:{}:/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}",
+        sock.display()
+    ))
+    .await;
+    let gate = b.gate("/api/uds");
+    let http = client();
+    let mut calls = JoinSet::new();
+    for _ in 0..3 {
+        let req = http
+            .post(nginx.url("/api/uds"))
+            .header("idempotency-key", "uds-1")
+            .body("x=1");
+        calls.spawn(async move {
+            let resp = req.send().await.expect("through nginx");
+            let status = resp.status().as_u16();
+            let cache = resp
+                .headers()
+                .get("cache-status")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, cache, resp.text().await.unwrap())
+        });
+    }
+    gate.wait_started(1).await;
+    wait_metric(&idem, "idem_waiters", 2.0).await;
+    assert_eq!(gate.arrived(), 1, "a second call reached the backend");
+    gate.open();
+    let mut caches = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        let (status, cache, body) = r.unwrap();
+        assert_eq!(status, 200, "{cache:?} {body}\n{}", nginx.error_log());
+        assert_eq!(body, r#"{"path":"/api/uds","call":1}"#);
+        caches.push(cache.unwrap_or_default());
+    }
+    caches.sort();
+    assert_eq!(
+        caches,
+        vec![
+            "idem; fwd=uri-miss; collapsed",
+            "idem; fwd=uri-miss; collapsed",
+            "idem; fwd=uri-miss; stored",
+        ]
+    );
+    let replay = http
+        .post(nginx.url("/api/uds"))
+        .header("idempotency-key", "uds-1")
+        .body("x=1")
+        .send()
+        .await
+        .unwrap();
+    let cache = replay.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cache.starts_with("idem; hit; ttl="), "{cache}");
+    assert_eq!(
+        replay.text().await.unwrap(),
+        r#"{"path":"/api/uds","call":1}"#
+    );
+    assert_eq!(b.settled("/api/uds").await, ONE_CALL);
+    assert_eq!(b.total(), ONE_CALL);
+}
