@@ -58,6 +58,9 @@ pub(crate) async fn discard(session: &mut Session, max_body: u64, deadline: Dura
     if is_expect_continue(session.req_header())
         || declared_length(&session.req_header().headers).is_some_and(|n| n > max_body)
     {
+        // Said here rather than left to Pingora's default (it closes a connection answered
+        // before its body was read): the unread body must never be read as a request.
+        session.set_keepalive(None);
         return;
     }
     let mut read = 0u64;

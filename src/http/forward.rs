@@ -10,25 +10,23 @@
 //! From a **trusted** peer (`[server] trusted_proxies`):
 //! * `X-Forwarded-For`: every line, in order, joined into one with `", "`, and the peer's
 //!   address appended (a Unix-socket peer has none to append).
-//! * `X-Forwarded-Proto`, `-Host`, `-Port`: kept as sent. Decision: a trusted peer that sent
-//!   none of the three gets them set from what idem saw, as an untrusted one does (a
-//!   TCP-level proxy, or the PROXY protocol, says nothing about them); one that sent any of
-//!   them is taken at its word, and those it left out stay out, since filling them from
-//!   idem's own view would mix two hops' answers (nginx's `Host` is idem's address, not
-//!   the client's).
+//! * `X-Forwarded-Proto`, `-Host`, `-Port`: kept as sent. A missing `X-Forwarded-Proto` is
+//!   set to `http`, what idem saw (as idem always did). A missing `-Host` or `-Port` stays
+//!   missing: filling it from idem's own view would mix two hops' answers (behind nginx,
+//!   `Host` is often idem's own address, not the one the client asked for).
 //! * `Forwarded` (RFC 7239): every line joined, and `for=<peer>` appended (IPv6 quoted and
 //!   bracketed, `for="[2001:db8::1]"`).
 //!
 //! From **any other** peer, its claims are replaced with what idem saw:
-//! `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: http` (idem's listeners are cleartext),
-//! `X-Forwarded-Host` the `Host` the request carried (or its h2 `:authority`), and
-//! `X-Forwarded-Port` that authority's port, 80 when it names none (the port the client
-//! addressed, which a port mapping in front of idem can make differ from the listener's).
-//! Without an authority, neither of the last two is sent. A `Forwarded` it sent becomes
-//! `for=<peer>`.
+//! `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: http` (idem's listeners are cleartext), and
+//! `X-Forwarded-Host` / `-Port`, when it sent either, become the `Host` the request carried
+//! (or its h2 `:authority`) and that authority's port, 80 when it names none (the port the
+//! client addressed). A `Forwarded` it sent becomes `for=<peer>`.
 //!
-//! Decision: idem adds `Forwarded` only to requests that carried one. Apps and frameworks
-//! that read both (Spring's `ForwardedHeaderFilter`) prefer `Forwarded`: a
+//! Decisions: idem adds `X-Forwarded-Host`, `-Port` and `Forwarded` only where a request
+//! carried them (a claim to keep or to replace). idem forwards `Host` unchanged, so the
+//! first two would only repeat it, at a cost on every request. And apps that read both
+//! forwarding styles (Spring's `ForwardedHeaderFilter`) prefer `Forwarded`: a
 //! `Forwarded: for=...` idem invented beside a front proxy's `X-Forwarded-Proto: https`
 //! would hide the proxy's scheme and host from them.
 
@@ -94,26 +92,31 @@ pub(crate) fn forwarded_request(req: &RequestHeader, peer: Peer) -> pingora::Res
 pub(crate) fn set_forwarding_headers(req: &mut RequestHeader, peer: Peer) -> pingora::Result<()> {
     match forwarded_for(req, peer)? {
         Edit::Keep => {}
-        Edit::Set(v) => req.insert_header(X_FORWARDED_FOR, v)?,
+        // Names as `&'static str`: Pingora's case-preserving map then keeps them without
+        // a copy (a custom `HeaderName` is copied into it on every insert).
+        Edit::Set(v) => req.insert_header("x-forwarded-for", v)?,
         Edit::Remove => {
             req.remove_header(&X_FORWARDED_FOR);
         }
     }
     match forwarded(req, peer)? {
         Edit::Keep => {}
-        Edit::Set(v) => req.insert_header(header::FORWARDED, v)?,
+        Edit::Set(v) => req.insert_header("forwarded", v)?,
         Edit::Remove => {
             req.remove_header(&header::FORWARDED);
         }
     }
-    let claimed = peer.trusted
-        && [&X_FORWARDED_PROTO, &X_FORWARDED_HOST, &X_FORWARDED_PORT]
-            .iter()
-            .any(|n| req.headers.contains_key(*n));
-    if claimed {
+    if peer.trusted {
+        if !req.headers.contains_key(X_FORWARDED_PROTO) {
+            req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
+        }
         return Ok(());
     }
-    req.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static("http"))?;
+    req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
+    if !req.headers.contains_key(X_FORWARDED_HOST) && !req.headers.contains_key(X_FORWARDED_PORT)
+    {
+        return Ok(());
+    }
     let host = req.headers.get(header::HOST).cloned().or_else(|| {
         req.uri
             .authority()
@@ -126,8 +129,8 @@ pub(crate) fn set_forwarding_headers(req: &mut RequestHeader, peer: Peer) -> pin
                 Some(p) => HeaderValue::from_bytes(p).map_err(invalid("x-forwarded-port"))?,
                 None => HeaderValue::from_static("80"),
             };
-            req.insert_header(X_FORWARDED_HOST, host)?;
-            req.insert_header(X_FORWARDED_PORT, port)?;
+            req.insert_header("x-forwarded-host", host)?;
+            req.insert_header("x-forwarded-port", port)?;
         }
         None => {
             req.remove_header(&X_FORWARDED_HOST);
@@ -289,15 +292,24 @@ mod tests {
                 "forwarded: for=192.0.2.9",
             ]
         );
-        // IPv6 peer, no port in Host, and no Forwarded to replace: none is added.
+        // An authority without a port: the scheme's.
         assert_eq!(
-            rewrite(&[("host", "shop.example")], Some("2001:db8::1"), false),
+            rewrite(
+                &[("host", "shop.example"), ("x-forwarded-port", "443")],
+                Some("2001:db8::1"),
+                false
+            ),
             [
                 "x-forwarded-for: 2001:db8::1",
                 "x-forwarded-proto: http",
                 "x-forwarded-host: shop.example",
                 "x-forwarded-port: 80",
             ]
+        );
+        // Nothing claimed: no host, port or Forwarded is added (Host says it already).
+        assert_eq!(
+            rewrite(&[("host", "shop.example")], Some("2001:db8::1"), false),
+            ["x-forwarded-for: 2001:db8::1", "x-forwarded-proto: http"]
         );
         // No authority at all: no host or port to report.
         assert_eq!(
@@ -334,27 +346,25 @@ mod tests {
     }
 
     #[test]
-    fn a_trusted_peer_that_claimed_nothing_gets_what_idem_saw() {
+    fn a_trusted_peer_that_claimed_no_scheme_gets_what_idem_saw() {
         assert_eq!(
             rewrite(&[("host", "shop.example")], Some("127.0.0.1"), true),
-            [
-                "x-forwarded-for: 127.0.0.1",
-                "x-forwarded-proto: http",
-                "x-forwarded-host: shop.example",
-                "x-forwarded-port: 80",
-            ]
+            ["x-forwarded-for: 127.0.0.1", "x-forwarded-proto: http"]
         );
         assert_eq!(
             rewrite(
-                &[("host", "a:1"), ("x-forwarded-for", "203.0.113.7")],
+                &[
+                    ("host", "127.0.0.1:8080"),
+                    ("x-forwarded-for", "203.0.113.7"),
+                    ("x-forwarded-port", "443")
+                ],
                 Some("127.0.0.1"),
                 true
             ),
             [
                 "x-forwarded-for: 203.0.113.7, 127.0.0.1",
                 "x-forwarded-proto: http",
-                "x-forwarded-host: a:1",
-                "x-forwarded-port: 1",
+                "x-forwarded-port: 443",
             ]
         );
     }
@@ -421,8 +431,6 @@ mod tests {
                 "content-type: text/plain",
                 "host: shop.example",
                 "x-forwarded-for: 203.0.113.9",
-                "x-forwarded-host: shop.example",
-                "x-forwarded-port: 80",
                 "x-forwarded-proto: http",
             ]
         );

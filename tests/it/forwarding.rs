@@ -625,3 +625,159 @@ async fn nginx_reaches_idem_over_a_unix_socket_and_dedup_holds() {
     assert_eq!(b.settled("/api/uds").await, ONE_CALL);
     assert_eq!(b.total(), ONE_CALL);
 }
+
+// ---------------------------------------------------------------------------
+// idem's own decisions where the spec is silent (README, "Behind a front proxy")
+// ---------------------------------------------------------------------------
+
+/// The access log's `client` is the address derived through trusted hops: the first
+/// untrusted `X-Forwarded-For` entry from the right, the peer when an entry is not an
+/// address, and the peer itself when the peer is not trusted, whatever it claims.
+#[tokio::test]
+async fn the_access_log_names_the_client_derived_through_trusted_hops() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.trusted_proxies", vec!["127.0.0.1/32", "10.0.0.0/8"])
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    let cases = [
+        // (source, path, X-Forwarded-For sent, client logged, X-Forwarded-For forwarded)
+        (
+            Ipv4Addr::LOCALHOST.into(),
+            "/fwd/hops",
+            "198.51.100.1, 203.0.113.7, 10.0.0.5",
+            "203.0.113.7",
+            "198.51.100.1, 203.0.113.7, 10.0.0.5, 127.0.0.1",
+        ),
+        (
+            Ipv4Addr::LOCALHOST.into(),
+            "/fwd/garbage",
+            "203.0.113.7, unknown",
+            "127.0.0.1",
+            "203.0.113.7, unknown, 127.0.0.1",
+        ),
+        (CLIENT, "/fwd/untrusted", "203.0.113.7", "127.0.0.2", "127.0.0.2"),
+    ];
+    for (source, path, xff, logged, forwarded) in cases {
+        let request = http_request("GET", path, &[("x-forwarded-for", xff)], b"");
+        let resp = send_from(idem.addr(), source, &request).await;
+        assert_eq!(resp.status, 200, "{path}: {resp:#?}");
+        idem.wait_stderr(&format!("GET {path} client={logged} route=fwd"))
+            .await;
+        let req = only_request(&b, path).await;
+        assert_eq!(lines(&req, "x-forwarded-for"), vec![forwarded], "{path}");
+    }
+    // The dedup path logs the same client.
+    let post = http_request(
+        "POST",
+        "/fwd/keyed",
+        &[
+            ("x-forwarded-for", "203.0.113.7, 10.0.0.5"),
+            ("idempotency-key", "log-1"),
+        ],
+        b"x=1",
+    );
+    let resp = raw_request(idem.addr(), &post).await;
+    assert_eq!(resp.status, 200, "{resp:#?}");
+    idem.wait_stderr("POST /fwd/keyed client=203.0.113.7 route=fwd status=200 outcome=leader")
+        .await;
+}
+
+/// On a `proxy_protocol` listener, a connection that does not start with a PROXY header
+/// (a client that bypassed the proxy) is closed unanswered and reaches no backend; the
+/// reason is logged at debug.
+#[tokio::test]
+async fn a_connection_without_a_proxy_header_is_closed_unanswered() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.proxy_protocol", true)
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::builder()
+        .env("IDEM_LOG", "info,idem::http::first_bytes=debug")
+        .start(&config.to_string())
+        .await;
+    let mut conn = RawConn::connect(idem.addr()).await;
+    conn.send(&http_request("GET", "/fwd/direct", &[], b"")).await;
+    conn.expect_closed().await;
+    idem.wait_stderr("closing a client connection without a valid PROXY protocol header")
+        .await;
+    // A header that breaks off after its prefix is no header either.
+    let mut conn = RawConn::connect(idem.addr()).await;
+    conn.send(b"PROXY TCP4 not-an-address 127.0.0.1 1 2\r\nGET / HTTP/1.1\r\n\r\n")
+        .await;
+    conn.expect_closed().await;
+    assert_eq!(b.total(), Counts::default());
+}
+
+/// A v2 `LOCAL` header (a proxy's own health check) keeps the connection's own peer; and
+/// the h2c preface after a PROXY header is still recognised: idem answers it with its
+/// HTTP/2 SETTINGS frame.
+#[tokio::test]
+async fn after_a_proxy_header_local_peers_and_h2c_are_served() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.proxy_protocol", true)
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+
+    let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    let request = http_request("GET", "/fwd/local", &[], b"");
+    let mut conn = RawConn::connect(idem.addr()).await;
+    conn.send(&[&local[..], &request].concat()).await;
+    let resp = conn.read_response().await;
+    assert_eq!(resp.status, 200, "{resp:#?}");
+    let req = only_request(&b, "/fwd/local").await;
+    assert_eq!(lines(&req, "x-forwarded-for"), vec!["127.0.0.1"]);
+
+    let port = idem.addr().port();
+    let proxy_line = format!("PROXY TCP4 198.51.100.9 127.0.0.1 40000 {port}\r\n");
+    let mut h2 = proxy_line.into_bytes();
+    h2.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let mut conn = RawConn::connect(idem.addr()).await;
+    conn.send(&h2).await;
+    let mut frame_head = [0u8; 9];
+    tokio::time::timeout(WAIT_TIMEOUT, conn.stream().read_exact(&mut frame_head))
+        .await
+        .expect("idem's first HTTP/2 frame")
+        .unwrap();
+    assert_eq!(frame_head[3], 4, "a SETTINGS frame: {frame_head:?}");
+    assert_eq!(&frame_head[5..], &[0, 0, 0, 0], "on stream 0");
+}
+
+/// `trusted_proxies` is applied by a reload, for the requests that start after it.
+#[tokio::test]
+async fn a_reload_changes_which_peers_are_trusted() {
+    let b = Backend::start().await;
+    let untrusting = Config::new(b.addr())
+        .set("server.trusted_proxies", toml::Value::Array(Vec::new()))
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&untrusting.to_string()).await;
+    let addr = idem.addr();
+    let send = |path: &'static str| async move {
+        let request = http_request("GET", path, &[("x-forwarded-for", "203.0.113.7")], b"");
+        raw_request(addr, &request).await
+    };
+    assert_eq!(send("/fwd/before").await.status, 200);
+    idem.write_config(
+        &Config::new(b.addr())
+            .route(Route::new("fwd", "/fwd/", "keyed"))
+            .to_string(),
+    );
+    assert!(idem.signal(libc::SIGHUP));
+    idem.wait_stderr("SIGHUP: configuration reloaded from").await;
+    assert!(
+        !idem.stderr_text().contains("take effect only at start-up"),
+        "trusted_proxies needs no restart:\n{}",
+        idem.stderr_text()
+    );
+    assert_eq!(send("/fwd/after").await.status, 200);
+    for (path, xff) in [
+        ("/fwd/before", "127.0.0.1"),
+        ("/fwd/after", "203.0.113.7, 127.0.0.1"),
+    ] {
+        let req = only_request(&b, path).await;
+        assert_eq!(lines(&req, "x-forwarded-for"), vec![xff], "{path}");
+    }
+}

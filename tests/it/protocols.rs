@@ -536,3 +536,43 @@ async fn websocket_fixture_echoes_directly() {
     assert_eq!(got["received"], messages);
     assert_eq!(got["close_code"], 1000);
 }
+
+/// A request idem refuses from its head (400 missing-key) keeps the connection: its small
+/// body is read first, so the request pipelined behind it is answered too.
+#[tokio::test]
+async fn a_refusal_keeps_a_pipelined_connection() {
+    let b = Backend::start().await;
+    let idem = Idem::start(&api_config(&b).to_string()).await;
+    let refused = http_request("POST", "/strict/nokey", &[], b"x=1");
+    let get = http_request("GET", "/api/after-refusal", &[], b"");
+    let mut conn = RawConn::connect(idem.addr()).await;
+    conn.send(&[refused, get.clone()].concat()).await;
+    let first = next_response(&mut conn, "response 1 of 2 (refused POST)").await;
+    let json = assert_problem(&first, 400, "missing-key");
+    assert_problem_members(&json, 400);
+    assert_ne!(first.header("connection"), Some("close"), "{first:#?}");
+    let second = next_response(&mut conn, "response 2 of 2 (GET)").await;
+    assert_eq!(second.status, 200, "{second:#?}");
+    assert_eq!(second.text(), r#"{"path":"/api/after-refusal","call":1}"#);
+    conn.send(&get).await;
+    let third = next_response(&mut conn, "a request after the pipelined ones").await;
+    assert_eq!(third.text(), r#"{"path":"/api/after-refusal","call":2}"#);
+    assert_eq!(b.counts("/strict/nokey"), Counts::default());
+}
+
+/// A refusal whose body is not worth reading (declared over `max_body`) closes the
+/// connection after the answer, saying so: what follows is never read as a request.
+#[tokio::test]
+async fn a_refusal_with_a_large_body_closes_the_connection() {
+    let b = Backend::start().await;
+    let config = api_config(&b).set("dedup.max_body", "10B");
+    let idem = Idem::start(&config.to_string()).await;
+    let mut conn = RawConn::connect(idem.addr()).await;
+    conn.send(b"POST /strict/big HTTP/1.1\r\nhost: idem.test\r\ncontent-length: 11\r\n\r\n")
+        .await;
+    let resp = next_response(&mut conn, "the refusal").await;
+    assert_eq!(resp.status, 400, "{resp:#?}");
+    assert_eq!(resp.header("connection"), Some("close"), "{resp:#?}");
+    conn.expect_closed().await;
+    assert_eq!(b.total(), Counts::default());
+}
