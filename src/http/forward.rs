@@ -113,8 +113,7 @@ pub(crate) fn set_forwarding_headers(req: &mut RequestHeader, peer: Peer) -> pin
         return Ok(());
     }
     req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
-    if !req.headers.contains_key(X_FORWARDED_HOST) && !req.headers.contains_key(X_FORWARDED_PORT)
-    {
+    if !req.headers.contains_key(X_FORWARDED_HOST) && !req.headers.contains_key(X_FORWARDED_PORT) {
         return Ok(());
     }
     let host = req.headers.get(header::HOST).cloned().or_else(|| {

@@ -1,5 +1,9 @@
 //! The Pingora glue: the life of a request, top to bottom, in `request_filter`.
 //!
+//! 0. The head as idem treats it ([`crate::http::normalize`]: split cookies joined, an h2c
+//!    upgrade offer dropped), the peer and its trust, and the client address through
+//!    trusted hops ([`crate::http::client_addr`]), all once. HTTP/1.1 pipelining is on:
+//!    pipelined requests are answered one after the other, in order.
 //! 1. Route and admission from the head alone ([`crate::http::admission`]): pass-through
 //!    requests return `Ok(false)` and take Pingora's streamed proxy path untouched.
 //! 2. Read the whole body up to `max_body` within `body_read_timeout`, hashing it as it
@@ -300,6 +304,11 @@ fn lookup_result(joined: &Joined) -> Lookup {
 }
 
 /// Resolves when the client goes away (H1 FIN/RST, H2 RST_STREAM): its wait ends, nothing else.
+///
+/// With pipelining on, bytes arriving here on an HTTP/1.1 connection are the next request,
+/// not the client leaving: Pingora keeps them for that request and this stays pending (it
+/// reads no further, so a client that leaves after pipelining is noticed only when its
+/// answer is written, which then fails; the call it led or waited on is unaffected).
 async fn client_gone(session: &mut Session) -> Box<Error> {
     match session.downstream_session.read_body_or_idle(true).await {
         Err(e) => e.into_down(),

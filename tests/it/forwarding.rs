@@ -656,7 +656,13 @@ async fn the_access_log_names_the_client_derived_through_trusted_hops() {
             "127.0.0.1",
             "203.0.113.7, unknown, 127.0.0.1",
         ),
-        (CLIENT, "/fwd/untrusted", "203.0.113.7", "127.0.0.2", "127.0.0.2"),
+        (
+            CLIENT,
+            "/fwd/untrusted",
+            "203.0.113.7",
+            "127.0.0.2",
+            "127.0.0.2",
+        ),
     ];
     for (source, path, xff, logged, forwarded) in cases {
         let request = http_request("GET", path, &[("x-forwarded-for", xff)], b"");
@@ -697,7 +703,8 @@ async fn a_connection_without_a_proxy_header_is_closed_unanswered() {
         .start(&config.to_string())
         .await;
     let mut conn = RawConn::connect(idem.addr()).await;
-    conn.send(&http_request("GET", "/fwd/direct", &[], b"")).await;
+    conn.send(&http_request("GET", "/fwd/direct", &[], b""))
+        .await;
     conn.expect_closed().await;
     idem.wait_stderr("closing a client connection without a valid PROXY protocol header")
         .await;
@@ -766,7 +773,8 @@ async fn a_reload_changes_which_peers_are_trusted() {
             .to_string(),
     );
     assert!(idem.signal(libc::SIGHUP));
-    idem.wait_stderr("SIGHUP: configuration reloaded from").await;
+    idem.wait_stderr("SIGHUP: configuration reloaded from")
+        .await;
     assert!(
         !idem.stderr_text().contains("take effect only at start-up"),
         "trusted_proxies needs no restart:\n{}",
@@ -780,4 +788,34 @@ async fn a_reload_changes_which_peers_are_trusted() {
         let req = only_request(&b, path).await;
         assert_eq!(lines(&req, "x-forwarded-for"), vec![xff], "{path}");
     }
+}
+
+/// The PROXY header counts against the first-bytes deadline (`keepalive_timeout`): a proxy
+/// connection that stops inside its header, or sends a header and then nothing, is closed
+/// unanswered once the deadline has passed, not before.
+#[tokio::test]
+async fn a_proxy_header_must_arrive_within_the_first_bytes_deadline() {
+    let b = Backend::start().await;
+    let config = Config::new(b.addr())
+        .set("server.proxy_protocol", true)
+        .set("server.keepalive_timeout", "1s")
+        .route(Route::new("fwd", "/fwd/", "keyed"));
+    let idem = Idem::start(&config.to_string()).await;
+    let mut partial = RawConn::connect(idem.addr()).await;
+    partial.send(b"PROXY TCP4 198.51.100.9 ").await;
+    let mut silent_after = RawConn::connect(idem.addr()).await;
+    silent_after
+        .send(b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 80\r\n")
+        .await;
+    let opened = std::time::Instant::now();
+    for conn in [&mut partial, &mut silent_after] {
+        conn.expect_closed().await;
+    }
+    let waited = opened.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900)
+            && waited < std::time::Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    assert_eq!(b.total(), Counts::default());
 }
