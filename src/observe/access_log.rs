@@ -35,6 +35,18 @@ pub(crate) struct Entry<'a> {
     pub(crate) waiters_served: Option<usize>,
 }
 
+/// The client address, or `-`: formatted straight into the line, without a `String`.
+struct Client(Option<std::net::IpAddr>);
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// Writes the line, unless `idem::access` is filtered out (then nothing is built).
 pub(crate) fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
     if !tracing::enabled!(target: "idem::access", tracing::Level::INFO) {
@@ -51,14 +63,12 @@ pub(crate) fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
     let key = key.as_deref().unwrap_or("-");
     // Milliseconds with microsecond precision.
     let upstream_ms = entry.upstream.map(|d| d.as_micros() as f64 / 1000.0);
-    let client = entry
-        .client
-        .map_or_else(|| "-".to_string(), |c| c.to_string());
+    let client = Client(entry.client);
     match entry.format {
         LogFormat::Json => tracing::info!(
             target: "idem::access",
             method = %req.method,
-            client,
+            client = %client,
             route = %route,
             status,
             outcome = entry.answered.as_str(),
