@@ -576,3 +576,26 @@ async fn a_refusal_with_a_large_body_closes_the_connection() {
     conn.expect_closed().await;
     assert_eq!(b.total(), Counts::default());
 }
+
+/// A refusal of a request that waits for `100 Continue` comes at once, without the `100`
+/// (the client then never sends its body), and closes the connection: idem does not wait
+/// for a body that will not come.
+#[tokio::test]
+async fn a_refusal_of_a_request_expecting_continue_is_immediate_and_closes() {
+    let b = Backend::start().await;
+    let idem = Idem::start(&api_config(&b).to_string()).await;
+    let mut conn = RawConn::connect(idem.addr()).await;
+    conn.send(
+        b"POST /strict/wait HTTP/1.1\r\nhost: idem.test\r\nexpect: 100-continue\r\n\
+content-length: 3\r\n\r\n",
+    )
+    .await;
+    let resp = tokio::time::timeout(WAIT_TIMEOUT, conn.read_final_response(false))
+        .await
+        .expect("the refusal, without waiting for the body");
+    assert_eq!(resp.interim, Vec::<u16>::new(), "{resp:#?}");
+    assert_problem(&resp, 400, "missing-key");
+    assert_eq!(resp.header("connection"), Some("close"), "{resp:#?}");
+    conn.expect_closed().await;
+    assert_eq!(b.total(), Counts::default());
+}
