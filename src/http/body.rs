@@ -129,6 +129,8 @@ pub(crate) async fn forward_consumed(
     read_final_header(&mut s).await?;
     let mut h = stream_header(s.response_header().expect("header read"));
     append_cache_status(&mut h, CACHE_STATUS_BYPASS)?;
+    // An HTTP/1.0 request never gets here (without chunked coding its body length is
+    // declared), but every writer of a response of unknown length applies the rule.
     framing::apply(session, &mut h);
     let status = h.status.as_u16();
     session.write_response_header(Box::new(h), false).await?;

@@ -117,8 +117,13 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // idem listens on TCP only; anything else keeps Pingora's own detection.
+        // idem's listeners give plain (L4) streams; anything else keeps Pingora's own
+        // detection, except where a PROXY header is required and could not be read.
         if !(*stream).as_any().is::<TcpStream>() {
+            if self.proxy_protocol {
+                tracing::warn!("closing a connection that is not a plain stream: its PROXY protocol header cannot be read");
+                return None;
+            }
             return self.h2c.process_new(stream, shutdown).await;
         }
         let mut tcp: Box<TcpStream> = stream.into_any().downcast().ok()?;
