@@ -2,7 +2,12 @@
 //! and however impatiently the client sends the request.
 //!
 //! # Life of a request
-//! Read top to bottom in `http::proxy` (`request_filter`):
+//! A connection first passes `http::first_bytes` (the PROXY protocol header when
+//! configured, `http::proxy_protocol`, then HTTP/1 or h2c). Then, per request, read top to
+//! bottom in `http::proxy` (`request_filter`):
+//! 0. The head as idem treats it (`http::normalize`), the peer's trust and the client
+//!    address through trusted hops (`http::client_addr`); the forwarding headers every
+//!    forwarded request carries follow from them (`http::forward`).
 //! 1. Route (`config::route`) and admission from the head alone (`http::admission`):
 //!    pass-through requests go to Pingora's streamed proxy path untouched.
 //! 2. The body is read whole and hashed (`http::body`); scope and fingerprint come from the

@@ -14,6 +14,8 @@ pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// `[server] max_waiters`
 pub(crate) const MAX_WAITERS: usize = 100_000;
+/// `[server] trusted_proxies`: loopback, where a front proxy on the same host connects from.
+pub(crate) const TRUSTED_PROXIES: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 /// `[upstream] backends`
 pub(crate) const BACKEND: &str = "127.0.0.1:8000";
 /// `[upstream] connect_timeout`

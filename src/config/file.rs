@@ -54,6 +54,9 @@ pub(crate) struct RawServer {
     pub(crate) body_read_timeout: Opt<Dur>,
     pub(crate) max_waiters: Opt<usize>,
     pub(crate) log_format: Opt<LogFormat>,
+    /// Each entry keeps its own place, so an error points at the entry at fault.
+    pub(crate) trusted_proxies: Opt<Vec<Spanned<String>>>,
+    pub(crate) proxy_protocol: Opt<bool>,
 }
 
 /// `[upstream]`

@@ -7,7 +7,8 @@
 //!
 //! A reload changes, for requests that start after it: the routes (added, removed or
 //! changed), every route policy (`[dedup]` and `[[route]]`: modes, TTLs, limits, headers),
-//! and `[server]` `keepalive_timeout`, `body_read_timeout` and `max_waiters`. Settings fixed
+//! and `[server]` `keepalive_timeout`, `body_read_timeout`, `max_waiters` and
+//! `trusted_proxies`. Settings fixed
 //! at start-up ([`Settings::restart_only_changes`]) keep their running values; a file that
 //! changes them is applied for the rest and the caller logs what needs a restart. An invalid
 //! file is refused as a whole and nothing changes.

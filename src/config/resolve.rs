@@ -14,6 +14,7 @@ use crate::config::file::{
 };
 use crate::config::route::{RoutePolicy, StatusSet};
 use crate::config::settings::{HealthCheckSettings, Settings, StoreSettings, UpstreamSettings};
+use crate::config::trusted::TrustedProxies;
 use http::Method;
 use std::ops::Range;
 use std::time::Duration;
@@ -135,6 +136,8 @@ pub(crate) fn resolve(
         ));
     }
 
+    let trusted_proxies = trusted_proxies(&server.trusted_proxies)?;
+
     let upstream = upstream(&raw)?;
     // A reload keeps these (restart-only) before anything is derived from them.
     let upstream = fixed.map_or(upstream, |f| f.upstream.clone());
@@ -233,6 +236,8 @@ pub(crate) fn resolve(
         body_read_timeout: dur(&server.body_read_timeout, defaults::BODY_READ_TIMEOUT),
         max_waiters: or(&server.max_waiters, defaults::MAX_WAITERS),
         log_format: or(&server.log_format, LogFormat::Text),
+        trusted_proxies,
+        proxy_protocol: or(&server.proxy_protocol, false),
         upstream,
         metrics_listen,
         admin_listen,
@@ -241,6 +246,25 @@ pub(crate) fn resolve(
         default_route: base,
         routes,
     })
+}
+
+/// `[server] trusted_proxies`; an error points at the entry at fault.
+fn trusted_proxies(raw: &Opt<Vec<Spanned<String>>>) -> Result<TrustedProxies, Invalid> {
+    let nets = match raw {
+        None => defaults::TRUSTED_PROXIES
+            .iter()
+            .map(|e| TrustedProxies::parse_entry(e).expect("default networks are valid"))
+            .collect(),
+        Some(list) => list
+            .get_ref()
+            .iter()
+            .map(|e| {
+                TrustedProxies::parse_entry(e.get_ref())
+                    .map_err(|m| invalid("server.trusted_proxies", Some(e.span()), m))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(TrustedProxies::new(nets))
 }
 
 fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {

@@ -9,6 +9,7 @@ use crate::config::address::Address;
 use crate::config::file::{LogFormat, OnStoreError, RawConfig, StoreKind};
 use crate::config::resolve::{resolve, Env};
 use crate::config::route::RoutePolicy;
+use crate::config::trusted::TrustedProxies;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -91,6 +92,11 @@ pub struct Settings {
     pub(crate) max_waiters: usize,
     /// Access log format.
     pub log_format: LogFormat,
+    /// Peers whose forwarding headers are believed (`crate::http::forward`).
+    pub(crate) trusted_proxies: TrustedProxies,
+    /// Every proxy listener expects a PROXY protocol (v1 or v2) header first, whose source
+    /// address becomes the peer (`crate::http::proxy_protocol`).
+    pub(crate) proxy_protocol: bool,
     /// Upstream backends and timeouts.
     pub(crate) upstream: UpstreamSettings,
     /// Metrics, health and readiness listener (TCP).
@@ -216,6 +222,7 @@ impl Settings {
         settings.threads = running.threads;
         settings.work_stealing = running.work_stealing;
         settings.log_format = running.log_format;
+        settings.proxy_protocol = running.proxy_protocol;
         settings.metrics_listen = running.metrics_listen.clone();
         settings.admin_listen = running.admin_listen.clone();
         settings.secret = running.secret.clone();
@@ -226,8 +233,9 @@ impl Settings {
     }
 
     /// The settings fixed at start-up whose values differ between `self` and `other`, by
-    /// their proxy.toml names: listeners, threads, grace period and log format (Pingora's
-    /// server and the log subscriber are built once), `[upstream]` (backends, health check
+    /// their proxy.toml names: listeners and whether they expect a PROXY protocol header,
+    /// threads, grace period and log format (Pingora's server and the log subscriber are
+    /// built once), `[upstream]` (backends, health check
     /// and connection pool are built at start, and `total_timeout` is bound to the grace
     /// period), `[store]`, and `[dedup] secret` (a new secret would orphan every key).
     pub(crate) fn restart_only_changes(&self, other: &Settings) -> Vec<&'static str> {
@@ -243,6 +251,10 @@ impl Settings {
             ("server.work_stealing", a.work_stealing == b.work_stealing),
             ("server.grace_period", a.grace_period == b.grace_period),
             ("server.log_format", a.log_format == b.log_format),
+            (
+                "server.proxy_protocol",
+                a.proxy_protocol == b.proxy_protocol,
+            ),
             ("upstream.backends", u.backends == v.backends),
             (
                 "upstream.connect_timeout",
@@ -365,6 +377,43 @@ mod tests {
         assert_eq!(on.restart_only_changes(&off), vec!["server.work_stealing"]);
         let e = load("[server]\nwork_stealing = \"yes\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn trusted_proxies_default_to_loopback_and_name_a_bad_entry() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let s = load("").unwrap();
+        assert!(s.trusted_proxies.contains(ip("127.0.0.2")));
+        assert!(s.trusted_proxies.contains(ip("::1")));
+        assert!(!s.trusted_proxies.contains(ip("10.0.0.1")));
+        let none = load("[server]\ntrusted_proxies = []\n").unwrap();
+        assert!(!none.trusted_proxies.contains(ip("127.0.0.1")));
+        let s = load("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"2001:db8::7\"]\n").unwrap();
+        assert!(s.trusted_proxies.contains(ip("10.1.2.3")));
+        assert!(s.trusted_proxies.contains(ip("2001:db8::7")));
+        assert!(!s.trusted_proxies.contains(ip("127.0.0.1")));
+        // The entry at fault, not the list: line 3, column 5.
+        let e =
+            load("[server]\ntrusted_proxies = [\n    \"10.0.0.0/8\",\n    \"10.0.0.1/8\",\n]\n")
+                .unwrap_err();
+        assert_eq!((e.line, e.column), (Some(4), Some(5)), "{e}");
+        assert!(e.message.starts_with("server.trusted_proxies: "), "{e}");
+        let e = load("[server]\ntrusted_proxies = \"10.0.0.0/8\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn proxy_protocol_is_off_by_default_and_restart_only() {
+        assert!(!load("").unwrap().proxy_protocol);
+        let on = load("[server]\nproxy_protocol = true\n").unwrap();
+        assert!(on.proxy_protocol);
+        assert_eq!(
+            on.restart_only_changes(&load("").unwrap()),
+            vec!["server.proxy_protocol"]
+        );
+        // trusted_proxies is applied by a reload: not in the restart-only list.
+        let other = load("[server]\ntrusted_proxies = []\n").unwrap();
+        assert!(other.restart_only_changes(&load("").unwrap()).is_empty());
     }
 
     #[test]

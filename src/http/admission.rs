@@ -113,6 +113,9 @@ pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A protocol upgrade (WebSocket) is a tunnel, never deduplicated. An `h2c` upgrade offer
+/// is no longer here: `crate::http::normalize` dropped it, so that request is admitted as
+/// plain HTTP/1.1.
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
 }

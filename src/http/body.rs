@@ -3,7 +3,9 @@
 //! out too large (it was consumed, so Pingora's proxy path can no longer send it).
 
 use crate::http::admission::declared_length;
+use crate::http::client_addr::Peer;
 use crate::http::forward::forwarded_request;
+use crate::http::framing;
 use crate::http::reply::{append_cache_status, CACHE_STATUS_BYPASS};
 use crate::key::{Fingerprint, FingerprintHasher};
 use crate::message::{stream_header, BodyBuf};
@@ -46,6 +48,37 @@ fn is_expect_continue(req: &RequestHeader) -> bool {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
+/// Reads and discards the request body before idem refuses a request from its head, so
+/// that the connection can carry the client's next request: Pingora closes a connection
+/// answered before its request body was read. Nothing is read when the body is declared
+/// larger than `max_body` or when the client waits for `100 Continue` (it may then never
+/// send the body): that connection closes after the answer, as it does when the body turns
+/// out too large, too slow (`deadline`) or broken.
+pub(crate) async fn discard(session: &mut Session, max_body: u64, deadline: Duration) {
+    if is_expect_continue(session.req_header())
+        || declared_length(&session.req_header().headers).is_some_and(|n| n > max_body)
+    {
+        // Said here rather than left to Pingora's default (it closes a connection answered
+        // before its body was read): the unread body must never be read as a request.
+        session.set_keepalive(None);
+        return;
+    }
+    let mut read = 0u64;
+    let drained = tokio::time::timeout(deadline, async {
+        while let Some(chunk) = session.read_request_body().await? {
+            read += chunk.len() as u64;
+            if read > max_body {
+                break;
+            }
+        }
+        Ok::<_, Box<pingora::Error>>(())
+    })
+    .await;
+    if !matches!(drained, Ok(Ok(()))) || read > max_body {
+        session.set_keepalive(None);
+    }
+}
+
 /// Reads the body up to `max_body` within `deadline`, feeding `hasher` on the way. An `Err`
 /// means the client left or broke the framing.
 pub(crate) async fn read(
@@ -82,12 +115,10 @@ pub(crate) async fn forward_consumed(
     session: &mut Session,
     upstream: &Upstream,
     prefix: Bytes,
+    from: Peer,
 ) -> Result<u16> {
     let (mut s, peer) = upstream.connect_any().await?;
-    let mut req = forwarded_request(
-        session.req_header(),
-        session.client_addr().and_then(|a| a.as_inet()),
-    )?;
+    let mut req = forwarded_request(session.req_header(), from)?;
     req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     s.write_request_header(Box::new(req)).await?;
     s.write_request_body(prefix, false).await?;
@@ -98,6 +129,9 @@ pub(crate) async fn forward_consumed(
     read_final_header(&mut s).await?;
     let mut h = stream_header(s.response_header().expect("header read"));
     append_cache_status(&mut h, CACHE_STATUS_BYPASS)?;
+    // An HTTP/1.0 request never gets here (without chunked coding its body length is
+    // declared), but every writer of a response of unknown length applies the rule.
+    framing::apply(session, &mut h);
     let status = h.status.as_u16();
     session.write_response_header(Box::new(h), false).await?;
     while let Some(b) = s.read_response_body().await? {

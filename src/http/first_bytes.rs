@@ -15,8 +15,12 @@
 //! idle keep-alive connection; a connection that sends nothing by then, or stops inside a
 //! would-be preface, is closed without an answer and logged at debug. This runs once per
 //! connection, not per request.
+//!
+//! With `[server] proxy_protocol = true`, the PROXY protocol header comes first and is read
+//! within the same deadline ([`crate::http::proxy_protocol`]); the sniffing starts after it.
 
 use crate::config::live::Live;
+use crate::http::proxy_protocol;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::l4::stream::Stream as TcpStream;
@@ -54,17 +58,34 @@ pub(crate) struct FirstBytesDeadline<H1, H2> {
     http1: Arc<H1>,
     h2c: Arc<H2>,
     live: Arc<Live>,
+    /// Fixed at start-up, like the listeners themselves.
+    proxy_protocol: bool,
 }
 
 impl<H1, H2> FirstBytesDeadline<H1, H2> {
-    /// `http1` must not look for the h2c preface itself; `h2c` must.
-    pub(crate) fn new(http1: H1, h2c: H2, live: Arc<Live>) -> FirstBytesDeadline<H1, H2> {
+    /// `http1` must not look for the h2c preface itself; `h2c` must. With `proxy_protocol`,
+    /// every connection must start with a PROXY protocol header.
+    pub(crate) fn new(
+        http1: H1,
+        h2c: H2,
+        live: Arc<Live>,
+        proxy_protocol: bool,
+    ) -> FirstBytesDeadline<H1, H2> {
         FirstBytesDeadline {
             http1: Arc::new(http1),
             h2c: Arc::new(h2c),
             live,
+            proxy_protocol,
         }
     }
+}
+
+/// Why a new connection is closed before any request.
+enum Unread {
+    /// Closed, reset or unreadable: nothing to answer.
+    Io,
+    /// No valid PROXY protocol header on a listener that requires one.
+    Proxy(String),
 }
 
 /// Reads until [`sniff`] decides, then puts the bytes back.
@@ -96,16 +117,36 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // idem listens on TCP only; anything else keeps Pingora's own detection.
+        // idem's listeners give plain (L4) streams; anything else keeps Pingora's own
+        // detection, except where a PROXY header is required and could not be read.
         if !(*stream).as_any().is::<TcpStream>() {
+            if self.proxy_protocol {
+                tracing::warn!("closing a connection that is not a plain stream: its PROXY protocol header cannot be read");
+                return None;
+            }
             return self.h2c.process_new(stream, shutdown).await;
         }
         let mut tcp: Box<TcpStream> = stream.into_any().downcast().ok()?;
         let deadline = self.live.load().settings.keepalive_timeout;
-        let protocol = match tokio::time::timeout(deadline, read_first_bytes(&mut tcp)).await {
+        let first = async {
+            if self.proxy_protocol {
+                proxy_protocol::accept(&mut tcp)
+                    .await
+                    .map_err(Unread::Proxy)?;
+            }
+            read_first_bytes(&mut tcp).await.map_err(|_| Unread::Io)
+        };
+        let protocol = match tokio::time::timeout(deadline, first).await {
             Ok(Ok(p)) => p,
             // Closed or reset before sending a request: nothing to answer.
-            Ok(Err(_)) => return None,
+            Ok(Err(Unread::Io)) => return None,
+            Ok(Err(Unread::Proxy(why))) => {
+                tracing::debug!(
+                    reason = %why,
+                    "closing a client connection without a valid PROXY protocol header"
+                );
+                return None;
+            }
             Err(_) => {
                 tracing::debug!(
                     ?deadline,

@@ -1,5 +1,9 @@
 //! The Pingora glue: the life of a request, top to bottom, in `request_filter`.
 //!
+//! 0. The head as idem treats it ([`crate::http::normalize`]: split cookies joined, an h2c
+//!    upgrade offer dropped), the peer and its trust, and the client address through
+//!    trusted hops ([`crate::http::client_addr`]), all once. HTTP/1.1 pipelining is on:
+//!    pipelined requests are answered one after the other, in order.
 //! 1. Route and admission from the head alone ([`crate::http::admission`]): pass-through
 //!    requests return `Ok(false)` and take Pingora's streamed proxy path untouched.
 //! 2. Read the whole body up to `max_body` within `body_read_timeout`, hashing it as it
@@ -29,8 +33,11 @@ use crate::dedup::shadow::request::{ShadowPolicy, ShadowRequest, Sinks};
 use crate::dedup::shadow::table::ShadowTable;
 use crate::http::admission::{admit, Admission, Bypass};
 use crate::http::body::{self, BodyRead};
+use crate::http::client_addr::{self, Peer};
 use crate::http::forward;
+use crate::http::framing;
 use crate::http::key_inputs;
+use crate::http::normalize;
 use crate::http::pass_through::{self, Attempts};
 use crate::http::problem::Problem;
 use crate::http::reply::{self, Audience, Reply};
@@ -48,6 +55,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,6 +106,11 @@ pub(crate) struct Ctx {
     waiters_served: Option<usize>,
     /// Shadow route: the key being derived, then the would-be leader's state.
     shadow: Option<ShadowRequest>,
+    /// The hop the request came from and whether it is trusted, for the forwarding headers.
+    peer: Peer,
+    /// The client address through trusted hops ([`client_addr`]): the access log's
+    /// `client`, and what per-client limits count.
+    pub(crate) client: Option<IpAddr>,
     _active: ActiveGuard,
 }
 
@@ -145,7 +158,12 @@ impl Idem {
                 ctx.answered = Answered::TooLarge;
                 // Boxed: a rare path with a large future (a whole upstream exchange) that would
                 // otherwise size every deduplicated request's future, waiters' included.
-                let forwarded = Box::pin(body::forward_consumed(session, &self.upstream, prefix));
+                let forwarded = Box::pin(body::forward_consumed(
+                    session,
+                    &self.upstream,
+                    prefix,
+                    ctx.peer,
+                ));
                 ctx.status = forwarded.await?;
                 return Ok(true);
             }
@@ -181,11 +199,8 @@ impl Idem {
             Joined::Leader(permit) => {
                 // Its client may leave before the answer: the request still led the call.
                 ctx.answered = Answered::Leader;
-                let request = forward::upstream_request(
-                    session.req_header(),
-                    session.client_addr().and_then(|a| a.as_inet()),
-                    body.len(),
-                )?;
+                let request =
+                    forward::upstream_request(session.req_header(), ctx.peer, body.len())?;
                 let plan = Plan {
                     request,
                     body,
@@ -290,6 +305,11 @@ fn lookup_result(joined: &Joined) -> Lookup {
 }
 
 /// Resolves when the client goes away (H1 FIN/RST, H2 RST_STREAM): its wait ends, nothing else.
+///
+/// With pipelining on, bytes arriving here on an HTTP/1.1 connection are the next request,
+/// not the client leaving: Pingora keeps them for that request and this stays pending (it
+/// reads no further, so a client that leaves after pipelining is noticed only when its
+/// answer is written, which then fails; the call it led or waited on is unaffected).
 async fn client_gone(session: &mut Session) -> Box<Error> {
     match session.downstream_session.read_body_or_idle(true).await {
         Err(e) => e.into_down(),
@@ -316,6 +336,8 @@ impl ProxyHttp for Idem {
             upstream: None,
             waiters_served: None,
             shadow: None,
+            peer: Peer::default(),
+            client: None,
             _active: ActiveGuard(self.active.clone()),
         }
     }
@@ -332,6 +354,27 @@ impl ProxyHttp for Idem {
         if !session.is_process_shutting_down() && session.get_keepalive().is_some() {
             session.set_keepalive(Some(settings.keepalive_timeout.as_secs().max(1)));
         }
+        // Requests pipelined on an HTTP/1.1 connection are read one after the other, each
+        // once the previous one is answered (RFC 9112 9.3.2); without this, Pingora closes
+        // the connection after the first and drops the rest. Carried to the connection's
+        // next requests by Pingora; set on every request because it costs a store.
+        session.set_pipelining_enabled(true);
+        normalize::request_head(session.req_header_mut()).map_err(|e| e.into_down())?;
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.peer = Peer::of(peer, &settings.trusted_proxies);
+        ctx.client = client_addr::client_addr(
+            ctx.peer,
+            session
+                .req_header()
+                .headers
+                .get_all(forward::X_FORWARDED_FOR)
+                .iter()
+                .map(|v| v.as_bytes()),
+            &settings.trusted_proxies,
+        );
         let matched = config.route(session.req_header().uri.path());
         let route = matched.policy;
         ctx.route = matched.id;
@@ -346,6 +389,10 @@ impl ProxyHttp for Idem {
                 Ok(false)
             }
             Admission::Refuse(p) => {
+                // Read what small body there is, so that the connection lives on for the
+                // client's next (maybe already pipelined) request; Pingora closes a
+                // connection answered before its body was read.
+                body::discard(session, route.max_body, settings.body_read_timeout).await;
                 self.reply(session, ctx, p.into(), Audience::Anonymous)
                     .await
             }
@@ -482,24 +529,22 @@ impl ProxyHttp for Idem {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
         // idem answered any `100-continue` itself (`body::continue_if_expected`).
         upstream_request.remove_header(&header::EXPECT);
-        forward::add_forwarded(
-            upstream_request,
-            session.client_addr().and_then(|a| a.as_inet()),
-        )
+        forward::set_forwarding_headers(upstream_request, ctx.peer)
     }
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        framing::apply(session, resp);
         ctx.status = resp.status.as_u16();
         ctx.upstream = ctx.upstream_started.map(|t| t.elapsed());
         ctx.attempts.answered();
@@ -543,6 +588,7 @@ impl ProxyHttp for Idem {
             &access_log::Entry {
                 format: ctx.config.settings.log_format,
                 route: &self.metrics.route_name(ctx.route),
+                client: ctx.client,
                 fallback_status: ctx.status,
                 answered: ctx.answered,
                 key: ctx.key.as_ref(),

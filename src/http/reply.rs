@@ -12,6 +12,7 @@
 //! * the status and the metric outcome of the request follow from the reply written.
 
 use crate::dedup::leader::Chunk;
+use crate::http::framing;
 use crate::http::problem::Problem;
 use crate::message::StoredResponse;
 use crate::observe::metrics::Answered;
@@ -248,6 +249,7 @@ async fn write_stream(
     mut body: mpsc::Receiver<Chunk>,
 ) -> Result<()> {
     append_cache_status(&mut header, "idem; fwd=uri-miss")?;
+    framing::apply(session, &mut header);
     session.write_response_header(header, false).await?;
     while let Some(chunk) = body.recv().await {
         match chunk {

@@ -1,7 +1,8 @@
 //! The access log: one line per request, text or JSON (`[server] log_format`), written as a
 //! `tracing` event on target `idem::access` to stderr.
 //!
-//! Fields: method, path (text only), route, status, outcome, a 12-hex prefix of the dedup
+//! Fields: method, path (text only), client (the address through trusted hops, `-` when
+//! there is none), route, status, outcome, a 12-hex prefix of the dedup
 //! key (never the raw `Idempotency-Key` nor the body), total and upstream latency, and how
 //! many waiters a leader's outcome served.
 
@@ -18,6 +19,8 @@ pub(crate) struct Entry<'a> {
     pub(crate) format: LogFormat,
     /// The request's route (its metric label).
     pub(crate) route: &'a str,
+    /// The client address through trusted hops (`crate::http::client_addr`).
+    pub(crate) client: Option<std::net::IpAddr>,
     /// Status when no response header was written (idem's own answers record theirs).
     pub(crate) fallback_status: u16,
     /// How idem answered.
@@ -30,6 +33,18 @@ pub(crate) struct Entry<'a> {
     pub(crate) upstream: Option<Duration>,
     /// Waiters that received this leader's outcome.
     pub(crate) waiters_served: Option<usize>,
+}
+
+/// The client address, or `-`: formatted straight into the line, without a `String`.
+struct Client(Option<std::net::IpAddr>);
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// Writes the line, unless `idem::access` is filtered out (then nothing is built).
@@ -48,10 +63,12 @@ pub(crate) fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
     let key = key.as_deref().unwrap_or("-");
     // Milliseconds with microsecond precision.
     let upstream_ms = entry.upstream.map(|d| d.as_micros() as f64 / 1000.0);
+    let client = Client(entry.client);
     match entry.format {
         LogFormat::Json => tracing::info!(
             target: "idem::access",
             method = %req.method,
+            client = %client,
             route = %route,
             status,
             outcome = entry.answered.as_str(),
@@ -65,9 +82,10 @@ pub(crate) fn write(session: &Session, e: Option<&Error>, entry: &Entry<'_>) {
         ),
         LogFormat::Text => tracing::info!(
             target: "idem::access",
-            "{} {} route={} status={} outcome={} key={} ms={} upstream_ms={} waiters_served={}{}",
+            "{} {} client={} route={} status={} outcome={} key={} ms={} upstream_ms={} waiters_served={}{}",
             req.method,
             req.uri.path(),
+            client,
             route,
             status,
             entry.answered.as_str(),

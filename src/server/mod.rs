@@ -111,6 +111,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     let signals_installed = Arc::new(Notify::new());
 
     let keys = KeyDeriver::new(settings.secret.as_deref());
+    let proxy_protocol = settings.proxy_protocol;
     let shadow = Arc::new(ShadowTable::new(settings.store.max_entries));
     let names: Vec<String> = settings.all_routes().map(|r| r.name.clone()).collect();
     let route_ids = metrics.register_routes(&names);
@@ -134,7 +135,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     h2c.server_options = Some(options);
     let mut proxy = Service::new(
         "proxy".to_string(),
-        FirstBytesDeadline::new(http1, h2c, live.clone()),
+        FirstBytesDeadline::new(http1, h2c, live.clone(), proxy_protocol),
     );
     for a in &listen {
         // No L4 read buffer on client connections: Pingora's HTTP/1 layer reads the head into

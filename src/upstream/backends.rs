@@ -39,6 +39,8 @@ pub(crate) struct Endpoint {
     pub(crate) reuse: Arc<Reuse>,
     /// Idle connections for idem's own calls.
     pub(crate) pool: Pool,
+    /// Why the last health check failed, to log a change of cause while down too.
+    down_because: parking_lot::Mutex<Option<String>>,
     /// When the pass-through path last returned each connection (by descriptor) to
     /// Pingora's pool, to know how long one it reuses sat idle (`http::pass_through`).
     pub(crate) released: parking_lot::Mutex<std::collections::HashMap<i32, Instant>>,
@@ -244,6 +246,7 @@ impl Backends {
             reuse: Arc::new(Reuse::new(Instant::now())),
             pool: Pool::new(),
             released: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            down_because: parking_lot::Mutex::new(None),
         })
     }
 
@@ -253,19 +256,23 @@ impl Backends {
         }
         let all = self.endpoints.load_full();
         let checks = all.iter().map(|e| async move {
-            let result = check(&self.settings, connector, &e.peer).await;
-            let (now, was) = match &result {
-                Ok(()) => (UP, e.health.swap(UP, Ordering::Relaxed)),
-                Err(_) => (DOWN, e.health.swap(DOWN, Ordering::Relaxed)),
-            };
-            match result {
-                Err(why) if was != DOWN => {
-                    tracing::warn!(backend = %e.label, "backend is down: {why}")
+            match check(&self.settings, connector, &e.peer).await {
+                Ok(()) => {
+                    if e.health.swap(UP, Ordering::Relaxed) == DOWN {
+                        tracing::info!(backend = %e.label, "backend is up again");
+                    }
+                    *e.down_because.lock() = None;
                 }
-                Ok(()) if was == DOWN => tracing::info!(backend = %e.label, "backend is up again"),
-                _ => {}
+                Err(why) => {
+                    e.health.store(DOWN, Ordering::Relaxed);
+                    // One line per change: going down, or down for another reason.
+                    let mut because = e.down_because.lock();
+                    if because.as_deref() != Some(why.as_str()) {
+                        tracing::warn!(backend = %e.label, "backend is down: {why}");
+                        *because = Some(why);
+                    }
+                }
             }
-            let _ = now;
         });
         futures::future::join_all(checks).await;
     }

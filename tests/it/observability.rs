@@ -523,6 +523,8 @@ async fn json_access_log_has_one_line_per_request_without_keys_or_bodies() {
         assert_eq!(r["method"], "POST", "{r}");
         assert_eq!(r["route"], "api", "{r}");
         assert_eq!(r["status"], 200, "{r}");
+        // The client through trusted hops: a loopback peer that forwarded nothing.
+        assert_eq!(r["client"], "127.0.0.1", "{r}");
         // `error` appears only on requests that ended with one.
         assert!(r.get("error").is_none(), "{r}");
     }

@@ -26,7 +26,9 @@
 //! `stall`, `malformed-status`, `close-after-response` (answer normally
 //! without announcing it, then FIN: the stale keep-alive race) are terminal;
 //! `slow-body`, `chunked`, `trailers` shape an otherwise normal response and
-//! combine (`x-fault: slow-body,chunked`). An unknown fault is answered with
+//! combine (`x-fault: slow-body,chunked`); `close-delimited` sends the body with
+//! neither `Content-Length` nor chunking, ended by closing the connection (an
+//! HTTP/1.0-style origin). An unknown fault is answered with
 //! 400 so that a typo cannot silently turn into a passing test.
 //!
 //! Every response carries `x-backend-call: N` (the per-path call number) so a
@@ -674,6 +676,7 @@ struct Spec {
     chunked: bool,
     trailers: bool,
     slow: bool,
+    close_delimited: bool,
 }
 
 impl Spec {
@@ -729,6 +732,11 @@ impl Spec {
                     "trailers" => {
                         spec.chunked = true;
                         spec.trailers = true;
+                        continue;
+                    }
+                    "close-delimited" => {
+                        spec.close_delimited = true;
+                        spec.close = true;
                         continue;
                     }
                     "reset-before-headers" => Fault::ResetBeforeHeaders,
@@ -875,6 +883,9 @@ async fn handle_request(
     if bodyless {
         let len = (spec.status >= 200 && spec.status != 204).then_some(body.len());
         writes.push(response_head(spec.status, &fields, len, close));
+    } else if spec.close_delimited {
+        writes.push(response_head(spec.status, &fields, None, true));
+        writes.extend(split(&body, spec.chunks).into_iter().map(<[u8]>::to_vec));
     } else if spec.chunked {
         if spec.trailers {
             fields.push(("trailer".into(), b"x-trailer".to_vec()));

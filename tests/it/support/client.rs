@@ -48,7 +48,7 @@ pub fn h2c_client() -> reqwest::Client {
 }
 
 /// A response read off a raw socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RawResponse {
     /// Minor HTTP version: 1 for HTTP/1.1.
     pub version: u8,
@@ -61,6 +61,27 @@ pub struct RawResponse {
     pub trailers: Vec<(String, Vec<u8>)>,
     /// Statuses of 1xx responses that preceded this one.
     pub interim: Vec<u16>,
+}
+
+/// Header values and bodies as text: a failing assertion that prints a response should
+/// show `cache-status: idem; hit` rather than a column of byte values.
+impl std::fmt::Debug for RawResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields = |list: &[(String, Vec<u8>)]| -> Vec<String> {
+            list.iter()
+                .map(|(n, v)| format!("{n}: {}", String::from_utf8_lossy(v)))
+                .collect()
+        };
+        f.debug_struct("RawResponse")
+            .field("version", &format_args!("HTTP/1.{}", self.version))
+            .field("status", &self.status)
+            .field("reason", &self.reason)
+            .field("headers", &fields(&self.headers))
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .field("trailers", &fields(&self.trailers))
+            .field("interim", &self.interim)
+            .finish()
+    }
 }
 
 impl RawResponse {
@@ -137,6 +158,44 @@ impl RawConn {
         RawConn {
             stream,
             buf: Vec::new(),
+        }
+    }
+
+    /// Connects from `source` (any 127.0.0.0/8 address is local on Linux), so that a
+    /// front proxy's view of the client differs from its own loopback address.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> RawConn {
+        let socket = match source {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .expect("raw client: socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .unwrap_or_else(|e| panic!("raw client: bind {source}: {e}"));
+        let stream = socket
+            .connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("raw client: connect {addr} from {source}: {e}"));
+        let _ = stream.set_nodelay(true);
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Every byte until the server closes the connection (bounded), unparsed: for tests
+    /// about the exact framing of a response.
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        let deadline = Instant::now() + RAW_TIMEOUT;
+        loop {
+            match self.fill(deadline).await {
+                Ok(()) => {}
+                Err(RawError::Closed { .. }) => return std::mem::take(&mut self.buf),
+                Err(e) => panic!(
+                    "raw client: reading to the end: {e}; received {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            }
         }
     }
 

@@ -9,9 +9,12 @@ pub mod appserver;
 pub mod backend;
 pub mod client;
 pub mod config;
+pub mod haproxy;
 pub mod metrics;
+pub mod nginx;
 pub mod problem;
 pub mod proxy;
+pub mod tools;
 // Private, so that `use crate::support::*` does not shadow the `redis` crate.
 mod redis;
 
@@ -25,15 +28,20 @@ pub use client::{
     send_and_abort, send_expecting_continue, RawConn, RawError, RawResponse,
 };
 pub use config::{config_for, Config, Route};
+pub use haproxy::HaProxy;
 pub use metrics::{
     find_metric, log_tail, metric, metric_or_zero, parse_sample, sample, scrape, series_id,
     wait_metric, wait_metric_sum, Exposition, Sample,
 };
+pub use nginx::Nginx;
 pub use problem::{
     assert_problem, assert_problem_members, problem_json, refusal_cache_status, Answered,
     ReadResponse, PROBLEM_BASE,
 };
 pub use proxy::{Idem, IdemBuilder, TempDir};
+pub use tools::{
+    app_path, python, require_tool, run_bounded, run_python, App, Inherited, Supervised,
+};
 
 /// Upper bound for every event-driven wait in the harness. Generous on
 /// purpose: the machine is shared, and a wait that expires is a test failure,

@@ -255,6 +255,7 @@ pub struct Idem {
     dir: TempDir,
     config_path: PathBuf,
     proxy: Vec<SocketAddr>,
+    unix: Vec<PathBuf>,
     metrics: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     stdout: Arc<watch::Sender<Captured>>,
@@ -319,6 +320,7 @@ impl Idem {
             dir,
             config_path,
             proxy: Vec::new(),
+            unix: Vec::new(),
             metrics: None,
             admin: None,
             stdout,
@@ -346,6 +348,7 @@ impl Idem {
         let listening = parse_listening(&line)
             .unwrap_or_else(|e| panic!("cannot parse idem's line {line:?}: {e}"));
         idem.proxy = listening.proxy;
+        idem.unix = listening.unix;
         idem.metrics = listening.metrics;
         idem.admin = listening.admin;
         // No readiness polling: idem prints the line only once every listener accepts
@@ -360,6 +363,11 @@ impl Idem {
 
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.proxy
+    }
+
+    /// The Unix-socket proxy listeners (`listen = ["unix:/abs/path"]`), as announced.
+    pub fn unix_paths(&self) -> &[PathBuf] {
+        &self.unix
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -470,18 +478,25 @@ impl Idem {
 /// The addresses of idem's `listening` line.
 struct Listening {
     proxy: Vec<SocketAddr>,
+    unix: Vec<PathBuf>,
     metrics: Option<SocketAddr>,
     admin: Option<SocketAddr>,
 }
 
-/// `listening proxy=127.0.0.1:1,127.0.0.1:2 metrics=127.0.0.1:3 admin=127.0.0.1:4`
+/// `listening proxy=127.0.0.1:1,127.0.0.1:2 metrics=127.0.0.1:3 admin=127.0.0.1:4`; a
+/// Unix-socket listener appears in the proxy list as `unix:/abs/path`.
 fn parse_listening(line: &str) -> Result<Listening, String> {
     let mut proxy = Vec::new();
+    let mut unix = Vec::new();
     let mut metrics = None;
     let mut admin = None;
     for token in line.split_whitespace().skip(1) {
         if let Some(list) = token.strip_prefix("proxy=") {
             for addr in list.split(',').filter(|a| !a.is_empty()) {
+                if let Some(path) = addr.strip_prefix("unix:") {
+                    unix.push(PathBuf::from(path));
+                    continue;
+                }
                 proxy.push(
                     addr.parse()
                         .map_err(|e| format!("proxy address {addr:?}: {e}"))?,
@@ -499,11 +514,12 @@ fn parse_listening(line: &str) -> Result<Listening, String> {
             );
         }
     }
-    if proxy.is_empty() {
+    if proxy.is_empty() && unix.is_empty() {
         return Err("no proxy= addresses".into());
     }
     Ok(Listening {
         proxy,
+        unix,
         metrics,
         admin,
     })
