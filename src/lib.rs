@@ -40,7 +40,8 @@
 //! │   ├── KeyDeriver          keyed blake3 (key)
 //! │   ├── Coordinator         flights: DashMap<DedupKey, Flight> (dedup::coordinator)
 //! │   │   └── MemoryStore     bounded slab + expiry (store::memory)
-//! │   ├── Upstream            load balancer + connection pool (upstream)
+//! │   ├── Upstream            backends (resolved, health checked), idle pools, reuse records
+//! │   │                       (upstream: backends, pool, reuse)
 //! │   ├── ShadowTable         keys seen on shadow routes (dedup::shadow)
 //! │   ├── RedisStore          claims, fenced results, waits across replicas (store::redis)
 //! │   └── Metrics             Prometheus registry (observe::metrics)
