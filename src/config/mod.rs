@@ -7,3 +7,4 @@ pub(crate) mod live;
 pub(crate) mod resolve;
 pub(crate) mod route;
 pub mod settings;
+pub(crate) mod store;
