@@ -51,11 +51,18 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
+            // Valid but unwise (a password written in a URL): said, and still a valid file.
+            for w in settings.warnings() {
+                eprintln!("idem: WARN {w}");
+            }
             println!("{}: ok", cli.config.display());
             ExitCode::SUCCESS
         }
         Command::Run => {
             init_logging(settings.log_format);
+            for w in settings.warnings() {
+                tracing::warn!("configuration: {w}");
+            }
             match idem::server::run(settings, cli.config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
