@@ -7,6 +7,7 @@ mod failures;
 mod observability;
 mod operations;
 mod passthrough_ops;
+mod redis_operations;
 mod redis_replicas;
 mod reliability;
 

@@ -21,8 +21,11 @@
 //!
 //! Sentinel: each (re)connection asks the sentinels for the primary of `master_name`
 //! (redis-rs' `SentinelClient`, which also checks the node's `ROLE`), then connects to it
-//! like a single node. A primary other than the previous one is a failover: logged and
-//! counted (`idem_store_primary_switches_total`).
+//! like a single node. While connected, the sentinels are asked every second whether the
+//! primary moved (Sentinel leaves a demoted primary's clients connected until it
+//! reconfigures that node, up to 10 s later): if so, the link goes down and reconnects to the
+//! new one. A primary other than the previous one is a failover: logged and counted
+//! (`idem_store_primary_switches_total`).
 
 use crate::store::redis::metrics::StoreMetrics;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -618,17 +621,99 @@ impl Link {
     }
 }
 
+/// How often the sentinels are asked where the primary is, while connected.
+const SENTINEL_CHECK: Duration = Duration::from_secs(1);
+
+/// A connection to one sentinel, kept between checks.
+#[derive(Default)]
+struct SentinelWatch {
+    conn: Option<MultiplexedConnection>,
+    /// The sentinel it goes to, an index into the list.
+    at: usize,
+}
+
+impl SentinelWatch {
+    /// `host:port` of the primary the sentinels name now; `None` when none answers (the
+    /// connection to the primary decides then).
+    async fn primary(
+        &mut self,
+        sentinels: &[String],
+        master_name: &str,
+        tls: Option<&redis::TlsCertificates>,
+    ) -> Option<String> {
+        for _ in 0..sentinels.len() {
+            if self.conn.is_none() {
+                // The sentinel's own URL credentials; the TLS material is shared.
+                let info =
+                    redis::IntoConnectionInfo::into_connection_info(sentinels[self.at].as_str())
+                        .ok()?;
+                let client = match tls {
+                    Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+                    None => redis::Client::open(info),
+                };
+                if let Ok(client) = client {
+                    self.conn = client.get_multiplexed_async_connection().await.ok();
+                }
+            }
+            if let Some(conn) = self.conn.as_mut() {
+                let named: RedisResult<Option<(String, u16)>> = redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(master_name)
+                    .query_async(conn)
+                    .await;
+                if let Ok(Some((host, port))) = named {
+                    return Some(format!("{host}:{port}"));
+                }
+            }
+            // This sentinel is gone or does not know the name: the next one.
+            self.conn = None;
+            self.at = (self.at + 1) % sentinels.len();
+        }
+        None
+    }
+}
+
 async fn reconnect_loop(weak: Weak<Link>) {
     const MIN: Duration = Duration::from_millis(50);
     const MAX: Duration = Duration::from_secs(2);
     let mut backoff = MIN;
     // The cause this series of failed attempts was logged with.
     let mut logged: Option<&'static str> = None;
+    let mut watch = SentinelWatch::default();
     loop {
         let Some(link) = weak.upgrade() else { return };
         if link.current().is_some() {
-            // Up: sleep until a failure is reported (the link lives as long as the process).
-            link.kick.notified().await;
+            match &link.target {
+                // Up: sleep until a failure is reported (the link lives as long as the
+                // process).
+                Target::Single(_) | Target::Cluster(_) => link.kick.notified().await,
+                // Also ask the sentinels every second whether the primary moved: a primary
+                // demoted by a failover keeps its clients until Sentinel reconfigures it
+                // (its next INFO poll, up to 10 s), and every claim written there meanwhile
+                // would be lost.
+                Target::Sentinel {
+                    sentinels,
+                    master_name,
+                } => {
+                    let generation = link.generation.load(Ordering::Acquire);
+                    tokio::select! {
+                        _ = link.kick.notified() => {}
+                        _ = tokio::time::sleep(SENTINEL_CHECK) => {
+                            let named = tokio::time::timeout(
+                                link.timeout,
+                                watch.primary(sentinels, master_name, link.access.tls.as_ref()),
+                            )
+                            .await;
+                            let current = link.primary.lock().clone();
+                            if let (Ok(Some(named)), Some(current)) = (named, current) {
+                                if named != current {
+                                    link.down(generation, &format!("Sentinel names {named} as the primary"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             backoff = MIN;
             continue;
         }

@@ -16,7 +16,7 @@ mod redis;
 
 use std::time::Duration;
 
-pub use self::redis::{value_kind, RedisCluster, RedisServer};
+pub use self::redis::{value_kind, RedisCluster, RedisSentinel, RedisServer, TlsFiles};
 pub use backend::{free_addr, free_port, pattern, Backend, Counts, Gate, RecordedRequest, Row};
 pub use client::{
     chunked_body, client, client_with_timeout, h2c_client, http_request, raw_request,
