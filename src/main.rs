@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Run the proxy (the default).
     Run,
-    /// Validate the configuration file and exit: 0 when valid, 1 with file:line and the reason otherwise.
+    /// Validate the configuration file and exit: 0 when valid (with a WARN line per value that works but should be written otherwise), 1 with file:line and the reason otherwise.
     Check,
 }
 

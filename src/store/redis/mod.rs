@@ -16,11 +16,12 @@
 //!           still there, then PUBLISH on the key's channel
 //! ```
 //!
-//! Records (see [`codec`]): one Redis string per dedup key, `idem:{<64 hex>}`, holding a claim
-//! or a settled record; the hash tag keeps every key's script on one Cluster slot. A claim
+//! Records (see [`codec`]): one Redis string per dedup key, `<prefix>{<64 hex>}` (names in
+//! [`names`], under `[store] key_prefix`, default `idem:`), holding a claim or a settled
+//! record; the hash tag keeps every key's script on one Cluster slot. A claim
 //! records its owner (the replica's random id), its start and its token, and is written with
 //! `PX` = the upstream total deadline, so it lives until start plus that deadline whatever
-//! happens to its owner. The owner's liveness is a separate key, `idem:alive:<owner>`,
+//! happens to its owner. The owner's liveness is a separate key, `<prefix>alive:<owner>`,
 //! refreshed every `liveness_ttl / 3`: a waiter that finds the claim's owner gone answers
 //! outcome unknown (502) and holds the key locally for the claim's remaining life; nobody
 //! executes the key again before the claim expires. The result write replaces the claim only
@@ -28,7 +29,7 @@
 //! restart, cannot overwrite another's), keeping the claim's expiry for a held outcome
 //! (`KEEPTTL`), and setting the route's retention for a stored one.
 //!
-//! Waiting on another replica: the waiter subscribes to `idem:{<hex>}:settled` (one RESP3
+//! Waiting on another replica: the waiter subscribes to `<prefix>{<hex>}:settled` (one RESP3
 //! connection per replica carries every subscription), then re-reads the key (closing the
 //! race with a settle that happened in between), and re-reads it on every message and every
 //! `poll_interval` (the fallback when a message is lost), checking the owner's liveness on
@@ -42,7 +43,15 @@
 //! replica's local dedup only; fail-closed answers 503). When the claim script may have run
 //! (a timeout, a dropped connection), its claim is kept as tentative: fail-open settles it by
 //! the fenced write like any claim, fail-closed releases it, so other replicas never wait on
-//! a claim nobody will settle.
+//! a claim nobody will settle. Under fail-closed, `/readyz` reports Redis' state
+//! ([`RedisStore::health`]).
+//!
+//! Where Redis is and how idem logs in ([`conn`]): one node, a Cluster, or the primary Redis
+//! Sentinel names (followed across failovers); `rediss://` with a CA and client certificate;
+//! a user and a password from a file or the environment. A failover loses what the old
+//! primary had not replicated: a claim so lost makes its owner's result write `fenced`, its
+//! remote waiters answer outcome unknown, and a later retry executes once more. Admin purges
+//! reach every replica through Redis ([`purge`]).
 
 pub(crate) mod codec;
 pub(crate) mod conn;

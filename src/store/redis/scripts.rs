@@ -51,7 +51,7 @@ return {v, redis.call('PTTL', KEYS[1])}
 ";
 
 /// Admin purge, fenced like every write: deletes a settled record (stored, not replayable,
-/// freed), never a claim or a held key, whose call may still run. KEYS[1]: the key. ARGV:
+/// freed), never a claim or a held key, whose call may still run. `KEYS[1]`: the key. ARGV:
 /// the purge channel, the message. Returns the deleted record's kind ('S', 'N', 'F'), 'A'
 /// absent, or 'B' busy (claim or held). The message is published whatever the record's
 /// state, except busy: replicas may keep a copy of a record Redis lost.
