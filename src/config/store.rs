@@ -184,6 +184,7 @@ fn redis(
             }
         }
     }
+    same_credentials(&urls)?;
     let uses_tls = tls.is_some_and(|(t, _)| t);
     store.tls = tls_material(raw, env, uses_tls)?;
 
@@ -292,6 +293,31 @@ fn check_url(u: &Url<'_>, warnings: &mut Vec<Invalid>) -> Result<bool, Invalid> 
         ));
     }
     Ok(tls)
+}
+
+/// Cluster nodes log in as one user (redis-rs takes one set), and so do the sentinels.
+fn same_credentials(urls: &[Url<'_>]) -> Result<(), Invalid> {
+    let login = |u: &Url<'_>| {
+        redis::IntoConnectionInfo::into_connection_info(u.text).map(|i| {
+            let r = i.redis_settings();
+            (
+                r.username().map(str::to_string),
+                r.password().map(str::to_string),
+            )
+        })
+    };
+    let Some(first) = urls.first() else {
+        return Ok(());
+    };
+    let want = login(first).ok();
+    match urls[1..].iter().find(|u| login(u).ok() != want) {
+        Some(u) => Err(invalid(
+            format!("store.{}", u.key),
+            u.span.clone(),
+            "gives another user or password than the first address: every address logs in alike (or use username and password_file)",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `password_file`, else `IDEM_REDIS_PASSWORD`, else none (the URL's, if any).
@@ -585,16 +611,17 @@ mod tests {
             s.warnings
         );
         let s = load(
-            "nodes = [\"redis://a:1\", \"redis://user:pw@b:2\"]\n",
+            "nodes = [\"redis://user:pw@a:1\", \"redis://user:pw@b:2\"]\n",
             &Env::default(),
         )
         .unwrap();
-        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
-        assert!(
-            s.warnings[0].starts_with("proxy.toml:3:25: store.nodes: "),
-            "{:?}",
-            s.warnings
-        );
+        assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
+        for (w, col) in s.warnings.iter().zip([10, 33]) {
+            assert!(
+                w.starts_with(&format!("proxy.toml:3:{col}: store.nodes: ")),
+                "{w}"
+            );
+        }
         let s = load("url = \"redis://user@a:1\"\n", &Env::default()).unwrap();
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     }
@@ -699,6 +726,9 @@ mod tests {
         let e = err("nodes = [\"rediss://a:1\", \"redis://b:2\"]\n", &env);
         assert_eq!((e.line, e.column), (Some(3), Some(26)), "{e}");
         assert!(e.message.contains("mixes"), "{e}");
+        let e = err("nodes = [\"redis://a:1\", \"redis://u:p@b:2\"]\n", &env);
+        assert_eq!((e.line, e.column), (Some(3), Some(25)), "{e}");
+        assert!(e.message.contains("another user or password"), "{e}");
         let e = err("url = \"rediss://a:1/#insecure\"\n", &env);
         assert!(e.message.contains("#insecure"), "{e}");
     }

@@ -202,6 +202,39 @@ async fn tls_only_redis_with_a_private_ca_one_execution_across_two_replicas() {
     assert_eq!(value_kind(&entries[0].1), 'S');
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_only_redis_cluster_one_execution_per_key_across_two_replicas() {
+    let tls = TlsFiles::generate();
+    let cluster = RedisCluster::start_tls(&tls).await;
+    let backend = Backend::start().await;
+    let path = |n: &str| tls.path(n).display().to_string();
+    let config = replica(&backend, "unused")
+        .remove("store.url")
+        .set("store.nodes", cluster.urls())
+        .set("store.tls_ca", path("ca.pem"))
+        .set("store.tls_client_cert", path("client.pem"))
+        .set("store.tls_client_key", path("client.key"));
+    let replicas = start_replicas(&config, 2).await;
+    let keys = ["c-1", "c-2", "c-3", "c-4", "c-5", "c-6"];
+    for (i, key) in keys.iter().enumerate() {
+        let path = format!("/c/{i}");
+        let seen = concurrently(&replicas, &backend, &path, key, 10).await;
+        one_call(&seen, "1");
+        assert_eq!(backend.counts(&path).started, 1);
+    }
+    let mut holding = 0;
+    let mut total = 0;
+    for node in &cluster.nodes {
+        assert!(node.url().starts_with("rediss://"));
+        let entries = node.idem_entries().await;
+        assert!(entries.iter().all(|(_, v)| value_kind(v) == 'S'));
+        total += entries.len();
+        holding += usize::from(!entries.is_empty());
+    }
+    assert_eq!(total, keys.len());
+    assert!(holding >= 2, "keys on {holding} master(s) only");
+}
+
 // ---------------------------------------------------------------------------
 // Credentials
 // ---------------------------------------------------------------------------

@@ -159,9 +159,10 @@ impl Conn {
 /// Why an operation did not reach Redis or got no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StoreError {
-    /// The link is down and reconnecting.
-    #[error("redis is unreachable (reconnecting)")]
-    Down,
+    /// The link is down and reconnecting; why (the last attempt's failure), so that a
+    /// request's log line says what the operator must fix, not just "unreachable".
+    #[error("redis is not connected (reconnecting; {0})")]
+    Down(String),
     /// The operation did not finish within `store.timeout`.
     #[error("redis did not answer within the store timeout")]
     Timeout,
@@ -329,7 +330,7 @@ impl Link {
     {
         let generation = self.generation.load(Ordering::Acquire);
         let Some(conn) = self.current() else {
-            return Err(StoreError::Down);
+            return Err(StoreError::Down(self.last_error()));
         };
         match tokio::time::timeout(self.timeout, op(conn)).await {
             Ok(Ok(v)) => Ok(v),

@@ -368,7 +368,7 @@ impl RedisStore {
             Err(e) => {
                 self.metrics.observe("claim", "error", started);
                 // Unless the command was never sent, our claim may be in Redis.
-                let maybe = (!matches!(e, StoreError::Down)).then_some(Claimed {
+                let maybe = (!matches!(e, StoreError::Down(_))).then_some(Claimed {
                     key: req.key,
                     token,
                     fingerprint: req.fingerprint,

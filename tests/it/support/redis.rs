@@ -446,12 +446,22 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
+        RedisCluster::start_with(None).await
+    }
+
+    /// A cluster that speaks TLS only, clients and cluster bus alike.
+    pub async fn start_tls(tls: &TlsFiles) -> RedisCluster {
+        RedisCluster::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<&TlsFiles>) -> RedisCluster {
         require(SERVER, "redis-server");
         require(CLI, "redis-server");
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let dir = TempDir::new();
-            let extra = vec![
+            let port = free_port();
+            let mut extra = vec![
                 "--cluster-enabled".to_string(),
                 "yes".to_string(),
                 "--cluster-config-file".to_string(),
@@ -462,13 +472,21 @@ impl RedisCluster {
                 "--cluster-port".to_string(),
                 free_port().to_string(),
             ];
-            nodes.push(RedisServer::spawn(free_port(), dir, extra, Access::default()).await);
+            let mut access = Access::default();
+            if let Some(t) = tls {
+                extra.extend(t.server_args(port));
+                extra
+                    .extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+                access.tls = Some(t.certificates());
+            }
+            nodes.push(RedisServer::spawn(port, dir, extra, access).await);
         }
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
         let out = tokio::process::Command::new(CLI)
+            .args(tls.map(TlsFiles::cli_args).unwrap_or_default())
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
