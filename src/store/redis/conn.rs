@@ -198,8 +198,8 @@ pub(crate) struct Link {
     primary: parking_lot::Mutex<Option<String>>,
     /// The connection generation whose permission error was logged (0: none).
     denied_logged: AtomicU64,
-    /// Messages on the purge channel (see [`Link::on_purge`]).
-    purges: parking_lot::Mutex<Option<(String, PurgeHandler)>>,
+    /// The channel purges are announced on, and what to do with each message.
+    purges: (String, PurgeHandler),
     conn: parking_lot::RwLock<Option<Conn>>,
     up: AtomicBool,
     kick: Notify,
@@ -251,6 +251,9 @@ pub(crate) type PurgeHandler = Box<dyn Fn(&[u8]) + Send + Sync>;
 impl Link {
     /// Starts the link: connects in the background (retrying with backoff) and returns at
     /// once; operations fail with [`StoreError::Down`] until the first connection is up.
+    ///
+    /// `purges`: a channel subscribed for good (on every connection, before it is used) and
+    /// the handler of each message's payload.
     pub(crate) fn start(
         handle: tokio::runtime::Handle,
         target: Target,
@@ -258,7 +261,14 @@ impl Link {
         probe: redis::Cmd,
         timeout: Duration,
         metrics: Arc<StoreMetrics>,
+        purges: (String, PurgeHandler),
     ) -> Arc<Link> {
+        let channels = Channels::default();
+        // Never removed (its count never drops to zero), so every connection subscribes it.
+        channels
+            .map
+            .lock()
+            .insert(purges.0.clone(), (watch::channel(0).0, 1));
         let link = Arc::new(Link {
             handle: handle.clone(),
             target,
@@ -268,11 +278,11 @@ impl Link {
             last_error: parking_lot::Mutex::new("not connected yet".to_string()),
             primary: parking_lot::Mutex::new(None),
             denied_logged: AtomicU64::new(0),
-            purges: parking_lot::Mutex::new(None),
+            purges,
             conn: parking_lot::RwLock::new(None),
             up: AtomicBool::new(false),
             kick: Notify::new(),
-            channels: Channels::default(),
+            channels,
             generation: AtomicU64::new(0),
             metrics,
         });
@@ -293,23 +303,6 @@ impl Link {
     /// Where the link goes, for logs (addresses only).
     pub(crate) fn target(&self) -> &Target {
         &self.target
-    }
-
-    /// Subscribes to `channel` for good (resubscribed after every reconnection) and calls
-    /// `handler` with each message's payload.
-    pub(crate) fn on_purge(self: &Arc<Self>, channel: String, handler: PurgeHandler) {
-        *self.purges.lock() = Some((channel.clone(), handler));
-        // Kept in the map for good, so that every reconnection subscribes it again.
-        self.channels
-            .map
-            .lock()
-            .insert(channel.clone(), (watch::channel(0).0, 1));
-        let link = self.clone();
-        self.handle.spawn(async move {
-            let _ = link
-                .run(|mut c| async move { c.subscribe(&channel).await })
-                .await;
-        });
     }
 
     /// Runs `f` on the store's runtime (work that must outlive the request that starts it).
@@ -409,13 +402,12 @@ impl Link {
                 let Ok(channel) = std::str::from_utf8(channel) else {
                     return;
                 };
-                if let Some((purges, handler)) = &*self.purges.lock() {
-                    if purges == channel {
-                        if let Some(Value::BulkString(payload)) = push.data.get(1) {
-                            handler(payload);
-                        }
-                        return;
+                let (purges, handler) = &self.purges;
+                if purges == channel {
+                    if let Some(Value::BulkString(payload)) = push.data.get(1) {
+                        handler(payload);
                     }
+                    return;
                 }
                 if let Some((tx, _)) = self.channels.map.lock().get(channel) {
                     tx.send_modify(|n| *n = n.wrapping_add(1));

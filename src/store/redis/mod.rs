@@ -235,6 +235,12 @@ impl RedisStore {
         std::mem::forget(runtime);
         let names = Names::new(&settings.key_prefix);
         let owner = OwnerId(random_bytes::<16>());
+        let on_message: conn::PurgeHandler = Box::new(move |payload| {
+            match purge::parse_message(payload) {
+                Some(key) => on_purge(&key),
+                None => tracing::warn!("redis store: a purge message that names no key was ignored (another program publishing under the key prefix?)"),
+            }
+        });
         let link = Link::start(
             handle.clone(),
             settings.target,
@@ -242,6 +248,7 @@ impl RedisStore {
             heartbeat::command(&names, &owner, settings.liveness_ttl),
             settings.timeout,
             metrics.clone(),
+            (names.purges(), on_message),
         );
         let shared = Arc::new(RedisStore {
             link,
@@ -258,13 +265,6 @@ impl RedisStore {
             peek: Script::new(PEEK),
             purge: Script::new(PURGE),
         });
-        shared.link.on_purge(
-            shared.names.purges(),
-            Box::new(move |payload| match purge::parse_message(payload) {
-                Some(key) => on_purge(&key),
-                None => tracing::warn!("redis store: a purge message that names no key was ignored (another program publishing under the key prefix?)"),
-            }),
-        );
         handle.spawn(heartbeat(Arc::downgrade(&shared)));
         shared
     }

@@ -12,8 +12,10 @@
 //! (pub/sub is not queued): its copy lives until its local retention ends, at most the
 //! record's remaining life in Redis when that replica got it. A purge on that replica's
 //! own admin listener removes it (its copy is found by the short key, and the purge is
-//! announced again). A request that reaches a replica without a copy claims the key in
-//! Redis, finds nothing and executes once.
+//! announced again). So does a replica whose read of the record (a claim that found it) was
+//! already answered by Redis before the purge but reached the replica after the
+//! announcement: a window of a round trip. A request that reaches a replica without a copy
+//! claims the key in Redis, finds nothing and executes once.
 
 use super::codec::hex;
 use super::conn::StoreError;
