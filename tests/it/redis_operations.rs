@@ -200,6 +200,22 @@ async fn tls_only_redis_with_a_private_ca_one_execution_across_two_replicas() {
     let entries = redis.entries("shop:{*}").await;
     assert_eq!(entries.len(), 1);
     assert_eq!(value_kind(&entries[0].1), 'S');
+
+    // Without the private CA, the server's certificate is refused: the operator's to fix,
+    // so one ERROR line for the whole series of attempts.
+    let untrusting = Idem::start(&replica(&backend, &redis.url()).to_string()).await;
+    wait_at_least(&untrusting, &store_ops("connect", "error"), 3.0).await;
+    let log = untrusting.stderr_text();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" ERROR idem::"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("cannot connect: TLS certificate refused"),
+        "{}",
+        errors[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ impl RedisStore {
             let read_at = tokio::time::Instant::now();
             match self.read(&req.key).await {
                 Ok(None) => {
-                    tracing::warn!(key = %req.key.short(), "claim vanished without a record (expired, or lost by Redis): outcome unknown");
+                    tracing::warn!(key = %req.key.short(), "claim vanished without a record (expired, or lost by a Redis restart or failover): outcome unknown");
                     return vanished();
                 }
                 Ok(Some((value, left))) => match value.body {
