@@ -43,10 +43,12 @@
 //! │   ├── Upstream            backends (resolved, health checked), idle pools, reuse records
 //! │   │                       (upstream: backends, pool, reuse)
 //! │   ├── ShadowTable         keys seen on shadow routes (dedup::shadow)
-//! │   ├── RedisStore          claims, fenced results, waits across replicas (store::redis)
+//! │   ├── RedisStore          claims, fenced results, waits across replicas, purges
+//! │   │                       (store::redis; one node, Cluster or Sentinel, TLS)
 //! │   └── Metrics             Prometheus registry (observe::metrics)
 //! ├── HealthApp               /metrics /healthz /readyz (admin::health)
-//! ├── AdminApp                /flights /held /store, purge (admin::keys), loopback only
+//! ├── AdminApp                /flights /held /store, purge on every replica (admin::keys),
+//! │                           loopback only
 //! └── Housekeeping, Signals   listening line, sweep, SIGTERM/SIGHUP/SIGINT (server)
 //! ```
 

@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Run the proxy (the default).
     Run,
-    /// Validate the configuration file and exit: 0 when valid, 1 with file:line and the reason otherwise.
+    /// Validate the configuration file and exit: 0 when valid (with a WARN line per value that works but should be written otherwise), 1 with file:line and the reason otherwise.
     Check,
 }
 
@@ -51,9 +51,13 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
+            // Valid but unwise (a password written in a URL): said, and still a valid file.
+            for w in settings.warnings() {
+                eprintln!("idem: WARN {w}");
+            }
             let preflight = idem::server::preflight(&settings);
             for w in &preflight.warnings {
-                eprintln!("idem: warning: {}: {w}", cli.config.display());
+                eprintln!("idem: WARN {}: {w}", cli.config.display());
             }
             for e in &preflight.errors {
                 eprintln!("idem: {}: {e}", cli.config.display());
@@ -66,6 +70,9 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             init_logging(settings.log_format);
+            for w in settings.warnings() {
+                tracing::warn!("configuration: {w}");
+            }
             match idem::server::run(settings, cli.config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

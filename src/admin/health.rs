@@ -1,9 +1,12 @@
-//! The metrics listener: `/metrics`, `/healthz` (process up), `/readyz` (listeners bound and
-//! at least one healthy backend).
+//! The metrics listener: `/metrics`, `/healthz` (process up), `/readyz` (listeners bound,
+//! at least one healthy backend, and, with the Redis store under `on_store_error =
+//! "fail-closed"`, Redis usable). A 503 from `/readyz` names the first unmet condition in
+//! one line; Redis' is the reason its last connection attempt failed.
 
 use crate::dedup::coordinator::Coordinator;
 use crate::observe::metrics::{Gauges, Metrics};
 use crate::store::memory::StoreStats;
+use crate::store::redis::RedisStore;
 use crate::upstream::Upstream;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
@@ -22,6 +25,9 @@ pub(crate) struct HealthApp {
     pub(crate) ready: Arc<AtomicBool>,
     /// Readiness: at least one backend healthy.
     pub(crate) upstream: Arc<Upstream>,
+    /// Readiness: the Redis store is usable; set only under fail-closed, where a Redis that
+    /// cannot be used answers every deduplicated request 503.
+    pub(crate) redis_gate: Option<Arc<RedisStore>>,
 }
 
 impl HealthApp {
@@ -56,6 +62,11 @@ impl ServeHttp for HealthApp {
                     (503, "text/plain", b"listeners not bound\n".to_vec())
                 } else if !self.upstream.any_healthy() {
                     (503, "text/plain", b"no healthy backend\n".to_vec())
+                } else if let Some(Err(why)) = self.redis_gate.as_ref().map(|s| s.health()) {
+                    // One line, whatever the error text holds.
+                    let why = why.replace(['\r', '\n'], " ");
+                    let line = format!("redis store unavailable (fail-closed): {why}\n");
+                    (503, "text/plain", line.into_bytes())
                 } else {
                     (200, "text/plain", b"ready\n".to_vec())
                 }

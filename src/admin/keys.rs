@@ -15,11 +15,20 @@
 //! Purge answers 200 with the key, 404 when no kept key matches, 409 when the key is in
 //! flight or held (its call may still run: the rule that outranks convenience) or when HEX
 //! matches several keys, 400 for a malformed HEX.
+//!
+//! With the Redis store the purge reaches every replica ([`crate::store::redis::purge`]):
+//! the key is found in this replica's store by HEX, or, when this replica keeps no copy, named
+//! by all 64 digits; it is deleted in Redis (fenced: a claim or a held key there is 409, as
+//! here) and announced, and every replica drops its copy. Redis unreachable: 503 and
+//! nothing purged anywhere, since a local purge alone would be undone by the next request
+//! (which finds the record in Redis). The answer's `redis` member says what Redis had.
 
 use crate::dedup::coordinator::Coordinator;
 use crate::key::DedupKey;
 use crate::observe::metrics::Metrics;
 use crate::store::memory::Kept;
+use crate::store::redis::purge::Purged;
+use crate::store::redis::RedisStore;
 use http::Method;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
@@ -36,6 +45,16 @@ pub(crate) struct AdminApp {
     pub(crate) coordinator: Arc<Coordinator>,
     /// Route names by id.
     pub(crate) metrics: Arc<Metrics>,
+    /// The Redis store (`store.kind = "redis"`): purges reach it and every replica.
+    pub(crate) redis: Option<Arc<RedisStore>>,
+}
+
+/// What this replica keeps for a purge's HEX.
+enum Local {
+    /// Nothing.
+    None,
+    /// One stored key, of this kind.
+    One(DedupKey, &'static str),
 }
 
 impl AdminApp {
@@ -88,15 +107,74 @@ impl AdminApp {
         })
     }
 
-    fn purge(&self, hex: &str) -> (u16, Value) {
-        let error = |status, message: String| (status, json!({ "error": message }));
+    async fn purge(&self, hex: &str) -> (u16, Value) {
+        let local = match self.find_local(hex) {
+            Ok(l) => l,
+            Err(refused) => return refused,
+        };
+        let Some(redis) = &self.redis else {
+            return match local {
+                Local::One(key, kind) => self.purge_local(&key, kind, hex),
+                Local::None => error(404, format!("no stored key starts with {hex}")),
+            };
+        };
+        let key = match (local, full_key(hex)) {
+            (Local::One(key, _), _) => key,
+            (Local::None, Some(key)) => key,
+            (Local::None, None) => {
+                return error(
+                    404,
+                    format!("this replica keeps no key starting with {hex}; to purge it from Redis and every replica, give all 64 hex digits (redis-cli --scan --pattern '<key_prefix>{{{hex}*' shows them)"),
+                )
+            }
+        };
+        match redis.purge(&key).await {
+            Err(e) => {
+                tracing::warn!(key = %key.short(), error = %e, "admin: purge refused: the Redis store cannot be reached; nothing purged");
+                error(
+                    503,
+                    format!("the shared store (Redis) cannot be reached, so {} was purged nowhere: a purge on this replica alone would be undone by its next request. Retry later", key.short()),
+                )
+            }
+            Ok(Purged::Busy) => error(
+                409,
+                format!(
+                    "{} is in flight or held on a replica: its call may still run, so it cannot be purged",
+                    key.short()
+                ),
+            ),
+            Ok(found) => {
+                // The announcement reaches this replica too; dropping the copy now makes the
+                // answer true as soon as it is sent.
+                let here = self.coordinator.store().purge(&key);
+                let (redis_kind, redis) = match found {
+                    Purged::Deleted(kind) => (Some(kind), "deleted"),
+                    _ => (None, "absent"),
+                };
+                match redis_kind.or(here.then_some("response")) {
+                    Some(kind) => {
+                        tracing::warn!(key = %key.short(), redis, "admin: key purged on every replica; its next request executes again");
+                        (
+                            200,
+                            json!({ "purged": key.short(), "kind": kind, "redis": redis }),
+                        )
+                    }
+                    None => error(404, format!("no stored key starts with {hex}")),
+                }
+            }
+        }
+    }
+
+    /// The one stored key this replica keeps for `hex`; a refusal when `hex` is malformed,
+    /// in flight, held or ambiguous here.
+    fn find_local(&self, hex: &str) -> Result<Local, (u16, Value)> {
         if !(MIN_PURGE_DIGITS..=64).contains(&hex.len())
             || !hex.bytes().all(|b| b.is_ascii_hexdigit())
         {
-            return error(
+            return Err(error(
                 400,
                 format!("name the key by {MIN_PURGE_DIGITS} to 64 hex digits of its hash"),
-            );
+            ));
         }
         let flying: Vec<DedupKey> = self
             .coordinator
@@ -105,44 +183,58 @@ impl AdminApp {
             .map(|f| f.key)
             .filter(|k| k.has_hex_prefix(hex))
             .collect();
-        let store = self.coordinator.store();
-        let kept = store.find(hex, 2, Instant::now());
+        let kept = self.coordinator.store().find(hex, 2, Instant::now());
         match (flying.as_slice(), kept.as_slice()) {
-            ([], []) => error(404, format!("no stored key starts with {hex}")),
-            ([key], []) => error(
+            ([], []) => Ok(Local::None),
+            ([key], []) => Err(error(
                 409,
                 format!(
                     "{} is in flight: its call may still run, so it cannot be purged",
                     key.short()
                 ),
-            ),
-            ([], [(key, Kept::Held)]) => error(
+            )),
+            ([], [(key, Kept::Held)]) => Err(error(
                 409,
                 format!(
                     "{} is held (outcome unknown): its call may still run, so it cannot be purged",
                     key.short()
                 ),
-            ),
-            ([], [(key, kind)]) => {
-                if store.purge(key) {
-                    tracing::warn!(key = %key.short(), "admin: stored key purged; its next request executes again");
-                    let kind = match kind {
-                        Kept::Response => "response",
-                        Kept::NotReplayable => "not-replayable",
-                        Kept::Held => unreachable!("matched above"),
-                    };
-                    (200, json!({ "purged": key.short(), "kind": kind }))
-                } else {
-                    // Expired or evicted between the lookup and the purge.
-                    error(404, format!("no stored key starts with {hex}"))
-                }
-            }
-            _ => error(
+            )),
+            ([], [(key, Kept::Response)]) => Ok(Local::One(*key, "response")),
+            ([], [(key, Kept::NotReplayable)]) => Ok(Local::One(*key, "not-replayable")),
+            _ => Err(error(
                 409,
                 format!("several keys start with {hex}; give more digits"),
-            ),
+            )),
         }
     }
+
+    /// The memory store's purge: this process is the only one that keeps the key.
+    fn purge_local(&self, key: &DedupKey, kind: &str, hex: &str) -> (u16, Value) {
+        if self.coordinator.store().purge(key) {
+            tracing::warn!(key = %key.short(), "admin: stored key purged; its next request executes again");
+            (200, json!({ "purged": key.short(), "kind": kind }))
+        } else {
+            // Expired or evicted between the lookup and the purge.
+            error(404, format!("no stored key starts with {hex}"))
+        }
+    }
+}
+
+fn error(status: u16, message: String) -> (u16, Value) {
+    (status, json!({ "error": message }))
+}
+
+/// The key named by all 64 hex digits.
+fn full_key(hex: &str) -> Option<DedupKey> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(DedupKey(key))
 }
 
 #[async_trait::async_trait]
@@ -155,7 +247,9 @@ impl ServeHttp for AdminApp {
             (&Method::GET, "/flights") => (200, self.flights()),
             (&Method::GET, "/held") => (200, self.held()),
             (&Method::GET, "/store") => (200, self.store()),
-            (&Method::DELETE, p) if p.starts_with("/keys/") => self.purge(&p["/keys/".len()..]),
+            (&Method::DELETE, p) if p.starts_with("/keys/") => {
+                self.purge(&p["/keys/".len()..]).await
+            }
             (_, "/flights" | "/held" | "/store") => (405, json!({ "error": "use GET" })),
             (_, p) if p.starts_with("/keys/") => (405, json!({ "error": "use DELETE" })),
             _ => (404, json!({ "error": "not found" })),

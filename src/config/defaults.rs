@@ -46,6 +46,8 @@ pub(crate) const ON_STORE_ERROR: crate::config::file::OnStoreError =
 pub(crate) const STORE_TIMEOUT: Duration = Duration::from_secs(1);
 /// `[store] liveness_ttl`
 pub(crate) const LIVENESS_TTL: Duration = Duration::from_secs(3);
+/// `[store] key_prefix`
+pub(crate) const KEY_PREFIX: &str = "idem:";
 /// `[store] poll_interval`
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// `[store] max_keys_per_scope`: a tenth of `max_entries`, but at least this many, so
@@ -55,6 +57,8 @@ pub(crate) const MIN_KEYS_PER_SCOPE: usize = 1000;
 pub(crate) fn max_keys_per_scope(max_entries: usize) -> usize {
     (max_entries / 10).max(MIN_KEYS_PER_SCOPE)
 }
+/// `[dedup] key_header`
+pub(crate) const KEY_HEADER: &str = "idempotency-key";
 /// `[dedup] methods`
 pub(crate) const METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
 /// `[dedup] scope_headers`

@@ -98,7 +98,15 @@ pub(crate) struct RawStore {
     pub(crate) max_bytes: Opt<Size>,
     pub(crate) max_keys_per_scope: Opt<usize>,
     pub(crate) url: Opt<String>,
-    pub(crate) nodes: Opt<Vec<String>>,
+    pub(crate) nodes: Opt<Vec<Spanned<String>>>,
+    pub(crate) sentinels: Opt<Vec<Spanned<String>>>,
+    pub(crate) master_name: Opt<String>,
+    pub(crate) username: Opt<String>,
+    pub(crate) password_file: Opt<String>,
+    pub(crate) tls_ca: Opt<String>,
+    pub(crate) tls_client_cert: Opt<String>,
+    pub(crate) tls_client_key: Opt<String>,
+    pub(crate) key_prefix: Opt<String>,
     pub(crate) on_store_error: Opt<OnStoreError>,
     pub(crate) timeout: Opt<Dur>,
     pub(crate) liveness_ttl: Opt<Dur>,
@@ -150,6 +158,7 @@ macro_rules! policy_keys {
 
 policy_keys! {
     mode: Mode,
+    key_header: String,
     methods: Vec<String>,
     scope_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
@@ -256,7 +265,8 @@ pub(crate) enum OnConcurrent {
 pub(crate) enum StoreKind {
     /// Embedded, per process.
     Memory,
-    /// Shared by replicas: one Redis node (`url`) or a Redis Cluster (`nodes`).
+    /// Shared by replicas: one Redis node (`url`), a Redis Cluster (`nodes`), or the
+    /// primary that Redis Sentinel names (`sentinels`, `master_name`).
     Redis,
 }
 

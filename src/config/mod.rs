@@ -8,4 +8,5 @@ pub(crate) mod live;
 pub(crate) mod resolve;
 pub(crate) mod route;
 pub mod settings;
+pub(crate) mod store;
 pub(crate) mod trusted;

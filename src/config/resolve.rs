@@ -10,13 +10,17 @@ use crate::config::address::{Address, Port};
 use crate::config::defaults;
 use crate::config::file::{
     Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, RawConfig, RawRoute,
-    RawStore, Size, StoreKind,
+    Size, StoreKind,
 };
 use crate::config::route::{RoutePolicy, StatusSet};
-use crate::config::settings::{HealthCheckSettings, Settings, StoreSettings, UpstreamSettings};
+use crate::config::settings::{
+    HealthCheckSettings, Secret, Settings, StoreSettings, UpstreamSettings,
+};
+use crate::config::store::store;
 use crate::config::trusted::TrustedProxies;
 use http::Method;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
@@ -25,13 +29,59 @@ use toml::Spanned;
 pub(crate) struct Env {
     /// `IDEM_SECRET`: the deployment secret when `[dedup] secret` is not set.
     pub(crate) secret: Option<String>,
+    /// `IDEM_REDIS_PASSWORD`: the Redis password when `[store] password_file` is not set.
+    pub(crate) redis_password: Option<Secret<String>>,
+    /// The files the configuration names (the Redis password file, TLS material).
+    pub(crate) files: Files,
 }
 
 impl Env {
-    /// This process's environment.
-    pub(crate) fn from_process() -> Env {
+    /// This process's environment; relative file names are read from `base`, the
+    /// configuration file's directory.
+    pub(crate) fn from_process(base: &Path) -> Env {
         Env {
             secret: std::env::var("IDEM_SECRET").ok(),
+            redis_password: std::env::var("IDEM_REDIS_PASSWORD").ok().map(Secret),
+            files: Files::Disk {
+                base: base.to_path_buf(),
+            },
+        }
+    }
+}
+
+/// Where the files a configuration names are read from.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum Files {
+    /// Nowhere: what the file alone says (fuzzing, and tests that name no file).
+    #[default]
+    None,
+    /// The file system; a relative name is taken from `base` (the configuration file's
+    /// directory), so a config and its certificates can move together.
+    Disk {
+        /// The configuration file's directory.
+        base: PathBuf,
+    },
+    /// Given contents, by name (unit tests).
+    #[cfg(test)]
+    Given(Vec<(&'static str, Vec<u8>)>),
+}
+
+impl Files {
+    /// The contents of `name`, or why it cannot be read (naming the path tried).
+    pub(crate) fn read(&self, name: &str) -> Result<Vec<u8>, String> {
+        match self {
+            Files::None => Err(format!("{name:?} cannot be read here")),
+            Files::Disk { base } => {
+                let path = base.join(name);
+                std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {name:?} ({}): {e}", path.display()))
+            }
+            #[cfg(test)]
+            Files::Given(files) => files
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, b)| b.clone())
+                .ok_or_else(|| format!("cannot read {name:?}: No such file or directory")),
         }
     }
 }
@@ -47,7 +97,7 @@ pub(crate) struct Invalid {
     pub(crate) message: String,
 }
 
-fn invalid(
+pub(crate) fn invalid(
     key: impl Into<String>,
     span: Option<Range<usize>>,
     message: impl Into<String>,
@@ -60,20 +110,20 @@ fn invalid(
 }
 
 /// The span of an optional value.
-fn at<T>(v: &Opt<T>) -> Option<Range<usize>> {
+pub(crate) fn at<T>(v: &Opt<T>) -> Option<Range<usize>> {
     v.as_ref().map(Spanned::span)
 }
 
 /// The value of an optional key, or `default`.
-fn or<T: Clone>(v: &Opt<T>, default: T) -> T {
+pub(crate) fn or<T: Clone>(v: &Opt<T>, default: T) -> T {
     v.as_ref().map_or(default, |s| s.get_ref().clone())
 }
 
-fn dur(v: &Opt<Dur>, default: Duration) -> Duration {
+pub(crate) fn dur(v: &Opt<Dur>, default: Duration) -> Duration {
     v.as_ref().map_or(default, |s| s.get_ref().0)
 }
 
-fn size(v: &Opt<Size>, default: u64) -> u64 {
+pub(crate) fn size(v: &Opt<Size>, default: u64) -> u64 {
     v.as_ref().map_or(default, |s| s.get_ref().0)
 }
 
@@ -82,11 +132,13 @@ const REFUSED_METHODS: [&str; 4] = ["GET", "HEAD", "OPTIONS", "CONNECT"];
 
 /// Resolves `raw`. With `fixed` (a reload), `[upstream]`, `[store]` and the grace period are
 /// taken from the running settings before the route policies are resolved against them.
+/// Returns the settings and the warnings: values that work but should be written otherwise.
 pub(crate) fn resolve(
     raw: RawConfig,
     env: &Env,
     fixed: Option<&Settings>,
-) -> Result<Settings, Invalid> {
+) -> Result<(Settings, Vec<Invalid>), Invalid> {
+    let mut warnings = Vec::new();
     let server = &raw.server;
     let listen = match &server.listen {
         Some(l) => l.get_ref().clone().into_vec(),
@@ -180,7 +232,7 @@ pub(crate) fn resolve(
         None => None,
     };
 
-    let store = store(&raw.store)?;
+    let store = store(&raw.store, env, &mut warnings)?;
     let store = fixed.map_or(store, |f| f.store.clone());
 
     let dedup = &raw.dedup;
@@ -226,7 +278,7 @@ pub(crate) fn resolve(
         routes.push(p);
     }
 
-    Ok(Settings {
+    let settings = Settings {
         listen,
         unix_socket_mode,
         threads,
@@ -245,7 +297,9 @@ pub(crate) fn resolve(
         secret,
         default_route: base,
         routes,
-    })
+        warnings: Vec::new(),
+    };
+    Ok((settings, warnings))
 }
 
 /// `[server] trusted_proxies`; an error points at the entry at fault.
@@ -361,112 +415,6 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
     Ok(settings)
 }
 
-fn store(raw: &RawStore) -> Result<StoreSettings, Invalid> {
-    let max_entries = or(&raw.max_entries, defaults::MAX_ENTRIES);
-    let store = StoreSettings {
-        kind: or(&raw.kind, StoreKind::Memory),
-        max_entries,
-        max_bytes: size(&raw.max_bytes, defaults::MAX_BYTES),
-        max_keys_per_scope: or(
-            &raw.max_keys_per_scope,
-            defaults::max_keys_per_scope(max_entries),
-        ),
-        url: raw.url.as_ref().map(|u| u.get_ref().clone()),
-        nodes: or(&raw.nodes, Vec::new()),
-        on_store_error: or(&raw.on_store_error, defaults::ON_STORE_ERROR),
-        timeout: dur(&raw.timeout, defaults::STORE_TIMEOUT),
-        liveness_ttl: dur(&raw.liveness_ttl, defaults::LIVENESS_TTL),
-        poll_interval: dur(&raw.poll_interval, defaults::POLL_INTERVAL),
-    };
-    check_redis(raw, &store)?;
-    if store.max_entries == 0 {
-        return Err(invalid(
-            "store.max_entries",
-            at(&raw.max_entries),
-            "must be at least 1",
-        ));
-    }
-    if store.max_keys_per_scope == 0 {
-        return Err(invalid(
-            "store.max_keys_per_scope",
-            at(&raw.max_keys_per_scope),
-            "must be at least 1",
-        ));
-    }
-    Ok(store)
-}
-
-/// `[store]` rules for the Redis store.
-fn check_redis(raw: &RawStore, store: &StoreSettings) -> Result<(), Invalid> {
-    if store.kind != StoreKind::Redis {
-        for (key, span) in [("url", at(&raw.url)), ("nodes", at(&raw.nodes))] {
-            if span.is_some() {
-                return Err(invalid(
-                    format!("store.{key}"),
-                    span,
-                    "is only used with kind = \"redis\"; set kind = \"redis\" or remove it",
-                ));
-            }
-        }
-        return Ok(());
-    }
-    match (&store.url, store.nodes.is_empty()) {
-        (None, true) => {
-            return Err(invalid(
-                "store.url",
-                at(&raw.kind),
-                "kind = \"redis\" needs url = \"redis://host:6379\" (one node) or nodes = [\"redis://a:6379\", ...] (Redis Cluster)",
-            ))
-        }
-        (Some(_), false) => {
-            return Err(invalid(
-                "store.nodes",
-                at(&raw.nodes),
-                "give either url (one node) or nodes (Redis Cluster), not both",
-            ))
-        }
-        _ => {}
-    }
-    let urls: Vec<(&str, &String, Option<Range<usize>>)> = match &store.url {
-        Some(u) => vec![("url", u, at(&raw.url))],
-        None => store
-            .nodes
-            .iter()
-            .map(|n| ("nodes", n, at(&raw.nodes)))
-            .collect(),
-    };
-    for (key, u, span) in urls {
-        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u.as_str()) {
-            return Err(invalid(
-                format!("store.{key}"),
-                span,
-                format!("{u:?} is not a Redis URL ({e}); write it like \"redis://127.0.0.1:6379\""),
-            ));
-        }
-    }
-    for (key, value, d) in [
-        ("timeout", &raw.timeout, store.timeout),
-        ("liveness_ttl", &raw.liveness_ttl, store.liveness_ttl),
-        ("poll_interval", &raw.poll_interval, store.poll_interval),
-    ] {
-        if d.is_zero() {
-            return Err(invalid(
-                format!("store.{key}"),
-                at(value),
-                "must be above zero",
-            ));
-        }
-    }
-    if store.liveness_ttl < Duration::from_millis(300) {
-        return Err(invalid(
-            "store.liveness_ttl",
-            at(&raw.liveness_ttl),
-            "must be at least 300ms (it is refreshed every third of it)",
-        ));
-    }
-    Ok(())
-}
-
 /// The policy of a file with an empty `[dedup]`: the built-in defaults.
 fn builtin_policy(upstream: &UpstreamSettings) -> RoutePolicy {
     let methods = defaults::METHODS
@@ -481,6 +429,7 @@ fn builtin_policy(upstream: &UpstreamSettings) -> RoutePolicy {
         name: "default".to_string(),
         path_prefix: "/".to_string(),
         mode: Mode::Keyed,
+        key_header: http::HeaderName::from_static(defaults::KEY_HEADER),
         methods,
         scope_headers: defaults::SCOPE_HEADERS
             .iter()
@@ -542,6 +491,11 @@ fn policy(
         name: base.name.clone(),
         path_prefix: base.path_prefix.clone(),
         mode: or(&keys.mode, base.mode),
+        key_header: match &keys.key_header {
+            Some(h) => key_header(h.get_ref())
+                .map_err(|m| invalid(key("key_header"), Some(h.span()), m))?,
+            None => base.key_header.clone(),
+        },
         methods: match &keys.methods {
             Some(m) => methods(m).map_err(|(span, msg)| invalid(key("methods"), span, msg))?,
             None => base.methods.clone(),
@@ -581,6 +535,27 @@ fn policy(
             ),
         ));
     }
+    // A key header that is also part of the scope or the fingerprint would make the key
+    // derive from itself twice, or every request of a caller share one key.
+    for (list, names, written) in [
+        ("scope_headers", &p.scope_headers, &keys.scope_headers),
+        (
+            "fingerprint_headers",
+            &p.fingerprint_headers,
+            &keys.fingerprint_headers,
+        ),
+    ] {
+        if names.iter().any(|h| h.as_str() == p.key_header.as_str()) {
+            return Err(invalid(
+                key("key_header"),
+                at(&keys.key_header).or_else(|| at(written)),
+                format!(
+                    "{} is also in {list}: the header that carries the idempotency key cannot be part of the scope or the fingerprint",
+                    p.key_header
+                ),
+            ));
+        }
+    }
     if p.methods.is_empty() {
         return Err(invalid(
             key("methods"),
@@ -589,6 +564,35 @@ fn policy(
         ));
     }
     Ok(p)
+}
+
+/// Headers that cannot carry a key: connection-level ones never reach idem's admission as
+/// sent, and the framing and routing ones mean something else to every hop.
+const NOT_A_KEY_HEADER: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "expect",
+    "cache-status",
+];
+
+/// `key_header`: a valid header name idem can read a key from; kept lowercase.
+fn key_header(name: &str) -> Result<http::HeaderName, String> {
+    let h = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        format!("{name:?} is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)")
+    })?;
+    if NOT_A_KEY_HEADER.contains(&h.as_str()) {
+        return Err(format!(
+            "{name:?} cannot carry an idempotency key: it is a connection, framing or routing header"
+        ));
+    }
+    Ok(h)
 }
 
 fn methods(items: &Spanned<Vec<String>>) -> Result<Vec<Method>, (Option<Range<usize>>, String)> {

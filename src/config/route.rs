@@ -40,6 +40,9 @@ pub(crate) struct RoutePolicy {
     pub(crate) path_prefix: String,
     /// How eligible requests are treated.
     pub(crate) mode: Mode,
+    /// The request header that carries the client's idempotency key (`Idempotency-Key` by
+    /// default; `X-Idempotency-Key` where gateways use that name).
+    pub(crate) key_header: http::HeaderName,
     /// Methods eligible for dedup.
     pub(crate) methods: Vec<Method>,
     /// Headers whose values join the authority in the scope, lowercase.

@@ -7,7 +7,7 @@
 
 use crate::config::address::Address;
 use crate::config::file::{LogFormat, OnStoreError, RawConfig, StoreKind};
-use crate::config::resolve::{resolve, Env};
+use crate::config::resolve::{resolve, Env, Invalid};
 use crate::config::route::RoutePolicy;
 use crate::config::trusted::TrustedProxies;
 use std::path::{Path, PathBuf};
@@ -112,6 +112,9 @@ pub struct Settings {
     pub(crate) default_route: RoutePolicy,
     /// Configured routes, in file order.
     pub(crate) routes: Vec<RoutePolicy>,
+    /// Values that work but should be written otherwise, located like errors
+    /// (`proxy.toml:14:7: store.url: ...`): `idem check` prints them, start-up logs them.
+    pub(crate) warnings: Vec<String>,
 }
 
 /// A configuration re-read by [`Settings::reload`].
@@ -180,6 +183,19 @@ pub(crate) struct StoreSettings {
     pub(crate) url: Option<String>,
     /// Redis Cluster seed nodes (for `kind = "redis"`), as URLs; exclusive with `url`.
     pub(crate) nodes: Vec<String>,
+    /// Redis Sentinel addresses, as URLs; exclusive with `url` and `nodes`.
+    pub(crate) sentinels: Vec<String>,
+    /// The name the sentinels know the primary by (with `sentinels`).
+    pub(crate) master_name: Option<String>,
+    /// ACL user for every Redis node (not the sentinels); `None`: the URL's, else `default`.
+    pub(crate) username: Option<String>,
+    /// The password from `password_file` or `IDEM_REDIS_PASSWORD`, which replaces one written
+    /// in a URL; `None`: the URL's own, if any.
+    pub(crate) password: Option<Password>,
+    /// TLS material, when the URLs are `rediss://`.
+    pub(crate) tls: Option<TlsMaterial>,
+    /// Put before every key, channel and liveness key idem writes in Redis.
+    pub(crate) key_prefix: String,
     /// What a leader does when Redis cannot be used.
     pub(crate) on_store_error: OnStoreError,
     /// Deadline of one Redis operation (and of a connection attempt).
@@ -190,11 +206,54 @@ pub(crate) struct StoreSettings {
     pub(crate) poll_interval: Duration,
 }
 
+/// A value never printed: `Debug` shows `<redacted>` (settings are debug-printed in tests).
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret<T>(pub(crate) T);
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The Redis password idem sends, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Password {
+    /// The password.
+    pub(crate) value: Secret<String>,
+    /// Its source, for the start-up log line.
+    pub(crate) from: PasswordFrom,
+}
+
+/// Where the Redis password came from, in order of precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PasswordFrom {
+    /// `[store] password_file`.
+    File,
+    /// The `IDEM_REDIS_PASSWORD` environment variable.
+    Env,
+}
+
+/// TLS material for `rediss://` connections, read and checked with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TlsMaterial {
+    /// PEM certificates of the CAs to trust (`tls_ca`); `None`: the system's roots.
+    pub(crate) ca: Option<Vec<u8>>,
+    /// PEM client certificate chain and private key (`tls_client_cert`, `tls_client_key`).
+    pub(crate) client: Option<(Vec<u8>, Secret<Vec<u8>>)>,
+}
+
 impl Settings {
-    /// Reads and validates `path`, with this process's environment (`IDEM_SECRET`).
+    /// Reads and validates `path`, with this process's environment (`IDEM_SECRET`,
+    /// `IDEM_REDIS_PASSWORD`, the files the configuration names).
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, e))?;
-        Settings::parse(&text, path, &Env::from_process(), None)
+        Settings::parse(&text, path, &Env::from_process(&base_dir(path)), None)
+    }
+
+    /// Warnings about the file, each located like an error (`file:line:column: key: ...`).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Parses and validates `text`, naming `path` in errors, with no environment: what the
@@ -202,6 +261,12 @@ impl Settings {
     #[cfg(any(test, fuzzing))]
     pub(crate) fn from_toml_str(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         Settings::parse(text, path, &Env::default(), None)
+    }
+
+    /// Parses and validates `text` with the environment `env` (unit tests).
+    #[cfg(test)]
+    pub(crate) fn from_toml_with_env(text: &str, env: &Env) -> Result<Settings, ConfigError> {
+        Settings::parse(text, Path::new("proxy.toml"), env, None)
     }
 
     /// Re-reads `path` for a configuration reload while `running` is in force.
@@ -213,7 +278,7 @@ impl Settings {
     /// `store.max_bytes`.
     pub(crate) fn reload(path: &Path, running: &Settings) -> Result<Reloaded, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, e))?;
-        let env = Env::from_process();
+        let env = Env::from_process(&base_dir(path));
         let file = Settings::parse(&text, path, &env, None)?;
         let restart_needed = file.restart_only_changes(running);
         let mut settings = Settings::parse(&text, path, &env, Some(running))?;
@@ -312,13 +377,27 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| ConfigError::at(path, text, e.span(), toml_message(text, &e)))?;
-        resolve(raw, env, fixed)
-            .map_err(|e| ConfigError::at(path, text, e.span, format!("{}: {}", e.key, e.message)))
+        let located =
+            |e: Invalid| ConfigError::at(path, text, e.span, format!("{}: {}", e.key, e.message));
+        let (mut settings, warnings) = resolve(raw, env, fixed).map_err(located)?;
+        settings.warnings = warnings
+            .into_iter()
+            .map(|w| located(w).to_string())
+            .collect();
+        Ok(settings)
     }
 
     /// Every route including the default one, for metric label pre-registration.
     pub(crate) fn all_routes(&self) -> impl Iterator<Item = &RoutePolicy> {
         std::iter::once(&self.default_route).chain(self.routes.iter())
+    }
+}
+
+/// The directory relative file names in `path` are read from.
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 
@@ -531,6 +610,7 @@ mod tests {
         // IDEM_SECRET stands in for [dedup] secret.
         let env = Env {
             secret: Some("0123456789abcdef0123".to_string()),
+            ..Env::default()
         };
         let s = Settings::parse(no_secret, Path::new("proxy.toml"), &env, None).unwrap();
         assert_eq!(s.secret.as_deref(), Some("0123456789abcdef0123"));
@@ -583,5 +663,60 @@ mod tests {
         let e = load("store = { kind = \"memory\", url = \"redis://a:1\" }\n").unwrap_err();
         assert_eq!((e.line, e.column), (Some(1), Some(34)), "{e}");
         assert!(e.message.starts_with("store.url: "), "{e}");
+    }
+
+    #[test]
+    fn key_header_must_be_a_header_name_that_can_carry_a_key() {
+        let parse = load;
+        let s = parse("[dedup]\nkey_header = \"X-Idempotency-Key\"\n[[route]]\npath_prefix = \"/a\"\n[[route]]\npath_prefix = \"/b\"\nkey_header = \"Idem-Key\"\n").unwrap();
+        assert_eq!(s.default_route.key_header.as_str(), "x-idempotency-key");
+        assert_eq!(s.routes[0].key_header.as_str(), "x-idempotency-key");
+        assert_eq!(s.routes[1].key_header.as_str(), "idem-key");
+        assert_eq!(
+            parse("").unwrap().default_route.key_header.as_str(),
+            "idempotency-key"
+        );
+        for (text, key, line, col, what) in [
+            (
+                "[dedup]\nkey_header = \"X Key\"\n",
+                "dedup.key_header",
+                2,
+                14,
+                "not a valid header name",
+            ),
+            (
+                "[dedup]\nkey_header = \"\"\n",
+                "dedup.key_header",
+                2,
+                14,
+                "not a valid header name",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/a\"\nkey_header = \"Content-Length\"\n",
+                "route[0].key_header",
+                3,
+                14,
+                "framing",
+            ),
+            (
+                "[dedup]\nkey_header = \"Authorization\"\n",
+                "dedup.key_header",
+                2,
+                14,
+                "scope_headers",
+            ),
+            (
+                "[dedup]\nkey_header = \"K\"\nfingerprint_headers = [\"k\"]\n",
+                "dedup.key_header",
+                2,
+                14,
+                "fingerprint_headers",
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.message.starts_with(&format!("{key}: ")), "{text}: {e}");
+            assert!(e.message.contains(what), "{text}: {e}");
+            assert_eq!((e.line, e.column), (Some(line), Some(col)), "{text}: {e}");
+        }
     }
 }

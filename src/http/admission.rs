@@ -11,9 +11,6 @@ use crate::http::problem::Problem;
 use crate::key::parse_idempotency_key;
 use http::{header, HeaderMap, Method};
 
-/// Name of the request header that carries the client's key.
-pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
-
 /// What to do with a request, decided from its head.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Admission {
@@ -23,13 +20,15 @@ pub(crate) enum Admission {
     Refuse(Problem),
     /// Read the body, derive the key, and coordinate.
     Dedup {
-        /// The decoded `Idempotency-Key`, if any; `None` on a fingerprint route.
+        /// The decoded key (from the route's `key_header`), if any; `None` on a fingerprint
+        /// route.
         key: Option<Vec<u8>>,
     },
     /// Shadow route: pass through untouched (no mark), and derive the key from the body as
     /// it streams through, to count would-be duplicates ([`crate::dedup::shadow::table`]).
     Shadow {
-        /// The decoded `Idempotency-Key`, if any; keyless requests count by fingerprint.
+        /// The decoded key (from the route's `key_header`), if any; keyless requests count
+        /// by fingerprint.
         key: Option<Vec<u8>>,
     },
 }
@@ -59,17 +58,19 @@ pub(crate) fn admit(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -
     }
     let key = match parse_idempotency_key(
         headers
-            .get_all(IDEMPOTENCY_KEY)
+            .get_all(&route.key_header)
             .iter()
             .map(|v| v.as_bytes()),
     ) {
         Ok(k) => k,
-        Err(e) => return Admission::Refuse(Problem::KeyMalformed(e)),
+        Err(e) => return Admission::Refuse(Problem::KeyMalformed(e, route.key_header.clone())),
     };
     let protected = key.is_some() || route.mode == Mode::RequireKey;
     match (&key, route.mode) {
         (None, Mode::Keyed) => return Admission::PassThrough(Bypass::Marked),
-        (None, Mode::RequireKey) => return Admission::Refuse(Problem::MissingKey),
+        (None, Mode::RequireKey) => {
+            return Admission::Refuse(Problem::MissingKey(route.key_header.clone()))
+        }
         _ => {}
     }
     if declared_length(headers).is_some_and(|n| n > route.max_body) {
@@ -96,7 +97,7 @@ fn shadow(route: &RoutePolicy, method: &Method, headers: &HeaderMap) -> Admissio
     }
     match parse_idempotency_key(
         headers
-            .get_all(IDEMPOTENCY_KEY)
+            .get_all(&route.key_header)
             .iter()
             .map(|v| v.as_bytes()),
     ) {
@@ -124,6 +125,8 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 mod tests {
     use super::*;
     use crate::config::settings::Settings;
+    use crate::key::KeyHeaderError;
+    use http::HeaderName;
     use std::path::Path;
 
     fn route(mode: &str) -> RoutePolicy {
@@ -154,7 +157,9 @@ mod tests {
         );
         assert_eq!(
             admit(&route("require-key"), &Method::POST, &none),
-            Admission::Refuse(Problem::MissingKey)
+            Admission::Refuse(Problem::MissingKey(HeaderName::from_static(
+                "idempotency-key"
+            )))
         );
         assert_eq!(
             admit(
@@ -212,8 +217,47 @@ mod tests {
         let h = headers(&[("idempotency-key", "a"), ("idempotency-key", "b")]);
         assert!(matches!(
             admit(&route("keyed"), &Method::POST, &h),
-            Admission::Refuse(Problem::KeyMalformed(_))
+            Admission::Refuse(Problem::KeyMalformed(_, _))
         ));
+    }
+
+    #[test]
+    fn the_key_comes_from_the_routes_key_header_only() {
+        let toml = "[dedup]\nmode = \"require-key\"\nkey_header = \"X-Idempotency-Key\"\n";
+        let route = Settings::from_toml_str(toml, Path::new("t.toml"))
+            .unwrap()
+            .default_route;
+        let x = HeaderName::from_static("x-idempotency-key");
+        assert_eq!(
+            admit(
+                &route,
+                &Method::POST,
+                &headers(&[("x-idempotency-key", "\"k\"")])
+            ),
+            Admission::Dedup {
+                key: Some(b"k".to_vec())
+            }
+        );
+        // The default header is an ordinary header on this route.
+        assert_eq!(
+            admit(&route, &Method::POST, &headers(&[("idempotency-key", "k")])),
+            Admission::Refuse(Problem::MissingKey(x.clone()))
+        );
+        let refused = admit(
+            &route,
+            &Method::POST,
+            &headers(&[("x-idempotency-key", "a b")]),
+        );
+        assert_eq!(
+            refused,
+            Admission::Refuse(Problem::KeyMalformed(KeyHeaderError::Malformed, x))
+        );
+        let Admission::Refuse(p) = refused else {
+            unreachable!()
+        };
+        let info = p.info();
+        assert_eq!(info.title, "Malformed X-Idempotency-Key");
+        assert_eq!(info.detail, "The X-Idempotency-Key must be a quoted string or a token of visible ASCII without quotes, commas or spaces.");
     }
 
     #[test]

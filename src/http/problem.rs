@@ -2,23 +2,27 @@
 //!
 //! One variant per failure mode; [`Problem::info`] gives each its status, `type`, title and
 //! fixed `detail` on one line, so adding a failure mode touches one place. `detail` never
-//! echoes keys, bodies or header values, so nothing a client sent is reflected back.
+//! echoes keys, bodies or header values, so nothing a client sent is reflected back; the
+//! 400s about the key name the route's key header (`[dedup] key_header`), which is
+//! configuration, not input.
 
 use crate::key::KeyHeaderError;
 use crate::observe::metrics::Answered;
 use crate::outcome::{Held, Refusal, IN_PROGRESS_RETRY_AFTER};
+use http::HeaderName;
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// Base of every problem `type` URI; README lists them all.
 pub(crate) const TYPE_BASE: &str = "https://idem.dev/problems/";
 
 /// A failure idem answers itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Problem {
-    /// 400: `require-key` route and no `Idempotency-Key`.
-    MissingKey,
-    /// 400: the `Idempotency-Key` header is repeated, empty, malformed or too long.
-    KeyMalformed(KeyHeaderError),
+    /// 400: `require-key` route and no key header (named: the route's `key_header`).
+    MissingKey(HeaderName),
+    /// 400: the key header (named) is repeated, empty, malformed or too long.
+    KeyMalformed(KeyHeaderError, HeaderName),
     /// 422: the key was used before with a different request.
     FingerprintMismatch,
     /// 409: a call for this key is still running (reject mode, or the wait timed out).
@@ -61,16 +65,17 @@ pub(crate) enum Problem {
 }
 
 /// Everything a problem says about itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Info {
     /// HTTP status.
     pub(crate) status: u16,
     /// The last segment of the `type` URI, also the `detail=` of `Cache-Status`.
     pub(crate) kind: &'static str,
     /// The `title` member.
-    pub(crate) title: &'static str,
-    /// The `detail` member: fixed text, never what the client sent.
-    pub(crate) detail: &'static str,
+    pub(crate) title: Cow<'static, str>,
+    /// The `detail` member: fixed text (with the configured key header's name), never what
+    /// the client sent.
+    pub(crate) detail: Cow<'static, str>,
     /// The `outcome` label of `idem_requests_total`.
     pub(crate) answered: Answered,
 }
@@ -90,8 +95,7 @@ impl Problem {
     pub(crate) fn info(&self) -> Info {
         use Answered as A;
         let (status, kind, title, detail, answered) = match self {
-            Problem::MissingKey => (400, "missing-key", "Idempotency-Key required", "This route requires an Idempotency-Key header.", A::MissingKey),
-            Problem::KeyMalformed(e) => (400, "key-malformed", "Malformed Idempotency-Key", key_error_detail(*e), A::MissingKey),
+            Problem::MissingKey(h) | Problem::KeyMalformed(_, h) => return key_problem(self, h),
             Problem::FingerprintMismatch => (422, "fingerprint-mismatch", "Idempotency-Key reused with a different request", "This Idempotency-Key was used with a different method, path, query, headers or body. Use a new key for a new request.", A::Mismatch),
             Problem::InProgress { .. } => (409, "in-progress", "Request in progress", "An identical request is still being processed. Retry later to receive its response.", A::Conflict),
             Problem::OutcomeUnknown { status, .. } => (*status, "outcome-unknown", "Outcome unknown", "The upstream call may have been executed but no usable response was received. It will not be repeated before the hold ends.", A::OutcomeUnknown),
@@ -111,8 +115,8 @@ impl Problem {
         Info {
             status,
             kind,
-            title,
-            detail,
+            title: title.into(),
+            detail: detail.into(),
             answered,
         }
     }
@@ -169,13 +173,50 @@ impl From<Refusal> for Problem {
     }
 }
 
-fn key_error_detail(e: KeyHeaderError) -> &'static str {
-    match e {
-        KeyHeaderError::Repeated => "The Idempotency-Key header must appear once.",
-        KeyHeaderError::Empty => "The Idempotency-Key header must not be empty.",
-        KeyHeaderError::Malformed => "The Idempotency-Key must be a quoted string or a token of visible ASCII without quotes, commas or spaces.",
-        KeyHeaderError::TooLong => "The Idempotency-Key must be at most 255 bytes.",
+/// The 400s about the key header, which name it.
+fn key_problem(p: &Problem, h: &HeaderName) -> Info {
+    let h = display_name(h);
+    let (kind, title, detail) = match p {
+        Problem::KeyMalformed(e, _) => (
+            "key-malformed",
+            format!("Malformed {h}"),
+            key_error_detail(*e, &h),
+        ),
+        _ => (
+            "missing-key",
+            format!("{h} required"),
+            format!("This route requires an {h} header."),
+        ),
+    };
+    Info {
+        status: 400,
+        kind,
+        title: title.into(),
+        detail: detail.into(),
+        answered: Answered::MissingKey,
     }
+}
+
+fn key_error_detail(e: KeyHeaderError, h: &str) -> String {
+    match e {
+        KeyHeaderError::Repeated => format!("The {h} header must appear once."),
+        KeyHeaderError::Empty => format!("The {h} header must not be empty."),
+        KeyHeaderError::Malformed => format!("The {h} must be a quoted string or a token of visible ASCII without quotes, commas or spaces."),
+        KeyHeaderError::TooLong => format!("The {h} must be at most 255 bytes."),
+    }
+}
+
+/// A header name as documents write it: each dash-separated word capitalised
+/// (`x-idempotency-key` -> `X-Idempotency-Key`); header names are case-insensitive, and
+/// idem keeps them lowercase.
+fn display_name(h: &HeaderName) -> String {
+    let mut out = String::with_capacity(h.as_str().len());
+    let mut start = true;
+    for c in h.as_str().chars() {
+        out.push(if start { c.to_ascii_uppercase() } else { c });
+        start = c == '-';
+    }
+    out
 }
 
 #[cfg(test)]
@@ -194,6 +235,26 @@ mod tests {
                 "status": 422,
                 "detail": "This Idempotency-Key was used with a different method, path, query, headers or body. Use a new key for a new request.",
             })
+        );
+    }
+
+    #[test]
+    fn key_problems_name_the_default_header_as_before() {
+        let h = HeaderName::from_static("idempotency-key");
+        let info = Problem::MissingKey(h.clone()).info();
+        assert_eq!(info.title, "Idempotency-Key required");
+        assert_eq!(
+            info.detail,
+            "This route requires an Idempotency-Key header."
+        );
+        let info = Problem::KeyMalformed(KeyHeaderError::Repeated, h).info();
+        assert_eq!(info.title, "Malformed Idempotency-Key");
+        assert_eq!(info.detail, "The Idempotency-Key header must appear once.");
+        let x = HeaderName::from_static("x-idempotency-key");
+        let info = Problem::KeyMalformed(KeyHeaderError::TooLong, x).info();
+        assert_eq!(
+            info.detail,
+            "The X-Idempotency-Key must be at most 255 bytes."
         );
     }
 

@@ -18,7 +18,7 @@ mod signals;
 use crate::admin::health::HealthApp;
 use crate::admin::keys::AdminApp;
 use crate::config::address::Address;
-use crate::config::file::StoreKind;
+use crate::config::file::{OnStoreError, StoreKind};
 use crate::config::live::{Live, Snapshot};
 use crate::config::settings::Settings;
 use crate::dedup::coordinator::Coordinator;
@@ -105,7 +105,8 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         settings.store.max_bytes,
         settings.max_waiters,
     );
-    let redis = start_redis_store(&settings, &metrics);
+    let redis = start_redis_store(&settings, &metrics, &coordinator);
+    let settings_fail_closed = settings.store.on_store_error == OnStoreError::FailClosed;
     let active = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicBool::new(false));
     let signals_installed = Arc::new(Notify::new());
@@ -124,7 +125,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         metrics: metrics.clone(),
         active: active.clone(),
         shadow,
-        redis,
+        redis: redis.clone(),
     };
     // Two Pingora apps over the same state: `first_bytes.rs` tells HTTP/1 from h2c and hands
     // each connection to the app for it.
@@ -156,6 +157,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
             HttpServer::new_app(AdminApp {
                 coordinator: coordinator.clone(),
                 metrics: metrics.clone(),
+                redis: redis.clone(),
             }),
         );
         service.add_tcp(&addr.to_string());
@@ -170,6 +172,9 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
             store: store_stats,
             ready: ready.clone(),
             upstream,
+            // Under fail-closed a Redis that cannot be used means 503 for every deduplicated
+            // request: this replica is not ready. Under fail-open it still serves.
+            redis_gate: redis.clone().filter(|_| settings_fail_closed),
         }),
     );
     metrics_service.add_tcp(&metrics_listen.to_string());
@@ -223,19 +228,39 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
 
 /// Starts the Redis store when `store.kind = "redis"`, waiting briefly for its first
 /// connection so that the first requests are shared; if Redis is not there yet, idem starts
-/// anyway and `on_store_error` applies until it connects.
-fn start_redis_store(settings: &Settings, metrics: &Metrics) -> Option<Arc<RedisStore>> {
+/// anyway and `on_store_error` applies until it connects. Purges announced by other replicas
+/// drop this replica's copy of the key.
+fn start_redis_store(
+    settings: &Settings,
+    metrics: &Metrics,
+    coordinator: &Arc<Coordinator>,
+) -> Option<Arc<RedisStore>> {
     if settings.store.kind != StoreKind::Redis {
         return None;
     }
     let (registry, operations) = metrics.store_families();
     let store_metrics = Arc::new(StoreMetrics::register(registry, operations));
-    let store = RedisStore::start(RedisSettings::from_store(&settings.store), store_metrics);
+    let local = coordinator.clone();
+    let on_purge = move |key: &crate::key::DedupKey| {
+        if local.store().purge(key) {
+            tracing::info!(key = %key.short(), "redis store: a purge announced by a replica dropped this replica's copy");
+        }
+    };
+    let store = RedisStore::start(
+        RedisSettings::from_store(&settings.store),
+        store_metrics,
+        on_purge,
+    );
+    if let Some(p) = &settings.store.password {
+        tracing::info!(from = ?p.from, user = settings.store.username.as_deref().unwrap_or("(the URL's, else default)"), "redis store: authenticating with the configured password");
+    }
     if store.wait_up(settings.store.timeout * 2) {
-        tracing::info!(owner = %store.owner().hex(), "redis store: ready");
+        tracing::info!(owner = %store.owner().hex(), prefix = %settings.store.key_prefix, "redis store: ready");
     } else {
         tracing::warn!(
             on_store_error = ?settings.store.on_store_error,
+            target = ?store.target(),
+            reason = %store.health().err().unwrap_or_default(),
             "redis store: not reachable at start-up; serving under on_store_error until it connects"
         );
     }

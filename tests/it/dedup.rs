@@ -947,6 +947,102 @@ async fn missing_and_malformed_keys_are_refused() {
     }
 }
 
+/// Gateways in the field (Kong, open-banking APIs) send `X-Idempotency-Key`: with
+/// `key_header` set, that header is the key, and the problems name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_key_header_carries_the_key_and_names_itself_in_problems() {
+    const N: usize = 50;
+    let backend = Backend::start().await;
+    let config = Config::new(backend.addr())
+        .set("dedup.key_header", "X-Idempotency-Key")
+        .route(Route::new("strict", "/strict/", "require-key"));
+    let idem = Idem::start(&config.to_string()).await;
+
+    // Concurrent requests with the configured header: one execution.
+    let gate = backend.gate("/pay");
+    let mut calls = JoinSet::new();
+    for _ in 0..N {
+        let headers = vec![("x-idempotency-key".to_string(), "pay-7".to_string())];
+        calls.spawn(raw_owned(
+            idem.addr(),
+            "/pay".into(),
+            headers,
+            b"amount=5".to_vec(),
+        ));
+    }
+    gate.wait_started(1).await;
+    wait_metric(&idem, "idem_waiters", (N - 1) as f64).await;
+    assert_eq!(gate.arrived(), 1, "a second call reached the backend");
+    gate.open();
+    let mut seen = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        seen.push(r.expect("request task"));
+    }
+    assert!(seen
+        .iter()
+        .all(|s| s.status == 200 && s.header("x-backend-call") == Some("1")));
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.cache_status() == "idem; fwd=uri-miss; stored")
+            .count(),
+        1
+    );
+    assert_eq!(backend.settled("/pay").await, ONE_CALL);
+    // Forwarded as it came, like `Idempotency-Key` by default.
+    let forwarded = backend.requests("/pay");
+    assert_eq!(forwarded[0].header("x-idempotency-key"), Some("pay-7"));
+    let again = raw(
+        &idem,
+        "POST",
+        "/pay",
+        &[("x-idempotency-key", "\"pay-7\"")],
+        b"amount=5",
+    )
+    .await;
+    again.assert_replay();
+
+    // Malformed: 400 naming the configured header.
+    for (headers, detail) in [
+        (
+            vec![("x-idempotency-key", "a b")],
+            "The X-Idempotency-Key must be a quoted string or a token of visible ASCII without quotes, commas or spaces.",
+        ),
+        (
+            vec![("x-idempotency-key", "k"), ("x-idempotency-key", "k")],
+            "The X-Idempotency-Key header must appear once.",
+        ),
+    ] {
+        let r = raw(&idem, "POST", "/bad", &headers, b"x=1").await;
+        r.assert_problem(400, "key-malformed");
+        let json: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(json["title"], "Malformed X-Idempotency-Key", "{json}");
+        assert_eq!(json["detail"], detail, "{json}");
+    }
+    let r = raw(
+        &idem,
+        "POST",
+        "/strict/x",
+        &[("idempotency-key", "k")],
+        b"x=1",
+    )
+    .await;
+    r.assert_problem(400, "missing-key");
+    let json: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        json["detail"],
+        "This route requires an X-Idempotency-Key header."
+    );
+    assert_eq!(backend.counts("/bad"), Counts::default());
+    assert_eq!(backend.counts("/strict/x"), Counts::default());
+
+    // `Idempotency-Key` is an ordinary header here: keyless, so passed through each time.
+    for _ in 0..2 {
+        let r = raw(&idem, "POST", "/plain", &[("idempotency-key", "k")], b"x=1").await;
+        assert_eq!(r.cache_status(), "idem; fwd=bypass", "{r:#?}");
+    }
+    assert_eq!(backend.counts("/plain").started, 2);
+}
+
 #[tokio::test]
 async fn configured_scope_and_fingerprint_headers_decide_what_is_shared() {
     let backend = Backend::start().await;

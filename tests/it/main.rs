@@ -10,6 +10,7 @@ mod observability;
 mod operations;
 mod passthrough_ops;
 mod protocols;
+mod redis_operations;
 mod redis_replicas;
 mod reliability;
 mod startup;

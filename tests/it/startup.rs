@@ -62,7 +62,7 @@ async fn a_backend_that_does_not_resolve_starts_idem_with_it_down() {
     assert_eq!(code, 0, "stderr: {stderr}");
     assert!(stdout.contains("ok"), "stdout: {stdout}");
     assert!(
-        stderr.contains("warning") && stderr.contains("app.invalid:8000 does not resolve (yet)"),
+        stderr.contains("WARN") && stderr.contains("app.invalid:8000 does not resolve (yet)"),
         "stderr: {stderr}"
     );
 

@@ -1,10 +1,23 @@
-//! This replica's liveness key, `idem:alive:<owner>`: waiters on other replicas check it to
-//! tell a slow call from a dead replica.
+//! This replica's liveness key, `<prefix>alive:<owner>`: waiters on other replicas check it
+//! to tell a slow call from a dead replica. Its write is also the probe a new connection must
+//! pass before it is used ([`super::conn`]).
 
-use super::{alive_key, millis, RedisStore};
+use super::codec::OwnerId;
+use super::names::Names;
+use super::{millis, RedisStore};
 use std::time::{Duration, Instant};
 
-/// Keeps `idem:alive:<owner>` fresh: every `liveness_ttl / 3`, and at once after each
+/// The liveness write: `SET <prefix>alive:<owner> 1 PX <liveness_ttl>`.
+pub(super) fn command(names: &Names, owner: &OwnerId, liveness_ttl: Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(names.alive(owner))
+        .arg(1)
+        .arg("PX")
+        .arg(millis(liveness_ttl));
+    cmd
+}
+
+/// Keeps the liveness key fresh: every `liveness_ttl / 3`, and at once after each
 /// (re)connection.
 pub(super) async fn heartbeat(weak: std::sync::Weak<RedisStore>) {
     loop {
@@ -13,19 +26,10 @@ pub(super) async fn heartbeat(weak: std::sync::Weak<RedisStore>) {
         let up = shared.link.is_up();
         if up {
             let started = Instant::now();
-            let k = alive_key(&shared.owner);
-            let ttl = millis(shared.liveness_ttl);
+            let cmd = command(&shared.names, &shared.owner, shared.liveness_ttl);
             let r = shared
                 .link
-                .run(|mut c| async move {
-                    redis::cmd("SET")
-                        .arg(&k)
-                        .arg(1)
-                        .arg("PX")
-                        .arg(ttl)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
+                .run(|mut c| async move { cmd.query_async::<()>(&mut c).await })
                 .await;
             shared
                 .metrics

@@ -4,18 +4,23 @@
 //! * `idem_store_operations_total{op, result}`: the family DESIGN section 7 names, with the
 //!   Redis operations: `claim` (claimed, hit, inflight, mismatch, error), `settle` (ok,
 //!   fenced, error), `peek` (ok, error), `liveness` (alive, dead, error), `heartbeat`,
-//!   `subscribe`, `connect` (ok, error). Errors are the `result="error"` series.
+//!   `subscribe`, `connect` (ok, error), `purge` (deleted, absent, busy: a claim or a held
+//!   key, error). Errors are the `result="error"` series.
 //! * `idem_store_operation_duration_seconds{op}`: round-trip latency per operation.
 //! * `idem_store_unavailable_total{policy}`: leaders that could not use Redis, by the
 //!   `on_store_error` policy applied (`fail-open`: served with local dedup only;
 //!   `fail-closed`: answered 503).
 //! * `idem_store_connected`: 1 while the connection to Redis is up.
+//! * `idem_store_primary_switches_total`: failovers this replica followed (Sentinel named
+//!   another primary on a reconnection).
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 use std::time::Instant;
 
 /// Every op with its possible results, for series pre-registration.
-const OPS: [(&str, &[&str]); 7] = [
+const OPS: [(&str, &[&str]); 8] = [
     (
         "claim",
         &["claimed", "hit", "inflight", "mismatch", "error"],
@@ -26,6 +31,7 @@ const OPS: [(&str, &[&str]); 7] = [
     ("heartbeat", &["ok", "error"]),
     ("subscribe", &["ok", "error"]),
     ("connect", &["ok", "error"]),
+    ("purge", &["deleted", "absent", "busy", "error"]),
 ];
 
 /// The Redis store's metric handles.
@@ -35,6 +41,8 @@ pub(crate) struct StoreMetrics {
     unavailable: IntCounterVec,
     /// 1 while connected.
     pub(crate) connected: IntGauge,
+    /// Primaries Sentinel named other than the one before (failovers seen).
+    pub(crate) primary_switches: IntCounter,
 }
 
 impl StoreMetrics {
@@ -66,10 +74,16 @@ impl StoreMetrics {
             "1 while the connection to the Redis store is up.",
         )
         .expect("valid metric");
+        let primary_switches = IntCounter::new(
+            "idem_store_primary_switches_total",
+            "Times Redis Sentinel named a primary other than the one before (failovers seen by this replica).",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(unavailable.clone()),
             Box::new(connected.clone()),
+            Box::new(primary_switches.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -87,6 +101,7 @@ impl StoreMetrics {
             duration,
             unavailable,
             connected,
+            primary_switches,
         }
     }
 

@@ -16,11 +16,12 @@
 //!           still there, then PUBLISH on the key's channel
 //! ```
 //!
-//! Records (see [`codec`]): one Redis string per dedup key, `idem:{<64 hex>}`, holding a claim
-//! or a settled record; the hash tag keeps every key's script on one Cluster slot. A claim
+//! Records (see [`codec`]): one Redis string per dedup key, `<prefix>{<64 hex>}` (names in
+//! [`names`], under `[store] key_prefix`, default `idem:`), holding a claim or a settled
+//! record; the hash tag keeps every key's script on one Cluster slot. A claim
 //! records its owner (the replica's random id), its start and its token, and is written with
 //! `PX` = the upstream total deadline, so it lives until start plus that deadline whatever
-//! happens to its owner. The owner's liveness is a separate key, `idem:alive:<owner>`,
+//! happens to its owner. The owner's liveness is a separate key, `<prefix>alive:<owner>`,
 //! refreshed every `liveness_ttl / 3`: a waiter that finds the claim's owner gone answers
 //! outcome unknown (502) and holds the key locally for the claim's remaining life; nobody
 //! executes the key again before the claim expires. The result write replaces the claim only
@@ -28,7 +29,7 @@
 //! restart, cannot overwrite another's), keeping the claim's expiry for a held outcome
 //! (`KEEPTTL`), and setting the route's retention for a stored one.
 //!
-//! Waiting on another replica: the waiter subscribes to `idem:{<hex>}:settled` (one RESP3
+//! Waiting on another replica: the waiter subscribes to `<prefix>{<hex>}:settled` (one RESP3
 //! connection per replica carries every subscription), then re-reads the key (closing the
 //! race with a settle that happened in between), and re-reads it on every message and every
 //! `poll_interval` (the fallback when a message is lost), checking the owner's liveness on
@@ -42,23 +43,34 @@
 //! replica's local dedup only; fail-closed answers 503). When the claim script may have run
 //! (a timeout, a dropped connection), its claim is kept as tentative: fail-open settles it by
 //! the fenced write like any claim, fail-closed releases it, so other replicas never wait on
-//! a claim nobody will settle.
+//! a claim nobody will settle. Under fail-closed, `/readyz` reports Redis' state
+//! ([`RedisStore::health`]).
+//!
+//! Where Redis is and how idem logs in ([`conn`]): one node, a Cluster, or the primary Redis
+//! Sentinel names (followed across failovers); `rediss://` with a CA and client certificate;
+//! a user and a password from a file or the environment. A failover loses what the old
+//! primary had not replicated: a claim so lost makes its owner's result write `fenced`, its
+//! remote waiters answer outcome unknown, and a later retry executes once more. Admin purges
+//! reach every replica through Redis ([`purge`]).
 
 pub(crate) mod codec;
 pub(crate) mod conn;
 mod heartbeat;
 pub(crate) mod metrics;
+mod names;
+pub(crate) mod purge;
 mod scripts;
 mod wait;
 
 use heartbeat::heartbeat;
-use scripts::{parse_claim, write, ClaimReply, CLAIM, PEEK, SETTLE};
+use names::Names;
+use scripts::{parse_claim, ClaimReply, Writer, CLAIM, PEEK, PURGE, SETTLE};
 
 use crate::config::file::OnStoreError;
 use crate::key::{random_bytes, DedupKey, Fingerprint};
 use crate::outcome::{Disposition, Held, Outcome, Refusal, Retention};
 use codec::{unix_ms, Body, ClaimInfo, OwnerId, StoredBytes, Token, Value};
-use conn::{Link, StoreError, Target};
+use conn::{Access, Link, StoreError, Target};
 use metrics::StoreMetrics;
 use redis::Script;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,8 +83,12 @@ const FREED_TTL: Duration = Duration::from_secs(10);
 /// `[store]` settings the shared store runs with.
 #[derive(Debug, Clone)]
 pub(crate) struct RedisSettings {
-    /// One node or a cluster.
+    /// One node, a cluster, or the primary Sentinel names.
     pub(crate) target: Target,
+    /// Credentials and TLS material.
+    pub(crate) access: Access,
+    /// Put before every name idem writes.
+    pub(crate) key_prefix: String,
     /// What a leader does when Redis cannot be used.
     pub(crate) on_store_error: OnStoreError,
     /// Deadline of one Redis operation.
@@ -86,11 +102,32 @@ pub(crate) struct RedisSettings {
 impl RedisSettings {
     /// From the resolved `[store]` section (`kind = "redis"`).
     pub(crate) fn from_store(s: &crate::config::settings::StoreSettings) -> RedisSettings {
-        RedisSettings {
-            target: match &s.url {
-                Some(url) => Target::Single(url.clone()),
-                None => Target::Cluster(s.nodes.clone()),
+        let target = match (&s.url, &s.master_name) {
+            (Some(url), _) => Target::Single(url.clone()),
+            (None, Some(master_name)) => Target::Sentinel {
+                sentinels: s.sentinels.clone(),
+                master_name: master_name.clone(),
             },
+            (None, None) => Target::Cluster(s.nodes.clone()),
+        };
+        let tls = s.tls.as_ref().and_then(|t| {
+            // Neither file given: the URL's scheme alone selects TLS, with the system roots.
+            (t.ca.is_some() || t.client.is_some()).then(|| redis::TlsCertificates {
+                root_cert: t.ca.clone(),
+                client_tls: t.client.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.0.clone(),
+                }),
+            })
+        });
+        RedisSettings {
+            target,
+            access: Access {
+                username: s.username.clone(),
+                password: s.password.as_ref().map(|p| p.value.0.clone()),
+                tls,
+            },
+            key_prefix: s.key_prefix.clone(),
             on_store_error: s.on_store_error,
             timeout: s.timeout,
             liveness_ttl: s.liveness_ttl,
@@ -102,6 +139,7 @@ impl RedisSettings {
 /// The shared store of one replica.
 pub(crate) struct RedisStore {
     link: Arc<Link>,
+    names: Names,
     owner: OwnerId,
     on_store_error: OnStoreError,
     poll_interval: Duration,
@@ -112,6 +150,7 @@ pub(crate) struct RedisStore {
     claim: Script,
     settle: Script,
     peek: Script,
+    purge: Script,
 }
 
 /// What the local leader asks of the shared store.
@@ -165,19 +204,6 @@ pub(crate) struct Claimed {
     expires: tokio::time::Instant,
 }
 
-/// The Redis key of a dedup key: the hash tag keeps the key and its channel on one slot.
-fn redis_key(key: &DedupKey) -> String {
-    format!("idem:{{{}}}", codec::hex(&key.0))
-}
-
-fn channel(key: &DedupKey) -> String {
-    format!("idem:{{{}}}:settled", codec::hex(&key.0))
-}
-
-fn alive_key(owner: &OwnerId) -> String {
-    format!("idem:alive:{}", owner.hex())
-}
-
 fn millis(d: Duration) -> u64 {
     (d.as_millis() as u64).max(1)
 }
@@ -188,11 +214,16 @@ fn pttl(ms: i64) -> Duration {
 }
 
 impl RedisStore {
-    /// Starts the connection (in the background, with backoff) and the liveness heartbeat.
+    /// Starts the connection (in the background, with backoff) and the liveness heartbeat;
+    /// `on_purge` is called with each key a replica purges ([`purge`]).
     ///
     /// The store runs its connection on a runtime of its own (one thread): Pingora runs each
     /// service on its own runtimes, and requests from all of them share this connection.
-    pub(crate) fn start(settings: RedisSettings, metrics: Arc<StoreMetrics>) -> Arc<RedisStore> {
+    pub(crate) fn start(
+        settings: RedisSettings,
+        metrics: Arc<StoreMetrics>,
+        on_purge: impl Fn(&DedupKey) + Send + Sync + 'static,
+    ) -> Arc<RedisStore> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("idem-redis")
@@ -202,15 +233,27 @@ impl RedisStore {
         let handle = runtime.handle().clone();
         // Lives as long as the process: the connection it drives is shared by every request.
         std::mem::forget(runtime);
+        let names = Names::new(&settings.key_prefix);
+        let owner = OwnerId(random_bytes::<16>());
+        let on_message: conn::PurgeHandler = Box::new(move |payload| {
+            match purge::parse_message(payload) {
+                Some(key) => on_purge(&key),
+                None => tracing::warn!("redis store: a purge message that names no key was ignored (another program publishing under the key prefix?)"),
+            }
+        });
         let link = Link::start(
             handle.clone(),
             settings.target,
+            settings.access,
+            heartbeat::command(&names, &owner, settings.liveness_ttl),
             settings.timeout,
             metrics.clone(),
+            (names.purges(), on_message),
         );
         let shared = Arc::new(RedisStore {
             link,
-            owner: OwnerId(random_bytes::<16>()),
+            names,
+            owner,
             on_store_error: settings.on_store_error,
             poll_interval: settings.poll_interval,
             liveness_ttl: settings.liveness_ttl,
@@ -220,6 +263,7 @@ impl RedisStore {
             claim: Script::new(CLAIM),
             settle: Script::new(SETTLE),
             peek: Script::new(PEEK),
+            purge: Script::new(PURGE),
         });
         handle.spawn(heartbeat(Arc::downgrade(&shared)));
         shared
@@ -228,6 +272,30 @@ impl RedisStore {
     /// This replica's owner id.
     pub(crate) fn owner(&self) -> OwnerId {
         self.owner
+    }
+
+    /// Where the store connects, for logs (addresses only).
+    pub(crate) fn target(&self) -> &Target {
+        self.link.target()
+    }
+
+    /// Whether Redis can be used now; if not, why (one line, for `/readyz`).
+    pub(crate) fn health(&self) -> Result<(), String> {
+        if self.link.is_up() {
+            Ok(())
+        } else {
+            Err(self.link.last_error())
+        }
+    }
+
+    /// What writes a result over a claim (fenced), owned for background retries.
+    fn writer(&self) -> Writer {
+        Writer {
+            link: self.link.clone(),
+            script: self.settle.clone(),
+            metrics: self.metrics.clone(),
+            names: self.names.clone(),
+        }
     }
 
     /// Waits (bounded) for the first connection, so a replica that starts next to a running
@@ -265,7 +333,7 @@ impl RedisStore {
         }
         .encode();
         let started = Instant::now();
-        let key = redis_key(&req.key);
+        let key = self.names.record(&req.key);
         let script = &self.claim;
         let reply = self
             .link
@@ -300,7 +368,7 @@ impl RedisStore {
             Err(e) => {
                 self.metrics.observe("claim", "error", started);
                 // Unless the command was never sent, our claim may be in Redis.
-                let maybe = (!matches!(e, StoreError::Down)).then_some(Claimed {
+                let maybe = (!matches!(e, StoreError::Down(_))).then_some(Claimed {
                     key: req.key,
                     token,
                     fingerprint: req.fingerprint,
@@ -343,10 +411,9 @@ impl RedisStore {
                 // If the claim did land, release it (fenced) rather than leave other
                 // replicas waiting on a call that never runs.
                 if let Some(claim) = maybe {
-                    let (link, script, metrics) =
-                        (self.link.clone(), self.settle.clone(), self.metrics.clone());
+                    let writer = self.writer();
                     self.link.spawn(async move {
-                        write(&link, &script, &metrics, &claim, &[], 0).await;
+                        writer.write(&claim, &[], 0).await;
                     });
                 }
                 Lead::Answer(refused(Refusal::StoreUnavailable))
@@ -387,25 +454,21 @@ impl RedisStore {
             Outcome::Unreachable => (value(Body::Freed(None)), millis(FREED_TTL)),
             Outcome::Refused(_) => (Vec::new(), 0),
         };
-        if write(&self.link, &self.settle, &self.metrics, claim, &bytes, px).await {
+        let writer = self.writer();
+        if writer.write(claim, &bytes, px).await {
             return;
         }
         // The claim may still be there (a dropped connection, a slow Redis): keep trying in
         // the background until the write lands or is refused, or the claim has expired, so
         // waiters on other replicas get the outcome rather than wait out the claim.
-        let (link, script, metrics, claim) = (
-            self.link.clone(),
-            self.settle.clone(),
-            self.metrics.clone(),
-            claim.clone(),
-        );
+        let claim = claim.clone();
         self.link.spawn(async move {
             let mut backoff = Duration::from_millis(100);
             while tokio::time::Instant::now() + backoff < claim.expires {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 // While the link is down, wait for it (nothing to count).
-                if link.is_up() && write(&link, &script, &metrics, &claim, &bytes, px).await {
+                if writer.link.is_up() && writer.write(&claim, &bytes, px).await {
                     return;
                 }
             }

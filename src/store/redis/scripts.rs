@@ -4,8 +4,10 @@
 use super::codec::Value;
 use super::conn::{Link, StoreError};
 use super::metrics::StoreMetrics;
-use super::{channel, redis_key, Claimed};
+use super::names::Names;
+use super::Claimed;
 use redis::Script;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Claims the key, or returns what holds it. KEYS[1]: the key. ARGV: fingerprint, keyed
@@ -48,6 +50,25 @@ if not v then return {} end
 return {v, redis.call('PTTL', KEYS[1])}
 ";
 
+/// Admin purge, fenced like every write: deletes a settled record (stored, not replayable,
+/// freed), never a claim or a held key, whose call may still run. `KEYS[1]`: the key. ARGV:
+/// the purge channel, the message. Returns the deleted record's kind ('S', 'N', 'F'), 'A'
+/// absent, or 'B' busy (claim or held). The message is published whatever the record's
+/// state, except busy: replicas may keep a copy of a record Redis lost.
+pub(super) const PURGE: &str = r"
+local v = redis.call('GET', KEYS[1])
+local kind = 'A'
+if v then
+  kind = string.sub(v, 2, 2)
+  if kind == 'C' or kind == 'H' then
+    return 'B'
+  end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return kind
+";
+
 pub(super) enum ClaimReply {
     Claimed,
     Mismatch,
@@ -67,53 +88,58 @@ pub(super) fn parse_claim(v: Vec<redis::Value>) -> Result<ClaimReply, StoreError
     }
 }
 
-/// The fenced write: `bytes` replace the claim (empty: delete it) only if it still carries
-/// the claim's token, with `px` ms to live (0: the claim's own expiry), then a message on the
-/// key's channel. Returns false when it failed and may be retried.
-pub(super) async fn write(
-    link: &Link,
-    script: &Script,
-    metrics: &StoreMetrics,
-    claim: &Claimed,
-    bytes: &[u8],
-    px: u64,
-) -> bool {
-    let kind = bytes.get(1).copied().unwrap_or(b'D');
-    let started = Instant::now();
-    let k = redis_key(&claim.key);
-    let ch = channel(&claim.key);
-    let token = claim.token.0;
-    let r = link
-        .run(|mut c| async move {
-            script
-                .key(&k)
-                .arg(&token[..])
-                .arg(bytes)
-                .arg(px)
-                .arg(&ch)
-                .arg(&[kind][..])
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await;
-    match r {
-        Ok(1) => {
-            metrics.observe("settle", "ok", started);
-            true
-        }
-        Ok(_) => {
-            metrics.observe("settle", "fenced", started);
-            if claim.tentative {
-                tracing::debug!(key = %claim.key.short(), "redis store: the claim never landed; result not written there");
-            } else {
-                tracing::warn!(key = %claim.key.short(), "redis store: the claim is no longer ours (expired or lost); result not written there");
+/// Writes results over claims; owned, so that a background retry can keep one.
+#[derive(Clone)]
+pub(super) struct Writer {
+    pub(super) link: Arc<Link>,
+    pub(super) script: Script,
+    pub(super) metrics: Arc<StoreMetrics>,
+    pub(super) names: Names,
+}
+
+impl Writer {
+    /// The fenced write: `bytes` replace the claim (empty: delete it) only if it still
+    /// carries the claim's token, with `px` ms to live (0: the claim's own expiry), then a
+    /// message on the key's channel. Returns false when it failed and may be retried.
+    pub(super) async fn write(&self, claim: &Claimed, bytes: &[u8], px: u64) -> bool {
+        let (link, script, metrics) = (&self.link, &self.script, &self.metrics);
+        let kind = bytes.get(1).copied().unwrap_or(b'D');
+        let started = Instant::now();
+        let k = self.names.record(&claim.key);
+        let ch = self.names.settled(&claim.key);
+        let token = claim.token.0;
+        let r = link
+            .run(|mut c| async move {
+                script
+                    .key(&k)
+                    .arg(&token[..])
+                    .arg(bytes)
+                    .arg(px)
+                    .arg(&ch)
+                    .arg(&[kind][..])
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        match r {
+            Ok(1) => {
+                metrics.observe("settle", "ok", started);
+                true
             }
-            true
-        }
-        Err(e) => {
-            metrics.observe("settle", "error", started);
-            tracing::warn!(key = %claim.key.short(), error = %e, "redis store: result write failed (retried in the background until the claim expires); the response is delivered regardless");
-            false
+            Ok(_) => {
+                metrics.observe("settle", "fenced", started);
+                if claim.tentative {
+                    tracing::debug!(key = %claim.key.short(), "redis store: the claim never landed; result not written there");
+                } else {
+                    tracing::warn!(key = %claim.key.short(), "redis store: the claim is no longer ours (expired, lost by a Redis restart or a failover); result not written there");
+                }
+                true
+            }
+            Err(e) => {
+                metrics.observe("settle", "error", started);
+                tracing::warn!(key = %claim.key.short(), error = %e, "redis store: result write failed (retried in the background until the claim expires); the response is delivered regardless");
+                false
+            }
         }
     }
 }

@@ -3,9 +3,7 @@
 
 use super::codec::{Body, OwnerId, Token, Value};
 use super::conn::StoreError;
-use super::{
-    alive_key, channel, pttl, redis_key, refused, settled, Answer, LeadRequest, ReadAt, RedisStore,
-};
+use super::{pttl, refused, settled, Answer, LeadRequest, ReadAt, RedisStore};
 use crate::key::DedupKey;
 use crate::outcome::{Disposition, Held, Outcome, Refusal, Retention};
 use std::time::Duration;
@@ -15,7 +13,7 @@ impl RedisStore {
     /// Waits for a call running on another replica (see the module doc).
     pub(super) async fn wait(&self, req: LeadRequest, mut token: Token) -> Answer {
         let deadline = tokio::time::Instant::now() + req.wait_timeout;
-        let sub = self.link.subscribe(channel(&req.key)).await;
+        let sub = self.link.subscribe(self.names.settled(&req.key)).await;
         let mut wake = sub.wake.clone();
         loop {
             // Remaining lives are counted from the moment the read was sent: a local hold
@@ -23,7 +21,7 @@ impl RedisStore {
             let read_at = tokio::time::Instant::now();
             match self.read(&req.key).await {
                 Ok(None) => {
-                    tracing::warn!(key = %req.key.short(), "claim vanished without a record (expired, or lost by Redis): outcome unknown");
+                    tracing::warn!(key = %req.key.short(), "claim vanished without a record (expired, or lost by a Redis restart or failover): outcome unknown");
                     return vanished();
                 }
                 Ok(Some((value, left))) => match value.body {
@@ -77,7 +75,7 @@ impl RedisStore {
 
     async fn read(&self, key: &DedupKey) -> Result<Option<(Value, i64)>, StoreError> {
         let started = Instant::now();
-        let k = redis_key(key);
+        let k = self.names.record(key);
         let script = &self.peek;
         let r = self
             .link
@@ -102,7 +100,7 @@ impl RedisStore {
 
     async fn is_alive(&self, owner: &OwnerId) -> bool {
         let started = Instant::now();
-        let k = alive_key(owner);
+        let k = self.names.alive(owner);
         let r = self
             .link
             .run(|mut c| async move {

@@ -20,7 +20,7 @@ mod redis;
 
 use std::time::Duration;
 
-pub use self::redis::{value_kind, RedisCluster, RedisServer};
+pub use self::redis::{value_kind, RedisCluster, RedisSentinel, RedisServer, TlsFiles};
 pub use appserver::{AppServer, AppServerKind, Execution, KEEP_ALIVE, POST_RESPONSE_WORK};
 pub use backend::{free_addr, free_port, pattern, Backend, Counts, Gate, RecordedRequest, Row};
 pub use client::{
