@@ -4,6 +4,7 @@ mod support;
 
 mod app_servers;
 mod dedup;
+mod docs;
 mod failures;
 mod forwarding;
 mod observability;
