@@ -303,7 +303,12 @@ async fn check(
         let HealthCheckSettings::Http { path, host } = &s.health_check else {
             return Ok(());
         };
-        let host = host.clone().unwrap_or_else(|| peer._address.to_string());
+        // What a client connecting to the backend would send; a socket file has no name
+        // to send, and `localhost` is what app servers accept by default.
+        let host = host.clone().unwrap_or_else(|| match &peer._address {
+            pingora::protocols::l4::socket::SocketAddr::Inet(a) => a.to_string(),
+            pingora::protocols::l4::socket::SocketAddr::Unix(_) => "localhost".to_string(),
+        });
         let mut h1 = H1Session::new_with_options(stream, peer);
         let mut req = RequestHeader::build("GET", path.as_bytes(), None)
             .map_err(|e| format!("health check request: {e}"))?;
