@@ -321,6 +321,11 @@ async fn client_gone(session: &mut Session) -> Box<Error> {
 impl ProxyHttp for Idem {
     type CTX = Ctx;
 
+    /// No downstream modules: Pingora's default adds a compression module that is disabled
+    /// and still costs three boxed futures per request (idem never compresses: stored
+    /// bodies are identity, see README "Content negotiation").
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         self.active.fetch_add(1, Ordering::AcqRel);
         Ctx {
