@@ -11,6 +11,11 @@
 //! Connections are handed out newest first (the ones least likely to be near a backend's
 //! idle timeout), and only when younger than the caller's window; older ones stay and keep
 //! being watched, since how long they survive is what the window is learned from.
+//!
+//! Thread locality: idem's runtimes are one single-threaded runtime per thread, and a
+//! connection's socket and watcher live on the thread that opened or released it. Each
+//! thread keeps its idle connections in its own shard and takes from it first; a connection
+//! from another thread's shard costs cross-thread wake-ups, still less than a connect.
 
 use super::reuse::{Learned, Reuse, PROBATION};
 use parking_lot::Mutex;
@@ -21,9 +26,22 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
-/// Idle connections kept per backend at most; past it a released connection is closed.
-/// Bounds the descriptors a burst of new connections can leave behind.
-pub(crate) const MAX_IDLE: usize = 256;
+/// Idle connections kept per backend and thread at most; past it a released connection is
+/// closed. Bounds the descriptors a burst of new connections can leave behind.
+pub(crate) const MAX_IDLE: usize = 128;
+
+/// Shards per pool: threads beyond this many share shards.
+const SHARDS: usize = 16;
+
+/// This thread's shard.
+fn shard() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
 
 /// One idle connection: its watcher hands it over on request.
 struct Idle {
@@ -33,14 +51,14 @@ struct Idle {
 
 /// The idle connections of one backend.
 pub(crate) struct Pool {
-    /// Oldest first.
-    idle: Mutex<VecDeque<Idle>>,
+    /// One per thread (see the module doc), each oldest first.
+    shards: [Mutex<VecDeque<Idle>>; SHARDS],
 }
 
 impl Pool {
     pub(crate) fn new() -> Pool {
         Pool {
-            idle: Mutex::new(VecDeque::new()),
+            shards: std::array::from_fn(|_| Mutex::new(VecDeque::new())),
         }
     }
 
@@ -56,7 +74,7 @@ impl Pool {
         let (claim, claimed) = oneshot::channel();
         let released = Instant::now();
         {
-            let mut idle = self.idle.lock();
+            let mut idle = self.shards[shard()].lock();
             // Entries whose watcher has ended (closed or expired) go first.
             idle.retain(|i| !i.claim.is_closed());
             if idle.len() >= MAX_IDLE {
@@ -67,11 +85,28 @@ impl Pool {
         tokio::spawn(watch(stream, claimed, released, keep_for, reuse, report));
     }
 
-    /// The newest idle connection if it has been idle at most `window`, with its idle time.
+    /// An idle connection that has been idle at most `window`, with its idle time: this
+    /// thread's newest, else another thread's.
     pub(crate) async fn take(&self, window: Duration) -> Option<(Stream, Duration)> {
+        if window.is_zero() {
+            return None;
+        }
+        let own = shard();
+        if let Some(found) = self.take_from(own, window).await {
+            return Some(found);
+        }
+        for other in (0..SHARDS).filter(|s| *s != own) {
+            if let Some(found) = self.take_from(other, window).await {
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    async fn take_from(&self, shard: usize, window: Duration) -> Option<(Stream, Duration)> {
         loop {
             let idle = {
-                let mut idle = self.idle.lock();
+                let mut idle = self.shards[shard].lock();
                 match idle.back() {
                     Some(newest) if newest.released.elapsed() <= window => idle.pop_back()?,
                     _ => return None,
