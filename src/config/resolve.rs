@@ -255,12 +255,47 @@ pub(crate) fn resolve(
             "is shorter than 16 bytes; use a long random string shared by all replicas",
         ));
     }
+    let max_waiters = or(&server.max_waiters, defaults::MAX_WAITERS);
+    let max_body_buffer = size(&server.max_body_buffer, defaults::MAX_BODY_BUFFER);
+    let max_body_buffer_per_client = size(
+        &server.max_body_buffer_per_client,
+        defaults::max_body_buffer_per_client(max_body_buffer),
+    );
+    for (key, value, n) in [
+        (
+            "server.max_body_buffer",
+            at(&server.max_body_buffer),
+            max_body_buffer,
+        ),
+        (
+            "server.max_body_buffer_per_client",
+            at(&server.max_body_buffer_per_client),
+            max_body_buffer_per_client,
+        ),
+        (
+            "server.max_waiters_per_client",
+            at(&server.max_waiters_per_client),
+            or(&server.max_waiters_per_client, 1) as u64,
+        ),
+    ] {
+        if n == 0 {
+            return Err(invalid(key, value, "must be at least 1"));
+        }
+    }
+    // A client's share of the store bytes, unless written (or fixed by a reload), is at
+    // least the largest response a route stores: computed once the routes are known.
+    let client_bytes_fixed = fixed.is_some() || raw.store.max_bytes_per_client.is_some();
+    let limits = Bounds {
+        store: &store,
+        client_bytes: client_bytes_fixed.then_some(store.max_bytes_per_client),
+        body_buffer: max_body_buffer_per_client.min(max_body_buffer),
+    };
     let builtin = builtin_policy(&upstream);
-    let base = policy(&builtin, "dedup", dedup.keys(), &store)?;
+    let base = policy(&builtin, "dedup", dedup.keys(), &limits)?;
     let mut routes: Vec<RoutePolicy> = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.iter().enumerate() {
         let section = format!("route[{i}]");
-        let p = route(&base, &section, r, &store)?;
+        let p = route(&base, &section, r, &limits)?;
         if routes.iter().any(|o| o.path_prefix == p.path_prefix) {
             return Err(invalid(
                 format!("{section}.path_prefix"),
@@ -277,6 +312,15 @@ pub(crate) fn resolve(
         }
         routes.push(p);
     }
+    let mut store = store;
+    if !client_bytes_fixed {
+        let largest = std::iter::once(&base)
+            .chain(routes.iter())
+            .map(|r| r.max_response_body)
+            .max()
+            .unwrap_or(0);
+        store.max_bytes_per_client = store.max_bytes_per_client.max(largest);
+    }
 
     let settings = Settings {
         listen,
@@ -286,7 +330,13 @@ pub(crate) fn resolve(
         grace_period,
         keepalive_timeout: dur(&server.keepalive_timeout, defaults::KEEPALIVE_TIMEOUT),
         body_read_timeout: dur(&server.body_read_timeout, defaults::BODY_READ_TIMEOUT),
-        max_waiters: or(&server.max_waiters, defaults::MAX_WAITERS),
+        max_waiters,
+        max_waiters_per_client: or(
+            &server.max_waiters_per_client,
+            defaults::max_waiters_per_client(max_waiters),
+        ),
+        max_body_buffer,
+        max_body_buffer_per_client,
         log_format: or(&server.log_format, LogFormat::Text),
         trusted_proxies,
         proxy_protocol: or(&server.proxy_protocol, false),
@@ -451,11 +501,20 @@ fn builtin_policy(upstream: &UpstreamSettings) -> RoutePolicy {
     }
 }
 
+/// What a route's sizes must fit in.
+struct Bounds<'a> {
+    store: &'a StoreSettings,
+    /// `store.max_bytes_per_client` when written or fixed; `None`: it follows the routes.
+    client_bytes: Option<u64>,
+    /// The most body bytes one request may have idem hold: one client's share.
+    body_buffer: u64,
+}
+
 fn route(
     base: &RoutePolicy,
     section: &str,
     r: &RawRoute,
-    store: &StoreSettings,
+    store: &Bounds<'_>,
 ) -> Result<RoutePolicy, Invalid> {
     let prefix = r.path_prefix.get_ref();
     if !prefix.starts_with('/') {
@@ -476,8 +535,9 @@ fn policy(
     base: &RoutePolicy,
     section: &str,
     keys: PolicyKeys,
-    store: &StoreSettings,
+    bounds: &Bounds<'_>,
 ) -> Result<RoutePolicy, Invalid> {
+    let store = bounds.store;
     let key = |k: &str| format!("{section}.{k}");
     let lower = |v: &Opt<Vec<String>>, base: &[String]| match v {
         Some(list) => list
@@ -532,6 +592,25 @@ fn policy(
             format!(
                 "is larger than store.max_bytes ({} bytes): such a response could never be stored",
                 store.max_bytes
+            ),
+        ));
+    }
+    if let Some(client_bytes) = bounds.client_bytes.filter(|b| p.max_response_body > *b) {
+        return Err(invalid(
+            key("max_response_body"),
+            at(&keys.max_response_body),
+            format!(
+                "is larger than store.max_bytes_per_client ({client_bytes} bytes): in a full store such a response would push out every other record of its client and still not be kept"
+            ),
+        ));
+    }
+    if p.max_body > bounds.body_buffer {
+        return Err(invalid(
+            key("max_body"),
+            at(&keys.max_body),
+            format!(
+                "is larger than what idem may hold for one client (server.max_body_buffer_per_client, {} bytes): such a body could never be read",
+                bounds.body_buffer
             ),
         ));
     }

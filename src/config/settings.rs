@@ -90,6 +90,12 @@ pub struct Settings {
     pub(crate) body_read_timeout: Duration,
     /// Cap on waiters across all keys; past it a new waiter gets 503.
     pub(crate) max_waiters: usize,
+    /// Cap on waiters of one client address; past it that client gets 429.
+    pub(crate) max_waiters_per_client: usize,
+    /// Bytes of request bodies idem holds at once; past it 503 `body-buffer-full`.
+    pub(crate) max_body_buffer: u64,
+    /// Bytes of request bodies one client address may have idem hold; past it 429.
+    pub(crate) max_body_buffer_per_client: u64,
     /// Access log format.
     pub log_format: LogFormat,
     /// Peers whose forwarding headers are believed (`crate::http::forward`).
@@ -176,9 +182,15 @@ pub(crate) struct StoreSettings {
     pub(crate) max_entries: usize,
     /// Bound on stored bytes (status, headers and body of each stored response).
     pub(crate) max_bytes: u64,
-    /// Per-scope quota of keys (see `store.rs`): in flight plus held never above it, and a
-    /// scope at it makes room only from its own records when the store is full.
+    /// Per-scope quota of keys (`store::memory`): in flight plus held never above it, and
+    /// a scope at it makes room only from its own records when the store is full.
     pub(crate) max_keys_per_scope: usize,
+    /// Per-client quota of keys: the same rules, per client address.
+    pub(crate) max_keys_per_client: usize,
+    /// Per-client share of `max_bytes`: a client over it makes room from its own records.
+    pub(crate) max_bytes_per_client: u64,
+    /// Store-wide cap on keys nobody can evict (in flight plus held).
+    pub(crate) max_pinned: usize,
     /// Redis URL of a single node (for `kind = "redis"`).
     pub(crate) url: Option<String>,
     /// Redis Cluster seed nodes (for `kind = "redis"`), as URLs; exclusive with `url`.
@@ -348,6 +360,15 @@ impl Settings {
                 "store.max_keys_per_scope",
                 a.store.max_keys_per_scope == b.store.max_keys_per_scope,
             ),
+            (
+                "store.max_keys_per_client",
+                a.store.max_keys_per_client == b.store.max_keys_per_client,
+            ),
+            (
+                "store.max_bytes_per_client",
+                a.store.max_bytes_per_client == b.store.max_bytes_per_client,
+            ),
+            ("store.max_pinned", a.store.max_pinned == b.store.max_pinned),
             ("store.url", a.store.url == b.store.url),
             ("dedup.secret", a.secret == b.secret),
         ]

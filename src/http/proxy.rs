@@ -32,7 +32,8 @@ use crate::dedup::leader::{self, LeaderReply, Plan};
 use crate::dedup::shadow::request::{ShadowPolicy, ShadowRequest, Sinks};
 use crate::dedup::shadow::table::ShadowTable;
 use crate::http::admission::{admit, Admission, Bypass};
-use crate::http::body::{self, BodyRead};
+use crate::http::body::{self, BodyRead, Reading};
+use crate::http::body_budget::{BodyBudget, BodyLimits, Over};
 use crate::http::client_addr::{self, Peer};
 use crate::http::forward;
 use crate::http::framing;
@@ -46,6 +47,7 @@ use crate::message::is_storable;
 use crate::observe::access_log;
 use crate::observe::metrics::{Answered, Lookup, Metrics};
 use crate::outcome::{Disposition, Refusal};
+use crate::owner::{ClientId, Owner};
 use crate::store::redis::{LeadRequest, RedisStore};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
@@ -79,6 +81,8 @@ pub(crate) struct Idem {
     pub(crate) shadow: Arc<ShadowTable>,
     /// The Redis store shared by replicas (`store.kind = "redis"`); `None` with memory.
     pub(crate) redis: Option<Arc<RedisStore>>,
+    /// Request bodies held in memory.
+    pub(crate) body_budget: Arc<BodyBudget>,
 }
 
 /// Per-request state.
@@ -135,11 +139,41 @@ impl Idem {
         // Until an answer is chosen, a request that ends here (its client left during the
         // upload) is an error, not a bypass: it was admitted to dedup.
         ctx.answered = Answered::Error;
+        let client = ClientId::of(ctx.client);
+        let reading = Reading {
+            max_body: route.max_body,
+            deadline: settings.body_read_timeout,
+            lease: self.body_budget.lease(client),
+            limits: BodyLimits {
+                total: settings.max_body_buffer,
+                per_client: settings.max_body_buffer_per_client,
+            },
+        };
         body::continue_if_expected(session).await?;
         let hasher = key_inputs::fingerprint(&self.keys, session.req_header(), route);
-        let read = body::read(session, hasher, route.max_body, settings.body_read_timeout).await;
+        let read = body::read(session, hasher, reading).await;
         let (body, fingerprint) = match read {
             Ok(BodyRead::Complete(body, fp)) => (body, fp),
+            Ok(BodyRead::Refused(over)) => {
+                // The rest of the body is left unread: this connection cannot carry another
+                // request.
+                session.set_keepalive(None);
+                let p = match over {
+                    Over::Client => Problem::ClientQuota,
+                    Over::Total => Problem::BodyBufferFull,
+                };
+                return self
+                    .reply(session, ctx, p.into(), Audience::Anonymous)
+                    .await;
+            }
+            Ok(BodyRead::Malformed(e)) => {
+                // The client's mistake, not idem's nor a departure: a plain 400, and nothing
+                // after it on this connection can be trusted to be a request.
+                tracing::info!(error = %e, "request body framing malformed: 400");
+                session.set_keepalive(None);
+                let p = Problem::BadRequest.into();
+                return self.reply(session, ctx, p, Audience::Anonymous).await;
+            }
             Ok(BodyRead::TimedOut) => {
                 return self
                     .reply(
@@ -190,13 +224,20 @@ impl Idem {
             keyed: idem_key.is_some(),
             on_concurrent: route.on_concurrent,
             max_waiters_per_key: route.max_waiters_per_key,
+            max_waiters_per_client: settings.max_waiters_per_client,
             hold_for,
             route: ctx.route,
-            scope: scope.id(),
+            owner: Owner {
+                scope: scope.id(),
+                client: ClientId::of(ctx.client),
+            },
         });
         self.metrics.lookup(lookup_result(&joined));
+        // Only a leader sends the body; everyone else lets go of it before waiting.
+        let mut body = Some(body).filter(|_| matches!(joined, Joined::Leader(_)));
         let reply = match joined {
             Joined::Leader(permit) => {
+                let body = body.take().unwrap_or_default();
                 // Its client may leave before the answer: the request still led the call.
                 ctx.answered = Answered::Leader;
                 let request =
@@ -279,6 +320,9 @@ impl Idem {
         audience: Audience,
     ) -> Result<bool> {
         let reply = reply.for_client(session.req_header());
+        if let Reply::Problem(p) = &reply {
+            self.metrics.problem(p.kind());
+        }
         let written = reply.written();
         ctx.status = written.status;
         ctx.answered = written.answered;
@@ -294,6 +338,8 @@ fn lookup_result(joined: &Joined) -> Lookup {
         // Refused for lack of room, like store-full (its own series would break the "every
         // series from start-up" set); the outcome tells them apart.
         Joined::Refused(Refusal::StoreFull | Refusal::ScopeQuota) => Lookup::Full,
+        // A client over its share: of keys (no room for it) or of waiters (on a flight).
+        Joined::Refused(Refusal::ClientQuota) => Lookup::Full,
         Joined::Waiter(_) | Joined::Refused(Refusal::InProgress | Refusal::TooManyWaiters) => {
             Lookup::Inflight
         }
@@ -512,6 +558,7 @@ impl ProxyHttp for Idem {
         if session.response_written().is_none() {
             ctx.answered = Answered::Error;
             ctx.status = status;
+            self.metrics.problem(problem.kind());
             // The connection may hold the rest of a body nobody read.
             session.set_keepalive(None);
             if let Err(err) = Reply::Problem(problem)

@@ -193,6 +193,8 @@ pub(crate) struct Metrics {
     max_waiters: IntGauge,
     /// Requests refused before idem could answer (client gone while idem read the body).
     client_aborts: IntCounter,
+    /// idem's own problem answers by type.
+    problems: IntCounterVec,
 }
 
 impl Metrics {
@@ -295,6 +297,11 @@ impl Metrics {
                 "Configured bound on waiters across all keys (server.max_waiters).",
             ),
             client_aborts,
+            problems: counter(
+                "idem_problems_total",
+                "Problem answers idem wrote itself, by problem type (README: Problem types).",
+                &["type"],
+            ),
             lookups: Vec::new(),
             routes: parking_lot::RwLock::new(Vec::new()),
             request_series: parking_lot::RwLock::new(Vec::new()),
@@ -438,6 +445,19 @@ impl Metrics {
     /// A client left while idem read its request body.
     pub(crate) fn client_abort(&self) {
         self.client_aborts.inc();
+    }
+
+    /// Creates the `idem_problems_total` series of every problem type, so that rates are
+    /// defined from the first scrape.
+    pub(crate) fn register_problems(&self, kinds: &[&str]) {
+        for kind in kinds {
+            self.problems.with_label_values(&[kind]);
+        }
+    }
+
+    /// idem answered a request with a problem of type `kind`.
+    pub(crate) fn problem(&self, kind: &str) {
+        self.problems.with_label_values(&[kind]).inc();
     }
 
     /// Renders the text exposition with `gauges` read from their owners just before.

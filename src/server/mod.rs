@@ -27,7 +27,7 @@ use crate::http::first_bytes::FirstBytesDeadline;
 use crate::http::proxy::Idem;
 use crate::key::KeyDeriver;
 use crate::observe::metrics::Metrics;
-use crate::store::memory::MemoryStore;
+use crate::store::memory::{Limits, MemoryStore};
 use crate::store::redis::metrics::StoreMetrics;
 use crate::store::redis::{RedisSettings, RedisStore};
 use crate::upstream::Upstream;
@@ -92,14 +92,18 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         },
     );
 
-    let store = MemoryStore::new(
-        settings.store.max_entries,
-        settings.store.max_bytes,
-        settings.store.max_keys_per_scope,
-    );
+    let store = MemoryStore::new(Limits {
+        max_entries: settings.store.max_entries,
+        max_bytes: settings.store.max_bytes,
+        max_pinned: settings.store.max_pinned,
+        scope_keys: settings.store.max_keys_per_scope,
+        client_keys: settings.store.max_keys_per_client,
+        client_bytes: settings.store.max_bytes_per_client,
+    });
     let store_stats = store.stats();
     let coordinator = Coordinator::new(store, settings.max_waiters);
     let metrics = Metrics::new();
+    metrics.register_problems(&crate::http::problem::KINDS);
     metrics.set_bounds(
         settings.store.max_entries,
         settings.store.max_bytes,
@@ -126,6 +130,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         active: active.clone(),
         shadow,
         redis: redis.clone(),
+        body_budget: Arc::default(),
     };
     // Two Pingora apps over the same state: `first_bytes.rs` tells HTTP/1 from h2c and hands
     // each connection to the app for it.

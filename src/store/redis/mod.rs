@@ -69,6 +69,7 @@ use scripts::{parse_claim, ClaimReply, Writer, CLAIM, PEEK, PURGE, SETTLE};
 use crate::config::file::OnStoreError;
 use crate::key::{random_bytes, DedupKey, Fingerprint};
 use crate::outcome::{Disposition, Held, Outcome, Refusal, Retention};
+use crate::store::memory::SharedRef;
 use codec::{unix_ms, Body, ClaimInfo, OwnerId, StoredBytes, Token, Value};
 use conn::{Access, Link, StoreError, Target};
 use metrics::StoreMetrics;
@@ -423,8 +424,20 @@ impl RedisStore {
 
     /// Writes the outcome of this replica's call over its claim, if the claim is still
     /// ours, and wakes the waiters on other replicas. Failures are logged and counted; the
-    /// outcome is delivered locally either way.
-    pub(crate) async fn settle(&self, claim: &Claimed, outcome: &Outcome, retention: Retention) {
+    /// outcome is delivered locally either way. Returns the reference the local copy keeps
+    /// of a record that stays in Redis (stored, not replayable), by which evicting that copy
+    /// deletes the record there (fenced: only this write).
+    pub(crate) async fn settle(
+        &self,
+        claim: &Claimed,
+        outcome: &Outcome,
+        retention: Retention,
+    ) -> Option<SharedRef> {
+        let kept = matches!(
+            outcome,
+            Outcome::Response { stored: true, .. } | Outcome::NotReplayable
+        );
+        let shared = kept.then_some(SharedRef(claim.token.0));
         let value = |body| {
             Value {
                 fingerprint: claim.fingerprint,
@@ -456,7 +469,7 @@ impl RedisStore {
         };
         let writer = self.writer();
         if writer.write(claim, &bytes, px).await {
-            return;
+            return shared;
         }
         // The claim may still be there (a dropped connection, a slow Redis): keep trying in
         // the background until the write lands or is refused, or the claim has expired, so
@@ -473,6 +486,7 @@ impl RedisStore {
                 }
             }
         });
+        shared
     }
 }
 
