@@ -27,8 +27,8 @@
 //! # Layers
 //! Folders follow the direction of dependency; a module uses only those above it in this
 //! list and its own folder:
-//! `key`, `owner`, `outcome`, `message`, `config/`, `observe/` (vocabulary, configuration,
-//! metrics)
+//! `key`, `owner`, `path`, `outcome`, `message`, `config/`, `observe/` (vocabulary,
+//! configuration, metrics)
 //! <- `store/`, `upstream/` (state and the backend client)
 //! <- `dedup/` (coalescing, plain Rust over the tiers)
 //! <- `http/` (the client's Pingora session) <- `admin/` <- `server/` (process assembly).
@@ -65,6 +65,7 @@ pub(crate) mod message;
 pub(crate) mod observe;
 pub(crate) mod outcome;
 pub(crate) mod owner;
+pub(crate) mod path;
 pub mod server;
 pub(crate) mod store;
 #[cfg(any(test, fuzzing))]

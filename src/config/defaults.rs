@@ -91,6 +91,16 @@ pub(crate) const SCOPE_HEADERS: [&str; 6] = [
     "x-auth-token",
     "cookie",
 ];
+/// Response headers that carry a credential minted for one client, always: they reach only
+/// the leader's client unless the scope identifies the caller (`http::reply`).
+pub(crate) const CREDENTIAL_HEADERS_ALWAYS: [&str; 4] = [
+    "set-cookie",
+    "set-cookie2",
+    "authentication-info",
+    "proxy-authentication-info",
+];
+/// `[dedup] credential_headers`: response headers treated as credentials besides those.
+pub(crate) const CREDENTIAL_HEADERS: [&str; 1] = ["x-auth-token"];
 /// `[dedup] fingerprint_headers`
 pub(crate) const FINGERPRINT_HEADERS: [&str; 1] = ["content-type"];
 /// `[dedup] ttl`

@@ -90,6 +90,8 @@ pub(crate) struct RawMetrics {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAdmin {
     pub(crate) listen: Opt<String>,
+    pub(crate) token: Opt<String>,
+    pub(crate) token_file: Opt<String>,
 }
 
 /// `[store]`
@@ -167,6 +169,8 @@ policy_keys! {
     key_header: String,
     methods: Vec<String>,
     scope_headers: Vec<String>,
+    scope_cookies: Vec<String>,
+    credential_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
     ttl: Dur,
     fingerprint_ttl: Dur,

@@ -9,8 +9,8 @@
 use crate::config::address::{Address, Port};
 use crate::config::defaults;
 use crate::config::file::{
-    Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, RawConfig, RawRoute,
-    Size, StoreKind,
+    Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, RawAdmin, RawConfig,
+    RawRoute, Size, StoreKind,
 };
 use crate::config::route::{RoutePolicy, StatusSet};
 use crate::config::settings::{
@@ -343,6 +343,7 @@ pub(crate) fn resolve(
         upstream,
         metrics_listen,
         admin_listen,
+        admin_token: admin_token(&raw.admin, env)?,
         store,
         secret,
         default_route: base,
@@ -350,6 +351,53 @@ pub(crate) fn resolve(
         warnings: Vec::new(),
     };
     Ok((settings, warnings))
+}
+
+/// `[admin] token` or `token_file` (one of them): the bearer token admin requests carry.
+fn admin_token(raw: &RawAdmin, env: &Env) -> Result<Option<Secret<String>>, Invalid> {
+    let (token, key, span) = match (&raw.token, &raw.token_file) {
+        (Some(_), Some(f)) => {
+            return Err(invalid(
+                "admin.token_file",
+                Some(f.span()),
+                "give token or token_file, not both",
+            ))
+        }
+        (Some(t), None) => (t.get_ref().clone(), "admin.token", Some(t.span())),
+        (None, Some(f)) => {
+            let bytes = env
+                .files
+                .read(f.get_ref())
+                .map_err(|m| invalid("admin.token_file", Some(f.span()), m))?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                invalid(
+                    "admin.token_file",
+                    Some(f.span()),
+                    format!("{:?} is not UTF-8 text", f.get_ref()),
+                )
+            })?;
+            // Files written by `echo` or an editor end with a newline that is not the token.
+            let token = text.trim_end_matches(['\n', '\r']).to_string();
+            (token, "admin.token_file", Some(f.span()))
+        }
+        (None, None) => return Ok(None),
+    };
+    // Sent as `Authorization: Bearer <token>`: a header value of visible ASCII.
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            key,
+            span,
+            "must be at least 16 characters of visible ASCII (it is sent as `Authorization: Bearer <token>`)",
+        ));
+    }
+    if raw.listen.is_none() {
+        return Err(invalid(
+            key,
+            span,
+            "is only used with [admin] listen; set listen or remove it",
+        ));
+    }
+    Ok(Some(Secret(token)))
 }
 
 /// `[server] trusted_proxies`; an error points at the entry at fault.
@@ -485,6 +533,9 @@ fn builtin_policy(upstream: &UpstreamSettings) -> RoutePolicy {
             .iter()
             .map(|h| h.to_string())
             .collect(),
+        scope_cookies: Vec::new(),
+        credential_headers: credential_headers(&defaults::CREDENTIAL_HEADERS)
+            .expect("default credential headers are valid"),
         fingerprint_headers: defaults::FINGERPRINT_HEADERS
             .iter()
             .map(|h| h.to_string())
@@ -524,6 +575,20 @@ fn route(
             format!("{prefix:?} must start with '/'"),
         ));
     }
+    // Requests are routed on their normal form: a prefix in any other form matches nothing.
+    let normal = crate::path::normalize(prefix).path;
+    let normal = if prefix.ends_with('/') || normal == "/" {
+        normal.into_owned()
+    } else {
+        normal.trim_end_matches('/').to_string()
+    };
+    if normal != *prefix {
+        return Err(invalid(
+            format!("{section}.path_prefix"),
+            Some(r.path_prefix.span()),
+            format!("{prefix:?} is not in normal form (requests are routed without dot segments, repeated slashes or encoded letters and digits); write {normal:?}"),
+        ));
+    }
     let mut p = policy(base, section, r.keys(), store)?;
     p.name = or(&r.name, prefix.clone());
     p.path_prefix = prefix.clone();
@@ -561,6 +626,16 @@ fn policy(
             None => base.methods.clone(),
         },
         scope_headers: lower(&keys.scope_headers, &base.scope_headers),
+        scope_cookies: match &keys.scope_cookies {
+            Some(c) => cookie_names(c.get_ref())
+                .map_err(|m| invalid(key("scope_cookies"), Some(c.span()), m))?,
+            None => base.scope_cookies.clone(),
+        },
+        credential_headers: match &keys.credential_headers {
+            Some(h) => credential_headers(h.get_ref())
+                .map_err(|m| invalid(key("credential_headers"), Some(h.span()), m))?,
+            None => base.credential_headers.clone(),
+        },
         fingerprint_headers: lower(&keys.fingerprint_headers, &base.fingerprint_headers),
         ttl: dur(&keys.ttl, base.ttl),
         fingerprint_ttl: dur(&keys.fingerprint_ttl, base.fingerprint_ttl),
@@ -643,6 +718,37 @@ fn policy(
         ));
     }
     Ok(p)
+}
+
+/// The headers withheld as credentials: the four always withheld, then `extra`.
+fn credential_headers<S: AsRef<str>>(extra: &[S]) -> Result<Vec<http::HeaderName>, String> {
+    let mut all: Vec<http::HeaderName> = defaults::CREDENTIAL_HEADERS_ALWAYS
+        .iter()
+        .map(|h| http::HeaderName::from_static(h))
+        .collect();
+    for name in extra {
+        let name = name.as_ref();
+        let h = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a valid header name"))?;
+        if !all.contains(&h) {
+            all.push(h);
+        }
+    }
+    Ok(all)
+}
+
+/// `scope_cookies`: cookie names (RFC 6265 tokens), matched exactly.
+fn cookie_names(names: &[String]) -> Result<Vec<String>, String> {
+    for name in names {
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !token {
+            return Err(format!("{name:?} is not a cookie name"));
+        }
+    }
+    Ok(names.to_vec())
 }
 
 /// Headers that cannot carry a key: connection-level ones never reach idem's admission as

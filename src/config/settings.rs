@@ -110,6 +110,9 @@ pub struct Settings {
     /// Admin listener (flights, held keys, store summary, purge); `None` means off.
     /// Always a loopback address (TCP).
     pub(crate) admin_listen: Option<Address>,
+    /// The bearer token every admin request must carry (`[admin] token` or `token_file`);
+    /// `None`: loopback Host and no `Origin` are the only checks.
+    pub(crate) admin_token: Option<Secret<String>>,
     /// Store bounds.
     pub(crate) store: StoreSettings,
     /// Secret for keyed blake3; `None` means a random per-process secret.
@@ -302,6 +305,7 @@ impl Settings {
         settings.proxy_protocol = running.proxy_protocol;
         settings.metrics_listen = running.metrics_listen.clone();
         settings.admin_listen = running.admin_listen.clone();
+        settings.admin_token = running.admin_token.clone();
         settings.secret = running.secret.clone();
         Ok(Reloaded {
             settings,
@@ -350,6 +354,7 @@ impl Settings {
             ),
             ("metrics.listen", a.metrics_listen == b.metrics_listen),
             ("admin.listen", a.admin_listen == b.admin_listen),
+            ("admin.token", a.admin_token == b.admin_token),
             ("store.kind", a.store.kind == b.store.kind),
             (
                 "store.max_entries",

@@ -93,6 +93,12 @@ pub(crate) enum Problem {
     UpstreamFailed,
     /// 400: the request could not be read (malformed framing).
     BadRequest,
+    /// 400: the path's encoded slashes would change its route (`crate::path`).
+    BadPath,
+    /// 409: the response was marked `private` or `no-store` by the origin and went to its
+    /// first client only; this request's scope holds no credential that identifies the
+    /// caller.
+    PrivateResponse,
 }
 
 /// Everything a problem says about itself.
@@ -144,6 +150,8 @@ impl Problem {
             Problem::UpstreamTimeout => (504, "upstream-timeout", "Upstream timeout", "The upstream server did not answer in time. It may have processed the request.", A::Error),
             Problem::UpstreamFailed => (502, "upstream-failed", "Upstream failed", "The upstream server failed while handling the request. It may have processed the request.", A::Error),
             Problem::BadRequest => (400, "bad-request", "Bad request", "The request could not be read: its framing is malformed.", A::Error),
+            Problem::BadPath => (400, "bad-path", "Ambiguous path", "The path holds an encoded slash that would make it name another resource once decoded. Send the path without it.", A::Error),
+            Problem::PrivateResponse => (409, "private-response", "Response is private", "The response to this request was marked private by the server and went to its first client only. It is not run again.", A::NotReplayable),
         };
         Info {
             status,

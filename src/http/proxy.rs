@@ -162,9 +162,7 @@ impl Idem {
                     Over::Client => Problem::ClientQuota,
                     Over::Total => Problem::BodyBufferFull,
                 };
-                return self
-                    .reply(session, ctx, p.into(), Audience::Anonymous)
-                    .await;
+                return self.reply(session, ctx, p.into(), Audience::NOBODY).await;
             }
             Ok(BodyRead::Malformed(e)) => {
                 // The client's mistake, not idem's nor a departure: a plain 400, and nothing
@@ -172,22 +170,17 @@ impl Idem {
                 tracing::info!(error = %e, "request body framing malformed: 400");
                 session.set_keepalive(None);
                 let p = Problem::BadRequest.into();
-                return self.reply(session, ctx, p, Audience::Anonymous).await;
+                return self.reply(session, ctx, p, Audience::NOBODY).await;
             }
             Ok(BodyRead::TimedOut) => {
                 return self
-                    .reply(
-                        session,
-                        ctx,
-                        Problem::BodyTimeout.into(),
-                        Audience::Anonymous,
-                    )
+                    .reply(session, ctx, Problem::BodyTimeout.into(), Audience::NOBODY)
                     .await
             }
             Ok(BodyRead::TooLarge(prefix)) => {
                 if idem_key.is_some() || route.mode == Mode::RequireKey {
                     let p = Problem::TooLarge.into();
-                    return self.reply(session, ctx, p, Audience::Anonymous).await;
+                    return self.reply(session, ctx, p, Audience::NOBODY).await;
                 }
                 ctx.answered = Answered::TooLarge;
                 // Boxed: a rare path with a large future (a whole upstream exchange) that would
@@ -206,11 +199,11 @@ impl Idem {
                 return Err(e);
             }
         };
-        let scope = key_inputs::scope(&self.keys, session.req_header(), route);
-        let audience = if scope.anonymous {
-            Audience::Anonymous
-        } else {
-            Audience::Identified
+        let caller = key_inputs::caller(&self.keys, session.req_header(), route);
+        let scope = caller.scope;
+        let audience = Audience {
+            identified: caller.identified,
+            credentials: &route.credential_headers,
         };
         let key = match &idem_key {
             Some(k) => self.keys.keyed(&scope, k),
@@ -317,9 +310,9 @@ impl Idem {
         session: &mut Session,
         ctx: &mut Ctx,
         reply: Reply,
-        audience: Audience,
+        audience: Audience<'_>,
     ) -> Result<bool> {
-        let reply = reply.for_client(session.req_header());
+        let reply = reply.for_client(session.req_header(), audience);
         if let Reply::Problem(p) = &reply {
             self.metrics.problem(p.kind());
         }
@@ -421,11 +414,20 @@ impl ProxyHttp for Idem {
                 .map(|v| v.as_bytes()),
             &settings.trusted_proxies,
         );
+        let ambiguous = normalize::path(session.req_header_mut())?;
         let matched = config.route(session.req_header().uri.path());
         let route = matched.policy;
         ctx.route = matched.id;
         let req = session.req_header();
-        match admit(route, &req.method, &req.headers) {
+        let admission = match ambiguous {
+            // The same route either way: nothing to decide.
+            Some(other) if config.route(&other).id != matched.id => {
+                tracing::info!(path = %req.uri.path(), "path refused: its encoded slashes would change its route");
+                Admission::Refuse(Problem::BadPath)
+            }
+            _ => admit(route, &req.method, &req.headers),
+        };
+        match admission {
             Admission::PassThrough(bypass) => {
                 ctx.mark_bypass = bypass != Bypass::Unmarked;
                 if bypass == Bypass::TooLarge {
@@ -439,8 +441,7 @@ impl ProxyHttp for Idem {
                 // client's next (maybe already pipelined) request; Pingora closes a
                 // connection answered before its body was read.
                 body::discard(session, route.max_body, settings.body_read_timeout).await;
-                self.reply(session, ctx, p.into(), Audience::Anonymous)
-                    .await
+                self.reply(session, ctx, p.into(), Audience::NOBODY).await
             }
             Admission::Dedup { key } => self.dedup(session, ctx, settings, route, key).await,
             // Forwarded like a pass-through (unmarked); the key is hashed as the body streams.
@@ -455,7 +456,7 @@ impl ProxyHttp for Idem {
                 };
                 ctx.shadow = Some(ShadowRequest::new(
                     key_inputs::fingerprint(&self.keys, req, route),
-                    key_inputs::scope(&self.keys, req, route),
+                    key_inputs::caller(&self.keys, req, route).scope,
                     key,
                     policy,
                 ));
@@ -562,7 +563,7 @@ impl ProxyHttp for Idem {
             // The connection may hold the rest of a body nobody read.
             session.set_keepalive(None);
             if let Err(err) = Reply::Problem(problem)
-                .write(session, Audience::Anonymous)
+                .write(session, Audience::NOBODY)
                 .await
             {
                 tracing::debug!(error = %err, "could not write the error answer: the client is gone");

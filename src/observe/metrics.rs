@@ -195,6 +195,8 @@ pub(crate) struct Metrics {
     client_aborts: IntCounter,
     /// idem's own problem answers by type.
     problems: IntCounterVec,
+    /// Admin requests refused by the guard, by reason.
+    admin_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -302,6 +304,11 @@ impl Metrics {
                 "Problem answers idem wrote itself, by problem type (README: Problem types).",
                 &["type"],
             ),
+            admin_refusals: counter(
+                "idem_admin_refusals_total",
+                "Admin listener requests refused: host (not a loopback name), origin (a browser), token.",
+                &["reason"],
+            ),
             lookups: Vec::new(),
             routes: parking_lot::RwLock::new(Vec::new()),
             request_series: parking_lot::RwLock::new(Vec::new()),
@@ -309,6 +316,9 @@ impl Metrics {
         };
         for reason in ["capacity", "expired"] {
             m.store_evictions.with_label_values(&[reason]);
+        }
+        for reason in ["host", "origin", "token"] {
+            m.admin_refusals.with_label_values(&[reason]);
         }
         m.lookups = Lookup::ALL
             .iter()
@@ -453,6 +463,11 @@ impl Metrics {
         for kind in kinds {
             self.problems.with_label_values(&[kind]);
         }
+    }
+
+    /// The admin listener refused a request (`reason`: host, origin, token).
+    pub(crate) fn admin_refused(&self, reason: &str) {
+        self.admin_refusals.with_label_values(&[reason]).inc();
     }
 
     /// idem answered a request with a problem of type `kind`.

@@ -116,6 +116,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     let signals_installed = Arc::new(Notify::new());
 
     let keys = KeyDeriver::new(settings.secret.as_deref());
+    let admin_token = settings.admin_token.clone();
     let proxy_protocol = settings.proxy_protocol;
     let shadow = Arc::new(ShadowTable::new(settings.store.max_entries));
     let names: Vec<String> = settings.all_routes().map(|r| r.name.clone()).collect();
@@ -163,6 +164,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
                 coordinator: coordinator.clone(),
                 metrics: metrics.clone(),
                 redis: redis.clone(),
+                token: admin_token.clone(),
             }),
         );
         service.add_tcp(&addr.to_string());
