@@ -253,14 +253,24 @@ fn start_redis_store(
             tracing::info!(key = %key.short(), "redis store: a purge announced by a replica dropped this replica's copy");
         }
     };
+    // `idem check` refuses a Redis store without a secret.
+    let secret = settings.secret.as_deref().unwrap_or_default();
     let store = RedisStore::start(
-        RedisSettings::from_store(&settings.store),
+        RedisSettings::from_store(&settings.store, secret),
         store_metrics,
         on_purge,
     );
     if let Some(p) = &settings.store.password {
         tracing::info!(from = ?p.from, user = settings.store.username.as_deref().unwrap_or("(the URL's, else default)"), "redis store: authenticating with the configured password");
     }
+    // What this replica's store evicts (or cannot keep) of what it wrote to Redis goes
+    // there too: its Redis writes stay within its own bounds.
+    let weak = Arc::downgrade(&store);
+    coordinator.store().set_on_evict(Box::new(move |gone| {
+        if let Some(store) = weak.upgrade() {
+            store.forget(gone);
+        }
+    }));
     if store.wait_up(settings.store.timeout * 2) {
         tracing::info!(owner = %store.owner().hex(), prefix = %settings.store.key_prefix, "redis store: ready");
     } else {

@@ -64,13 +64,13 @@ mod wait;
 
 use heartbeat::heartbeat;
 use names::Names;
-use scripts::{parse_claim, ClaimReply, Writer, CLAIM, PEEK, PURGE, SETTLE};
+use scripts::{parse_claim, ClaimReply, Writer, CLAIM, FORGET, PEEK, PURGE, SETTLE};
 
 use crate::config::file::OnStoreError;
 use crate::key::{random_bytes, DedupKey, Fingerprint};
 use crate::outcome::{Disposition, Held, Outcome, Refusal, Retention};
 use crate::store::memory::SharedRef;
-use codec::{unix_ms, Body, ClaimInfo, OwnerId, StoredBytes, Token, Value};
+use codec::{unix_ms, Body, ClaimInfo, OwnerId, RecordMac, StoredBytes, Token, Value};
 use conn::{Access, Link, StoreError, Target};
 use metrics::StoreMetrics;
 use redis::Script;
@@ -98,11 +98,17 @@ pub(crate) struct RedisSettings {
     pub(crate) liveness_ttl: Duration,
     /// How often a waiter re-reads a key claimed by another replica.
     pub(crate) poll_interval: Duration,
+    /// What records are authenticated with (from the deployment secret).
+    pub(crate) mac: RecordMac,
 }
 
 impl RedisSettings {
-    /// From the resolved `[store]` section (`kind = "redis"`).
-    pub(crate) fn from_store(s: &crate::config::settings::StoreSettings) -> RedisSettings {
+    /// From the resolved `[store]` section (`kind = "redis"`) and the deployment secret
+    /// (required with Redis).
+    pub(crate) fn from_store(
+        s: &crate::config::settings::StoreSettings,
+        secret: &str,
+    ) -> RedisSettings {
         let target = match (&s.url, &s.master_name) {
             (Some(url), _) => Target::Single(url.clone()),
             (None, Some(master_name)) => Target::Sentinel {
@@ -133,6 +139,7 @@ impl RedisSettings {
             timeout: s.timeout,
             liveness_ttl: s.liveness_ttl,
             poll_interval: s.poll_interval,
+            mac: RecordMac::new(secret),
         }
     }
 }
@@ -141,6 +148,7 @@ impl RedisSettings {
 pub(crate) struct RedisStore {
     link: Arc<Link>,
     names: Names,
+    mac: RecordMac,
     owner: OwnerId,
     on_store_error: OnStoreError,
     poll_interval: Duration,
@@ -152,6 +160,7 @@ pub(crate) struct RedisStore {
     settle: Script,
     peek: Script,
     purge: Script,
+    forget: Script,
 }
 
 /// What the local leader asks of the shared store.
@@ -254,6 +263,7 @@ impl RedisStore {
         let shared = Arc::new(RedisStore {
             link,
             names,
+            mac: settings.mac,
             owner,
             on_store_error: settings.on_store_error,
             poll_interval: settings.poll_interval,
@@ -265,6 +275,7 @@ impl RedisStore {
             settle: Script::new(SETTLE),
             peek: Script::new(PEEK),
             purge: Script::new(PURGE),
+            forget: Script::new(FORGET),
         });
         handle.spawn(heartbeat(Arc::downgrade(&shared)));
         shared
@@ -323,6 +334,7 @@ impl RedisStore {
     /// The shared step of a local leader, before any upstream call.
     pub(crate) async fn lead(&self, req: LeadRequest) -> Lead {
         let token = self.token();
+        let key = self.names.record(&req.key);
         let value = Value {
             fingerprint: req.fingerprint,
             token,
@@ -332,24 +344,22 @@ impl RedisStore {
                 hold_ms: millis(req.hold_for),
             }),
         }
-        .encode();
+        .encode(&self.mac, key.as_bytes());
         let started = Instant::now();
-        let key = self.names.record(&req.key);
         let script = &self.claim;
+        let name = &key;
         let reply = self
             .link
             .run(|mut c| async move {
                 script
-                    .key(&key)
-                    .arg(&req.fingerprint.0[..])
-                    .arg(if req.keyed { "1" } else { "0" })
+                    .key(name)
                     .arg(value)
                     .arg(millis(req.hold_for))
                     .invoke_async::<Vec<redis::Value>>(&mut c)
                     .await
             })
             .await
-            .and_then(parse_claim);
+            .and_then(|v| parse_claim(v, &self.mac, key.as_bytes()));
         let found = match reply {
             Ok(ClaimReply::Claimed) => {
                 self.metrics.observe("claim", "claimed", started);
@@ -361,13 +371,23 @@ impl RedisStore {
                     expires: tokio::time::Instant::now() + req.hold_for,
                 }));
             }
-            Ok(ClaimReply::Mismatch) => {
+            Ok(ClaimReply::Exists(value, _))
+                if req.keyed && value.fingerprint != req.fingerprint =>
+            {
                 self.metrics.observe("claim", "mismatch", started);
                 return Lead::Answer(refused(Refusal::FingerprintMismatch));
             }
             Ok(ClaimReply::Exists(value, left)) => (value, left),
+            Ok(ClaimReply::Full(why)) => {
+                self.metrics.observe("claim", "full", started);
+                // Nothing was written: no claim to settle or release.
+                return self.unavailable(&req.key, None, &StoreError::Full(why));
+            }
             Err(e) => {
                 self.metrics.observe("claim", "error", started);
+                if let StoreError::Codec(c) = &e {
+                    tracing::error!(key = %req.key.short(), error = %c, "redis store: a record in Redis fails its authentication; it is not used (a store error)");
+                }
                 // Unless the command was never sent, our claim may be in Redis.
                 let maybe = (!matches!(e, StoreError::Down(_))).then_some(Claimed {
                     key: req.key,
@@ -438,13 +458,14 @@ impl RedisStore {
             Outcome::Response { stored: true, .. } | Outcome::NotReplayable
         );
         let shared = kept.then_some(SharedRef(claim.token.0));
+        let name = self.names.record(&claim.key);
         let value = |body| {
             Value {
                 fingerprint: claim.fingerprint,
                 token: claim.token,
                 body,
             }
-            .encode()
+            .encode(&self.mac, name.as_bytes())
         };
         let (bytes, px): (Vec<u8>, u64) = match outcome {
             Outcome::Response {
@@ -487,6 +508,40 @@ impl RedisStore {
             }
         });
         shared
+    }
+}
+
+impl RedisStore {
+    /// Deletes in Redis the records this replica wrote whose local copy was evicted for room
+    /// (or never kept): so what a replica writes to Redis stays within its own store's
+    /// bounds, divided between clients by the same rules (`store::memory`). Fenced by each
+    /// write's token: a later write of the key, by any replica, stays. In the background,
+    /// one after the other; a failure is counted and the record left to expire.
+    pub(crate) fn forget(self: &Arc<Self>, gone: Vec<(DedupKey, SharedRef)>) {
+        let store = self.clone();
+        self.link.spawn(async move {
+            for (key, shared) in gone {
+                let started = Instant::now();
+                let k = store.names.record(&key);
+                let script = &store.forget;
+                let r = store
+                    .link
+                    .run(|mut c| async move {
+                        script
+                            .key(&k)
+                            .arg(&shared.0[..])
+                            .invoke_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await;
+                let result = match r {
+                    Ok(1) => "deleted",
+                    Ok(_) => "absent",
+                    Err(_) => "error",
+                };
+                store.metrics.observe("forget", result, started);
+            }
+        });
     }
 }
 
