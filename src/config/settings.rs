@@ -365,15 +365,23 @@ impl Settings {
                 "store.max_keys_per_scope",
                 a.store.max_keys_per_scope == b.store.max_keys_per_scope,
             ),
+            // Each of these follows another by default: named only when it changed apart
+            // from the one it follows (the operator changed what they wrote).
             (
                 "store.max_keys_per_client",
-                a.store.max_keys_per_client == b.store.max_keys_per_client,
+                a.store.max_keys_per_client == b.store.max_keys_per_client
+                    || a.store.max_keys_per_scope != b.store.max_keys_per_scope,
             ),
             (
                 "store.max_bytes_per_client",
-                a.store.max_bytes_per_client == b.store.max_bytes_per_client,
+                a.store.max_bytes_per_client == b.store.max_bytes_per_client
+                    || a.store.max_bytes != b.store.max_bytes,
             ),
-            ("store.max_pinned", a.store.max_pinned == b.store.max_pinned),
+            (
+                "store.max_pinned",
+                a.store.max_pinned == b.store.max_pinned
+                    || a.store.max_entries != b.store.max_entries,
+            ),
             ("store.url", a.store.url == b.store.url),
             ("dedup.secret", a.secret == b.secret),
         ]

@@ -16,6 +16,7 @@
 use crate::owner::ClientId;
 use bytes::Bytes;
 use parking_lot::Mutex;
+use prometheus::IntGauge;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -23,6 +24,8 @@ use std::sync::Arc;
 #[derive(Default)]
 pub(crate) struct BodyBudget {
     held: Mutex<Held>,
+    /// `idem_body_buffer_bytes`, when metrics are exported.
+    gauge: Option<IntGauge>,
 }
 
 #[derive(Default)]
@@ -58,6 +61,20 @@ pub(crate) struct Lease {
 }
 
 impl BodyBudget {
+    /// A budget that keeps `gauge` at the bytes held.
+    pub(crate) fn with_gauge(gauge: IntGauge) -> BodyBudget {
+        BodyBudget {
+            held: Mutex::default(),
+            gauge: Some(gauge),
+        }
+    }
+
+    fn publish(&self, total: u64) {
+        if let Some(g) = &self.gauge {
+            g.set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Bytes held now in total (tests and the admin view).
     #[cfg(test)]
     pub(crate) fn total(&self) -> u64 {
@@ -90,6 +107,7 @@ impl Lease {
         }
         held.total += bytes;
         held.by_client.insert(self.client, mine + bytes);
+        self.budget.publish(held.total);
         self.bytes += bytes;
         Ok(())
     }
@@ -115,6 +133,7 @@ impl Drop for Lease {
         }
         let mut held = self.budget.held.lock();
         held.total -= self.bytes;
+        self.budget.publish(held.total);
         if let Some(mine) = held.by_client.get_mut(&self.client) {
             *mine -= self.bytes;
             if *mine == 0 {

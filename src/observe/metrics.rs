@@ -197,6 +197,8 @@ pub(crate) struct Metrics {
     problems: IntCounterVec,
     /// Admin requests refused by the guard, by reason.
     admin_refusals: IntCounterVec,
+    /// Bytes of request bodies held now (`http::body_budget` keeps it current).
+    pub(crate) body_buffer: IntGauge,
 }
 
 impl Metrics {
@@ -308,6 +310,10 @@ impl Metrics {
                 "idem_admin_refusals_total",
                 "Admin listener requests refused: host (not a loopback name), origin (a browser), token.",
                 &["reason"],
+            ),
+            body_buffer: gauge(
+                "idem_body_buffer_bytes",
+                "Bytes of request bodies idem holds now (read for dedup, or waiting to be sent upstream).",
             ),
             lookups: Vec::new(),
             routes: parking_lot::RwLock::new(Vec::new()),

@@ -23,6 +23,7 @@ use crate::config::live::{Live, Snapshot};
 use crate::config::settings::Settings;
 use crate::dedup::coordinator::Coordinator;
 use crate::dedup::shadow::table::ShadowTable;
+use crate::http::body_budget::BodyBudget;
 use crate::http::first_bytes::FirstBytesDeadline;
 use crate::http::proxy::Idem;
 use crate::key::KeyDeriver;
@@ -131,7 +132,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         active: active.clone(),
         shadow,
         redis: redis.clone(),
-        body_budget: Arc::default(),
+        body_budget: Arc::new(BodyBudget::with_gauge(metrics.body_buffer.clone())),
     };
     // Two Pingora apps over the same state: `first_bytes.rs` tells HTTP/1 from h2c and hands
     // each connection to the app for it.
