@@ -320,7 +320,12 @@ async fn detached_flights_do_not_keep_their_request_bodies() {
         .set("server.grace_period", "40s")
         .set("server.max_body_buffer", "512MiB")
         .set("server.max_body_buffer_per_client", "512MiB");
-    let idem = Idem::start(&config.to_string()).await;
+    // mimalloc gives freed pages back to the OS only on its next pass over the heap, which
+    // an idle process may not make for a while: with no delay, RSS is what idem holds.
+    let idem = Idem::builder()
+        .env("MIMALLOC_PURGE_DELAY", "0")
+        .start(&config.to_string())
+        .await;
     let body = vec![b'x'; MIB];
     // One body through first: the allocator's own start-up is not what is measured.
     post(&from(2), &idem, "/warm", Some("warm"), &[], &body)
@@ -501,4 +506,453 @@ async fn one_caller_cannot_take_the_whole_waiter_budget() {
         );
     }
     assert_eq!(b.settled("/slow").await.started, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Findings 3 and 4: a shared Redis
+// ---------------------------------------------------------------------------
+
+/// Replicas share the deployment secret (records are authenticated with it).
+const SECRET: &str = "replicas-share-this-secret-0123456789";
+
+fn replica(b: &Backend, redis: &RedisServer) -> Config {
+    config(b)
+        .set("store.kind", "redis")
+        .set("store.url", redis.url())
+        .set("dedup.secret", SECRET)
+        .set("store.poll_interval", "100ms")
+        .set("store.liveness_ttl", "1s")
+}
+
+/// Behind a load balancer every replica sees the same authority (part of the scope).
+const HOST: (&str, &str) = ("host", "api.example");
+
+fn store_op(op: &str, result: &str) -> String {
+    series_id("idem_store_operations_total", [("op", op), ("result", result)])
+}
+
+/// Finding 3: one client filled Redis (`maxmemory 24mb` with `noeviction`) with 190
+/// stored responses of 128 KiB; a legitimate key then ran on both replicas under
+/// fail-open. A replica's Redis writes now stay within its own store's bounds, shared
+/// between clients by the same rules: the records its store evicts are deleted in Redis
+/// too. The flood replaces its own records there, Redis keeps room, and the victim's key
+/// runs once across replicas.
+#[tokio::test]
+async fn one_client_cannot_fill_redis() {
+    let redis = RedisServer::start_with(&["--maxmemory", "24mb"]).await;
+    let b = Backend::start().await;
+    let config = replica(&b, &redis).set("store.max_bytes", "4MiB");
+    let a = Idem::start(&config.to_string()).await;
+    let other = Idem::start(&config.to_string()).await;
+    let attacker = from(2);
+    for n in 0..190 {
+        let h = [("x-body-size", "131072"), HOST];
+        let r = post(&attacker, &a, &format!("/fill/{n}"), Some(&format!("f-{n}")), &h, b"{}").await;
+        r.leader(1);
+    }
+    let evicted = metric(&a, capacity_evictions()).await;
+    let kept = metric(&a, "idem_store_entries").await;
+    assert_eq!(kept + evicted, 190.0);
+    assert!(kept <= 32.0, "{kept} records of 128 KiB in a 4 MiB store");
+    // Every record evicted here is deleted in Redis (in the background).
+    wait_metric(&a, &store_op("forget", "deleted"), evicted).await;
+    let stored = redis
+        .idem_entries()
+        .await
+        .into_iter()
+        .filter(|(_, v)| value_kind(v) == 'S')
+        .count();
+    assert_eq!(stored as f64, kept);
+    let used = redis.used_memory().await;
+    println!("redis used_memory after the flood: {} KiB; {kept} records kept, {evicted} deleted", used / 1024);
+    assert!(used < 12 << 20, "Redis holds {used} bytes");
+
+    // The victim's key: one execution, the other replica replays it.
+    let victim = from(3);
+    post(&victim, &a, "/charge", Some("c-1"), &[HOST], b"{}")
+        .await
+        .leader(1);
+    post(&victim, &other, "/charge", Some("c-1"), &[HOST], b"{}")
+        .await
+        .replay(1);
+    assert_eq!(b.settled("/charge").await.started, 1);
+    for idem in [&a, &other] {
+        assert_eq!(metric(idem, &store_op("claim", "full")).await, 0.0);
+        assert_eq!(metric(idem, "idem_store_unavailable_total{policy=\"fail-open\"}").await, 0.0);
+    }
+}
+
+/// A Redis that refuses writes (full) never causes a second execution silently. A refused
+/// result write keeps the claim for the record's retention: the other replica answers
+/// outcome unknown (the call ran; its answer is on the first replica only), which replays
+/// it. A refused claim applies `on_store_error`: fail-open serves with each replica's local
+/// dedup only (a retry on the other replica runs again, counted on each as
+/// `idem_store_unavailable_total{policy="fail-open"}` and `claim`/`full`), fail-closed
+/// answers 503 store-unavailable.
+#[tokio::test]
+async fn a_full_redis_never_runs_a_key_twice_silently() {
+    let redis = RedisServer::start().await;
+    let b = Backend::start().await;
+    let open = replica(&b, &redis);
+    let a = Idem::start(&open.to_string()).await;
+    let other = Idem::start(&open.to_string()).await;
+    let closed = Idem::start(&open.clone().set("store.on_store_error", "fail-closed").to_string()).await;
+    let http = from(3);
+
+    // The result write is refused: Redis fills while the call runs.
+    let gate = b.gate("/charge");
+    let first = {
+        let (http, url) = (http.clone(), a.url("/charge"));
+        tokio::spawn(async move {
+            http.post(url)
+                .header(HOST.0, HOST.1)
+                .header("idempotency-key", "c-1")
+                .body("{}")
+                .send()
+                .await
+                .expect("POST")
+                .status()
+        })
+    };
+    gate.wait_started(1).await;
+    redis.command(&["CONFIG", "SET", "maxmemory", "1"]).await.unwrap();
+    gate.open();
+    assert_eq!(first.await.unwrap(), 200);
+    wait_metric(&a, &store_op("settle", "full"), 1.0).await;
+    let elsewhere = post(&http, &other, "/charge", Some("c-1"), &[HOST], b"{}").await;
+    elsewhere.problem(502, "outcome-unknown");
+    post(&http, &a, "/charge", Some("c-1"), &[HOST], b"{}")
+        .await
+        .replay(1);
+    assert_eq!(b.settled("/charge").await.started, 1);
+
+    // The claim is refused.
+    post(&http, &a, "/pay", Some("p-1"), &[HOST], b"{}").await.leader(1);
+    post(&http, &other, "/pay", Some("p-1"), &[HOST], b"{}").await.leader(2);
+    post(&http, &a, "/pay", Some("p-1"), &[HOST], b"{}").await.replay(1);
+    closed_refuses(&closed, &http).await;
+    for idem in [&a, &other] {
+        assert_eq!(metric(idem, &store_op("claim", "full")).await, 1.0);
+        assert_eq!(metric(idem, "idem_store_unavailable_total{policy=\"fail-open\"}").await, 1.0);
+    }
+    assert_eq!(b.settled("/pay").await.started, 2);
+    assert_eq!(b.counts("/closed").started, 0);
+}
+
+async fn closed_refuses(closed: &Idem, http: &reqwest::Client) {
+    let r = post(http, closed, "/closed", Some("x-1"), &[HOST], b"{}").await;
+    r.problem(503, "store-unavailable");
+    assert_eq!(metric(closed, &store_op("claim", "full")).await, 1.0);
+    assert_eq!(
+        metric(closed, "idem_store_unavailable_total{policy=\"fail-closed\"}").await,
+        1.0
+    );
+}
+
+/// The MAC a record carries: what the test writes as an insider holding the secret.
+fn mac(name: &str, value: &[u8]) -> [u8; 32] {
+    let key = blake3::derive_key("idem 2026-11 redis record mac", SECRET.as_bytes());
+    let mut h = blake3::Hasher::new_keyed(&key);
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    h.update(value);
+    *h.finalize().as_bytes()
+}
+
+/// A stored-response record with the 50-byte prefix of `like` (version, kind, fingerprint,
+/// token), `headers` and `body`, authenticated for `name` when `sign`.
+fn record(name: &str, like: &[u8], headers: &[(&str, &str)], body: &[u8], sign: bool) -> Vec<u8> {
+    let mut v = like[..50].to_vec();
+    v[1] = b'S';
+    v.extend_from_slice(&1_700_000_000_000u64.to_le_bytes());
+    v.extend_from_slice(&200u16.to_le_bytes());
+    v.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (n, val) in headers {
+        v.extend_from_slice(&(n.len() as u16).to_le_bytes());
+        v.extend_from_slice(n.as_bytes());
+        v.extend_from_slice(&(val.len() as u32).to_le_bytes());
+        v.extend_from_slice(val.as_bytes());
+    }
+    v.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    v.extend_from_slice(body);
+    let tag = if sign { mac(name, &v) } else { [0u8; 32] };
+    v.extend_from_slice(&tag);
+    v
+}
+
+/// Finding 4: whoever could write Redis could replace a record and another replica replayed
+/// it; a forged record carrying `Transfer-Encoding: chunked`, `Connection` and
+/// `Content-Length` made idem send both framing headers and a body holding a second
+/// response. Records now carry a MAC: a forged one is a store error (fail-closed: 503; never
+/// replayed). And framing never comes from a record, even an authentic one: an insider's
+/// record with framing headers is replayed with its body's own length, and the next request
+/// on the connection gets its own answer.
+#[tokio::test]
+async fn forged_redis_records_are_never_replayed_and_framing_never_comes_from_one() {
+    let redis = RedisServer::start().await;
+    let b = Backend::start().await;
+    let open = replica(&b, &redis);
+    let a = Idem::start(&open.to_string()).await;
+    let closed = Idem::start(&open.clone().set("store.on_store_error", "fail-closed").to_string()).await;
+    let reader = Idem::start(&open.to_string()).await;
+    let http = from(3);
+    post(&http, &a, "/charge", Some("c-1"), &[HOST], b"{}").await.leader(1);
+    let (name, legit) = redis.idem_entries().await.pop().expect("the record");
+    assert_eq!(value_kind(&legit), 'S');
+    let smuggled = b"hello0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled";
+    let framing = [
+        ("content-type", "text/plain"),
+        ("transfer-encoding", "chunked"),
+        ("connection", "close"),
+        ("content-length", "5"),
+        ("x-forged", "1"),
+    ];
+
+    // Without the secret: a store error, never a replay.
+    redis.set_raw(&name, &record(&name, &legit, &framing, smuggled, false), 60_000).await;
+    post(&http, &closed, "/charge", Some("c-1"), &[HOST], b"{}")
+        .await
+        .problem(503, "store-unavailable");
+    closed.wait_stderr("fails its authentication").await;
+    assert_eq!(metric(&closed, &store_op("claim", "error")).await, 1.0);
+    assert_eq!(b.counts("/charge").started, 1);
+
+    // With it (an insider): replayed, but framed by idem alone.
+    redis.set_raw(&name, &record(&name, &legit, &framing, smuggled, true), 60_000).await;
+    let mut conn = RawConn::connect_from(reader.addr(), IpAddr::from([127, 0, 0, 3])).await;
+    let h = [("host", HOST.1.to_string()), ("idempotency-key", "c-1".to_string())];
+    let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    conn.send(&http_request("POST", "/charge", &h, b"{}")).await;
+    let replayed = conn.read_response().await;
+    assert_eq!(replayed.status, 200, "{replayed:?}");
+    assert_eq!(replayed.body, smuggled, "the body is data, whatever it holds");
+    assert_eq!(replayed.header_values("content-length"), [smuggled.len().to_string().as_bytes()]);
+    assert!(replayed.header_values("transfer-encoding").is_empty(), "{replayed:?}");
+    assert_ne!(replayed.header("connection"), Some("close"), "{replayed:?}");
+    assert_eq!(replayed.header("x-forged"), Some("1"));
+    // The connection carries on: the next request gets its own answer.
+    let h = [("host", HOST.1.to_string()), ("idempotency-key", "c-2".to_string())];
+    let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    conn.send(&http_request("POST", "/next", &h, b"{}")).await;
+    let next = conn.read_response().await;
+    assert_eq!((next.status, next.header("x-backend-call")), (200, Some("1")), "{next:?}");
+    assert_eq!(b.settled("/charge").await.started, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Finding 5: credentials and private answers reached other clients
+// ---------------------------------------------------------------------------
+
+/// On a fingerprint route, clients sharing a constant cookie (`consent=yes`), sending an
+/// empty `Authorization:` or none used to receive the first one's `Set-Cookie`; so did
+/// `Set-Cookie2`, `Authentication-Info`, `X-Auth-Token`, and `Cache-Control: private,
+/// no-store` responses. Credentials now reach only the leader's client unless the scope
+/// holds a credential that identifies the caller, private responses are not shared outside
+/// such a scope (409 private-response), and neither rule runs anything twice.
+#[tokio::test]
+async fn credentials_and_private_answers_stay_with_their_client() {
+    let b = Backend::start().await;
+    let config = config(&b)
+        .route(Route::new("fp", "/fp/", "fingerprint"))
+        .route(Route::new("session", "/session/", "fingerprint").set("scope_cookies", vec!["sessionid"]));
+    let idem = Idem::start(&config.to_string()).await;
+    let http = client();
+    let minted = [
+        ("x-set-cookie", "session=first-clients"),
+        ("x-header", "set-cookie2: legacy=1"),
+        ("x-header", "authentication-info: nextnonce=abc"),
+        ("x-header", "x-auth-token: t0k3n"),
+        ("x-header", "x-shared: kept"),
+    ];
+    let credentials = ["set-cookie", "set-cookie2", "authentication-info", "x-auth-token"];
+    for (i, scope) in [
+        vec![("cookie", "consent=yes")],
+        vec![("authorization", "")],
+        vec![],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/fp/login/{i}");
+        let headers: Vec<(&str, &str)> = minted.iter().copied().chain(scope).collect();
+        let first = post(&http, &idem, &path, None, &headers, b"{}").await;
+        first.leader(1);
+        for c in credentials {
+            assert!(!first.header(c).is_empty(), "the leader gets its own {c}");
+        }
+        let second = post(&http, &idem, &path, None, &headers, b"{}").await;
+        second.replay(1);
+        for c in credentials {
+            assert_eq!(second.header(c), "", "{c} reached another client: {second:?}");
+        }
+        assert_eq!(second.header("x-shared"), "kept");
+    }
+    // An empty Authorization is no Authorization: the same (anonymous) scope.
+    post(&http, &idem, "/fp/login/1", None, &minted, b"{}")
+        .await
+        .replay(1);
+
+    // Private answers go to their leader only.
+    for cc in ["private", "no-store"] {
+        let path = format!("/fp/account/{cc}");
+        let h = [("x-header", &*format!("cache-control: {cc}"))];
+        post(&http, &idem, &path, None, &h, b"{}").await.leader(1);
+        let r = post(&http, &idem, &path, None, &h, b"{}").await;
+        r.problem(409, "private-response");
+        assert_eq!(b.settled(&path).await.started, 1);
+    }
+
+    // API keys identify their caller: each user its own call, and a user's retry gets
+    // its own credentials back.
+    let (k1, k2) = ([("x-api-key", "user-1")], [("x-api-key", "user-2")]);
+    let with = |k: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        k.iter().copied().chain(minted.iter().copied()).collect()
+    };
+    post(&http, &idem, "/fp/export", None, &with(&k1), b"{}").await.leader(1);
+    post(&http, &idem, "/fp/export", None, &with(&k2), b"{}").await.leader(2);
+    let again = post(&http, &idem, "/fp/export", None, &with(&k1), b"{}").await;
+    again.replay(1);
+    assert_eq!(again.header("set-cookie"), "session=first-clients");
+    // A named session cookie identifies its caller; other cookies do not split its scope.
+    let s1 = [("cookie", "sessionid=abc; _ga=1"), ("x-set-cookie", "csrf=1")];
+    let s2 = [("cookie", "_ga=2; sessionid=abc"), ("x-set-cookie", "csrf=1")];
+    post(&http, &idem, "/session/x", None, &s1, b"{}").await.leader(1);
+    let r = post(&http, &idem, "/session/x", None, &s2, b"{}").await;
+    r.replay(1);
+    assert_eq!(r.header("set-cookie"), "csrf=1");
+    assert_eq!(b.settled("/fp/export").await.started, 2);
+    assert_eq!(b.settled("/session/x").await.started, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Finding 6: routes matched the raw path
+// ---------------------------------------------------------------------------
+
+/// `/public/../account/export` (and `%2e%2e`, `//..`) was handled by the `/public/` route
+/// while the backend served `/account/export`: a second user got the first one's export.
+/// idem now routes on the path's normal form and forwards it, so the `/account/` route's
+/// policy (its scope) applies; an encoded slash that would change the route is refused;
+/// `/api` no longer matches `/apiary`.
+#[tokio::test]
+async fn routes_match_the_normal_form_of_the_path_on_segment_boundaries() {
+    let b = Backend::start().await;
+    let config = config(&b)
+        .route(
+            Route::new("public", "/public/", "fingerprint")
+                .set("scope_headers", Vec::<String>::new()),
+        )
+        .route(Route::new("account", "/account/", "fingerprint"))
+        .route(Route::new("api", "/api", "fingerprint"));
+    let idem = Idem::start(&config.to_string()).await;
+    let http = client();
+    // Sent byte for byte: HTTP clients resolve dot segments themselves, attackers do not.
+    let addr = idem.addr();
+    let raw = |path: &'static str, who: &'static str| async move {
+        let h = [("authorization", who)];
+        raw_request(addr, &http_request("POST", path, &h, path.as_bytes())).await
+    };
+    let mut call = 0;
+    for path in [
+        "/public/../account/export",
+        "/public/%2e%2e/account/export",
+        "/public/%2E%2e/account/export",
+        "/public//../account/export",
+        "/account/./export",
+    ] {
+        for who in ["Bearer alice", "Bearer bob"] {
+            call += 1;
+            let r = raw(path, who).await;
+            assert_eq!(r.status, 200, "{path}: {r:?}");
+            assert_eq!(r.header("x-backend-call"), Some(&*call.to_string()), "{path}: {r:?}");
+            assert_eq!(r.header("cache-status"), Some("idem; fwd=uri-miss; stored"));
+        }
+    }
+    // The backend saw the normal form only.
+    let seen: std::collections::BTreeSet<String> =
+        b.all_requests().into_iter().map(|r| r.path_and_query).collect();
+    assert_eq!(seen, ["/account/export".to_string()].into_iter().collect());
+    assert_eq!(metric(&idem, &requests("account", "leader")).await, 10.0);
+    assert_eq!(metric(&idem, &requests("public", "leader")).await, 0.0);
+
+    // An encoded slash that changes the route: refused. One that does not: served.
+    assert_problem(&raw("/public/..%2faccount/export", "Bearer bob").await, 400, "bad-path");
+    let r = raw("/public/a%2Fb", "Bearer bob").await;
+    assert_eq!(r.header("x-backend-call"), Some("1"), "{r:?}");
+    assert_eq!(b.requests("/public/a%2Fb").len(), 1);
+
+    // Prefixes match on segment boundaries.
+    post(&http, &idem, "/api/x", None, &[], b"{}").await.leader(1);
+    let r = post(&http, &idem, "/apiary", None, &[], b"{}").await;
+    assert_eq!(r.header("cache-status"), "idem; fwd=bypass", "the default route: keyed");
+    assert_eq!(metric(&idem, &requests("default", "bypass")).await, 1.0);
+}
+
+fn requests(route: &str, outcome: &str) -> String {
+    series_id("idem_requests_total", [("outcome", outcome), ("route", route)])
+}
+
+// ---------------------------------------------------------------------------
+// Finding 7: the admin listener accepted any Host
+// ---------------------------------------------------------------------------
+
+/// A DNS-rebinding page in a browser on the host read `/flights`, purged a key, and the
+/// charge ran twice. The admin listener now answers only requests whose `Host` names
+/// loopback and that carry no `Origin`, and, when configured, the bearer token.
+#[tokio::test]
+async fn the_admin_listener_refuses_browsers_and_other_host_names() {
+    let b = Backend::start().await;
+    let token = "an-admin-token-of-some-length";
+    let config = config(&b).set("admin.listen", "127.0.0.1:0");
+    let idem = Idem::start(&config.to_string()).await;
+    let guarded = Idem::start(&config.clone().set("admin.token", token).to_string()).await;
+    let http = client();
+    post(&http, &idem, "/charge", Some("c-1"), &[], b"{}").await.leader(1);
+    idem.wait_stderr("POST /charge").await;
+    let key = idem
+        .stderr_text()
+        .lines()
+        .find(|l| l.contains("POST /charge"))
+        .and_then(|l| l.split("key=").nth(1))
+        .map(|k| k[..12].to_string())
+        .expect("the key in the access log");
+    let admin = |idem: &Idem, method: reqwest::Method, path: &str, headers: &[(&str, &str)]| {
+        let mut req = http.request(method, idem.admin_url(path));
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        req.send()
+    };
+    let purge = format!("/keys/{key}");
+    let rebound = format!("attacker.example:{}", idem.admin_addr().port());
+    for (method, path) in [(reqwest::Method::GET, "/flights"), (reqwest::Method::DELETE, &purge[..])] {
+        let r = admin(&idem, method.clone(), path, &[("host", &rebound)]).await.unwrap();
+        assert_eq!(r.status(), 403, "{method} {path}");
+        let page = [("origin", "http://attacker.example")];
+        let r = admin(&idem, method, path, &page).await.unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    // Nothing was purged: the retry is a replay.
+    post(&http, &idem, "/charge", Some("c-1"), &[], b"{}").await.replay(1);
+    assert_eq!(b.settled("/charge").await.started, 1);
+    let refusals = |reason: &str| series_id("idem_admin_refusals_total", [("reason", reason)]);
+    assert_eq!(metric(&idem, &refusals("host")).await, 2.0);
+    assert_eq!(metric(&idem, &refusals("origin")).await, 2.0);
+    // Loopback names with and without a port are served.
+    let port = idem.admin_addr().port();
+    for host in [format!("localhost:{port}"), "127.0.0.1".to_string(), format!("[::1]:{port}")] {
+        let r = admin(&idem, reqwest::Method::GET, "/store", &[("host", &host)]).await.unwrap();
+        assert_eq!(r.status(), 200, "{host}");
+    }
+
+    // With a token: missing or wrong, 401; right, served.
+    let r = admin(&guarded, reqwest::Method::GET, "/store", &[]).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let wrong = [("authorization", "Bearer not-the-token-at-all")];
+    let r = admin(&guarded, reqwest::Method::GET, "/store", &wrong).await.unwrap();
+    assert_eq!(r.status(), 401);
+    let right = format!("Bearer {token}");
+    let r = admin(&guarded, reqwest::Method::GET, "/store", &[("authorization", &right)]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(metric(&guarded, &refusals("token")).await, 2.0);
 }

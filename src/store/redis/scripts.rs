@@ -29,9 +29,11 @@ return {'C'}
 
 /// Fenced result write. KEYS[1]: the key. ARGV: token, new value ('' deletes), PX ('0'
 /// keeps the claim's expiry), channel, message, and what to do with the claim if Redis
-/// refuses the write (full: `maxmemory` with `noeviction`): 'K' keep it for PX (a stored
-/// or not-replayable outcome: no replica may run the key again while its record would
-/// have lived; `PEXPIRE` is allowed when Redis is full), 'D' delete it (a freed key).
+/// refuses the write (full: `maxmemory` with `noeviction`): 'K' keep it for PX if that is
+/// longer than it has left (a stored or not-replayable outcome: no replica may run the key
+/// again while its record would have lived; `PEXPIRE` is allowed when Redis is full, and a
+/// claim living past its own hold tells other replicas that its call is over), 'D' delete
+/// it (a freed key).
 /// Returns 1 when written, 0 when the claim is no longer ours, 2 when Redis refused the
 /// write (the claim kept or deleted as asked).
 pub(super) const SETTLE: &str = r"
@@ -53,7 +55,7 @@ else
     ok = 2
     if ARGV[6] == 'D' then
       redis.call('DEL', KEYS[1])
-    elseif ARGV[3] ~= '0' then
+    elseif ARGV[3] ~= '0' and tonumber(ARGV[3]) > redis.call('PTTL', KEYS[1]) then
       redis.call('PEXPIRE', KEYS[1], ARGV[3])
     end
   end
