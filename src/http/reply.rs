@@ -247,9 +247,10 @@ pub(crate) fn headers_for<'r>(
     audience: Audience<'r>,
 ) -> impl Iterator<Item = &'r (HeaderName, HeaderValue)> {
     let shared = !matches!(how, Disposition::Leader { .. }) && !audience.identified;
-    resp.headers.iter().filter(move |(name, _)| {
-        !is_hop_by_hop(name) && !(shared && audience.credentials.contains(name))
-    })
+    let withheld = move |name: &HeaderName| shared && audience.credentials.contains(name);
+    resp.headers
+        .iter()
+        .filter(move |(name, _)| !is_hop_by_hop(name) && !withheld(name))
 }
 
 async fn write_stored(

@@ -164,7 +164,15 @@ async fn minted_scopes_cannot_evict_another_clients_stored_response() {
     for n in 0..20 {
         let bearer = format!("Bearer minted-{n}");
         let refused = [("authorization", bearer.as_str()), ("x-status", "401")];
-        let r = post(&attacker, &idem, "/refused", Some(&format!("r-{n}")), &refused, b"{}").await;
+        let r = post(
+            &attacker,
+            &idem,
+            "/refused",
+            Some(&format!("r-{n}")),
+            &refused,
+            b"{}",
+        )
+        .await;
         assert_eq!(r.status, 401);
         assert_eq!(r.header("cache-status"), "idem; fwd=uri-miss");
     }
@@ -176,9 +184,16 @@ async fn minted_scopes_cannot_evict_another_clients_stored_response() {
         for k in 0..10 {
             let path = format!("/minted/{s}/{k}");
             let auth = [("authorization", bearer.as_str())];
-            post(&attacker, &idem, &path, Some(&format!("m-{s}-{k}")), &auth, b"{}")
-                .await
-                .leader(1);
+            post(
+                &attacker,
+                &idem,
+                &path,
+                Some(&format!("m-{s}-{k}")),
+                &auth,
+                b"{}",
+            )
+            .await
+            .leader(1);
         }
     }
     // The 59 free slots were the attacker's to take; every key after that replaced one of
@@ -191,15 +206,29 @@ async fn minted_scopes_cannot_evict_another_clients_stored_response() {
 
     // The victim's new keys take room from the heaviest client: the attacker.
     for n in 2..=6 {
-        post(&victim, &idem, &charge(n), Some(&format!("c-{n}")), &victim_auth, b"{}")
-            .await
-            .leader(1);
+        post(
+            &victim,
+            &idem,
+            &charge(n),
+            Some(&format!("c-{n}")),
+            &victim_auth,
+            b"{}",
+        )
+        .await
+        .leader(1);
     }
     assert_eq!(metric(&idem, capacity_evictions()).await, 26.0);
     for n in 1..=6 {
-        post(&victim, &idem, &charge(n), Some(&format!("c-{n}")), &victim_auth, b"{}")
-            .await
-            .replay(1);
+        post(
+            &victim,
+            &idem,
+            &charge(n),
+            Some(&format!("c-{n}")),
+            &victim_auth,
+            b"{}",
+        )
+        .await
+        .replay(1);
         assert_eq!(b.settled(&charge(n)).await.started, 1, "charge {n}");
     }
     assert_eq!(b.settled("/refused").await.started, 20);
@@ -224,7 +253,15 @@ async fn minted_scopes_cannot_pin_the_store_with_held_keys_or_detached_flights()
     for n in 0..30 {
         let bearer = format!("Bearer minted-{n}");
         let h = [("authorization", bearer.as_str()), ("x-status", "502")];
-        let r = post(&attacker, &idem, "/gateway", Some(&format!("g-{n}")), &h, b"{}").await;
+        let r = post(
+            &attacker,
+            &idem,
+            "/gateway",
+            Some(&format!("g-{n}")),
+            &h,
+            b"{}",
+        )
+        .await;
         *statuses.entry(r.status).or_insert(0) += 1;
         if r.status == 429 {
             r.problem(429, "client-quota");
@@ -274,9 +311,16 @@ async fn many_addresses_pin_at_most_max_pinned_and_stored_responses_stay() {
     let idem = Idem::start(&config.to_string()).await;
     let victim = from(9);
     for n in 1..=5 {
-        post(&victim, &idem, &format!("/v/{n}"), Some(&format!("v-{n}")), &[], b"{}")
-            .await
-            .leader(1);
+        post(
+            &victim,
+            &idem,
+            &format!("/v/{n}"),
+            Some(&format!("v-{n}")),
+            &[],
+            b"{}",
+        )
+        .await
+        .leader(1);
     }
     // Four addresses, four held keys each: 16 would fit the store, 10 may be pinned.
     let mut statuses = std::collections::BTreeMap::new();
@@ -285,16 +329,31 @@ async fn many_addresses_pin_at_most_max_pinned_and_stored_responses_stay() {
         let bearer = format!("Bearer a-{a}");
         for n in 0..4 {
             let h = [("x-status", "504"), ("authorization", bearer.as_str())];
-            let r = post(&http, &idem, "/held", Some(&format!("h-{a}-{n}")), &h, b"{}").await;
+            let r = post(
+                &http,
+                &idem,
+                "/held",
+                Some(&format!("h-{a}-{n}")),
+                &h,
+                b"{}",
+            )
+            .await;
             *statuses.entry(r.status).or_insert(0) += 1;
         }
     }
     assert_eq!(statuses, [(503, 6), (504, 10)].into_iter().collect());
     assert_eq!(metric(&idem, &problems("store-full")).await, 6.0);
     for n in 1..=5 {
-        post(&victim, &idem, &format!("/v/{n}"), Some(&format!("v-{n}")), &[], b"{}")
-            .await
-            .replay(1);
+        post(
+            &victim,
+            &idem,
+            &format!("/v/{n}"),
+            Some(&format!("v-{n}")),
+            &[],
+            b"{}",
+        )
+        .await
+        .replay(1);
     }
     assert_eq!(b.settled("/held").await.started, 10);
 }
@@ -357,7 +416,10 @@ async fn detached_flights_do_not_keep_their_request_bodies() {
         let grown = rss_kib(idem.pid()).saturating_sub(before);
         let running = b.counts("/slow").completed == 0;
         if grown <= bound_kib || !running || Instant::now() >= deadline {
-            assert!(running, "the calls ended before RSS came within the bound ({grown} KiB)");
+            assert!(
+                running,
+                "the calls ended before RSS came within the bound ({grown} KiB)"
+            );
             break grown;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -407,7 +469,9 @@ async fn request_bodies_held_are_bounded_per_client_and_in_total() {
     assert_eq!(refused.header("connection"), Some("close"));
     // Another address still has room, up to the total.
     let mut other = connect(3).await;
-    other.send(&[head("o-1").as_slice(), b"partial"].concat()).await;
+    other
+        .send(&[head("o-1").as_slice(), b"partial"].concat())
+        .await;
     wait_metric(&idem, "idem_body_buffer_bytes", (3 << 20) as f64).await;
     let mut fourth = connect(4).await;
     fourth.send(&head("f-1")).await;
@@ -528,7 +592,10 @@ fn replica(b: &Backend, redis: &RedisServer) -> Config {
 const HOST: (&str, &str) = ("host", "api.example");
 
 fn store_op(op: &str, result: &str) -> String {
-    series_id("idem_store_operations_total", [("op", op), ("result", result)])
+    series_id(
+        "idem_store_operations_total",
+        [("op", op), ("result", result)],
+    )
 }
 
 /// Finding 3: one client filled Redis (`maxmemory 24mb` with `noeviction`) with 190
@@ -547,7 +614,15 @@ async fn one_client_cannot_fill_redis() {
     let attacker = from(2);
     for n in 0..190 {
         let h = [("x-body-size", "131072"), HOST];
-        let r = post(&attacker, &a, &format!("/fill/{n}"), Some(&format!("f-{n}")), &h, b"{}").await;
+        let r = post(
+            &attacker,
+            &a,
+            &format!("/fill/{n}"),
+            Some(&format!("f-{n}")),
+            &h,
+            b"{}",
+        )
+        .await;
         r.leader(1);
     }
     let evicted = metric(&a, capacity_evictions()).await;
@@ -564,7 +639,10 @@ async fn one_client_cannot_fill_redis() {
         .count();
     assert_eq!(stored as f64, kept);
     let used = redis.used_memory().await;
-    println!("redis used_memory after the flood: {} KiB; {kept} records kept, {evicted} deleted", used / 1024);
+    println!(
+        "redis used_memory after the flood: {} KiB; {kept} records kept, {evicted} deleted",
+        used / 1024
+    );
     assert!(used < 12 << 20, "Redis holds {used} bytes");
 
     // The victim's key: one execution, the other replica replays it.
@@ -578,7 +656,10 @@ async fn one_client_cannot_fill_redis() {
     assert_eq!(b.settled("/charge").await.started, 1);
     for idem in [&a, &other] {
         assert_eq!(metric(idem, &store_op("claim", "full")).await, 0.0);
-        assert_eq!(metric(idem, "idem_store_unavailable_total{policy=\"fail-open\"}").await, 0.0);
+        assert_eq!(
+            metric(idem, "idem_store_unavailable_total{policy=\"fail-open\"}").await,
+            0.0
+        );
     }
 }
 
@@ -593,14 +674,26 @@ async fn one_client_cannot_fill_redis() {
 async fn a_full_redis_never_runs_a_key_twice_silently() {
     let redis = RedisServer::start().await;
     let b = Backend::start().await;
-    let open = replica(&b, &redis);
+    // A short hold, so that the test can see past it.
+    let hold = Duration::from_secs(2);
+    let open = replica(&b, &redis)
+        .set("upstream.read_timeout", "2s")
+        .set("upstream.total_timeout", "2s")
+        .set("server.grace_period", "5s");
     let a = Idem::start(&open.to_string()).await;
     let other = Idem::start(&open.to_string()).await;
-    let closed = Idem::start(&open.clone().set("store.on_store_error", "fail-closed").to_string()).await;
+    let closed = Idem::start(
+        &open
+            .clone()
+            .set("store.on_store_error", "fail-closed")
+            .to_string(),
+    )
+    .await;
     let http = from(3);
 
     // The result write is refused: Redis fills while the call runs.
     let gate = b.gate("/charge");
+    let started = Instant::now();
     let first = {
         let (http, url) = (http.clone(), a.url("/charge"));
         tokio::spawn(async move {
@@ -615,25 +708,42 @@ async fn a_full_redis_never_runs_a_key_twice_silently() {
         })
     };
     gate.wait_started(1).await;
-    redis.command(&["CONFIG", "SET", "maxmemory", "1"]).await.unwrap();
+    redis
+        .command(&["CONFIG", "SET", "maxmemory", "1"])
+        .await
+        .unwrap();
     gate.open();
     assert_eq!(first.await.unwrap(), 200);
     wait_metric(&a, &store_op("settle", "full"), 1.0).await;
     let elsewhere = post(&http, &other, "/charge", Some("c-1"), &[HOST], b"{}").await;
     elsewhere.problem(502, "outcome-unknown");
+    // Past the call's hold the claim is still there (kept for the record's retention): the
+    // key does not run again anywhere. (A deliberate wait: the hold is what is tested.)
+    tokio::time::sleep_until(started + hold + Duration::from_millis(500)).await;
+    let later = post(&http, &other, "/charge", Some("c-1"), &[HOST], b"{}").await;
+    later.problem(502, "outcome-unknown");
     post(&http, &a, "/charge", Some("c-1"), &[HOST], b"{}")
         .await
         .replay(1);
     assert_eq!(b.settled("/charge").await.started, 1);
 
     // The claim is refused.
-    post(&http, &a, "/pay", Some("p-1"), &[HOST], b"{}").await.leader(1);
-    post(&http, &other, "/pay", Some("p-1"), &[HOST], b"{}").await.leader(2);
-    post(&http, &a, "/pay", Some("p-1"), &[HOST], b"{}").await.replay(1);
+    post(&http, &a, "/pay", Some("p-1"), &[HOST], b"{}")
+        .await
+        .leader(1);
+    post(&http, &other, "/pay", Some("p-1"), &[HOST], b"{}")
+        .await
+        .leader(2);
+    post(&http, &a, "/pay", Some("p-1"), &[HOST], b"{}")
+        .await
+        .replay(1);
     closed_refuses(&closed, &http).await;
     for idem in [&a, &other] {
         assert_eq!(metric(idem, &store_op("claim", "full")).await, 1.0);
-        assert_eq!(metric(idem, "idem_store_unavailable_total{policy=\"fail-open\"}").await, 1.0);
+        assert_eq!(
+            metric(idem, "idem_store_unavailable_total{policy=\"fail-open\"}").await,
+            1.0
+        );
     }
     assert_eq!(b.settled("/pay").await.started, 2);
     assert_eq!(b.counts("/closed").started, 0);
@@ -644,7 +754,11 @@ async fn closed_refuses(closed: &Idem, http: &reqwest::Client) {
     r.problem(503, "store-unavailable");
     assert_eq!(metric(closed, &store_op("claim", "full")).await, 1.0);
     assert_eq!(
-        metric(closed, "idem_store_unavailable_total{policy=\"fail-closed\"}").await,
+        metric(
+            closed,
+            "idem_store_unavailable_total{policy=\"fail-closed\"}"
+        )
+        .await,
         1.0
     );
 }
@@ -693,10 +807,18 @@ async fn forged_redis_records_are_never_replayed_and_framing_never_comes_from_on
     let b = Backend::start().await;
     let open = replica(&b, &redis);
     let a = Idem::start(&open.to_string()).await;
-    let closed = Idem::start(&open.clone().set("store.on_store_error", "fail-closed").to_string()).await;
+    let closed = Idem::start(
+        &open
+            .clone()
+            .set("store.on_store_error", "fail-closed")
+            .to_string(),
+    )
+    .await;
     let reader = Idem::start(&open.to_string()).await;
     let http = from(3);
-    post(&http, &a, "/charge", Some("c-1"), &[HOST], b"{}").await.leader(1);
+    post(&http, &a, "/charge", Some("c-1"), &[HOST], b"{}")
+        .await
+        .leader(1);
     let (name, legit) = redis.idem_entries().await.pop().expect("the record");
     assert_eq!(value_kind(&legit), 'S');
     let smuggled = b"hello0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled";
@@ -709,7 +831,13 @@ async fn forged_redis_records_are_never_replayed_and_framing_never_comes_from_on
     ];
 
     // Without the secret: a store error, never a replay.
-    redis.set_raw(&name, &record(&name, &legit, &framing, smuggled, false), 60_000).await;
+    redis
+        .set_raw(
+            &name,
+            &record(&name, &legit, &framing, smuggled, false),
+            60_000,
+        )
+        .await;
     post(&http, &closed, "/charge", Some("c-1"), &[HOST], b"{}")
         .await
         .problem(503, "store-unavailable");
@@ -718,24 +846,49 @@ async fn forged_redis_records_are_never_replayed_and_framing_never_comes_from_on
     assert_eq!(b.counts("/charge").started, 1);
 
     // With it (an insider): replayed, but framed by idem alone.
-    redis.set_raw(&name, &record(&name, &legit, &framing, smuggled, true), 60_000).await;
+    redis
+        .set_raw(
+            &name,
+            &record(&name, &legit, &framing, smuggled, true),
+            60_000,
+        )
+        .await;
     let mut conn = RawConn::connect_from(reader.addr(), IpAddr::from([127, 0, 0, 3])).await;
-    let h = [("host", HOST.1.to_string()), ("idempotency-key", "c-1".to_string())];
+    let h = [
+        ("host", HOST.1.to_string()),
+        ("idempotency-key", "c-1".to_string()),
+    ];
     let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
     conn.send(&http_request("POST", "/charge", &h, b"{}")).await;
     let replayed = conn.read_response().await;
     assert_eq!(replayed.status, 200, "{replayed:?}");
-    assert_eq!(replayed.body, smuggled, "the body is data, whatever it holds");
-    assert_eq!(replayed.header_values("content-length"), [smuggled.len().to_string().as_bytes()]);
-    assert!(replayed.header_values("transfer-encoding").is_empty(), "{replayed:?}");
+    assert_eq!(
+        replayed.body, smuggled,
+        "the body is data, whatever it holds"
+    );
+    assert_eq!(
+        replayed.header_values("content-length"),
+        [smuggled.len().to_string().as_bytes()]
+    );
+    assert!(
+        replayed.header_values("transfer-encoding").is_empty(),
+        "{replayed:?}"
+    );
     assert_ne!(replayed.header("connection"), Some("close"), "{replayed:?}");
     assert_eq!(replayed.header("x-forged"), Some("1"));
     // The connection carries on: the next request gets its own answer.
-    let h = [("host", HOST.1.to_string()), ("idempotency-key", "c-2".to_string())];
+    let h = [
+        ("host", HOST.1.to_string()),
+        ("idempotency-key", "c-2".to_string()),
+    ];
     let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
     conn.send(&http_request("POST", "/next", &h, b"{}")).await;
     let next = conn.read_response().await;
-    assert_eq!((next.status, next.header("x-backend-call")), (200, Some("1")), "{next:?}");
+    assert_eq!(
+        (next.status, next.header("x-backend-call")),
+        (200, Some("1")),
+        "{next:?}"
+    );
     assert_eq!(b.settled("/charge").await.started, 1);
 }
 
@@ -754,7 +907,10 @@ async fn credentials_and_private_answers_stay_with_their_client() {
     let b = Backend::start().await;
     let config = config(&b)
         .route(Route::new("fp", "/fp/", "fingerprint"))
-        .route(Route::new("session", "/session/", "fingerprint").set("scope_cookies", vec!["sessionid"]));
+        .route(
+            Route::new("session", "/session/", "fingerprint")
+                .set("scope_cookies", vec!["sessionid"]),
+        );
     let idem = Idem::start(&config.to_string()).await;
     let http = client();
     let minted = [
@@ -764,7 +920,12 @@ async fn credentials_and_private_answers_stay_with_their_client() {
         ("x-header", "x-auth-token: t0k3n"),
         ("x-header", "x-shared: kept"),
     ];
-    let credentials = ["set-cookie", "set-cookie2", "authentication-info", "x-auth-token"];
+    let credentials = [
+        "set-cookie",
+        "set-cookie2",
+        "authentication-info",
+        "x-auth-token",
+    ];
     for (i, scope) in [
         vec![("cookie", "consent=yes")],
         vec![("authorization", "")],
@@ -783,7 +944,11 @@ async fn credentials_and_private_answers_stay_with_their_client() {
         let second = post(&http, &idem, &path, None, &headers, b"{}").await;
         second.replay(1);
         for c in credentials {
-            assert_eq!(second.header(c), "", "{c} reached another client: {second:?}");
+            assert_eq!(
+                second.header(c),
+                "",
+                "{c} reached another client: {second:?}"
+            );
         }
         assert_eq!(second.header("x-shared"), "kept");
     }
@@ -808,15 +973,27 @@ async fn credentials_and_private_answers_stay_with_their_client() {
     let with = |k: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
         k.iter().copied().chain(minted.iter().copied()).collect()
     };
-    post(&http, &idem, "/fp/export", None, &with(&k1), b"{}").await.leader(1);
-    post(&http, &idem, "/fp/export", None, &with(&k2), b"{}").await.leader(2);
+    post(&http, &idem, "/fp/export", None, &with(&k1), b"{}")
+        .await
+        .leader(1);
+    post(&http, &idem, "/fp/export", None, &with(&k2), b"{}")
+        .await
+        .leader(2);
     let again = post(&http, &idem, "/fp/export", None, &with(&k1), b"{}").await;
     again.replay(1);
     assert_eq!(again.header("set-cookie"), "session=first-clients");
     // A named session cookie identifies its caller; other cookies do not split its scope.
-    let s1 = [("cookie", "sessionid=abc; _ga=1"), ("x-set-cookie", "csrf=1")];
-    let s2 = [("cookie", "_ga=2; sessionid=abc"), ("x-set-cookie", "csrf=1")];
-    post(&http, &idem, "/session/x", None, &s1, b"{}").await.leader(1);
+    let s1 = [
+        ("cookie", "sessionid=abc; _ga=1"),
+        ("x-set-cookie", "csrf=1"),
+    ];
+    let s2 = [
+        ("cookie", "_ga=2; sessionid=abc"),
+        ("x-set-cookie", "csrf=1"),
+    ];
+    post(&http, &idem, "/session/x", None, &s1, b"{}")
+        .await
+        .leader(1);
     let r = post(&http, &idem, "/session/x", None, &s2, b"{}").await;
     r.replay(1);
     assert_eq!(r.header("set-cookie"), "csrf=1");
@@ -863,32 +1040,52 @@ async fn routes_match_the_normal_form_of_the_path_on_segment_boundaries() {
             call += 1;
             let r = raw(path, who).await;
             assert_eq!(r.status, 200, "{path}: {r:?}");
-            assert_eq!(r.header("x-backend-call"), Some(&*call.to_string()), "{path}: {r:?}");
+            assert_eq!(
+                r.header("x-backend-call"),
+                Some(&*call.to_string()),
+                "{path}: {r:?}"
+            );
             assert_eq!(r.header("cache-status"), Some("idem; fwd=uri-miss; stored"));
         }
     }
     // The backend saw the normal form only.
-    let seen: std::collections::BTreeSet<String> =
-        b.all_requests().into_iter().map(|r| r.path_and_query).collect();
+    let seen: std::collections::BTreeSet<String> = b
+        .all_requests()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
     assert_eq!(seen, ["/account/export".to_string()].into_iter().collect());
     assert_eq!(metric(&idem, &requests("account", "leader")).await, 10.0);
     assert_eq!(metric(&idem, &requests("public", "leader")).await, 0.0);
 
     // An encoded slash that changes the route: refused. One that does not: served.
-    assert_problem(&raw("/public/..%2faccount/export", "Bearer bob").await, 400, "bad-path");
+    assert_problem(
+        &raw("/public/..%2faccount/export", "Bearer bob").await,
+        400,
+        "bad-path",
+    );
     let r = raw("/public/a%2Fb", "Bearer bob").await;
     assert_eq!(r.header("x-backend-call"), Some("1"), "{r:?}");
     assert_eq!(b.requests("/public/a%2Fb").len(), 1);
 
     // Prefixes match on segment boundaries.
-    post(&http, &idem, "/api/x", None, &[], b"{}").await.leader(1);
+    post(&http, &idem, "/api/x", None, &[], b"{}")
+        .await
+        .leader(1);
     let r = post(&http, &idem, "/apiary", None, &[], b"{}").await;
-    assert_eq!(r.header("cache-status"), "idem; fwd=bypass", "the default route: keyed");
+    assert_eq!(
+        r.header("cache-status"),
+        "idem; fwd=bypass",
+        "the default route: keyed"
+    );
     assert_eq!(metric(&idem, &requests("default", "bypass")).await, 1.0);
 }
 
 fn requests(route: &str, outcome: &str) -> String {
-    series_id("idem_requests_total", [("outcome", outcome), ("route", route)])
+    series_id(
+        "idem_requests_total",
+        [("outcome", outcome), ("route", route)],
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -906,7 +1103,9 @@ async fn the_admin_listener_refuses_browsers_and_other_host_names() {
     let idem = Idem::start(&config.to_string()).await;
     let guarded = Idem::start(&config.clone().set("admin.token", token).to_string()).await;
     let http = client();
-    post(&http, &idem, "/charge", Some("c-1"), &[], b"{}").await.leader(1);
+    post(&http, &idem, "/charge", Some("c-1"), &[], b"{}")
+        .await
+        .leader(1);
     idem.wait_stderr("POST /charge").await;
     let key = idem
         .stderr_text()
@@ -924,35 +1123,59 @@ async fn the_admin_listener_refuses_browsers_and_other_host_names() {
     };
     let purge = format!("/keys/{key}");
     let rebound = format!("attacker.example:{}", idem.admin_addr().port());
-    for (method, path) in [(reqwest::Method::GET, "/flights"), (reqwest::Method::DELETE, &purge[..])] {
-        let r = admin(&idem, method.clone(), path, &[("host", &rebound)]).await.unwrap();
+    for (method, path) in [
+        (reqwest::Method::GET, "/flights"),
+        (reqwest::Method::DELETE, &purge[..]),
+    ] {
+        let r = admin(&idem, method.clone(), path, &[("host", &rebound)])
+            .await
+            .unwrap();
         assert_eq!(r.status(), 403, "{method} {path}");
         let page = [("origin", "http://attacker.example")];
         let r = admin(&idem, method, path, &page).await.unwrap();
         assert_eq!(r.status(), 403);
     }
     // Nothing was purged: the retry is a replay.
-    post(&http, &idem, "/charge", Some("c-1"), &[], b"{}").await.replay(1);
+    post(&http, &idem, "/charge", Some("c-1"), &[], b"{}")
+        .await
+        .replay(1);
     assert_eq!(b.settled("/charge").await.started, 1);
     let refusals = |reason: &str| series_id("idem_admin_refusals_total", [("reason", reason)]);
     assert_eq!(metric(&idem, &refusals("host")).await, 2.0);
     assert_eq!(metric(&idem, &refusals("origin")).await, 2.0);
     // Loopback names with and without a port are served.
     let port = idem.admin_addr().port();
-    for host in [format!("localhost:{port}"), "127.0.0.1".to_string(), format!("[::1]:{port}")] {
-        let r = admin(&idem, reqwest::Method::GET, "/store", &[("host", &host)]).await.unwrap();
+    for host in [
+        format!("localhost:{port}"),
+        "127.0.0.1".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        let r = admin(&idem, reqwest::Method::GET, "/store", &[("host", &host)])
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{host}");
     }
 
     // With a token: missing or wrong, 401; right, served.
-    let r = admin(&guarded, reqwest::Method::GET, "/store", &[]).await.unwrap();
+    let r = admin(&guarded, reqwest::Method::GET, "/store", &[])
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     let wrong = [("authorization", "Bearer not-the-token-at-all")];
-    let r = admin(&guarded, reqwest::Method::GET, "/store", &wrong).await.unwrap();
+    let r = admin(&guarded, reqwest::Method::GET, "/store", &wrong)
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let right = format!("Bearer {token}");
-    let r = admin(&guarded, reqwest::Method::GET, "/store", &[("authorization", &right)]).await.unwrap();
+    let r = admin(
+        &guarded,
+        reqwest::Method::GET,
+        "/store",
+        &[("authorization", &right)],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(metric(&guarded, &refusals("token")).await, 2.0);
 }

@@ -916,7 +916,10 @@ async fn in_flight_keys_of_one_client_are_capped_at_its_quota() {
         .await
         .expect("POST");
     assert_eq!(other.status(), 200);
-    assert_eq!(other.headers()["cache-status"], "idem; fwd=uri-miss; stored");
+    assert_eq!(
+        other.headers()["cache-status"],
+        "idem; fwd=uri-miss; stored"
+    );
     // Retries of the abuser's own running keys still attach to them.
     let waiter = spawn_post(&idem, "/quota/slow", "q-1", &abuser);
     wait_metric(&idem, "idem_waiters", 1.0).await;

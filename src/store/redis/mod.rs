@@ -7,14 +7,22 @@
 //!
 //! ```text
 //! lead ── claim script (1 round trip) ──┬─ claimed ───────────> upstream call, then settle
-//!                                       ├─ record found ──────> answer it (replay, 409, 502/504)
+//!                                       ├─ record found ──────> check its MAC, then answer it
+//!                                       │                       (replay, 409, 502/504, 422)
 //!                                       ├─ claimed elsewhere ─> wait: pub/sub + polling
-//!                                       ├─ mismatch ──────────> 422
-//!                                       └─ store error ───────> fail-open: local dedup only
-//!                                                               fail-closed: 503 store-unavailable
+//!                                       └─ store error, or ───> fail-open: local dedup only
+//!                                          Redis full           fail-closed: 503 store-unavailable
 //! settle ── fenced script (1 round trip): write the outcome only if our claim token is
 //!           still there, then PUBLISH on the key's channel
 //! ```
+//!
+//! Records are authenticated ([`codec`]: a keyed blake3 MAC from the deployment secret over
+//! the key's name and the value), and checked before anything of them is used; a record that
+//! fails is a store error, never replayed. What one replica writes is bounded by its own
+//! store: a record whose local copy is evicted is deleted here too ([`RedisStore::forget`],
+//! fenced by the write's token). A Redis that refuses writes (full) never runs a key twice
+//! silently: a refused claim applies `on_store_error` (counted), a refused result keeps the
+//! claim for the record's retention, which other replicas read as outcome unknown.
 //!
 //! Records (see [`codec`]): one Redis string per dedup key, `<prefix>{<64 hex>}` (names in
 //! [`names`], under `[store] key_prefix`, default `idem:`), holding a claim or a settled
