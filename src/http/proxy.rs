@@ -1,14 +1,17 @@
 //! The Pingora glue: the life of a request, top to bottom, in `request_filter`.
 //!
 //! 0. The head as idem treats it ([`crate::http::normalize`]: split cookies joined, an h2c
-//!    upgrade offer dropped), the peer and its trust, and the client address through
-//!    trusted hops ([`crate::http::client_addr`]), all once. HTTP/1.1 pipelining is on:
+//!    upgrade offer dropped, the path in normal form), the peer and its trust, and the client
+//!    address through trusted hops ([`crate::http::client_addr`]), all once. HTTP/1.1 pipelining is on:
 //!    pipelined requests are answered one after the other, in order.
-//! 1. Route and admission from the head alone ([`crate::http::admission`]): pass-through
-//!    requests return `Ok(false)` and take Pingora's streamed proxy path untouched.
-//! 2. Read the whole body up to `max_body` within `body_read_timeout`, hashing it as it
-//!    arrives ([`crate::http::body`]). A body that turns out too large is refused (key
-//!    present) or forwarded by idem itself (never handed back to Pingora: it was consumed).
+//! 1. Route (a path whose encoded slashes would change its route is refused) and admission
+//!    from the head alone ([`crate::http::admission`]): pass-through requests return
+//!    `Ok(false)` and take Pingora's streamed proxy path untouched.
+//! 2. Read the whole body up to `max_body` within `body_read_timeout` and the client's share
+//!    of the body budget ([`crate::http::body_budget`]), hashing it as it arrives
+//!    ([`crate::http::body`]). A body that turns out too large is refused (key present) or
+//!    forwarded by idem itself (never handed back to Pingora: it was consumed); broken
+//!    framing is a 400.
 //! 3. Derive scope, fingerprint and dedup key ([`crate::http::key_inputs`], [`crate::key`]).
 //! 4. Join ([`crate::dedup::coordinator`]): the leader spawns the detached call
 //!    ([`crate::dedup::leader`]), waiters wait, others are replayed or refused. Each ends in
@@ -222,7 +225,7 @@ impl Idem {
             route: ctx.route,
             owner: Owner {
                 scope: scope.id(),
-                client: ClientId::of(ctx.client),
+                client,
             },
         });
         self.metrics.lookup(lookup_result(&joined));
