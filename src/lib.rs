@@ -5,7 +5,7 @@
 //! A connection first passes `http::first_bytes` (the PROXY protocol header when
 //! configured, `http::proxy_protocol`, then HTTP/1 or h2c). Then, per request, read top to
 //! bottom in `http::proxy` (`request_filter`):
-//! 0. The head as idem treats it (`http::normalize`: the path in normal form, [`path`]), the
+//! 0. The head as idem treats it (`http::normalize`: the path in normal form, `path`), the
 //!    peer's trust and the client address through trusted hops (`http::client_addr`); the
 //!    forwarding headers every forwarded request carries follow from them (`http::forward`).
 //! 1. Route (`config::route`, on segment boundaries of the normal form) and admission from

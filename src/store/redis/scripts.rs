@@ -12,7 +12,7 @@ use std::time::Instant;
 
 /// Claims the key, or returns what holds it (for idem to authenticate and judge: a key
 /// reused with another fingerprint is decided after the MAC is checked, so a forged value
-/// cannot answer a 422 either). KEYS[1]: the key. ARGV: the claim value, its PX. A freed
+/// cannot answer a 422 either). `KEYS[1]`: the key. ARGV: the claim value, its PX. A freed
 /// record does not block a new claim. `{'O'}`: Redis refused the write (full: maxmemory
 /// with noeviction).
 pub(super) const CLAIM: &str = r"
@@ -27,7 +27,7 @@ end
 return {'C'}
 ";
 
-/// Fenced result write. KEYS[1]: the key. ARGV: token, new value ('' deletes), PX ('0'
+/// Fenced result write. `KEYS[1]`: the key. ARGV: token, new value ('' deletes), PX ('0'
 /// keeps the claim's expiry), channel, message, and what to do with the claim if Redis
 /// refuses the write (full: `maxmemory` with `noeviction`): 'K' keep it for PX if that is
 /// longer than it has left (a stored or not-replayable outcome: no replica may run the key
@@ -65,8 +65,8 @@ return ok
 ";
 
 /// Deletes a record this replica wrote, if that write is still there (fenced by its token):
-/// the replica's own copy was evicted for room, so Redis does not keep it either. KEYS[1]:
-/// the key. ARGV: the token. Returns 1 when deleted, 0 otherwise. `DEL` is allowed when
+/// the replica's own copy was evicted for room, so Redis does not keep it either.
+/// `KEYS[1]`: the key. ARGV: the token. Returns 1 when deleted, 0 otherwise. `DEL` is allowed when
 /// Redis is full.
 pub(super) const FORGET: &str = r"
 local v = redis.call('GET', KEYS[1])
