@@ -612,6 +612,119 @@ mod tests {
     }
 
     #[test]
+    fn per_client_limits_default_from_the_store_wide_ones_and_are_checked() {
+        let s = load("[store]\nmax_entries = 60\nmax_keys_per_scope = 10\nmax_bytes = \"100MiB\"\n[server]\nmax_waiters = 50\nmax_body_buffer = \"40MiB\"\n").unwrap();
+        assert_eq!(s.store.max_keys_per_client, 10, "follows the scope quota");
+        assert_eq!(s.store.max_pinned, 30);
+        assert_eq!(s.store.max_bytes_per_client, 10 * 1024 * 1024);
+        assert_eq!(s.max_waiters_per_client, 5);
+        assert_eq!(s.max_body_buffer_per_client, 4 * 1024 * 1024);
+        // A client's share of the bytes is at least the largest response a route stores.
+        let s = load("[store]\nmax_bytes = \"2MiB\"\n").unwrap();
+        assert_eq!(s.store.max_bytes_per_client, 1024 * 1024);
+        for (text, key, line) in [
+            (
+                "[store]\nmax_entries = 4\nmax_pinned = 5\n",
+                "store.max_pinned",
+                3,
+            ),
+            (
+                "[store]\nmax_keys_per_client = 0\n",
+                "store.max_keys_per_client",
+                2,
+            ),
+            (
+                "[store]\nmax_bytes_per_client = \"512KiB\"\n",
+                "dedup.max_response_body",
+                0,
+            ),
+            (
+                "[server]\nmax_body_buffer_per_client = \"512KiB\"\n",
+                "dedup.max_body",
+                0,
+            ),
+            (
+                "[server]\nmax_waiters_per_client = 0\n",
+                "server.max_waiters_per_client",
+                2,
+            ),
+        ] {
+            let e = load(text).unwrap_err();
+            assert!(e.message.starts_with(&format!("{key}: ")), "{text}: {e}");
+            if line > 0 {
+                assert_eq!(e.line, Some(line), "{text}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn admin_token_and_path_prefix_and_scope_cookies_are_checked() {
+        let listen = "[admin]\nlisten = \"127.0.0.1:9465\"\n";
+        let s = load(&format!("{listen}token = \"0123456789abcdef\"\n")).unwrap();
+        assert_eq!(s.admin_token, Some(Secret("0123456789abcdef".to_string())));
+        for (text, key) in [
+            (format!("{listen}token = \"short\"\n"), "admin.token"),
+            (
+                format!("{listen}token = \"0123456789 abcdef\"\n"),
+                "admin.token",
+            ),
+            (
+                format!("{listen}token = \"0123456789abcdef\"\ntoken_file = \"t\"\n"),
+                "admin.token_file",
+            ),
+            (
+                "[admin]\ntoken = \"0123456789abcdef\"\n".to_string(),
+                "admin.token",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/a/../b\"\n".to_string(),
+                "route[0].path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/a//b\"\n".to_string(),
+                "route[0].path_prefix",
+            ),
+            (
+                "[dedup]\nscope_cookies = [\"a b\"]\n".to_string(),
+                "dedup.scope_cookies",
+            ),
+            (
+                "[dedup]\ncredential_headers = [\"bad header\"]\n".to_string(),
+                "dedup.credential_headers",
+            ),
+        ] {
+            let e = load(&text).unwrap_err();
+            assert!(e.message.starts_with(&format!("{key}: ")), "{text}: {e}");
+            assert!(e.line.is_some(), "{text}: {e}");
+        }
+        // Prefixes in normal form, with or without a trailing slash.
+        for ok in ["/", "/api", "/api/", "/a/b.c/"] {
+            assert!(
+                load(&format!("[[route]]\npath_prefix = \"{ok}\"\n")).is_ok(),
+                "{ok}"
+            );
+        }
+        // The credentials withheld always come first, the configured ones after.
+        let s = load("[dedup]\ncredential_headers = [\"X-Session\"]\n").unwrap();
+        let names: Vec<&str> = s
+            .default_route
+            .credential_headers
+            .iter()
+            .map(|h| h.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "set-cookie",
+                "set-cookie2",
+                "authentication-info",
+                "proxy-authentication-info",
+                "x-session"
+            ]
+        );
+    }
+
+    #[test]
     fn admin_listener_is_off_by_default_and_loopback_only() {
         assert_eq!(load("").unwrap().admin_listen, None);
         let s = load("[admin]\nlisten = \"127.0.0.1:9465\"\n").unwrap();
