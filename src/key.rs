@@ -71,12 +71,11 @@ impl Fingerprint {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct FingerprintTag(pub(crate) [u8; 16]);
 
-/// Digest of who is asking: the authority plus the scope header values.
+/// Digest of who is asking: the authority plus the scope values (what of a request
+/// identifies its caller: `crate::http::key_inputs`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct Scope {
     digest: [u8; 32],
-    /// No scope header was present: responses served into this scope drop `Set-Cookie`.
-    pub(crate) anonymous: bool,
 }
 
 /// A short identity of a scope, for per-scope accounting in the store
@@ -125,8 +124,8 @@ impl KeyDeriver {
         KeyDeriver { secret }
     }
 
-    /// The scope of a request. `headers` yields, for each configured scope header in order,
-    /// its values as sent (an empty list when absent).
+    /// The scope of a request. `headers` yields, for each scope value in order (configured
+    /// scope headers, then named cookies), its values as sent (an empty list when absent).
     pub(crate) fn scope<'a>(
         &self,
         authority: &[u8],
@@ -135,14 +134,11 @@ impl KeyDeriver {
         let mut buf = Encoder::new(domain::SCOPE, 128);
         buf.len_prefix(authority.len());
         buf.0.extend(authority.iter().map(u8::to_ascii_lowercase));
-        let mut anonymous = true;
         for values in headers {
-            anonymous &= values.is_empty();
             buf.list(&values);
         }
         Scope {
             digest: self.digest(&buf.0),
-            anonymous,
         }
     }
 
@@ -519,11 +515,9 @@ mod tests {
     fn scopes_separate_users_and_hosts() {
         let d = k();
         let anon = d.scope(b"example.com", [vec![], vec![]].into_iter());
-        assert!(anon.anonymous);
         let alice = d.scope(b"example.com", [vec![&b"Bearer a"[..]], vec![]].into_iter());
         let bob = d.scope(b"example.com", [vec![&b"Bearer b"[..]], vec![]].into_iter());
         let other_host = d.scope(b"other.com", [vec![], vec![]].into_iter());
-        assert!(!alice.anonymous);
         assert_ne!(d.keyed(&alice, b"k"), d.keyed(&bob, b"k"));
         assert_ne!(d.keyed(&anon, b"k"), d.keyed(&other_host, b"k"));
         // Authorization "x" vs Cookie "x" are different scopes.

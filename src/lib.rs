@@ -5,18 +5,22 @@
 //! A connection first passes `http::first_bytes` (the PROXY protocol header when
 //! configured, `http::proxy_protocol`, then HTTP/1 or h2c). Then, per request, read top to
 //! bottom in `http::proxy` (`request_filter`):
-//! 0. The head as idem treats it (`http::normalize`), the peer's trust and the client
-//!    address through trusted hops (`http::client_addr`); the forwarding headers every
-//!    forwarded request carries follow from them (`http::forward`).
-//! 1. Route (`config::route`) and admission from the head alone (`http::admission`):
-//!    pass-through requests go to Pingora's streamed proxy path untouched.
-//! 2. The body is read whole and hashed (`http::body`); scope and fingerprint come from the
-//!    head (`http::key_inputs`) and give the dedup key ([`key`]).
+//! 0. The head as idem treats it (`http::normalize`: the path in normal form, `path`), the
+//!    peer's trust and the client address through trusted hops (`http::client_addr`); the
+//!    forwarding headers every forwarded request carries follow from them (`http::forward`).
+//! 1. Route (`config::route`, on segment boundaries of the normal form) and admission from
+//!    the head alone (`http::admission`): pass-through requests go to Pingora's streamed
+//!    proxy path untouched.
+//! 2. The body is read whole and hashed (`http::body`), within the client's share of the
+//!    body budget (`http::body_budget`); scope and fingerprint come from the head
+//!    (`http::key_inputs`) and give the dedup key ([`key`]); the key belongs to its scope
+//!    and client (`owner`), which every limit that protects other callers counts.
 //! 3. Join (`dedup::coordinator`): the first request leads and its call runs detached from
 //!    its client (`dedup::leader`, over `upstream`, with the Redis step first in
 //!    `store::redis`); identical ones wait for it; later ones replay what the store kept
 //!    (`store::memory`); misuse and lack of room are refused.
-//! 4. Every outcome becomes one `http::reply::Reply`, written by one writer.
+//! 4. Every outcome becomes one `http::reply::Reply`, written by one writer (which keeps
+//!    credentials and private answers with their client, and framing out of stored data).
 //!
 //! # Lifecycle of a key
 //! absent -> in flight (one leader, waiters) -> stored | not-replayable | held (outcome
@@ -27,7 +31,8 @@
 //! # Layers
 //! Folders follow the direction of dependency; a module uses only those above it in this
 //! list and its own folder:
-//! `key`, `outcome`, `message`, `config/`, `observe/` (vocabulary, configuration, metrics)
+//! `key`, `owner`, `path`, `outcome`, `message`, `config/`, `observe/` (vocabulary,
+//! configuration, metrics)
 //! <- `store/`, `upstream/` (state and the backend client)
 //! <- `dedup/` (coalescing, plain Rust over the tiers)
 //! <- `http/` (the client's Pingora session) <- `admin/` <- `server/` (process assembly).
@@ -48,7 +53,7 @@
 //! │   └── Metrics             Prometheus registry (observe::metrics)
 //! ├── HealthApp               /metrics /healthz /readyz (admin::health)
 //! ├── AdminApp                /flights /held /store, purge on every replica (admin::keys),
-//! │                           loopback only
+//! │                           loopback only, behind admin::guard (Host, Origin, token)
 //! └── Housekeeping, Signals   listening line, sweep, SIGTERM/SIGHUP/SIGINT (server)
 //! ```
 
@@ -63,6 +68,8 @@ pub mod key;
 pub(crate) mod message;
 pub(crate) mod observe;
 pub(crate) mod outcome;
+pub(crate) mod owner;
+pub(crate) mod path;
 pub mod server;
 pub(crate) mod store;
 #[cfg(any(test, fuzzing))]

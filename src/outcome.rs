@@ -64,6 +64,9 @@ pub(crate) enum Refusal {
     StoreFull,
     /// The caller's scope holds its quota of keys (429).
     ScopeQuota,
+    /// The caller's client (address) holds its share: keys in flight or held, or waiters
+    /// (429).
+    ClientQuota,
     /// Waiter caps reached (503).
     TooManyWaiters,
     /// The shared store is unreachable under `on_store_error = "fail-closed"` (503).

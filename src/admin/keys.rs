@@ -2,6 +2,8 @@
 //!
 //! Off unless `[admin] listen` is set, and loopback only (checked with the configuration):
 //! purging a key lets its next request execute again, which is an operator's decision.
+//! Every request first passes [`crate::admin::guard`]: a loopback `Host`, no `Origin`, and
+//! the bearer token when one is configured.
 //! Keys appear as the first hex digits of their hash ([`DedupKey::short`], as in the access
 //! log), never as the client's `Idempotency-Key` or body.
 //!
@@ -23,6 +25,8 @@
 //! nothing purged anywhere, since a local purge alone would be undone by the next request
 //! (which finds the record in Redis). The answer's `redis` member says what Redis had.
 
+use crate::admin::guard;
+use crate::config::settings::Secret;
 use crate::dedup::coordinator::Coordinator;
 use crate::key::DedupKey;
 use crate::observe::metrics::Metrics;
@@ -47,6 +51,8 @@ pub(crate) struct AdminApp {
     pub(crate) metrics: Arc<Metrics>,
     /// The Redis store (`store.kind = "redis"`): purges reach it and every replica.
     pub(crate) redis: Option<Arc<RedisStore>>,
+    /// `[admin] token`, if set.
+    pub(crate) token: Option<Secret<String>>,
 }
 
 /// What this replica keeps for a purge's HEX.
@@ -243,7 +249,35 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let method = req.method.clone();
-        let (status, body) = match (&method, path.as_str()) {
+        let (status, body) = match guard::check(req, self.token.as_ref()) {
+            Err(refused) => {
+                let host = req
+                    .headers
+                    .get(http::header::HOST)
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+                tracing::warn!(reason = refused.as_str(), host = ?host, %method, path, "admin: request refused");
+                self.metrics.admin_refused(refused.as_str());
+                let (status, message) = refused.answer();
+                (status, json!({ "error": message }))
+            }
+            Ok(()) => self.serve(&method, &path).await,
+        };
+        let mut body = serde_json::to_vec(&body).expect("JSON values serialize");
+        body.push(b'\n');
+        let mut answer = http::Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_LENGTH, body.len());
+        if status == 401 {
+            answer = answer.header(http::header::WWW_AUTHENTICATE, "Bearer");
+        }
+        answer.body(body).expect("static response parts")
+    }
+}
+
+impl AdminApp {
+    async fn serve(&self, method: &Method, path: &str) -> (u16, Value) {
+        match (method, path) {
             (&Method::GET, "/flights") => (200, self.flights()),
             (&Method::GET, "/held") => (200, self.held()),
             (&Method::GET, "/store") => (200, self.store()),
@@ -253,14 +287,6 @@ impl ServeHttp for AdminApp {
             (_, "/flights" | "/held" | "/store") => (405, json!({ "error": "use GET" })),
             (_, p) if p.starts_with("/keys/") => (405, json!({ "error": "use DELETE" })),
             _ => (404, json!({ "error": "not found" })),
-        };
-        let mut body = serde_json::to_vec(&body).expect("JSON values serialize");
-        body.push(b'\n');
-        http::Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .expect("static response parts")
+        }
     }
 }

@@ -14,6 +14,18 @@ pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// `[server] max_waiters`
 pub(crate) const MAX_WAITERS: usize = 100_000;
+/// `[server] max_waiters_per_client` for `max_waiters`: a tenth, so that one address can
+/// never take the whole budget.
+pub(crate) fn max_waiters_per_client(max_waiters: usize) -> usize {
+    (max_waiters / 10).max(1)
+}
+/// `[server] max_body_buffer`: request bodies idem holds at once (being read, hashed, or
+/// waiting to be written upstream by a leader).
+pub(crate) const MAX_BODY_BUFFER: u64 = 256 * 1024 * 1024;
+/// `[server] max_body_buffer_per_client` for `max_body_buffer`: a tenth.
+pub(crate) fn max_body_buffer_per_client(max_body_buffer: u64) -> u64 {
+    (max_body_buffer / 10).max(1)
+}
 /// `[server] trusted_proxies`: loopback, where a front proxy on the same host connects from.
 pub(crate) const TRUSTED_PROXIES: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 /// `[upstream] backends`
@@ -57,12 +69,38 @@ pub(crate) const MIN_KEYS_PER_SCOPE: usize = 1000;
 pub(crate) fn max_keys_per_scope(max_entries: usize) -> usize {
     (max_entries / 10).max(MIN_KEYS_PER_SCOPE)
 }
+/// `[store] max_bytes_per_client` for a store of `max_bytes`: a tenth.
+pub(crate) fn max_bytes_per_client(max_bytes: u64) -> u64 {
+    (max_bytes / 10).max(1)
+}
+/// `[store] max_pinned` for a store of `max_entries`: half, so that at least the other half
+/// of the store keeps stored responses whatever is in flight or held.
+pub(crate) fn max_pinned(max_entries: usize) -> usize {
+    (max_entries / 2).max(1)
+}
 /// `[dedup] key_header`
 pub(crate) const KEY_HEADER: &str = "idempotency-key";
 /// `[dedup] methods`
 pub(crate) const METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
-/// `[dedup] scope_headers`
-pub(crate) const SCOPE_HEADERS: [&str; 2] = ["authorization", "cookie"];
+/// `[dedup] scope_headers`: the credentials HTTP and the usual APIs send, and the cookies.
+pub(crate) const SCOPE_HEADERS: [&str; 6] = [
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "cookie",
+];
+/// Response headers that carry a credential minted for one client, always: they reach only
+/// the leader's client unless the scope identifies the caller (`http::reply`).
+pub(crate) const CREDENTIAL_HEADERS_ALWAYS: [&str; 4] = [
+    "set-cookie",
+    "set-cookie2",
+    "authentication-info",
+    "proxy-authentication-info",
+];
+/// `[dedup] credential_headers`: response headers treated as credentials besides those.
+pub(crate) const CREDENTIAL_HEADERS: [&str; 1] = ["x-auth-token"];
 /// `[dedup] fingerprint_headers`
 pub(crate) const FINGERPRINT_HEADERS: [&str; 1] = ["content-type"];
 /// `[dedup] ttl`
@@ -76,4 +114,8 @@ pub(crate) const MAX_BODY: u64 = 1024 * 1024;
 /// `[dedup] max_response_body`
 pub(crate) const MAX_RESPONSE_BODY: u64 = 1024 * 1024;
 /// `[dedup] store_statuses`
-pub(crate) const STORE_STATUSES: [&str; 6] = ["2xx", "3xx", "4xx", "!408", "!425", "!429"];
+/// 401 and 403 are not kept: the request was refused before it ran, so a retry may run,
+/// and keeping them would let a caller fill the store by minting credentials
+/// (`Authorization: Bearer <random>`) that the app refuses.
+pub(crate) const STORE_STATUSES: [&str; 8] =
+    ["2xx", "3xx", "4xx", "!401", "!403", "!408", "!425", "!429"];

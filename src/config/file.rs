@@ -53,6 +53,9 @@ pub(crate) struct RawServer {
     pub(crate) keepalive_timeout: Opt<Dur>,
     pub(crate) body_read_timeout: Opt<Dur>,
     pub(crate) max_waiters: Opt<usize>,
+    pub(crate) max_waiters_per_client: Opt<usize>,
+    pub(crate) max_body_buffer: Opt<Size>,
+    pub(crate) max_body_buffer_per_client: Opt<Size>,
     pub(crate) log_format: Opt<LogFormat>,
     /// Each entry keeps its own place, so an error points at the entry at fault.
     pub(crate) trusted_proxies: Opt<Vec<Spanned<String>>>,
@@ -87,6 +90,8 @@ pub(crate) struct RawMetrics {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAdmin {
     pub(crate) listen: Opt<String>,
+    pub(crate) token: Opt<String>,
+    pub(crate) token_file: Opt<String>,
 }
 
 /// `[store]`
@@ -97,6 +102,9 @@ pub(crate) struct RawStore {
     pub(crate) max_entries: Opt<usize>,
     pub(crate) max_bytes: Opt<Size>,
     pub(crate) max_keys_per_scope: Opt<usize>,
+    pub(crate) max_keys_per_client: Opt<usize>,
+    pub(crate) max_bytes_per_client: Opt<Size>,
+    pub(crate) max_pinned: Opt<usize>,
     pub(crate) url: Opt<String>,
     pub(crate) nodes: Opt<Vec<Spanned<String>>>,
     pub(crate) sentinels: Opt<Vec<Spanned<String>>>,
@@ -161,6 +169,8 @@ policy_keys! {
     key_header: String,
     methods: Vec<String>,
     scope_headers: Vec<String>,
+    scope_cookies: Vec<String>,
+    credential_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
     ttl: Dur,
     fingerprint_ttl: Dur,

@@ -9,8 +9,8 @@
 use crate::config::address::{Address, Port};
 use crate::config::defaults;
 use crate::config::file::{
-    Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, RawConfig, RawRoute,
-    Size, StoreKind,
+    Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, RawAdmin, RawConfig,
+    RawRoute, Size, StoreKind,
 };
 use crate::config::route::{RoutePolicy, StatusSet};
 use crate::config::settings::{
@@ -255,12 +255,47 @@ pub(crate) fn resolve(
             "is shorter than 16 bytes; use a long random string shared by all replicas",
         ));
     }
+    let max_waiters = or(&server.max_waiters, defaults::MAX_WAITERS);
+    let max_body_buffer = size(&server.max_body_buffer, defaults::MAX_BODY_BUFFER);
+    let max_body_buffer_per_client = size(
+        &server.max_body_buffer_per_client,
+        defaults::max_body_buffer_per_client(max_body_buffer),
+    );
+    for (key, value, n) in [
+        (
+            "server.max_body_buffer",
+            at(&server.max_body_buffer),
+            max_body_buffer,
+        ),
+        (
+            "server.max_body_buffer_per_client",
+            at(&server.max_body_buffer_per_client),
+            max_body_buffer_per_client,
+        ),
+        (
+            "server.max_waiters_per_client",
+            at(&server.max_waiters_per_client),
+            or(&server.max_waiters_per_client, 1) as u64,
+        ),
+    ] {
+        if n == 0 {
+            return Err(invalid(key, value, "must be at least 1"));
+        }
+    }
+    // A client's share of the store bytes, unless written (or fixed by a reload), is at
+    // least the largest response a route stores: computed once the routes are known.
+    let client_bytes_fixed = fixed.is_some() || raw.store.max_bytes_per_client.is_some();
+    let limits = Bounds {
+        store: &store,
+        client_bytes: client_bytes_fixed.then_some(store.max_bytes_per_client),
+        body_buffer: max_body_buffer_per_client.min(max_body_buffer),
+    };
     let builtin = builtin_policy(&upstream);
-    let base = policy(&builtin, "dedup", dedup.keys(), &store)?;
+    let base = policy(&builtin, "dedup", dedup.keys(), &limits)?;
     let mut routes: Vec<RoutePolicy> = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.iter().enumerate() {
         let section = format!("route[{i}]");
-        let p = route(&base, &section, r, &store)?;
+        let p = route(&base, &section, r, &limits)?;
         if routes.iter().any(|o| o.path_prefix == p.path_prefix) {
             return Err(invalid(
                 format!("{section}.path_prefix"),
@@ -277,6 +312,15 @@ pub(crate) fn resolve(
         }
         routes.push(p);
     }
+    let mut store = store;
+    if !client_bytes_fixed {
+        let largest = std::iter::once(&base)
+            .chain(routes.iter())
+            .map(|r| r.max_response_body)
+            .max()
+            .unwrap_or(0);
+        store.max_bytes_per_client = store.max_bytes_per_client.max(largest);
+    }
 
     let settings = Settings {
         listen,
@@ -286,13 +330,20 @@ pub(crate) fn resolve(
         grace_period,
         keepalive_timeout: dur(&server.keepalive_timeout, defaults::KEEPALIVE_TIMEOUT),
         body_read_timeout: dur(&server.body_read_timeout, defaults::BODY_READ_TIMEOUT),
-        max_waiters: or(&server.max_waiters, defaults::MAX_WAITERS),
+        max_waiters,
+        max_waiters_per_client: or(
+            &server.max_waiters_per_client,
+            defaults::max_waiters_per_client(max_waiters),
+        ),
+        max_body_buffer,
+        max_body_buffer_per_client,
         log_format: or(&server.log_format, LogFormat::Text),
         trusted_proxies,
         proxy_protocol: or(&server.proxy_protocol, false),
         upstream,
         metrics_listen,
         admin_listen,
+        admin_token: admin_token(&raw.admin, env)?,
         store,
         secret,
         default_route: base,
@@ -300,6 +351,53 @@ pub(crate) fn resolve(
         warnings: Vec::new(),
     };
     Ok((settings, warnings))
+}
+
+/// `[admin] token` or `token_file` (one of them): the bearer token admin requests carry.
+fn admin_token(raw: &RawAdmin, env: &Env) -> Result<Option<Secret<String>>, Invalid> {
+    let (token, key, span) = match (&raw.token, &raw.token_file) {
+        (Some(_), Some(f)) => {
+            return Err(invalid(
+                "admin.token_file",
+                Some(f.span()),
+                "give token or token_file, not both",
+            ))
+        }
+        (Some(t), None) => (t.get_ref().clone(), "admin.token", Some(t.span())),
+        (None, Some(f)) => {
+            let bytes = env
+                .files
+                .read(f.get_ref())
+                .map_err(|m| invalid("admin.token_file", Some(f.span()), m))?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                invalid(
+                    "admin.token_file",
+                    Some(f.span()),
+                    format!("{:?} is not UTF-8 text", f.get_ref()),
+                )
+            })?;
+            // Files written by `echo` or an editor end with a newline that is not the token.
+            let token = text.trim_end_matches(['\n', '\r']).to_string();
+            (token, "admin.token_file", Some(f.span()))
+        }
+        (None, None) => return Ok(None),
+    };
+    // Sent as `Authorization: Bearer <token>`: a header value of visible ASCII.
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            key,
+            span,
+            "must be at least 16 characters of visible ASCII (it is sent as `Authorization: Bearer <token>`)",
+        ));
+    }
+    if raw.listen.is_none() {
+        return Err(invalid(
+            key,
+            span,
+            "is only used with [admin] listen; set listen or remove it",
+        ));
+    }
+    Ok(Some(Secret(token)))
 }
 
 /// `[server] trusted_proxies`; an error points at the entry at fault.
@@ -435,6 +533,9 @@ fn builtin_policy(upstream: &UpstreamSettings) -> RoutePolicy {
             .iter()
             .map(|h| h.to_string())
             .collect(),
+        scope_cookies: Vec::new(),
+        credential_headers: credential_headers(&defaults::CREDENTIAL_HEADERS)
+            .expect("default credential headers are valid"),
         fingerprint_headers: defaults::FINGERPRINT_HEADERS
             .iter()
             .map(|h| h.to_string())
@@ -451,11 +552,20 @@ fn builtin_policy(upstream: &UpstreamSettings) -> RoutePolicy {
     }
 }
 
+/// What a route's sizes must fit in.
+struct Bounds<'a> {
+    store: &'a StoreSettings,
+    /// `store.max_bytes_per_client` when written or fixed; `None`: it follows the routes.
+    client_bytes: Option<u64>,
+    /// The most body bytes one request may have idem hold: one client's share.
+    body_buffer: u64,
+}
+
 fn route(
     base: &RoutePolicy,
     section: &str,
     r: &RawRoute,
-    store: &StoreSettings,
+    store: &Bounds<'_>,
 ) -> Result<RoutePolicy, Invalid> {
     let prefix = r.path_prefix.get_ref();
     if !prefix.starts_with('/') {
@@ -463,6 +573,20 @@ fn route(
             format!("{section}.path_prefix"),
             Some(r.path_prefix.span()),
             format!("{prefix:?} must start with '/'"),
+        ));
+    }
+    // Requests are routed on their normal form: a prefix in any other form matches nothing.
+    let normal = crate::path::normalize(prefix).path;
+    let normal = if prefix.ends_with('/') || normal == "/" {
+        normal.into_owned()
+    } else {
+        normal.trim_end_matches('/').to_string()
+    };
+    if normal != *prefix {
+        return Err(invalid(
+            format!("{section}.path_prefix"),
+            Some(r.path_prefix.span()),
+            format!("{prefix:?} is not in normal form (requests are routed without dot segments, repeated slashes or encoded letters and digits); write {normal:?}"),
         ));
     }
     let mut p = policy(base, section, r.keys(), store)?;
@@ -476,8 +600,9 @@ fn policy(
     base: &RoutePolicy,
     section: &str,
     keys: PolicyKeys,
-    store: &StoreSettings,
+    bounds: &Bounds<'_>,
 ) -> Result<RoutePolicy, Invalid> {
+    let store = bounds.store;
     let key = |k: &str| format!("{section}.{k}");
     let lower = |v: &Opt<Vec<String>>, base: &[String]| match v {
         Some(list) => list
@@ -501,6 +626,16 @@ fn policy(
             None => base.methods.clone(),
         },
         scope_headers: lower(&keys.scope_headers, &base.scope_headers),
+        scope_cookies: match &keys.scope_cookies {
+            Some(c) => cookie_names(c.get_ref())
+                .map_err(|m| invalid(key("scope_cookies"), Some(c.span()), m))?,
+            None => base.scope_cookies.clone(),
+        },
+        credential_headers: match &keys.credential_headers {
+            Some(h) => credential_headers(h.get_ref())
+                .map_err(|m| invalid(key("credential_headers"), Some(h.span()), m))?,
+            None => base.credential_headers.clone(),
+        },
         fingerprint_headers: lower(&keys.fingerprint_headers, &base.fingerprint_headers),
         ttl: dur(&keys.ttl, base.ttl),
         fingerprint_ttl: dur(&keys.fingerprint_ttl, base.fingerprint_ttl),
@@ -535,6 +670,25 @@ fn policy(
             ),
         ));
     }
+    if let Some(client_bytes) = bounds.client_bytes.filter(|b| p.max_response_body > *b) {
+        return Err(invalid(
+            key("max_response_body"),
+            at(&keys.max_response_body),
+            format!(
+                "is larger than store.max_bytes_per_client ({client_bytes} bytes): in a full store such a response would push out every other record of its client and still not be kept"
+            ),
+        ));
+    }
+    if p.max_body > bounds.body_buffer {
+        return Err(invalid(
+            key("max_body"),
+            at(&keys.max_body),
+            format!(
+                "is larger than what idem may hold for one client (server.max_body_buffer_per_client, {} bytes): such a body could never be read",
+                bounds.body_buffer
+            ),
+        ));
+    }
     // A key header that is also part of the scope or the fingerprint would make the key
     // derive from itself twice, or every request of a caller share one key.
     for (list, names, written) in [
@@ -564,6 +718,37 @@ fn policy(
         ));
     }
     Ok(p)
+}
+
+/// The headers withheld as credentials: the four always withheld, then `extra`.
+fn credential_headers<S: AsRef<str>>(extra: &[S]) -> Result<Vec<http::HeaderName>, String> {
+    let mut all: Vec<http::HeaderName> = defaults::CREDENTIAL_HEADERS_ALWAYS
+        .iter()
+        .map(|h| http::HeaderName::from_static(h))
+        .collect();
+    for name in extra {
+        let name = name.as_ref();
+        let h = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a valid header name"))?;
+        if !all.contains(&h) {
+            all.push(h);
+        }
+    }
+    Ok(all)
+}
+
+/// `scope_cookies`: cookie names (RFC 6265 tokens), matched exactly.
+fn cookie_names(names: &[String]) -> Result<Vec<String>, String> {
+    for name in names {
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !token {
+            return Err(format!("{name:?} is not a cookie name"));
+        }
+    }
+    Ok(names.to_vec())
 }
 
 /// Headers that cannot carry a key: connection-level ones never reach idem's admission as

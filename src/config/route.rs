@@ -20,15 +20,24 @@ pub(crate) struct RouteMatch<'a> {
     pub(crate) policy: &'a RoutePolicy,
 }
 
-/// The index in `routes` of the route for `path`: the longest matching `path_prefix`;
-/// `None` means the default route.
+/// The index in `routes` of the route for `path` (in normal form, [`crate::path`]): the
+/// longest matching `path_prefix`; `None` means the default route.
 pub(crate) fn longest_prefix(routes: &[RoutePolicy], path: &str) -> Option<usize> {
     routes
         .iter()
         .enumerate()
-        .filter(|(_, r)| path.starts_with(r.path_prefix.as_str()))
+        .filter(|(_, r)| on_segment_boundary(&r.path_prefix, path))
         .max_by_key(|(_, r)| r.path_prefix.len())
         .map(|(i, _)| i)
+}
+
+/// Whether `prefix` matches `path` on a segment boundary: `/api` matches `/api`, `/api/`
+/// and `/api/x`, never `/apiary`; `/api/` matches what starts with it.
+pub(crate) fn on_segment_boundary(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
 }
 
 /// One route with every field filled.
@@ -45,8 +54,17 @@ pub(crate) struct RoutePolicy {
     pub(crate) key_header: http::HeaderName,
     /// Methods eligible for dedup.
     pub(crate) methods: Vec<Method>,
-    /// Headers whose values join the authority in the scope, lowercase.
+    /// Headers whose values join the authority in the scope, lowercase. Each but `cookie`
+    /// identifies the caller when sent with a value (`crate::http::key_inputs`).
     pub(crate) scope_headers: Vec<String>,
+    /// Cookies (by exact name) that join the scope instead of the whole `Cookie` header;
+    /// each identifies the caller when sent with a value. Empty: the whole header, if
+    /// `cookie` is in `scope_headers`.
+    pub(crate) scope_cookies: Vec<String>,
+    /// Response headers that carry a credential for one client (the four always withheld
+    /// plus the configured ones), lowercase: withheld from every other client of a scope
+    /// that does not identify its caller.
+    pub(crate) credential_headers: Vec<http::HeaderName>,
     /// Headers whose values are part of the fingerprint, lowercase.
     pub(crate) fingerprint_headers: Vec<String>,
     /// Retention of keyed entries, from completion.
@@ -145,6 +163,26 @@ impl StatusSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries_only() {
+        for (prefix, path, matched) in [
+            ("/api", "/api", true),
+            ("/api", "/api/", true),
+            ("/api", "/api/x", true),
+            ("/api", "/apiary", false),
+            ("/api", "/ap", false),
+            ("/api/", "/api/x", true),
+            ("/api/", "/api", false),
+            ("/", "/anything", true),
+        ] {
+            assert_eq!(
+                on_segment_boundary(prefix, path),
+                matched,
+                "{prefix} {path}"
+            );
+        }
+    }
 
     #[test]
     fn status_set_parses_classes_and_exclusions() {

@@ -90,6 +90,12 @@ pub struct Settings {
     pub(crate) body_read_timeout: Duration,
     /// Cap on waiters across all keys; past it a new waiter gets 503.
     pub(crate) max_waiters: usize,
+    /// Cap on waiters of one client address; past it that client gets 429.
+    pub(crate) max_waiters_per_client: usize,
+    /// Bytes of request bodies idem holds at once; past it 503 `body-buffer-full`.
+    pub(crate) max_body_buffer: u64,
+    /// Bytes of request bodies one client address may have idem hold; past it 429.
+    pub(crate) max_body_buffer_per_client: u64,
     /// Access log format.
     pub log_format: LogFormat,
     /// Peers whose forwarding headers are believed (`crate::http::forward`).
@@ -104,6 +110,9 @@ pub struct Settings {
     /// Admin listener (flights, held keys, store summary, purge); `None` means off.
     /// Always a loopback address (TCP).
     pub(crate) admin_listen: Option<Address>,
+    /// The bearer token every admin request must carry (`[admin] token` or `token_file`);
+    /// `None`: loopback Host and no `Origin` are the only checks.
+    pub(crate) admin_token: Option<Secret<String>>,
     /// Store bounds.
     pub(crate) store: StoreSettings,
     /// Secret for keyed blake3; `None` means a random per-process secret.
@@ -176,9 +185,15 @@ pub(crate) struct StoreSettings {
     pub(crate) max_entries: usize,
     /// Bound on stored bytes (status, headers and body of each stored response).
     pub(crate) max_bytes: u64,
-    /// Per-scope quota of keys (see `store.rs`): in flight plus held never above it, and a
-    /// scope at it makes room only from its own records when the store is full.
+    /// Per-scope quota of keys (`store::memory`): in flight plus held never above it, and
+    /// a scope at it makes room only from its own records when the store is full.
     pub(crate) max_keys_per_scope: usize,
+    /// Per-client quota of keys: the same rules, per client address.
+    pub(crate) max_keys_per_client: usize,
+    /// Per-client share of `max_bytes`: a client over it makes room from its own records.
+    pub(crate) max_bytes_per_client: u64,
+    /// Store-wide cap on keys nobody can evict (in flight plus held).
+    pub(crate) max_pinned: usize,
     /// Redis URL of a single node (for `kind = "redis"`).
     pub(crate) url: Option<String>,
     /// Redis Cluster seed nodes (for `kind = "redis"`), as URLs; exclusive with `url`.
@@ -290,6 +305,7 @@ impl Settings {
         settings.proxy_protocol = running.proxy_protocol;
         settings.metrics_listen = running.metrics_listen.clone();
         settings.admin_listen = running.admin_listen.clone();
+        settings.admin_token = running.admin_token.clone();
         settings.secret = running.secret.clone();
         Ok(Reloaded {
             settings,
@@ -338,6 +354,7 @@ impl Settings {
             ),
             ("metrics.listen", a.metrics_listen == b.metrics_listen),
             ("admin.listen", a.admin_listen == b.admin_listen),
+            ("admin.token", a.admin_token == b.admin_token),
             ("store.kind", a.store.kind == b.store.kind),
             (
                 "store.max_entries",
@@ -347,6 +364,23 @@ impl Settings {
             (
                 "store.max_keys_per_scope",
                 a.store.max_keys_per_scope == b.store.max_keys_per_scope,
+            ),
+            // Each of these follows another by default: named only when it changed apart
+            // from the one it follows (the operator changed what they wrote).
+            (
+                "store.max_keys_per_client",
+                a.store.max_keys_per_client == b.store.max_keys_per_client
+                    || a.store.max_keys_per_scope != b.store.max_keys_per_scope,
+            ),
+            (
+                "store.max_bytes_per_client",
+                a.store.max_bytes_per_client == b.store.max_bytes_per_client
+                    || a.store.max_bytes != b.store.max_bytes,
+            ),
+            (
+                "store.max_pinned",
+                a.store.max_pinned == b.store.max_pinned
+                    || a.store.max_entries != b.store.max_entries,
             ),
             ("store.url", a.store.url == b.store.url),
             ("dedup.secret", a.secret == b.secret),
@@ -575,6 +609,119 @@ mod tests {
         let e = Settings::reload(&file, &running).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn per_client_limits_default_from_the_store_wide_ones_and_are_checked() {
+        let s = load("[store]\nmax_entries = 60\nmax_keys_per_scope = 10\nmax_bytes = \"100MiB\"\n[server]\nmax_waiters = 50\nmax_body_buffer = \"40MiB\"\n").unwrap();
+        assert_eq!(s.store.max_keys_per_client, 10, "follows the scope quota");
+        assert_eq!(s.store.max_pinned, 30);
+        assert_eq!(s.store.max_bytes_per_client, 10 * 1024 * 1024);
+        assert_eq!(s.max_waiters_per_client, 5);
+        assert_eq!(s.max_body_buffer_per_client, 4 * 1024 * 1024);
+        // A client's share of the bytes is at least the largest response a route stores.
+        let s = load("[store]\nmax_bytes = \"2MiB\"\n").unwrap();
+        assert_eq!(s.store.max_bytes_per_client, 1024 * 1024);
+        for (text, key, line) in [
+            (
+                "[store]\nmax_entries = 4\nmax_pinned = 5\n",
+                "store.max_pinned",
+                3,
+            ),
+            (
+                "[store]\nmax_keys_per_client = 0\n",
+                "store.max_keys_per_client",
+                2,
+            ),
+            (
+                "[store]\nmax_bytes_per_client = \"512KiB\"\n",
+                "dedup.max_response_body",
+                0,
+            ),
+            (
+                "[server]\nmax_body_buffer_per_client = \"512KiB\"\n",
+                "dedup.max_body",
+                0,
+            ),
+            (
+                "[server]\nmax_waiters_per_client = 0\n",
+                "server.max_waiters_per_client",
+                2,
+            ),
+        ] {
+            let e = load(text).unwrap_err();
+            assert!(e.message.starts_with(&format!("{key}: ")), "{text}: {e}");
+            if line > 0 {
+                assert_eq!(e.line, Some(line), "{text}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn admin_token_and_path_prefix_and_scope_cookies_are_checked() {
+        let listen = "[admin]\nlisten = \"127.0.0.1:9465\"\n";
+        let s = load(&format!("{listen}token = \"0123456789abcdef\"\n")).unwrap();
+        assert_eq!(s.admin_token, Some(Secret("0123456789abcdef".to_string())));
+        for (text, key) in [
+            (format!("{listen}token = \"short\"\n"), "admin.token"),
+            (
+                format!("{listen}token = \"0123456789 abcdef\"\n"),
+                "admin.token",
+            ),
+            (
+                format!("{listen}token = \"0123456789abcdef\"\ntoken_file = \"t\"\n"),
+                "admin.token_file",
+            ),
+            (
+                "[admin]\ntoken = \"0123456789abcdef\"\n".to_string(),
+                "admin.token",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/a/../b\"\n".to_string(),
+                "route[0].path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/a//b\"\n".to_string(),
+                "route[0].path_prefix",
+            ),
+            (
+                "[dedup]\nscope_cookies = [\"a b\"]\n".to_string(),
+                "dedup.scope_cookies",
+            ),
+            (
+                "[dedup]\ncredential_headers = [\"bad header\"]\n".to_string(),
+                "dedup.credential_headers",
+            ),
+        ] {
+            let e = load(&text).unwrap_err();
+            assert!(e.message.starts_with(&format!("{key}: ")), "{text}: {e}");
+            assert!(e.line.is_some(), "{text}: {e}");
+        }
+        // Prefixes in normal form, with or without a trailing slash.
+        for ok in ["/", "/api", "/api/", "/a/b.c/"] {
+            assert!(
+                load(&format!("[[route]]\npath_prefix = \"{ok}\"\n")).is_ok(),
+                "{ok}"
+            );
+        }
+        // The credentials withheld always come first, the configured ones after.
+        let s = load("[dedup]\ncredential_headers = [\"X-Session\"]\n").unwrap();
+        let names: Vec<&str> = s
+            .default_route
+            .credential_headers
+            .iter()
+            .map(|h| h.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "set-cookie",
+                "set-cookie2",
+                "authentication-info",
+                "proxy-authentication-info",
+                "x-session"
+            ]
+        );
     }
 
     #[test]

@@ -31,15 +31,25 @@ pub(crate) fn store(
     warnings: &mut Vec<Invalid>,
 ) -> Result<StoreSettings, Invalid> {
     let max_entries = or(&raw.max_entries, defaults::MAX_ENTRIES);
+    let max_bytes = size(&raw.max_bytes, defaults::MAX_BYTES);
     let kind = or(&raw.kind, StoreKind::Memory);
+    let max_keys_per_scope = or(
+        &raw.max_keys_per_scope,
+        defaults::max_keys_per_scope(max_entries),
+    );
     let mut store = StoreSettings {
         kind,
         max_entries,
-        max_bytes: size(&raw.max_bytes, defaults::MAX_BYTES),
-        max_keys_per_scope: or(
-            &raw.max_keys_per_scope,
-            defaults::max_keys_per_scope(max_entries),
+        max_bytes,
+        max_keys_per_scope,
+        // One number by default: a deployment that narrows the scope quota narrows the
+        // client quota with it.
+        max_keys_per_client: or(&raw.max_keys_per_client, max_keys_per_scope),
+        max_bytes_per_client: size(
+            &raw.max_bytes_per_client,
+            defaults::max_bytes_per_client(max_bytes),
         ),
+        max_pinned: or(&raw.max_pinned, defaults::max_pinned(max_entries)),
         url: None,
         nodes: Vec::new(),
         sentinels: Vec::new(),
@@ -65,11 +75,40 @@ pub(crate) fn store(
             "must be at least 1",
         ));
     }
-    if store.max_keys_per_scope == 0 {
-        return Err(invalid(
+    for (key, value, n) in [
+        (
             "store.max_keys_per_scope",
             at(&raw.max_keys_per_scope),
-            "must be at least 1",
+            store.max_keys_per_scope as u64,
+        ),
+        (
+            "store.max_keys_per_client",
+            at(&raw.max_keys_per_client),
+            store.max_keys_per_client as u64,
+        ),
+        (
+            "store.max_bytes_per_client",
+            at(&raw.max_bytes_per_client),
+            store.max_bytes_per_client,
+        ),
+        (
+            "store.max_pinned",
+            at(&raw.max_pinned),
+            store.max_pinned as u64,
+        ),
+    ] {
+        if n == 0 {
+            return Err(invalid(key, value, "must be at least 1"));
+        }
+    }
+    if store.max_pinned > store.max_entries {
+        return Err(invalid(
+            "store.max_pinned",
+            at(&raw.max_pinned),
+            format!(
+                "is larger than store.max_entries ({}): keys in flight or held are part of the store",
+                store.max_entries
+            ),
         ));
     }
     Ok(store)

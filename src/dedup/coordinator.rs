@@ -14,17 +14,22 @@
 //! * A permit dropped without `settle` (the leader task panicked or was cancelled) settles as
 //!   outcome unknown and holds the key for the rest of the upstream deadline: the call may have
 //!   reached the app, and the rule that outranks convenience says never run it twice.
-//! * Waiters are counted per key and in total; a [`Waiter`] that is dropped (its client left)
-//!   just gives its place back.
+//! * Waiters are counted per key, per client (address) and in total; a [`Waiter`] that is
+//!   dropped (its client left) just gives its place back. The per-client cap keeps one
+//!   caller from taking the whole budget: past it, that caller gets 429 client-quota while
+//!   others still wait.
 
 use crate::config::file::OnConcurrent;
 use crate::config::route::RouteId;
-use crate::key::{DedupKey, Fingerprint, ScopeId};
+use crate::key::{DedupKey, Fingerprint};
 use crate::message::StoredResponse;
 use crate::outcome::{Held, Outcome, Refusal, Retention};
-use crate::store::memory::{Found, MemoryStore, Record};
+use crate::owner::{ClientId, Owner};
+use crate::store::memory::{Found, MemoryStore, Record, SharedRef};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,19 +72,22 @@ pub(crate) struct JoinRequest {
     pub(crate) on_concurrent: OnConcurrent,
     /// Cap on waiters for this key.
     pub(crate) max_waiters_per_key: usize,
+    /// Cap on waiters of this request's client, across keys (`[server]
+    /// max_waiters_per_client`).
+    pub(crate) max_waiters_per_client: usize,
     /// How long an unknown outcome is held, from the call's start (the upstream total deadline).
     pub(crate) hold_for: Duration,
     /// The request's route, for the admin view.
     pub(crate) route: RouteId,
-    /// Who asks, for the store's per-scope quota.
-    pub(crate) scope: ScopeId,
+    /// Who asks: its scope and client, for the store's quotas and the waiter caps.
+    pub(crate) owner: Owner,
 }
 
 struct Flight {
     fingerprint: Fingerprint,
     started: Instant,
     route: RouteId,
-    scope: ScopeId,
+    owner: Owner,
     /// `None` while running; the outcome once settled. `send_replace` is used because the
     /// value must be kept even when no waiter is subscribed yet.
     state: watch::Sender<Option<Outcome>>,
@@ -91,6 +99,8 @@ pub(crate) struct Coordinator {
     flights: DashMap<DedupKey, Arc<Flight>>,
     store: MemoryStore,
     waiters_total: AtomicUsize,
+    /// Waiters by client; a client without waiters has no entry.
+    waiters_by_client: Mutex<HashMap<ClientId, usize>>,
     /// Changed by a configuration reload.
     max_waiters: AtomicUsize,
 }
@@ -124,6 +134,7 @@ impl Coordinator {
             flights: DashMap::new(),
             store,
             waiters_total: AtomicUsize::new(0),
+            waiters_by_client: Mutex::new(HashMap::new()),
             max_waiters: AtomicUsize::new(max_waiters),
         })
     }
@@ -132,6 +143,40 @@ impl Coordinator {
     /// attached stay.
     pub(crate) fn set_max_waiters(&self, max_waiters: usize) {
         self.max_waiters.store(max_waiters, Ordering::Relaxed);
+    }
+
+    /// Counts a waiter of `client` in, within its share (`per_client`) and the total.
+    fn admit_waiter(&self, client: ClientId, per_client: usize) -> Result<(), Refusal> {
+        let mut by_client = self.waiters_by_client.lock();
+        let mine = by_client.entry(client).or_insert(0);
+        if *mine >= per_client {
+            if *mine == 0 {
+                by_client.remove(&client);
+            }
+            return Err(Refusal::ClientQuota);
+        }
+        if self.waiters_total.fetch_add(1, Ordering::Relaxed)
+            >= self.max_waiters.load(Ordering::Relaxed)
+        {
+            self.waiters_total.fetch_sub(1, Ordering::Relaxed);
+            if *mine == 0 {
+                by_client.remove(&client);
+            }
+            return Err(Refusal::TooManyWaiters);
+        }
+        *mine += 1;
+        Ok(())
+    }
+
+    fn release_waiter(&self, client: ClientId) {
+        self.waiters_total.fetch_sub(1, Ordering::Relaxed);
+        let mut by_client = self.waiters_by_client.lock();
+        if let Some(n) = by_client.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                by_client.remove(&client);
+            }
+        }
     }
 
     /// Every key in flight, oldest first.
@@ -185,17 +230,17 @@ impl Coordinator {
                 if flight.waiters.load(Ordering::Relaxed) >= req.max_waiters_per_key {
                     return Joined::Refused(Refusal::TooManyWaiters);
                 }
-                if self.waiters_total.fetch_add(1, Ordering::Relaxed)
-                    >= self.max_waiters.load(Ordering::Relaxed)
+                if let Err(refusal) =
+                    self.admit_waiter(req.owner.client, req.max_waiters_per_client)
                 {
-                    self.waiters_total.fetch_sub(1, Ordering::Relaxed);
-                    return Joined::Refused(Refusal::TooManyWaiters);
+                    return Joined::Refused(refusal);
                 }
                 flight.waiters.fetch_add(1, Ordering::Relaxed);
                 Joined::Waiter(Waiter {
                     rx: flight.state.subscribe(),
                     flight: flight.clone(),
                     coordinator: self.clone(),
+                    client: req.owner.client,
                 })
             }
             Entry::Vacant(v) => {
@@ -214,14 +259,14 @@ impl Coordinator {
                         Record::Held(h) => Joined::Held(h),
                     };
                 }
-                if let Err(refusal) = self.store.reserve(now, req.scope) {
+                if let Err(refusal) = self.store.reserve(now, req.owner) {
                     return Joined::Refused(refusal);
                 }
                 let flight = Arc::new(Flight {
                     fingerprint: req.fingerprint,
                     started: now,
                     route: req.route,
-                    scope: req.scope,
+                    owner: req.owner,
                     state: watch::Sender::new(None),
                     waiters: AtomicUsize::new(0),
                 });
@@ -273,12 +318,23 @@ impl LeaderPermit {
 
     /// Records the outcome, frees or keeps the key, and wakes every waiter. Returns how many
     /// waiters were attached at that moment: they receive this outcome (the access log's
-    /// "waiters served").
-    pub(crate) fn settle(mut self, outcome: Outcome, retention: Retention) -> usize {
-        self.settle_inner(outcome, retention)
+    /// "waiters served"). `shared`: the outcome was also written to the shared store by this
+    /// process (the store deletes it there if it evicts it here).
+    pub(crate) fn settle(
+        mut self,
+        outcome: Outcome,
+        retention: Retention,
+        shared: Option<SharedRef>,
+    ) -> usize {
+        self.settle_inner(outcome, retention, shared)
     }
 
-    fn settle_inner(&mut self, outcome: Outcome, retention: Retention) -> usize {
+    fn settle_inner(
+        &mut self,
+        outcome: Outcome,
+        retention: Retention,
+        shared: Option<SharedRef>,
+    ) -> usize {
         self.settled = true;
         let now = Instant::now();
         let record = match &outcome {
@@ -296,8 +352,9 @@ impl LeaderPermit {
         // Store first, then remove the flight: see the module doc.
         c.store.settle(
             self.key,
-            self.flight.scope,
+            self.flight.owner,
             record.map(|(r, exp)| (r, self.flight.fingerprint, exp)),
+            shared,
             now,
         );
         c.flights
@@ -319,6 +376,7 @@ impl Drop for LeaderPermit {
                 Retention {
                     ttl: Duration::ZERO,
                 },
+                None,
             );
         }
     }
@@ -329,6 +387,7 @@ pub(crate) struct Waiter {
     rx: watch::Receiver<Option<Outcome>>,
     flight: Arc<Flight>,
     coordinator: Arc<Coordinator>,
+    client: ClientId,
 }
 
 impl std::fmt::Debug for Waiter {
@@ -357,15 +416,14 @@ impl Waiter {
 impl Drop for Waiter {
     fn drop(&mut self) {
         self.flight.waiters.fetch_sub(1, Ordering::Relaxed);
-        self.coordinator
-            .waiters_total
-            .fetch_sub(1, Ordering::Relaxed);
+        self.coordinator.release_waiter(self.client);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::memory::Limits;
     use bytes::Bytes;
 
     const HOLD: Duration = Duration::from_secs(30);
@@ -374,7 +432,7 @@ mod tests {
     };
 
     fn coordinator(max_entries: usize) -> Arc<Coordinator> {
-        Coordinator::new(MemoryStore::new(max_entries, 1 << 20, usize::MAX), 1000)
+        Coordinator::new(MemoryStore::new(Limits::bounds(max_entries, 1 << 20)), 1000)
     }
 
     fn req(k: u8, fp: u8, keyed: bool) -> JoinRequest {
@@ -384,9 +442,10 @@ mod tests {
             keyed,
             on_concurrent: OnConcurrent::Wait,
             max_waiters_per_key: 100,
+            max_waiters_per_client: 1000,
             hold_for: HOLD,
             route: RouteId(0),
-            scope: ScopeId::default(),
+            owner: Owner::default(),
         }
     }
 
@@ -435,6 +494,7 @@ mod tests {
                 stored: true,
             },
             TTL,
+            None,
         );
         assert_eq!(served, 2, "both waiters receive the outcome");
         for t in [t1, t2] {
@@ -475,6 +535,7 @@ mod tests {
                 stored: true,
             },
             TTL,
+            None,
         );
         assert!(matches!(
             c.join(req(1, 2, true)),
@@ -493,6 +554,7 @@ mod tests {
                 stored: false,
             },
             TTL,
+            None,
         );
         assert!(matches!(
             w.wait(Duration::from_secs(1)).await,
@@ -507,7 +569,7 @@ mod tests {
         let p = leader(c.join(req(1, 1, true)));
         tokio::time::sleep(Duration::from_secs(10)).await;
         let held = p.hold(504);
-        p.settle(Outcome::Unknown(held), TTL);
+        p.settle(Outcome::Unknown(held), TTL, None);
         assert!(matches!(c.join(req(1, 1, true)), Joined::Held(h) if h.status == 504));
         tokio::time::sleep(Duration::from_secs(19)).await;
         assert!(matches!(c.join(req(1, 1, true)), Joined::Held(_)));
@@ -542,7 +604,7 @@ mod tests {
                 waiters: 0
             }
         );
-        p.settle(Outcome::Unreachable, TTL);
+        p.settle(Outcome::Unreachable, TTL, None);
         assert_eq!(
             c.counts(),
             Counts {

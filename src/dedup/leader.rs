@@ -41,7 +41,7 @@ use tokio::time::{timeout_at, Instant};
 pub(crate) struct Plan {
     /// The request as sent upstream.
     pub(crate) request: RequestHeader,
-    /// The complete request body.
+    /// The complete request body; taken by the call, which drops it once written upstream.
     pub(crate) body: Bytes,
     /// Statuses kept for replay.
     pub(crate) store_statuses: StatusSet,
@@ -121,10 +121,11 @@ struct Leader {
 
 impl Leader {
     async fn settle(self, outcome: Outcome, retention: Retention) -> usize {
+        let mut shared = None;
         if let Some((store, claim)) = &self.claim {
-            store.settle(claim, &outcome, retention).await;
+            shared = store.settle(claim, &outcome, retention).await;
         }
-        self.permit.settle(outcome, retention)
+        self.permit.settle(outcome, retention, shared)
     }
 }
 
@@ -157,7 +158,7 @@ async fn run(
         match shared.store.lead(shared.request).await {
             Lead::Call(claim) => leader.claim = claim.map(|c| (shared.store, c)),
             Lead::Answer(a) => {
-                let served = leader.permit.settle(a.outcome.clone(), a.retention);
+                let served = leader.permit.settle(a.outcome.clone(), a.retention, None);
                 let report = CallReport {
                     upstream: Duration::ZERO,
                     waiters_served: served,
@@ -171,8 +172,9 @@ async fn run(
     let key = leader.permit.key();
     let started = std::time::Instant::now();
     let hold = |status| leader.permit.hold(status);
+    let body = std::mem::take(&mut plan.body);
     // Boxed so that `run` stays small (see `spawn`).
-    let (called, took) = Box::pin(call(&upstream, &metrics, &plan, key, hold, started)).await;
+    let (called, took) = Box::pin(call(&upstream, &metrics, &plan, body, key, hold, started)).await;
     let report = |waiters_served| CallReport {
         upstream: took,
         waiters_served,
@@ -217,12 +219,13 @@ async fn call(
     upstream: &Upstream,
     metrics: &Metrics,
     plan: &Plan,
+    body: Bytes,
     key: DedupKey,
     hold: impl Fn(u16) -> Held,
     started: std::time::Instant,
 ) -> (Called, Duration) {
     let key = key.short();
-    let sent = timeout_at(plan.deadline, upstream.send(&plan.request, &plan.body)).await;
+    let sent = timeout_at(plan.deadline, upstream.send(&plan.request, body)).await;
     let mut ex = match sent {
         Ok(Ok(exchange)) => exchange,
         Ok(Err(CallError::NotSent(reason))) => {

@@ -3,6 +3,7 @@
 //! out too large (it was consumed, so Pingora's proxy path can no longer send it).
 
 use crate::http::admission::declared_length;
+use crate::http::body_budget::{BodyLimits, Lease, Over};
 use crate::http::client_addr::Peer;
 use crate::http::forward::forwarded_request;
 use crate::http::framing;
@@ -19,12 +20,16 @@ use std::time::Duration;
 
 /// Result of reading a request body that idem buffers.
 pub(crate) enum BodyRead {
-    /// The whole body and its fingerprint.
+    /// The whole body (holding its lease) and its fingerprint.
     Complete(Bytes, Fingerprint),
     /// Over `max_body`: what was read so far (the rest is still unread).
     TooLarge(Bytes),
     /// Not complete within `body_read_timeout`.
     TimedOut,
+    /// idem may not hold more body bytes for this client, or at all (the rest is unread).
+    Refused(Over),
+    /// The client broke the framing (a malformed chunked body): its answer is 400.
+    Malformed(Box<pingora::Error>),
 }
 
 /// Answers `Expect: 100-continue` itself. Pingora forwards `Expect` and relays only an
@@ -79,32 +84,75 @@ pub(crate) async fn discard(session: &mut Session, max_body: u64, deadline: Dura
     }
 }
 
-/// Reads the body up to `max_body` within `deadline`, feeding `hasher` on the way. An `Err`
-/// means the client left or broke the framing.
+/// How [`read`] reads a body.
+pub(crate) struct Reading {
+    /// Largest body idem buffers (`max_body`).
+    pub(crate) max_body: u64,
+    /// Total deadline (`body_read_timeout`).
+    pub(crate) deadline: Duration,
+    /// The bytes this body takes from the budget.
+    pub(crate) lease: Lease,
+    /// What it may take.
+    pub(crate) limits: BodyLimits,
+}
+
+/// Reads the body up to `max_body` within the deadline, feeding `hasher` on the way; the
+/// bytes held are counted in `how.lease`, taken before they are read: a declared length at
+/// once (what the buffer will hold), a chunked body chunk by chunk. An `Err` means the client
+/// left.
 pub(crate) async fn read(
     session: &mut Session,
     mut hasher: FingerprintHasher,
-    max_body: u64,
-    deadline: Duration,
+    how: Reading,
 ) -> Result<BodyRead> {
+    let Reading {
+        max_body,
+        deadline,
+        mut lease,
+        limits,
+    } = how;
     let expected = declared_length(&session.req_header().headers).unwrap_or(0);
+    if let Err(over) = lease.take(expected.min(max_body), limits) {
+        return Ok(BodyRead::Refused(over));
+    }
     let mut buf = BodyBuf::with_hint(expected.min(max_body) as usize);
     let deadline = tokio::time::Instant::now() + deadline;
     loop {
         let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-            Ok(chunk) => chunk?,
+            Ok(Ok(chunk)) => chunk,
+            Ok(Err(e)) if is_malformed(&e) => return Ok(BodyRead::Malformed(e)),
+            Ok(Err(e)) => return Err(e),
             Err(_) => return Ok(BodyRead::TimedOut),
         };
         let Some(chunk) = chunk else { break };
+        let more = (buf.len() + chunk.len()) as u64;
+        if more > lease.bytes() {
+            if let Err(over) = lease.take(more - lease.bytes(), limits) {
+                return Ok(BodyRead::Refused(over));
+            }
+        }
         // Kept without a copy when the body arrives in one chunk.
-        if (buf.len() + chunk.len()) as u64 > max_body {
+        if more > max_body {
             buf.push(chunk);
-            return Ok(BodyRead::TooLarge(buf.freeze()));
+            return Ok(BodyRead::TooLarge(lease.attach(buf.freeze())));
         }
         hasher.update(&chunk);
         buf.push(chunk);
     }
-    Ok(BodyRead::Complete(buf.freeze(), hasher.finish()))
+    Ok(BodyRead::Complete(
+        lease.attach(buf.freeze()),
+        hasher.finish(),
+    ))
+}
+
+/// Whether a body read failed on the client's framing (a malformed chunk, a bad trailer,
+/// an h2 protocol error) rather than on the connection (closed, reset, timed out).
+pub(crate) fn is_malformed(e: &pingora::Error) -> bool {
+    use pingora::ErrorType::*;
+    !matches!(
+        e.etype(),
+        ConnectionClosed | ReadError | WriteError | ReadTimedout | WriteTimedout
+    )
 }
 
 /// Forwards a request whose body idem has partly consumed (`prefix`: a keyless chunked body

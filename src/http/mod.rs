@@ -2,6 +2,7 @@
 
 pub(crate) mod admission;
 pub(crate) mod body;
+pub(crate) mod body_budget;
 pub(crate) mod client_addr;
 pub(crate) mod first_bytes;
 pub(crate) mod forward;

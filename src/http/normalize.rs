@@ -13,13 +13,42 @@
 //!   request, deduplicated and refused like any other. Other upgrades (WebSocket) are left
 //!   untouched and pass through.
 //!
-//! Neither allocates for a request without repeated cookies or an `Upgrade`.
+//! * **The path in normal form** ([`path`], rules in [`crate::path`]): what idem routes on,
+//!   fingerprints and forwards.
+//!
+//! None allocates for a request without repeated cookies, an `Upgrade`, or a path outside
+//! normal form.
 
 use http::header::{self, HeaderName};
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Puts the request's path in normal form (the query stays as sent). Returns the normal
+/// form with encoded slashes read as `/` when the path holds any (the caller refuses the
+/// request if that picks another route). A target that is not UTF-8 cannot be rewritten:
+/// outside normal form it is refused (400), since its route would be a guess.
+pub(crate) fn path(req: &mut RequestHeader) -> pingora::Result<Option<String>> {
+    let normal = crate::path::normalize(req.uri.path());
+    let decoded_slashes = normal.decoded_slashes;
+    let rewritten = match normal.path {
+        std::borrow::Cow::Owned(p) => p,
+        std::borrow::Cow::Borrowed(_) => return Ok(decoded_slashes),
+    };
+    if !req.raw_path_is_utf8() {
+        return pingora::Error::e_explain(
+            pingora::ErrorType::HTTPStatus(400),
+            "a request target that is not UTF-8 and not in normal form",
+        );
+    }
+    let target = match req.uri.query() {
+        Some(q) => format!("{rewritten}?{q}"),
+        None => rewritten,
+    };
+    req.set_raw_path(target.as_bytes())?;
+    Ok(decoded_slashes)
+}
 
 /// Applies both rules to `req`.
 pub(crate) fn request_head(req: &mut RequestHeader) -> pingora::Result<()> {

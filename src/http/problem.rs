@@ -16,6 +16,32 @@ use std::time::Duration;
 /// Base of every problem `type` URI; README lists them all.
 pub(crate) const TYPE_BASE: &str = "https://idem.dev/problems/";
 
+/// Every problem type, for the `type` label of `idem_problems_total` (series exist from
+/// start-up).
+pub(crate) const KINDS: [&str; 21] = [
+    "missing-key",
+    "key-malformed",
+    "fingerprint-mismatch",
+    "in-progress",
+    "outcome-unknown",
+    "not-replayable",
+    "not-acceptable",
+    "too-large",
+    "body-timeout",
+    "store-full",
+    "store-unavailable",
+    "scope-quota",
+    "client-quota",
+    "too-many-waiters",
+    "body-buffer-full",
+    "upstream-unreachable",
+    "upstream-timeout",
+    "upstream-failed",
+    "bad-request",
+    "private-response",
+    "bad-path",
+];
+
 /// A failure idem answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Problem {
@@ -51,8 +77,13 @@ pub(crate) enum Problem {
     StoreUnavailable,
     /// 429: the caller's scope holds its quota of keys (`store.max_keys_per_scope`).
     ScopeQuota,
+    /// 429: the caller's address holds its share of what idem can hold for others (keys in
+    /// flight or held, waiters, buffered request bodies).
+    ClientQuota,
     /// 503: waiter caps reached.
     TooManyWaiters,
+    /// 503: idem holds `[server] max_body_buffer` bytes of request bodies already.
+    BodyBufferFull,
     /// 502: no backend could be reached; nothing was sent, a retry may run.
     UpstreamUnreachable,
     /// 504: a passed-through request got no answer in time (not deduplicated: nothing held).
@@ -62,6 +93,12 @@ pub(crate) enum Problem {
     UpstreamFailed,
     /// 400: the request could not be read (malformed framing).
     BadRequest,
+    /// 400: the path's encoded slashes would change its route (`crate::path`).
+    BadPath,
+    /// 409: the response was marked `private` or `no-store` by the origin and went to its
+    /// first client only; this request's scope holds no credential that identifies the
+    /// caller.
+    PrivateResponse,
 }
 
 /// Everything a problem says about itself.
@@ -106,11 +143,15 @@ impl Problem {
             Problem::StoreFull => (503, "store-full", "Dedup store full", "No room for a new key: every entry is in flight or held. Retry later.", A::Error),
             Problem::StoreUnavailable => (503, "store-unavailable", "Dedup store unavailable", "The shared dedup store cannot be reached, and this deployment refuses to forward requests it cannot deduplicate. Retry later.", A::Error),
             Problem::ScopeQuota => (429, "scope-quota", "Too many keys for this client", "This client has its full share of keys in flight, held or stored, and may not evict other clients' responses. Retry later.", A::Error),
+            Problem::ClientQuota => (429, "client-quota", "Too much held for this client", "This client address has its full share of requests in progress, held keys, waiting requests or request bodies being read. Retry later.", A::Error),
             Problem::TooManyWaiters => (503, "too-many-waiters", "Too many waiting requests", "Too many requests are waiting for identical calls. Retry later.", A::Error),
+            Problem::BodyBufferFull => (503, "body-buffer-full", "Too many request bodies in memory", "The proxy holds as many request bodies as it may. Retry later.", A::Error),
             Problem::UpstreamUnreachable => (502, "upstream-unreachable", "Upstream unreachable", "No upstream server could be reached; the request was not sent. It is safe to retry.", A::Error),
             Problem::UpstreamTimeout => (504, "upstream-timeout", "Upstream timeout", "The upstream server did not answer in time. It may have processed the request.", A::Error),
             Problem::UpstreamFailed => (502, "upstream-failed", "Upstream failed", "The upstream server failed while handling the request. It may have processed the request.", A::Error),
             Problem::BadRequest => (400, "bad-request", "Bad request", "The request could not be read: its framing is malformed.", A::Error),
+            Problem::BadPath => (400, "bad-path", "Ambiguous path", "The path holds an encoded slash that would make it name another resource once decoded. Send the path without it.", A::Error),
+            Problem::PrivateResponse => (409, "private-response", "Response is private", "The response to this request was marked private by the server and went to its first client only. It is not run again.", A::NotReplayable),
         };
         Info {
             status,
@@ -140,7 +181,9 @@ impl Problem {
             Problem::StoreFull
             | Problem::StoreUnavailable
             | Problem::TooManyWaiters
-            | Problem::ScopeQuota => Some(1),
+            | Problem::BodyBufferFull
+            | Problem::ScopeQuota
+            | Problem::ClientQuota => Some(1),
             _ => None,
         }
     }
@@ -167,6 +210,7 @@ impl From<Refusal> for Problem {
             },
             Refusal::StoreFull => Problem::StoreFull,
             Refusal::ScopeQuota => Problem::ScopeQuota,
+            Refusal::ClientQuota => Problem::ClientQuota,
             Refusal::TooManyWaiters => Problem::TooManyWaiters,
             Refusal::StoreUnavailable => Problem::StoreUnavailable,
         }

@@ -1,14 +1,17 @@
 //! The Pingora glue: the life of a request, top to bottom, in `request_filter`.
 //!
 //! 0. The head as idem treats it ([`crate::http::normalize`]: split cookies joined, an h2c
-//!    upgrade offer dropped), the peer and its trust, and the client address through
-//!    trusted hops ([`crate::http::client_addr`]), all once. HTTP/1.1 pipelining is on:
+//!    upgrade offer dropped, the path in normal form), the peer and its trust, and the client
+//!    address through trusted hops ([`crate::http::client_addr`]), all once. HTTP/1.1 pipelining is on:
 //!    pipelined requests are answered one after the other, in order.
-//! 1. Route and admission from the head alone ([`crate::http::admission`]): pass-through
-//!    requests return `Ok(false)` and take Pingora's streamed proxy path untouched.
-//! 2. Read the whole body up to `max_body` within `body_read_timeout`, hashing it as it
-//!    arrives ([`crate::http::body`]). A body that turns out too large is refused (key
-//!    present) or forwarded by idem itself (never handed back to Pingora: it was consumed).
+//! 1. Route (a path whose encoded slashes would change its route is refused) and admission
+//!    from the head alone ([`crate::http::admission`]): pass-through requests return
+//!    `Ok(false)` and take Pingora's streamed proxy path untouched.
+//! 2. Read the whole body up to `max_body` within `body_read_timeout` and the client's share
+//!    of the body budget ([`crate::http::body_budget`]), hashing it as it arrives
+//!    ([`crate::http::body`]). A body that turns out too large is refused (key present) or
+//!    forwarded by idem itself (never handed back to Pingora: it was consumed); broken
+//!    framing is a 400.
 //! 3. Derive scope, fingerprint and dedup key ([`crate::http::key_inputs`], [`crate::key`]).
 //! 4. Join ([`crate::dedup::coordinator`]): the leader spawns the detached call
 //!    ([`crate::dedup::leader`]), waiters wait, others are replayed or refused. Each ends in
@@ -32,7 +35,8 @@ use crate::dedup::leader::{self, LeaderReply, Plan};
 use crate::dedup::shadow::request::{ShadowPolicy, ShadowRequest, Sinks};
 use crate::dedup::shadow::table::ShadowTable;
 use crate::http::admission::{admit, Admission, Bypass};
-use crate::http::body::{self, BodyRead};
+use crate::http::body::{self, BodyRead, Reading};
+use crate::http::body_budget::{BodyBudget, BodyLimits, Over};
 use crate::http::client_addr::{self, Peer};
 use crate::http::forward;
 use crate::http::framing;
@@ -46,6 +50,7 @@ use crate::message::is_storable;
 use crate::observe::access_log;
 use crate::observe::metrics::{Answered, Lookup, Metrics};
 use crate::outcome::{Disposition, Refusal};
+use crate::owner::{ClientId, Owner};
 use crate::store::redis::{LeadRequest, RedisStore};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
@@ -79,6 +84,8 @@ pub(crate) struct Idem {
     pub(crate) shadow: Arc<ShadowTable>,
     /// The Redis store shared by replicas (`store.kind = "redis"`); `None` with memory.
     pub(crate) redis: Option<Arc<RedisStore>>,
+    /// Request bodies held in memory.
+    pub(crate) body_budget: Arc<BodyBudget>,
 }
 
 /// Per-request state.
@@ -135,25 +142,48 @@ impl Idem {
         // Until an answer is chosen, a request that ends here (its client left during the
         // upload) is an error, not a bypass: it was admitted to dedup.
         ctx.answered = Answered::Error;
+        let client = ClientId::of(ctx.client);
+        let reading = Reading {
+            max_body: route.max_body,
+            deadline: settings.body_read_timeout,
+            lease: self.body_budget.lease(client),
+            limits: BodyLimits {
+                total: settings.max_body_buffer,
+                per_client: settings.max_body_buffer_per_client,
+            },
+        };
         body::continue_if_expected(session).await?;
         let hasher = key_inputs::fingerprint(&self.keys, session.req_header(), route);
-        let read = body::read(session, hasher, route.max_body, settings.body_read_timeout).await;
+        let read = body::read(session, hasher, reading).await;
         let (body, fingerprint) = match read {
             Ok(BodyRead::Complete(body, fp)) => (body, fp),
+            Ok(BodyRead::Refused(over)) => {
+                // The rest of the body is left unread: this connection cannot carry another
+                // request.
+                session.set_keepalive(None);
+                let p = match over {
+                    Over::Client => Problem::ClientQuota,
+                    Over::Total => Problem::BodyBufferFull,
+                };
+                return self.reply(session, ctx, p.into(), Audience::NOBODY).await;
+            }
+            Ok(BodyRead::Malformed(e)) => {
+                // The client's mistake, not idem's nor a departure: a plain 400, and nothing
+                // after it on this connection can be trusted to be a request.
+                tracing::info!(error = %e, "request body framing malformed: 400");
+                session.set_keepalive(None);
+                let p = Problem::BadRequest.into();
+                return self.reply(session, ctx, p, Audience::NOBODY).await;
+            }
             Ok(BodyRead::TimedOut) => {
                 return self
-                    .reply(
-                        session,
-                        ctx,
-                        Problem::BodyTimeout.into(),
-                        Audience::Anonymous,
-                    )
+                    .reply(session, ctx, Problem::BodyTimeout.into(), Audience::NOBODY)
                     .await
             }
             Ok(BodyRead::TooLarge(prefix)) => {
                 if idem_key.is_some() || route.mode == Mode::RequireKey {
                     let p = Problem::TooLarge.into();
-                    return self.reply(session, ctx, p, Audience::Anonymous).await;
+                    return self.reply(session, ctx, p, Audience::NOBODY).await;
                 }
                 ctx.answered = Answered::TooLarge;
                 // Boxed: a rare path with a large future (a whole upstream exchange) that would
@@ -172,11 +202,11 @@ impl Idem {
                 return Err(e);
             }
         };
-        let scope = key_inputs::scope(&self.keys, session.req_header(), route);
-        let audience = if scope.anonymous {
-            Audience::Anonymous
-        } else {
-            Audience::Identified
+        let caller = key_inputs::caller(&self.keys, session.req_header(), route);
+        let scope = caller.scope;
+        let audience = Audience {
+            identified: caller.identified,
+            credentials: &route.credential_headers,
         };
         let key = match &idem_key {
             Some(k) => self.keys.keyed(&scope, k),
@@ -190,13 +220,20 @@ impl Idem {
             keyed: idem_key.is_some(),
             on_concurrent: route.on_concurrent,
             max_waiters_per_key: route.max_waiters_per_key,
+            max_waiters_per_client: settings.max_waiters_per_client,
             hold_for,
             route: ctx.route,
-            scope: scope.id(),
+            owner: Owner {
+                scope: scope.id(),
+                client,
+            },
         });
         self.metrics.lookup(lookup_result(&joined));
+        // Only a leader sends the body; everyone else lets go of it before waiting.
+        let mut body = Some(body).filter(|_| matches!(joined, Joined::Leader(_)));
         let reply = match joined {
             Joined::Leader(permit) => {
+                let body = body.take().unwrap_or_default();
                 // Its client may leave before the answer: the request still led the call.
                 ctx.answered = Answered::Leader;
                 let request =
@@ -276,9 +313,12 @@ impl Idem {
         session: &mut Session,
         ctx: &mut Ctx,
         reply: Reply,
-        audience: Audience,
+        audience: Audience<'_>,
     ) -> Result<bool> {
-        let reply = reply.for_client(session.req_header());
+        let reply = reply.for_client(session.req_header(), audience);
+        if let Reply::Problem(p) = &reply {
+            self.metrics.problem(p.kind());
+        }
         let written = reply.written();
         ctx.status = written.status;
         ctx.answered = written.answered;
@@ -294,6 +334,8 @@ fn lookup_result(joined: &Joined) -> Lookup {
         // Refused for lack of room, like store-full (its own series would break the "every
         // series from start-up" set); the outcome tells them apart.
         Joined::Refused(Refusal::StoreFull | Refusal::ScopeQuota) => Lookup::Full,
+        // A client over its share: of keys (no room for it) or of waiters (on a flight).
+        Joined::Refused(Refusal::ClientQuota) => Lookup::Full,
         Joined::Waiter(_) | Joined::Refused(Refusal::InProgress | Refusal::TooManyWaiters) => {
             Lookup::Inflight
         }
@@ -380,11 +422,20 @@ impl ProxyHttp for Idem {
                 .map(|v| v.as_bytes()),
             &settings.trusted_proxies,
         );
+        let ambiguous = normalize::path(session.req_header_mut())?;
         let matched = config.route(session.req_header().uri.path());
         let route = matched.policy;
         ctx.route = matched.id;
         let req = session.req_header();
-        match admit(route, &req.method, &req.headers) {
+        let admission = match ambiguous {
+            // The same route either way: nothing to decide.
+            Some(other) if config.route(&other).id != matched.id => {
+                tracing::info!(path = %req.uri.path(), "path refused: its encoded slashes would change its route");
+                Admission::Refuse(Problem::BadPath)
+            }
+            _ => admit(route, &req.method, &req.headers),
+        };
+        match admission {
             Admission::PassThrough(bypass) => {
                 ctx.mark_bypass = bypass != Bypass::Unmarked;
                 if bypass == Bypass::TooLarge {
@@ -398,8 +449,7 @@ impl ProxyHttp for Idem {
                 // client's next (maybe already pipelined) request; Pingora closes a
                 // connection answered before its body was read.
                 body::discard(session, route.max_body, settings.body_read_timeout).await;
-                self.reply(session, ctx, p.into(), Audience::Anonymous)
-                    .await
+                self.reply(session, ctx, p.into(), Audience::NOBODY).await
             }
             Admission::Dedup { key } => self.dedup(session, ctx, settings, route, key).await,
             // Forwarded like a pass-through (unmarked); the key is hashed as the body streams.
@@ -414,7 +464,7 @@ impl ProxyHttp for Idem {
                 };
                 ctx.shadow = Some(ShadowRequest::new(
                     key_inputs::fingerprint(&self.keys, req, route),
-                    key_inputs::scope(&self.keys, req, route),
+                    key_inputs::caller(&self.keys, req, route).scope,
                     key,
                     policy,
                 ));
@@ -517,10 +567,11 @@ impl ProxyHttp for Idem {
         if session.response_written().is_none() {
             ctx.answered = Answered::Error;
             ctx.status = status;
+            self.metrics.problem(problem.kind());
             // The connection may hold the rest of a body nobody read.
             session.set_keepalive(None);
             if let Err(err) = Reply::Problem(problem)
-                .write(session, Audience::Anonymous)
+                .write(session, Audience::NOBODY)
                 .await
             {
                 tracing::debug!(error = %err, "could not write the error answer: the client is gone");

@@ -2,23 +2,33 @@
 //!
 //! A deduplicated request ends in a [`Reply`]: a complete response (the leader's own, a
 //! collapsed waiter's, a replay), a streamed response (not replayable, leader only), or a
-//! problem. [`write`] is the only place that writes one, so the rules live here once:
+//! problem. [`Reply::write`] is the only place that writes one, so the rules live here once:
 //! * a stored response goes to a client other than its leader only if that client can read
 //!   its content coding (else 406 `not-acceptable`);
-//! * served from another request's call into the anonymous scope, it drops `Set-Cookie`;
-//! * hop-by-hop headers were dropped when the response was stored; framing is recomputed
-//!   (`Content-Length`), Pingora regenerates `Date` and `Connection`, and idem adds `Age`,
-//!   `Cache-Status` (RFC 9211, member `idem`) and `Idempotent-Replayed: true`;
+//! * **credentials stay with the client they were minted for**: served from another
+//!   request's call, a response drops its credential headers (`Set-Cookie`, `Set-Cookie2`,
+//!   `Authentication-Info`, `Proxy-Authentication-Info` and the route's
+//!   `credential_headers`) unless the scope identifies its caller ([`Audience`],
+//!   `crate::http::key_inputs`); whoever shares such a scope holds the same credential;
+//! * **private answers stay private**: a response the origin marked `Cache-Control:
+//!   private` or `no-store` goes to no client but its leader's in a scope that does not
+//!   identify its caller: the others get 409 `private-response`. The record stays, so the
+//!   call is never run again (neither rule can cause a second execution);
+//! * framing never comes from a stored response, wherever it was stored (this process, or
+//!   Redis, which another writer may have touched): hop-by-hop and framing headers are
+//!   dropped on the way out ([`crate::message::is_hop_by_hop`]), `Content-Length` is
+//!   recomputed from the body, Pingora regenerates `Date` and `Connection`, and idem adds
+//!   `Age`, `Cache-Status` (RFC 9211, member `idem`) and `Idempotent-Replayed: true`;
 //! * the status and the metric outcome of the request follow from the reply written.
 
 use crate::dedup::leader::Chunk;
 use crate::http::framing;
 use crate::http::problem::Problem;
-use crate::message::StoredResponse;
+use crate::message::{is_hop_by_hop, StoredResponse};
 use crate::observe::metrics::Answered;
 use crate::outcome::{Disposition, Outcome};
 use bytes::Bytes;
-use http::header;
+use http::{header, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
@@ -68,14 +78,22 @@ impl From<Problem> for Reply {
     }
 }
 
-/// Who the client is, for what may be shared with it.
+/// Who the client is, for what of another request's response may be shared with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Audience {
-    /// The request carried a scope header (a credential): it is its own scope.
-    Identified,
-    /// No scope header: the anonymous scope of its authority, shared by every anonymous
-    /// client of that host.
-    Anonymous,
+pub(crate) struct Audience<'a> {
+    /// The scope holds a credential that identifies its caller: whoever shares it holds the
+    /// same credential.
+    pub(crate) identified: bool,
+    /// Response headers that carry credentials (the route's, with the four always withheld).
+    pub(crate) credentials: &'a [HeaderName],
+}
+
+impl Audience<'static> {
+    /// A reply that shares nothing of a response (idem's own problems).
+    pub(crate) const NOBODY: Audience<'static> = Audience {
+        identified: false,
+        credentials: &[],
+    };
 }
 
 /// What was written, for the access log and the metrics.
@@ -88,15 +106,23 @@ pub(crate) struct Written {
 }
 
 impl Reply {
-    /// The reply this client may receive: a stored response served to a client other than
-    /// its leader, in a content coding that client did not accept, becomes 406.
-    pub(crate) fn for_client(self, req: &pingora::http::RequestHeader) -> Reply {
+    /// The reply this client may receive, served a response from another request's call: a
+    /// private response into a scope that does not identify its caller becomes 409
+    /// `private-response`; one in a content coding this client did not accept, 406.
+    pub(crate) fn for_client(
+        self,
+        req: &pingora::http::RequestHeader,
+        audience: Audience<'_>,
+    ) -> Reply {
         match self {
-            Reply::Response { response, how }
-                if !matches!(how, Disposition::Leader { .. })
-                    && !readable_by(&response, req.headers.get(header::ACCEPT_ENCODING)) =>
-            {
-                Reply::Problem(Problem::NotAcceptable)
+            Reply::Response { response, how } if !matches!(how, Disposition::Leader { .. }) => {
+                if !audience.identified && is_private(&response) {
+                    Reply::Problem(Problem::PrivateResponse)
+                } else if !readable_by(&response, req.headers.get(header::ACCEPT_ENCODING)) {
+                    Reply::Problem(Problem::NotAcceptable)
+                } else {
+                    Reply::Response { response, how }
+                }
             }
             other => other,
         }
@@ -129,7 +155,7 @@ impl Reply {
 
     /// Writes the reply (see the module doc). An `Err` means the client connection broke
     /// (or a stream was cut off upstream) and must not be reused.
-    pub(crate) async fn write(self, session: &mut Session, audience: Audience) -> Result<()> {
+    pub(crate) async fn write(self, session: &mut Session, audience: Audience<'_>) -> Result<()> {
         match self {
             Reply::Response { response, how } => {
                 write_stored(session, &response, how, audience).await
@@ -200,21 +226,45 @@ pub(crate) fn readable_by(
     })
 }
 
+/// `Cache-Control: private` (with or without field names) or `no-store`: a response the
+/// origin meant for its one client.
+pub(crate) fn is_private(resp: &StoredResponse) -> bool {
+    resp.headers
+        .iter()
+        .filter(|(n, _)| n == header::CACHE_CONTROL)
+        .filter_map(|(_, v)| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.split('=').next().unwrap_or("").trim())
+        .any(|d| d.eq_ignore_ascii_case("private") || d.eq_ignore_ascii_case("no-store"))
+}
+
+/// The headers of a stored response as written to this client: never hop-by-hop or
+/// framing ones, and credentials only to the leader's client or within a scope that
+/// identifies its caller.
+pub(crate) fn headers_for<'r>(
+    resp: &'r StoredResponse,
+    how: Disposition,
+    audience: Audience<'r>,
+) -> impl Iterator<Item = &'r (HeaderName, HeaderValue)> {
+    let shared = !matches!(how, Disposition::Leader { .. }) && !audience.identified;
+    let withheld = move |name: &HeaderName| shared && audience.credentials.contains(name);
+    resp.headers
+        .iter()
+        .filter(move |(name, _)| !is_hop_by_hop(name) && !withheld(name))
+}
+
 async fn write_stored(
     session: &mut Session,
     resp: &StoredResponse,
     how: Disposition,
-    audience: Audience,
+    audience: Audience<'_>,
 ) -> Result<()> {
     // No case map: every name here is an `http::HeaderName` or a lowercase literal, which
     // Pingora writes the same way with or without one (standard names titled, others as
     // they are), and keeping the second map in step was a fifth of a replay's own cost.
     let mut h = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 4))?;
     let replayed = !matches!(how, Disposition::Leader { .. });
-    for (name, value) in &resp.headers {
-        if replayed && audience == Audience::Anonymous && name == header::SET_COOKIE {
-            continue;
-        }
+    for (name, value) in headers_for(resp, how, audience) {
         h.append_header(name.clone(), value.clone())?;
     }
     if replayed {
@@ -288,7 +338,96 @@ async fn write_problem(session: &mut Session, p: Problem) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    const CREDENTIALS: [HeaderName; 5] = [
+        header::SET_COOKIE,
+        HeaderName::from_static("set-cookie2"),
+        HeaderName::from_static("authentication-info"),
+        HeaderName::from_static("proxy-authentication-info"),
+        HeaderName::from_static("x-auth-token"),
+    ];
+
+    fn name_pool() -> impl Strategy<Value = HeaderName> {
+        prop_oneof![
+            (0usize..5).prop_map(|i| CREDENTIALS[i].clone()),
+            Just(header::CONTENT_TYPE),
+            Just(header::CACHE_CONTROL),
+            Just(header::TRANSFER_ENCODING),
+            Just(header::CONTENT_LENGTH),
+            Just(header::CONNECTION),
+            Just(HeaderName::from_static("keep-alive")),
+            "x-[a-z]{1,8}".prop_map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap()),
+        ]
+    }
+
+    fn disposition() -> impl Strategy<Value = Disposition> {
+        prop_oneof![
+            any::<bool>().prop_map(|stored| Disposition::Leader { stored }),
+            Just(Disposition::Collapsed),
+            (0u64..100).prop_map(|ttl| Disposition::Replay { ttl }),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the response holds (from this process or from Redis): a credential
+        /// header never reaches a client other than the leader's in a scope that does not
+        /// identify its caller, framing and hop-by-hop headers never reach anyone, and
+        /// everything else is kept in order.
+        #[test]
+        fn credentials_reach_only_the_leader_of_a_scope_without_a_credential(
+            names in proptest::collection::vec(name_pool(), 0..12),
+            how in disposition(),
+            identified in any::<bool>(),
+        ) {
+            let resp = StoredResponse {
+                status: 200,
+                headers: names
+                    .iter()
+                    .map(|n| (n.clone(), HeaderValue::from_static("v")))
+                    .collect(),
+                body: Bytes::new(),
+                completed_at: Instant::now(),
+            };
+            let audience = Audience { identified, credentials: &CREDENTIALS };
+            let out: Vec<HeaderName> =
+                headers_for(&resp, how, audience).map(|(n, _)| n.clone()).collect();
+            let leader = matches!(how, Disposition::Leader { .. });
+            let expected: Vec<HeaderName> = names
+                .iter()
+                .filter(|n| !is_hop_by_hop(n))
+                .filter(|n| leader || identified || !CREDENTIALS.contains(n))
+                .cloned()
+                .collect();
+            prop_assert_eq!(&out, &expected);
+            if !leader && !identified {
+                prop_assert!(out.iter().all(|n| !CREDENTIALS.contains(n)));
+            }
+            prop_assert!(out.iter().all(|n| !is_hop_by_hop(n)));
+        }
+    }
+
+    #[test]
+    fn private_and_no_store_responses_are_private() {
+        let with = |cc: &'static str| StoredResponse {
+            status: 200,
+            headers: vec![(header::CACHE_CONTROL, HeaderValue::from_static(cc))],
+            body: Bytes::new(),
+            completed_at: Instant::now(),
+        };
+        for private in [
+            "private",
+            "no-store",
+            "max-age=0, Private",
+            "private=\"set-cookie\"",
+            "public, NO-STORE",
+        ] {
+            assert!(is_private(&with(private)), "{private}");
+        }
+        for shared in ["public", "max-age=60", "no-cache", "privately"] {
+            assert!(!is_private(&with(shared)), "{shared}");
+        }
+    }
 
     fn with_coding(coding: Option<&'static str>) -> StoredResponse {
         StoredResponse {

@@ -193,6 +193,12 @@ pub(crate) struct Metrics {
     max_waiters: IntGauge,
     /// Requests refused before idem could answer (client gone while idem read the body).
     client_aborts: IntCounter,
+    /// idem's own problem answers by type.
+    problems: IntCounterVec,
+    /// Admin requests refused by the guard, by reason.
+    admin_refusals: IntCounterVec,
+    /// Bytes of request bodies held now (`http::body_budget` keeps it current).
+    pub(crate) body_buffer: IntGauge,
 }
 
 impl Metrics {
@@ -295,6 +301,20 @@ impl Metrics {
                 "Configured bound on waiters across all keys (server.max_waiters).",
             ),
             client_aborts,
+            problems: counter(
+                "idem_problems_total",
+                "Problem answers idem wrote itself, by problem type (README: Problem types).",
+                &["type"],
+            ),
+            admin_refusals: counter(
+                "idem_admin_refusals_total",
+                "Admin listener requests refused: host (not a loopback name), origin (a browser), token.",
+                &["reason"],
+            ),
+            body_buffer: gauge(
+                "idem_body_buffer_bytes",
+                "Bytes of request bodies idem holds now (read for dedup, or waiting to be sent upstream).",
+            ),
             lookups: Vec::new(),
             routes: parking_lot::RwLock::new(Vec::new()),
             request_series: parking_lot::RwLock::new(Vec::new()),
@@ -302,6 +322,9 @@ impl Metrics {
         };
         for reason in ["capacity", "expired"] {
             m.store_evictions.with_label_values(&[reason]);
+        }
+        for reason in ["host", "origin", "token"] {
+            m.admin_refusals.with_label_values(&[reason]);
         }
         m.lookups = Lookup::ALL
             .iter()
@@ -438,6 +461,24 @@ impl Metrics {
     /// A client left while idem read its request body.
     pub(crate) fn client_abort(&self) {
         self.client_aborts.inc();
+    }
+
+    /// Creates the `idem_problems_total` series of every problem type, so that rates are
+    /// defined from the first scrape.
+    pub(crate) fn register_problems(&self, kinds: &[&str]) {
+        for kind in kinds {
+            self.problems.with_label_values(&[kind]);
+        }
+    }
+
+    /// The admin listener refused a request (`reason`: host, origin, token).
+    pub(crate) fn admin_refused(&self, reason: &str) {
+        self.admin_refusals.with_label_values(&[reason]).inc();
+    }
+
+    /// idem answered a request with a problem of type `kind`.
+    pub(crate) fn problem(&self, kind: &str) {
+        self.problems.with_label_values(&[kind]).inc();
     }
 
     /// Renders the text exposition with `gauges` read from their owners just before.

@@ -23,11 +23,12 @@ use crate::config::live::{Live, Snapshot};
 use crate::config::settings::Settings;
 use crate::dedup::coordinator::Coordinator;
 use crate::dedup::shadow::table::ShadowTable;
+use crate::http::body_budget::BodyBudget;
 use crate::http::first_bytes::FirstBytesDeadline;
 use crate::http::proxy::Idem;
 use crate::key::KeyDeriver;
 use crate::observe::metrics::Metrics;
-use crate::store::memory::MemoryStore;
+use crate::store::memory::{Limits, MemoryStore};
 use crate::store::redis::metrics::StoreMetrics;
 use crate::store::redis::{RedisSettings, RedisStore};
 use crate::upstream::Upstream;
@@ -92,14 +93,18 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         },
     );
 
-    let store = MemoryStore::new(
-        settings.store.max_entries,
-        settings.store.max_bytes,
-        settings.store.max_keys_per_scope,
-    );
+    let store = MemoryStore::new(Limits {
+        max_entries: settings.store.max_entries,
+        max_bytes: settings.store.max_bytes,
+        max_pinned: settings.store.max_pinned,
+        scope_keys: settings.store.max_keys_per_scope,
+        client_keys: settings.store.max_keys_per_client,
+        client_bytes: settings.store.max_bytes_per_client,
+    });
     let store_stats = store.stats();
     let coordinator = Coordinator::new(store, settings.max_waiters);
     let metrics = Metrics::new();
+    metrics.register_problems(&crate::http::problem::KINDS);
     metrics.set_bounds(
         settings.store.max_entries,
         settings.store.max_bytes,
@@ -112,6 +117,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     let signals_installed = Arc::new(Notify::new());
 
     let keys = KeyDeriver::new(settings.secret.as_deref());
+    let admin_token = settings.admin_token.clone();
     let proxy_protocol = settings.proxy_protocol;
     let shadow = Arc::new(ShadowTable::new(settings.store.max_entries));
     let names: Vec<String> = settings.all_routes().map(|r| r.name.clone()).collect();
@@ -126,6 +132,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         active: active.clone(),
         shadow,
         redis: redis.clone(),
+        body_budget: Arc::new(BodyBudget::with_gauge(metrics.body_buffer.clone())),
     };
     // Two Pingora apps over the same state: `first_bytes.rs` tells HTTP/1 from h2c and hands
     // each connection to the app for it.
@@ -158,6 +165,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
                 coordinator: coordinator.clone(),
                 metrics: metrics.clone(),
                 redis: redis.clone(),
+                token: admin_token.clone(),
             }),
         );
         service.add_tcp(&addr.to_string());
@@ -246,14 +254,24 @@ fn start_redis_store(
             tracing::info!(key = %key.short(), "redis store: a purge announced by a replica dropped this replica's copy");
         }
     };
+    // `idem check` refuses a Redis store without a secret.
+    let secret = settings.secret.as_deref().unwrap_or_default();
     let store = RedisStore::start(
-        RedisSettings::from_store(&settings.store),
+        RedisSettings::from_store(&settings.store, secret),
         store_metrics,
         on_purge,
     );
     if let Some(p) = &settings.store.password {
         tracing::info!(from = ?p.from, user = settings.store.username.as_deref().unwrap_or("(the URL's, else default)"), "redis store: authenticating with the configured password");
     }
+    // What this replica's store evicts (or cannot keep) of what it wrote to Redis goes
+    // there too: its Redis writes stay within its own bounds.
+    let weak = Arc::downgrade(&store);
+    coordinator.store().set_on_evict(Box::new(move |gone| {
+        if let Some(store) = weak.upgrade() {
+            store.forget(gone);
+        }
+    }));
     if store.wait_up(settings.store.timeout * 2) {
         tracing::info!(owner = %store.owner().hex(), prefix = %settings.store.key_prefix, "redis store: ready");
     } else {

@@ -14,8 +14,10 @@
 //! * every waiter still attached when its leader settles receives exactly that outcome (the
 //!   same stored response, by pointer), and a waiter whose `wait_timeout` passes first
 //!   receives `None` (answered 409 in-progress by the proxy);
-//! * the per-scope quota holds: a scope never has more than its quota of keys in flight or
-//!   held, and a scope at its quota makes room only from its own records;
+//! * the quotas hold: a scope, a client (address) and the store never have more than their
+//!   quota of keys in flight or held; a scope, then a client, at its quota makes room only
+//!   from its own records, and otherwise the heaviest client gives up its least recently
+//!   used one; a client never has more waiters than its share;
 //! * in-flight and waiter counts, stored and reserved entries, held keys and both eviction
 //!   counters equal the model's after every step, and all return to zero once every call is
 //!   settled and every record has expired.
@@ -30,7 +32,8 @@ use crate::dedup::coordinator::{Coordinator, JoinRequest, Joined, LeaderPermit};
 use crate::key::{DedupKey, Fingerprint, ScopeId};
 use crate::message::StoredResponse;
 use crate::outcome::{Outcome, Refusal, Retention};
-use crate::store::memory::MemoryStore;
+use crate::owner::{ClientId, Owner};
+use crate::store::memory::{Limits, MemoryStore};
 use bytes::Bytes;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
@@ -40,17 +43,23 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Keys 0 to 2 carry an `Idempotency-Key` (fingerprint may differ: misuse); keys 3 and 4
+/// Keys 0 to 3 carry an `Idempotency-Key` (fingerprint may differ: misuse); keys 4 to 6
 /// are keyless fingerprint keys (the fingerprint is their identity, so they never mismatch).
-/// Five keys over three store slots: capacity evictions and store-full happen.
-const KEYS: u8 = 5;
-const KEYED: u8 = 3;
-const MAX_ENTRIES: usize = 3;
-/// Two scopes (key `k` belongs to scope `k % 2`) with a quota of two keys each: a scope at
-/// its quota gives up only its own records, and never has more than two keys in flight or
-/// held.
+/// Seven keys over four store slots: capacity evictions and store-full happen.
+const KEYS: u8 = 7;
+const KEYED: u8 = 4;
+const MAX_ENTRIES: usize = 4;
+/// Three scopes (key `k` belongs to scope `k % 3`) with a quota of two keys each; scopes 0
+/// and 1 come from client 0, scope 2 from client 1, and a client's quota is three keys: a
+/// scope or a client at its quota gives up only its own records, and never has more keys in
+/// flight or held than its quota; otherwise the heaviest client gives up its oldest record.
+const SCOPES: u8 = 3;
 const SCOPE_QUOTA: usize = 2;
+const CLIENT_QUOTA: usize = 3;
+/// Three of the four slots at most in flight or held.
+const MAX_PINNED: usize = 3;
 const MAX_WAITERS_TOTAL: usize = 4;
+const MAX_WAITERS_PER_CLIENT: usize = 3;
 const MAX_WAITERS_PER_KEY: usize = 2;
 const HOLD: Duration = Duration::from_secs(7);
 const TTL: Duration = Duration::from_secs(5);
@@ -141,6 +150,7 @@ enum Expect {
     InProgress,
     StoreFull,
     ScopeQuota,
+    ClientQuota,
     TooManyWaiters,
 }
 
@@ -155,6 +165,7 @@ fn actual(j: &Joined) -> Expect {
         Joined::Refused(Refusal::InProgress) => Expect::InProgress,
         Joined::Refused(Refusal::StoreFull) => Expect::StoreFull,
         Joined::Refused(Refusal::ScopeQuota) => Expect::ScopeQuota,
+        Joined::Refused(Refusal::ClientQuota) => Expect::ClientQuota,
         Joined::Refused(Refusal::TooManyWaiters) => Expect::TooManyWaiters,
         Joined::Refused(Refusal::StoreUnavailable) => {
             panic!("only the Redis store refuses with store-unavailable")
@@ -212,11 +223,22 @@ fn dedup_key(k: u8) -> DedupKey {
 }
 
 fn scope_of(k: u8) -> u8 {
-    k % 2
+    k % SCOPES
 }
 
-fn scope_id(k: u8) -> ScopeId {
-    ScopeId([scope_of(k) + 1; 16])
+fn client_of(k: u8) -> u8 {
+    u8::from(scope_of(k) == 2)
+}
+
+fn client_id(client: u8) -> ClientId {
+    ClientId([client + 1; 16])
+}
+
+fn owner(k: u8) -> Owner {
+    Owner {
+        scope: ScopeId([scope_of(k) + 1; 16]),
+        client: client_id(client_of(k)),
+    }
 }
 
 fn fingerprint(k: u8, fp: u8) -> Fingerprint {
@@ -231,7 +253,14 @@ impl Harness {
     fn new() -> Harness {
         Harness {
             c: {
-                let store = MemoryStore::new(MAX_ENTRIES, 1 << 30, SCOPE_QUOTA);
+                let store = MemoryStore::new(Limits {
+                    max_entries: MAX_ENTRIES,
+                    max_bytes: 1 << 30,
+                    max_pinned: MAX_PINNED,
+                    scope_keys: SCOPE_QUOTA,
+                    client_keys: CLIENT_QUOTA,
+                    client_bytes: 1 << 30,
+                });
                 Coordinator::new(store, MAX_WAITERS_TOTAL)
             },
             records: BTreeMap::new(),
@@ -266,40 +295,61 @@ impl Harness {
         self.records.len() + self.running.len()
     }
 
-    /// Records and running calls of `scope`.
-    fn scope_keys(&self, scope: u8) -> usize {
-        self.records
-            .keys()
-            .filter(|k| scope_of(**k) == scope)
-            .count()
-            + self
-                .running
-                .iter()
-                .filter(|r| scope_of(r.key) == scope)
-                .count()
+    /// Records and running calls of the keys `of` selects (a scope's, a client's).
+    fn keys_of(&self, of: impl Fn(u8) -> bool) -> usize {
+        self.records.keys().filter(|k| of(**k)).count()
+            + self.running.iter().filter(|r| of(r.key)).count()
     }
 
-    /// Running calls and held records of `scope`: what it can never give up.
-    fn scope_pinned(&self, scope: u8) -> usize {
+    /// Running calls and held records of the keys `of` selects: what they can never give
+    /// up.
+    fn pinned_of(&self, of: impl Fn(u8) -> bool) -> usize {
         self.records
             .iter()
-            .filter(|(k, r)| scope_of(**k) == scope && r.kind == RecordKind::Held)
+            .filter(|(k, r)| of(**k) && r.kind == RecordKind::Held)
             .count()
-            + self
-                .running
-                .iter()
-                .filter(|r| scope_of(r.key) == scope)
-                .count()
+            + self.running.iter().filter(|r| of(r.key)).count()
     }
 
-    /// Whose record makes room for `scope`: its own least recently used when at its quota,
-    /// else the least recently used of all.
-    fn victim(&self, scope: u8) -> Option<u8> {
-        if self.scope_keys(scope) >= SCOPE_QUOTA {
-            self.lru.iter().copied().find(|k| scope_of(*k) == scope)
+    fn scope_keys(&self, scope: u8) -> usize {
+        self.keys_of(|k| scope_of(k) == scope)
+    }
+
+    fn client_keys(&self, client: u8) -> usize {
+        self.keys_of(|k| client_of(k) == client)
+    }
+
+    /// The least recently used evictable record among the keys `of` selects.
+    fn oldest_of(&self, of: impl Fn(u8) -> bool) -> Option<u8> {
+        self.lru.iter().copied().find(|k| of(*k))
+    }
+
+    /// Who makes room for a key of `key`'s scope and client (the store's rule 2), or the
+    /// refusal.
+    fn victim(&self, key: u8) -> Result<u8, Expect> {
+        let (scope, client) = (scope_of(key), client_of(key));
+        let pick = if self.scope_keys(scope) >= SCOPE_QUOTA {
+            self.oldest_of(|k| scope_of(k) == scope)
+                .ok_or(Expect::ScopeQuota)
+        } else if self.client_keys(client) >= CLIENT_QUOTA {
+            self.oldest_of(|k| client_of(k) == client)
+                .ok_or(Expect::ClientQuota)
         } else {
-            self.lru.front().copied()
-        }
+            // The heaviest client: most evictable records, ties to the higher address.
+            (0..2u8)
+                .map(|c| (self.lru.iter().filter(|k| client_of(**k) == c).count(), c))
+                .filter(|(n, _)| *n > 0)
+                .max()
+                .and_then(|(_, c)| self.oldest_of(|k| client_of(k) == c))
+                .ok_or(Expect::StoreFull)
+        };
+        pick.map_err(|e| {
+            if self.lru.is_empty() {
+                Expect::StoreFull
+            } else {
+                e
+            }
+        })
     }
 
     fn evict(&mut self, victim: u8) {
@@ -331,7 +381,18 @@ impl Harness {
                 return Expect::InProgress;
             }
             let on_key = self.waiters.iter().filter(|w| w.key == key).count();
-            if on_key >= MAX_WAITERS_PER_KEY || self.waiters.len() >= MAX_WAITERS_TOTAL {
+            if on_key >= MAX_WAITERS_PER_KEY {
+                return Expect::TooManyWaiters;
+            }
+            let of_client = self
+                .waiters
+                .iter()
+                .filter(|w| client_of(w.key) == client_of(key))
+                .count();
+            if of_client >= MAX_WAITERS_PER_CLIENT {
+                return Expect::ClientQuota;
+            }
+            if self.waiters.len() >= MAX_WAITERS_TOTAL {
                 return Expect::TooManyWaiters;
             }
             return Expect::Waiter;
@@ -346,21 +407,24 @@ impl Harness {
                 RecordKind::Held => Expect::Held,
             };
         }
-        // The store's `reserve`: sweep, the scope's quota, then evict for a slot.
+        // The store's `reserve`: sweep, the quotas of keys in flight or held, then evict
+        // for a slot.
         self.model_sweep(now);
-        let scope = scope_of(key);
-        if self.scope_pinned(scope) >= SCOPE_QUOTA {
+        let (scope, client) = (scope_of(key), client_of(key));
+        if self.pinned_of(|k| scope_of(k) == scope) >= SCOPE_QUOTA {
             return Expect::ScopeQuota;
         }
+        if self.pinned_of(|k| client_of(k) == client) >= CLIENT_QUOTA {
+            return Expect::ClientQuota;
+        }
+        if self.pinned_of(|_| true) >= MAX_PINNED {
+            return Expect::StoreFull;
+        }
         while self.occupied() >= MAX_ENTRIES {
-            let Some(victim) = self.victim(scope) else {
-                return if self.lru.is_empty() {
-                    Expect::StoreFull
-                } else {
-                    Expect::ScopeQuota
-                };
-            };
-            self.evict(victim);
+            match self.victim(key) {
+                Ok(victim) => self.evict(victim),
+                Err(refusal) => return refusal,
+            }
         }
         Expect::Leader
     }
@@ -388,9 +452,10 @@ impl Harness {
                         OnConcurrent::Wait
                     },
                     max_waiters_per_key: MAX_WAITERS_PER_KEY,
+                    max_waiters_per_client: MAX_WAITERS_PER_CLIENT,
                     hold_for: HOLD,
                     route: RouteId(0),
-                    scope: scope_id(key),
+                    owner: owner(key),
                 });
                 prop_assert_eq!(actual(&joined), expect, "join of key {} fp {}", key, fp);
                 match joined {
@@ -464,7 +529,7 @@ impl Harness {
                     Kind::Unstored | Kind::Unreachable => None,
                 };
                 let attached = self.waiters.iter().filter(|w| w.key == run.key).count();
-                let served = run.permit.settle(outcome, Retention { ttl: TTL });
+                let served = run.permit.settle(outcome, Retention { ttl: TTL }, None);
                 prop_assert_eq!(served, attached, "waiters served");
                 self.model_settle(run.key, run.fp, record, now);
                 self.deliver(run.key, Some(expected)).await?;
@@ -533,9 +598,7 @@ impl Harness {
         self.model_sweep(now);
         self.remove_record(key);
         while self.occupied() >= MAX_ENTRIES {
-            let victim = self
-                .victim(scope_of(key))
-                .expect("a settled slot is always free");
+            let victim = self.victim(key).expect("a settled slot is always free");
             self.evict(victim);
         }
         self.records.insert(key, ModelRecord { kind, fp, expires });
@@ -594,15 +657,19 @@ impl Harness {
             self.evicted_expired,
             "expiries"
         );
-        for k in 0..2 {
+        for k in 0..SCOPES {
+            let (scope, client) = (scope_of(k), client_of(k));
             prop_assert_eq!(
-                self.c.store().scope_keys(&scope_id(k)),
-                self.scope_keys(k),
-                "keys of scope {}",
-                k
+                self.c.store().owner_keys(&owner(k)),
+                (self.scope_keys(scope), self.client_keys(client)),
+                "keys of scope {} and client {}",
+                scope,
+                client
             );
-            prop_assert!(self.scope_pinned(k) <= SCOPE_QUOTA);
+            prop_assert!(self.pinned_of(|x| scope_of(x) == scope) <= SCOPE_QUOTA);
+            prop_assert!(self.pinned_of(|x| client_of(x) == client) <= CLIENT_QUOTA);
         }
+        prop_assert!(self.pinned_of(|_| true) <= MAX_PINNED);
         Ok(())
     }
 

@@ -163,7 +163,8 @@ impl Upstream {
     }
 
     /// Sends `req` with `body` and reads the response header, trying each backend once when
-    /// nothing was sent. The caller bounds the whole call with the total deadline.
+    /// nothing was sent. The caller bounds the whole call with the total deadline. The body is
+    /// dropped as soon as it has been written: the answer may take minutes.
     ///
     /// # Cancel safety
     /// Dropping the future closes the upstream connection; whatever was sent stays sent, so the
@@ -171,7 +172,7 @@ impl Upstream {
     pub(crate) async fn send(
         &self,
         req: &RequestHeader,
-        body: &Bytes,
+        body: Bytes,
     ) -> Result<Exchange, CallError> {
         let mut tried: Vec<u64> = Vec::new();
         let mut last = String::from("no backend resolves");
@@ -194,7 +195,7 @@ impl Upstream {
                 .set_read_timeout(Some(self.settings.read_timeout));
             conn.session
                 .set_write_timeout(Some(self.settings.read_timeout));
-            if let Err(err) = write_request(&mut conn.session, req, body).await {
+            if let Err(err) = write_request(&mut conn.session, req, &body).await {
                 last = format!("{}: {}", e.label, err);
                 conn.session.shutdown().await;
                 match conn.idle {
@@ -208,6 +209,7 @@ impl Upstream {
                 continue;
             }
             // From here on the app may have the complete request.
+            drop(body);
             if let Err(err) = read_final_header(&mut conn.session).await {
                 conn.session.shutdown().await;
                 if let Some(idle) = conn.idle {

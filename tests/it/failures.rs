@@ -722,8 +722,11 @@ async fn eviction_at_max_bytes_is_least_recently_used() {
 #[tokio::test]
 async fn store_full_when_only_in_flight_or_held_keys_remain() {
     let b = Backend::start().await;
+    // Every slot may be in flight or held (the default keeps half the store for stored
+    // responses).
     let config = base(&[b.addr()], Duration::from_secs(5), Duration::from_secs(5))
-        .set("store.max_entries", 2);
+        .set("store.max_entries", 2)
+        .set("store.max_pinned", 2);
     let idem = Idem::start(&config.to_string()).await;
 
     // Two keys in flight.

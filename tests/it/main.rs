@@ -7,6 +7,7 @@ mod dedup;
 mod docs;
 mod failures;
 mod forwarding;
+mod hardening;
 mod observability;
 mod operations;
 mod passthrough_ops;

@@ -120,8 +120,23 @@ fn store_unavailable(policy: &str) -> String {
 /// Waits until `n` leaders on other replicas are parked on a claim: subscribed to its
 /// channel and done with their first read, so that only a message (or a poll) wakes them.
 async fn wait_remote_waits(replicas: &[Idem], n: usize) {
-    for op in ["subscribe", "peek"] {
-        wait_metric_sum(replicas, &store_ops(op, "ok"), n as f64).await;
+    wait_metric_sum(replicas, &store_ops("subscribe", "ok"), n as f64).await;
+    // Each waiter reads the key once it is subscribed, then again at every poll: at least
+    // one read each (a loaded machine may scrape after the second).
+    let deadline = Instant::now() + WAIT_TIMEOUT;
+    loop {
+        let mut peeks = 0.0;
+        for idem in replicas {
+            peeks += metric_or_zero(idem, &store_ops("peek", "ok")).await;
+        }
+        if peeks >= n as f64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{peeks} reads by {n} remote waiters after {WAIT_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

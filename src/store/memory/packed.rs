@@ -2,18 +2,22 @@
 //! allocation of exactly their size. A [`StoredResponse`] is a status, a `Vec` of header
 //! pairs (each value its own `Bytes`) and a body `Bytes`: four or more allocations and
 //! about 150 bytes of bookkeeping for a small response, more than the response itself.
-//! Packed, a stored entry costs its bytes plus 16 (BENCHMARKS.md, "stored entry").
+//! Packed, a stored entry costs its bytes plus 17 (BENCHMARKS.md, "stored entry").
 //!
 //! ```text
-//! status u16 LE | header count u32 LE
+//! flags u8 (bit 0: a shared reference follows) | [shared reference, 16 bytes]
+//! | status u16 LE | header count u32 LE
 //! | per header: sensitive u8 (0/1) | name length u16 LE | name | value length u32 LE | value
 //! | body (the rest)
 //! ```
 //!
-//! In memory only, never persisted or sent: the Redis record format is `shared/codec.rs`.
+//! In memory only, never persisted or sent: the Redis record format is `store/redis/codec.rs`.
+//! The shared reference is kept only for records this process also wrote to Redis (see
+//! [`super::SharedRef`]); a not-replayable record written there is its reference alone.
 //! Unpacking copies header values (small) and shares the body without a copy when it is
 //! large enough for that to matter.
 
+use super::SharedRef;
 use crate::message::StoredResponse;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -23,6 +27,9 @@ use tokio::time::Instant;
 /// Bodies up to this size are copied out on unpack; larger ones are shared with the packed
 /// allocation (one small owner allocation instead of a copy).
 const COPY_BODY_UP_TO: usize = 1024;
+
+/// Bit 0 of the flags byte.
+const SHARED: u8 = 1;
 
 /// A response packed into one exactly sized allocation; cloning shares it.
 #[derive(Clone)]
@@ -35,15 +42,26 @@ impl std::fmt::Debug for Packed {
 }
 
 impl Packed {
-    /// Packs status, headers and body (the completion time is kept by the caller).
-    pub(crate) fn pack(r: &StoredResponse) -> Packed {
-        let size = 6
+    /// Packs status, headers and body (the completion time is kept by the caller), and the
+    /// shared reference if any.
+    pub(crate) fn pack(r: &StoredResponse, shared: Option<SharedRef>) -> Packed {
+        let reference = if shared.is_some() { 16 } else { 0 };
+        let size = 1
+            + reference
+            + 6
             + r.headers
                 .iter()
                 .map(|(n, v)| 7 + n.as_str().len() + v.len())
                 .sum::<usize>()
             + r.body.len();
         let mut buf = Vec::with_capacity(size);
+        match shared {
+            Some(SharedRef(token)) => {
+                buf.push(SHARED);
+                buf.extend_from_slice(&token);
+            }
+            None => buf.push(0),
+        }
         buf.extend_from_slice(&r.status.to_le_bytes());
         buf.extend_from_slice(&(r.headers.len() as u32).to_le_bytes());
         for (name, value) in &r.headers {
@@ -59,6 +77,23 @@ impl Packed {
         Packed(Arc::from(buf))
     }
 
+    /// A shared reference alone: what a not-replayable record written to Redis keeps.
+    pub(crate) fn reference(shared: SharedRef) -> Packed {
+        let mut buf = Vec::with_capacity(17);
+        buf.push(SHARED);
+        buf.extend_from_slice(&shared.0);
+        Packed(Arc::from(buf))
+    }
+
+    /// The shared reference, for a record this process also wrote to Redis.
+    pub(crate) fn shared_ref(&self) -> Option<SharedRef> {
+        if self.0.first()? & SHARED == 0 {
+            return None;
+        }
+        let token: [u8; 16] = self.0.get(1..17)?.try_into().ok()?;
+        Some(SharedRef(token))
+    }
+
     /// Bytes held (the packed allocation's payload).
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -68,7 +103,7 @@ impl Packed {
     /// The response again, completed at `completed_at`.
     pub(crate) fn unpack(&self, completed_at: Instant) -> StoredResponse {
         let b = &self.0[..];
-        let mut at = 0;
+        let mut at = if b[0] & SHARED == 0 { 1 } else { 17 };
         let mut take = |n: usize| {
             let s = &b[at..at + n];
             at += n;
@@ -147,11 +182,17 @@ mod tests {
             Bytes::from((0..5000u32).map(|i| i as u8).collect::<Vec<_>>()),
         ] {
             let r = response(body);
-            let p = Packed::pack(&r);
+            let p = Packed::pack(&r, None);
             assert_eq!(
                 p.len(),
-                6 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
+                1 + 6 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
             );
+            assert_eq!(p.shared_ref(), None);
+            let shared = Packed::pack(&r, Some(SharedRef([7; 16])));
+            assert_eq!(shared.len(), p.len() + 16);
+            assert_eq!(shared.shared_ref(), Some(SharedRef([7; 16])));
+            assert_eq!(shared.unpack(r.completed_at).headers, r.headers);
+            assert_eq!(shared.unpack(r.completed_at).body, r.body);
             let back = p.unpack(r.completed_at);
             assert_eq!(back.status, 201);
             assert_eq!(back.headers, r.headers);

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! offset  size  field
-//! 0       1     version (1)
+//! 0       1     version (2)
 //! 1       1     kind: 'C' claim, 'S' stored response, 'N' not replayable, 'H' held,
 //!               'F' freed (the outcome of a call whose key was freed, for remote waiters)
 //! 2       32    fingerprint of the request that claimed the key (misuse detection)
@@ -17,12 +17,22 @@
 //! response = completed, unix ms (u64 LE) | status (u16 LE) | header count (u32 LE)
 //!            | per header: name length (u16 LE), name, value length (u32 LE), value
 //!            | body length (u64 LE) | body
+//! last 32 bytes: MAC
 //! ```
 //!
+//! **Authenticated**: the last 32 bytes are a keyed blake3 MAC ([`RecordMac`], keyed with a
+//! key derived from the deployment secret) over the Redis key's name and everything before
+//! it. A value is checked before any of it is used: one that fails (written or changed by
+//! anyone without the secret, copied from another key, or written by another deployment) is
+//! a [`CodecError`], a store error, never replayed. Redis ACLs and TLS still matter: whoever
+//! can write Redis can delete a record (a retry then runs again) or block a key, but cannot
+//! make idem serve what they wrote.
+//!
 //! The scripts (see `scripts.rs`) read only the fixed prefix: kind at byte 1, fingerprint at
-//! 2..34, token at 34..50. Headers keep their order and repeats (`Set-Cookie`), the body is
-//! kept byte for byte. Decoding never panics: anything short, unknown or invalid is a
-//! [`CodecError`], which the caller treats as a store error.
+//! 2..34, token at 34..50 (they decide nothing that serves data: a claim, a fence, a
+//! purge). Headers keep their order and repeats (`Set-Cookie`), the body is kept byte for
+//! byte. Decoding never panics: anything short, unknown or invalid is a [`CodecError`],
+//! which the caller treats as a store error.
 
 use crate::key::Fingerprint;
 use crate::message::StoredResponse;
@@ -30,10 +40,41 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Format version written in byte 0.
-pub(crate) const VERSION: u8 = 1;
+/// Format version written in byte 0 (1: before the MAC).
+pub(crate) const VERSION: u8 = 2;
 /// Length of the fixed prefix every value starts with.
 pub(crate) const PREFIX: usize = 50;
+/// Length of the MAC every value ends with.
+pub(crate) const MAC_LEN: usize = 32;
+
+/// The key values are authenticated with (see the module doc).
+#[derive(Clone)]
+pub(crate) struct RecordMac([u8; 32]);
+
+impl std::fmt::Debug for RecordMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordMac(..)")
+    }
+}
+
+impl RecordMac {
+    /// The MAC key of a deployment (its `[dedup] secret`), apart from the key-derivation
+    /// key: a digest idem computes for a request is never a valid MAC.
+    pub(crate) fn new(secret: &str) -> RecordMac {
+        RecordMac(blake3::derive_key(
+            "idem 2026-11 redis record mac",
+            secret.as_bytes(),
+        ))
+    }
+
+    fn tag(&self, name: &[u8], value: &[u8]) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name);
+        h.update(value);
+        h.finalize()
+    }
+}
 
 /// A claim's fence: random, unique per claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,9 +202,9 @@ impl Value {
         }
     }
 
-    /// Serializes.
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(PREFIX + 64);
+    /// Serializes, authenticated for the Redis key `name`.
+    pub(crate) fn encode(&self, mac: &RecordMac, name: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(PREFIX + 64 + MAC_LEN);
         out.push(VERSION);
         out.push(self.kind());
         out.extend_from_slice(&self.fingerprint.0);
@@ -183,11 +224,31 @@ impl Value {
                 encode_response(&mut out, r);
             }
         }
+        let tag = mac.tag(name, &out);
+        out.extend_from_slice(tag.as_bytes());
         out
     }
 
-    /// Parses; never panics.
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Value, CodecError> {
+    /// Checks the MAC for the Redis key `name`, then parses; never panics.
+    pub(crate) fn decode(bytes: &[u8], mac: &RecordMac, name: &[u8]) -> Result<Value, CodecError> {
+        if bytes.first() == Some(&1) {
+            return Err(CodecError("written by an idem before version 2 (no MAC)"));
+        }
+        if bytes.len() < PREFIX + MAC_LEN {
+            return Err(CodecError("truncated"));
+        }
+        let (value, tag) = bytes.split_at(bytes.len() - MAC_LEN);
+        let tag: [u8; MAC_LEN] = tag.try_into().map_err(|_| CodecError("truncated"))?;
+        // `Hash` equality is constant-time.
+        if mac.tag(name, value) != blake3::Hash::from(tag) {
+            return Err(CodecError(
+                "fails its MAC: not written by this deployment (another secret), copied from another key, or changed",
+            ));
+        }
+        Value::parse(value)
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Value, CodecError> {
         let mut r = Reader(bytes);
         if r.u8()? != VERSION {
             return Err(CodecError("unknown version"));
@@ -353,35 +414,70 @@ mod tests {
         ]
     }
 
+    const NAME: &[u8] = b"idem:{0101}";
+
+    fn mac() -> RecordMac {
+        RecordMac::new("the deployment secret, 16+ bytes")
+    }
+
+    fn encode(v: &Value) -> Vec<u8> {
+        v.encode(&mac(), NAME)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Value, CodecError> {
+        Value::decode(bytes, &mac(), NAME)
+    }
+
     #[test]
     fn every_kind_round_trips_with_order_repeats_and_bytes_kept() {
         for value in all_kinds() {
-            let bytes = value.encode();
+            let bytes = encode(&value);
             assert_eq!(bytes[0], VERSION);
             assert_eq!(bytes[1], value.kind());
             assert_eq!(&bytes[2..34], &[7; 32]);
             assert_eq!(&bytes[34..50], &[9; 16]);
-            assert_eq!(Value::decode(&bytes).unwrap(), value);
+            assert_eq!(decode(&bytes).unwrap(), value);
         }
     }
 
     #[test]
     fn every_truncation_and_extension_is_an_error() {
         for value in all_kinds() {
-            let bytes = value.encode();
+            let bytes = encode(&value);
             for n in 0..bytes.len() {
-                assert!(
-                    Value::decode(&bytes[..n]).is_err(),
-                    "prefix {n} of {value:?}"
-                );
+                assert!(decode(&bytes[..n]).is_err(), "prefix {n} of {value:?}");
             }
             let mut longer = bytes.clone();
             longer.push(0);
-            assert!(Value::decode(&longer).is_err());
+            assert!(decode(&longer).is_err());
         }
-        let mut other = all_kinds()[2].encode();
-        other[0] = 2;
-        assert_eq!(Value::decode(&other), Err(CodecError("unknown version")));
+        let mut old = encode(&all_kinds()[2]);
+        old[0] = 1;
+        assert_eq!(
+            decode(&old),
+            Err(CodecError("written by an idem before version 2 (no MAC)"))
+        );
+    }
+
+    /// Finding 4 of issue 14: whoever could write Redis could make a replica replay a
+    /// response of their making. A value is only used if it carries the deployment's MAC
+    /// for that very key.
+    #[test]
+    fn a_record_is_used_only_with_the_mac_of_this_deployment_and_key() {
+        let forged = Value {
+            fingerprint: Fingerprint([7; 32]),
+            token: Token([9; 16]),
+            body: Body::Stored(sample_response()),
+        };
+        let bytes = encode(&forged);
+        let other_secret = RecordMac::new("another deployment's secret!!");
+        assert!(Value::decode(&bytes, &other_secret, NAME).is_err());
+        assert!(Value::decode(&bytes, &mac(), b"idem:{0202}").is_err());
+        assert!(Value::decode(&bytes, &mac(), b"other:{0101}").is_err());
+        // Written without the secret: the MAC of another key, or none at all.
+        let unsigned = forged.encode(&other_secret, NAME);
+        assert!(decode(&unsigned).is_err());
+        assert!(decode(&bytes[..bytes.len() - MAC_LEN]).is_err());
     }
 
     #[test]
@@ -398,18 +494,82 @@ mod tests {
         assert!(now.saturating_duration_since(back.completed_at) < Duration::from_secs(1));
     }
 
+    fn arbitrary_value() -> impl Strategy<Value = Value> {
+        let header = (
+            "[a-z][a-z0-9-]{0,12}",
+            proptest::collection::vec(32u8..127, 0..20),
+        )
+            .prop_map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(&v).unwrap(),
+                )
+            });
+        let response = (
+            any::<u64>(),
+            100u16..1000,
+            proptest::collection::vec(header, 0..6),
+            proptest::collection::vec(any::<u8>(), 0..200),
+        )
+            .prop_map(|(completed_ms, status, headers, body)| StoredBytes {
+                completed_ms,
+                status,
+                headers,
+                body: Bytes::from(body),
+            });
+        let body = prop_oneof![
+            (any::<[u8; 16]>(), any::<u64>(), any::<u64>()).prop_map(|(o, start_ms, hold_ms)| {
+                Body::Claim(ClaimInfo {
+                    owner: OwnerId(o),
+                    start_ms,
+                    hold_ms,
+                })
+            }),
+            response.clone().prop_map(Body::Stored),
+            Just(Body::NotReplayable),
+            any::<u16>().prop_map(Body::Held),
+            proptest::option::of(response).prop_map(Body::Freed),
+        ];
+        (any::<[u8; 32]>(), any::<[u8; 16]>(), body).prop_map(|(f, t, body)| Value {
+            fingerprint: Fingerprint(f),
+            token: Token(t),
+            body,
+        })
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = Value::decode(&bytes);
+            let _ = decode(&bytes);
         }
 
         #[test]
         fn mutated_values_never_panic(i in 0usize..400, b in any::<u8>(), which in 0usize..6) {
-            let mut bytes = all_kinds()[which].encode();
+            let mut bytes = encode(&all_kinds()[which]);
             let i = i % bytes.len();
             bytes[i] = b;
-            let _ = Value::decode(&bytes);
+            let _ = decode(&bytes);
+        }
+
+        /// Any record round-trips under its key, and any change of one byte of it, of
+        /// its key's name or of the secret makes it a store error.
+        #[test]
+        fn the_mac_covers_every_byte_of_every_record(
+            value in arbitrary_value(),
+            i in any::<usize>(),
+            flip in 1u8..=255,
+            name in proptest::collection::vec(any::<u8>(), 1..40),
+        ) {
+            let bytes = value.encode(&mac(), &name);
+            prop_assert_eq!(Value::decode(&bytes, &mac(), &name), Ok(value));
+            let mut changed = bytes.clone();
+            let i = i % changed.len();
+            changed[i] ^= flip;
+            prop_assert!(Value::decode(&changed, &mac(), &name).is_err());
+            let mut other = name.clone();
+            other[i % name.len()] ^= flip;
+            prop_assert!(Value::decode(&bytes, &mac(), &other).is_err());
+            prop_assert!(Value::decode(&bytes, &RecordMac::new("x-another secret-x"), &name).is_err());
         }
     }
 }

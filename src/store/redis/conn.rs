@@ -175,6 +175,9 @@ pub(crate) enum StoreError {
     /// A script answered something it never returns.
     #[error("unexpected reply from a store script")]
     Reply,
+    /// Redis refused a write: it is full (`maxmemory` with `noeviction`).
+    #[error("redis refused the write, it is full (maxmemory with noeviction): {0}")]
+    Full(String),
 }
 
 /// Pub/sub channels awaited by this replica, each with a wake-up counter.

@@ -2,10 +2,12 @@
 //! `store.kind = "redis"` (a memory-store idem exports exactly what it did before).
 //!
 //! * `idem_store_operations_total{op, result}`: the family DESIGN section 7 names, with the
-//!   Redis operations: `claim` (claimed, hit, inflight, mismatch, error), `settle` (ok,
-//!   fenced, error), `peek` (ok, error), `liveness` (alive, dead, error), `heartbeat`,
-//!   `subscribe`, `connect` (ok, error), `purge` (deleted, absent, busy: a claim or a held
-//!   key, error). Errors are the `result="error"` series.
+//!   Redis operations: `claim` (claimed, hit, inflight, mismatch, full: Redis refused the
+//!   write, error), `settle` (ok, fenced, full, error), `peek` (ok, error), `liveness`
+//!   (alive, dead, error), `heartbeat`, `subscribe`, `connect` (ok, error), `purge`
+//!   (deleted, absent, busy: a claim or a held key, error), `forget` (deleted, absent,
+//!   error: a record deleted because this replica's copy was evicted). Errors are the
+//!   `result="error"` series.
 //! * `idem_store_operation_duration_seconds{op}`: round-trip latency per operation.
 //! * `idem_store_unavailable_total{policy}`: leaders that could not use Redis, by the
 //!   `on_store_error` policy applied (`fail-open`: served with local dedup only;
@@ -20,18 +22,19 @@ use prometheus::{
 use std::time::Instant;
 
 /// Every op with its possible results, for series pre-registration.
-const OPS: [(&str, &[&str]); 8] = [
+const OPS: [(&str, &[&str]); 9] = [
     (
         "claim",
-        &["claimed", "hit", "inflight", "mismatch", "error"],
+        &["claimed", "hit", "inflight", "mismatch", "full", "error"],
     ),
-    ("settle", &["ok", "fenced", "error"]),
+    ("settle", &["ok", "fenced", "full", "error"]),
     ("peek", &["ok", "error"]),
     ("liveness", &["alive", "dead", "error"]),
     ("heartbeat", &["ok", "error"]),
     ("subscribe", &["ok", "error"]),
     ("connect", &["ok", "error"]),
     ("purge", &["deleted", "absent", "busy", "error"]),
+    ("forget", &["deleted", "absent", "error"]),
 ];
 
 /// The Redis store's metric handles.

@@ -7,14 +7,22 @@
 //!
 //! ```text
 //! lead ── claim script (1 round trip) ──┬─ claimed ───────────> upstream call, then settle
-//!                                       ├─ record found ──────> answer it (replay, 409, 502/504)
+//!                                       ├─ record found ──────> check its MAC, then answer it
+//!                                       │                       (replay, 409, 502/504, 422)
 //!                                       ├─ claimed elsewhere ─> wait: pub/sub + polling
-//!                                       ├─ mismatch ──────────> 422
-//!                                       └─ store error ───────> fail-open: local dedup only
-//!                                                               fail-closed: 503 store-unavailable
+//!                                       └─ store error, or ───> fail-open: local dedup only
+//!                                          Redis full           fail-closed: 503 store-unavailable
 //! settle ── fenced script (1 round trip): write the outcome only if our claim token is
 //!           still there, then PUBLISH on the key's channel
 //! ```
+//!
+//! Records are authenticated ([`codec`]: a keyed blake3 MAC from the deployment secret over
+//! the key's name and the value), and checked before anything of them is used; a record that
+//! fails is a store error, never replayed. What one replica writes is bounded by its own
+//! store: a record whose local copy is evicted is deleted here too ([`RedisStore::forget`],
+//! fenced by the write's token). A Redis that refuses writes (full) never runs a key twice
+//! silently: a refused claim applies `on_store_error` (counted), a refused result keeps the
+//! claim for the record's retention, which other replicas read as outcome unknown.
 //!
 //! Records (see [`codec`]): one Redis string per dedup key, `<prefix>{<64 hex>}` (names in
 //! [`names`], under `[store] key_prefix`, default `idem:`), holding a claim or a settled
@@ -64,12 +72,13 @@ mod wait;
 
 use heartbeat::heartbeat;
 use names::Names;
-use scripts::{parse_claim, ClaimReply, Writer, CLAIM, PEEK, PURGE, SETTLE};
+use scripts::{parse_claim, ClaimReply, Writer, CLAIM, FORGET, PEEK, PURGE, SETTLE};
 
 use crate::config::file::OnStoreError;
 use crate::key::{random_bytes, DedupKey, Fingerprint};
 use crate::outcome::{Disposition, Held, Outcome, Refusal, Retention};
-use codec::{unix_ms, Body, ClaimInfo, OwnerId, StoredBytes, Token, Value};
+use crate::store::memory::SharedRef;
+use codec::{unix_ms, Body, ClaimInfo, OwnerId, RecordMac, StoredBytes, Token, Value};
 use conn::{Access, Link, StoreError, Target};
 use metrics::StoreMetrics;
 use redis::Script;
@@ -97,11 +106,17 @@ pub(crate) struct RedisSettings {
     pub(crate) liveness_ttl: Duration,
     /// How often a waiter re-reads a key claimed by another replica.
     pub(crate) poll_interval: Duration,
+    /// What records are authenticated with (from the deployment secret).
+    pub(crate) mac: RecordMac,
 }
 
 impl RedisSettings {
-    /// From the resolved `[store]` section (`kind = "redis"`).
-    pub(crate) fn from_store(s: &crate::config::settings::StoreSettings) -> RedisSettings {
+    /// From the resolved `[store]` section (`kind = "redis"`) and the deployment secret
+    /// (required with Redis).
+    pub(crate) fn from_store(
+        s: &crate::config::settings::StoreSettings,
+        secret: &str,
+    ) -> RedisSettings {
         let target = match (&s.url, &s.master_name) {
             (Some(url), _) => Target::Single(url.clone()),
             (None, Some(master_name)) => Target::Sentinel {
@@ -132,6 +147,7 @@ impl RedisSettings {
             timeout: s.timeout,
             liveness_ttl: s.liveness_ttl,
             poll_interval: s.poll_interval,
+            mac: RecordMac::new(secret),
         }
     }
 }
@@ -140,6 +156,7 @@ impl RedisSettings {
 pub(crate) struct RedisStore {
     link: Arc<Link>,
     names: Names,
+    mac: RecordMac,
     owner: OwnerId,
     on_store_error: OnStoreError,
     poll_interval: Duration,
@@ -151,6 +168,7 @@ pub(crate) struct RedisStore {
     settle: Script,
     peek: Script,
     purge: Script,
+    forget: Script,
 }
 
 /// What the local leader asks of the shared store.
@@ -253,6 +271,7 @@ impl RedisStore {
         let shared = Arc::new(RedisStore {
             link,
             names,
+            mac: settings.mac,
             owner,
             on_store_error: settings.on_store_error,
             poll_interval: settings.poll_interval,
@@ -264,6 +283,7 @@ impl RedisStore {
             settle: Script::new(SETTLE),
             peek: Script::new(PEEK),
             purge: Script::new(PURGE),
+            forget: Script::new(FORGET),
         });
         handle.spawn(heartbeat(Arc::downgrade(&shared)));
         shared
@@ -322,6 +342,7 @@ impl RedisStore {
     /// The shared step of a local leader, before any upstream call.
     pub(crate) async fn lead(&self, req: LeadRequest) -> Lead {
         let token = self.token();
+        let key = self.names.record(&req.key);
         let value = Value {
             fingerprint: req.fingerprint,
             token,
@@ -331,24 +352,22 @@ impl RedisStore {
                 hold_ms: millis(req.hold_for),
             }),
         }
-        .encode();
+        .encode(&self.mac, key.as_bytes());
         let started = Instant::now();
-        let key = self.names.record(&req.key);
         let script = &self.claim;
+        let name = &key;
         let reply = self
             .link
             .run(|mut c| async move {
                 script
-                    .key(&key)
-                    .arg(&req.fingerprint.0[..])
-                    .arg(if req.keyed { "1" } else { "0" })
+                    .key(name)
                     .arg(value)
                     .arg(millis(req.hold_for))
                     .invoke_async::<Vec<redis::Value>>(&mut c)
                     .await
             })
             .await
-            .and_then(parse_claim);
+            .and_then(|v| parse_claim(v, &self.mac, key.as_bytes()));
         let found = match reply {
             Ok(ClaimReply::Claimed) => {
                 self.metrics.observe("claim", "claimed", started);
@@ -360,13 +379,23 @@ impl RedisStore {
                     expires: tokio::time::Instant::now() + req.hold_for,
                 }));
             }
-            Ok(ClaimReply::Mismatch) => {
+            Ok(ClaimReply::Exists(value, _))
+                if req.keyed && value.fingerprint != req.fingerprint =>
+            {
                 self.metrics.observe("claim", "mismatch", started);
                 return Lead::Answer(refused(Refusal::FingerprintMismatch));
             }
             Ok(ClaimReply::Exists(value, left)) => (value, left),
+            Ok(ClaimReply::Full(why)) => {
+                self.metrics.observe("claim", "full", started);
+                // Nothing was written: no claim to settle or release.
+                return self.unavailable(&req.key, None, &StoreError::Full(why));
+            }
             Err(e) => {
                 self.metrics.observe("claim", "error", started);
+                if let StoreError::Codec(c) = &e {
+                    tracing::error!(key = %req.key.short(), error = %c, "redis store: a record in Redis fails its authentication; it is not used (a store error)");
+                }
                 // Unless the command was never sent, our claim may be in Redis.
                 let maybe = (!matches!(e, StoreError::Down(_))).then_some(Claimed {
                     key: req.key,
@@ -423,15 +452,28 @@ impl RedisStore {
 
     /// Writes the outcome of this replica's call over its claim, if the claim is still
     /// ours, and wakes the waiters on other replicas. Failures are logged and counted; the
-    /// outcome is delivered locally either way.
-    pub(crate) async fn settle(&self, claim: &Claimed, outcome: &Outcome, retention: Retention) {
+    /// outcome is delivered locally either way. Returns the reference the local copy keeps
+    /// of a record that stays in Redis (stored, not replayable), by which evicting that copy
+    /// deletes the record there (fenced: only this write).
+    pub(crate) async fn settle(
+        &self,
+        claim: &Claimed,
+        outcome: &Outcome,
+        retention: Retention,
+    ) -> Option<SharedRef> {
+        let kept = matches!(
+            outcome,
+            Outcome::Response { stored: true, .. } | Outcome::NotReplayable
+        );
+        let shared = kept.then_some(SharedRef(claim.token.0));
+        let name = self.names.record(&claim.key);
         let value = |body| {
             Value {
                 fingerprint: claim.fingerprint,
                 token: claim.token,
                 body,
             }
-            .encode()
+            .encode(&self.mac, name.as_bytes())
         };
         let (bytes, px): (Vec<u8>, u64) = match outcome {
             Outcome::Response {
@@ -456,7 +498,7 @@ impl RedisStore {
         };
         let writer = self.writer();
         if writer.write(claim, &bytes, px).await {
-            return;
+            return shared;
         }
         // The claim may still be there (a dropped connection, a slow Redis): keep trying in
         // the background until the write lands or is refused, or the claim has expired, so
@@ -471,6 +513,41 @@ impl RedisStore {
                 if writer.link.is_up() && writer.write(&claim, &bytes, px).await {
                     return;
                 }
+            }
+        });
+        shared
+    }
+}
+
+impl RedisStore {
+    /// Deletes in Redis the records this replica wrote whose local copy was evicted for room
+    /// (or never kept): so what a replica writes to Redis stays within its own store's
+    /// bounds, divided between clients by the same rules (`store::memory`). Fenced by each
+    /// write's token: a later write of the key, by any replica, stays. In the background,
+    /// one after the other; a failure is counted and the record left to expire.
+    pub(crate) fn forget(self: &Arc<Self>, gone: Vec<(DedupKey, SharedRef)>) {
+        let store = self.clone();
+        self.link.spawn(async move {
+            for (key, shared) in gone {
+                let started = Instant::now();
+                let k = store.names.record(&key);
+                let script = &store.forget;
+                let r = store
+                    .link
+                    .run(|mut c| async move {
+                        script
+                            .key(&k)
+                            .arg(&shared.0[..])
+                            .invoke_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await;
+                let result = match r {
+                    Ok(1) => "deleted",
+                    Ok(_) => "absent",
+                    Err(_) => "error",
+                };
+                store.metrics.observe("forget", result, started);
             }
         });
     }

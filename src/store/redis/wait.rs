@@ -1,7 +1,7 @@
 //! Waiting for a call another replica runs: pub/sub on the key's channel, polling as the
 //! fallback, and the owner's liveness (see the module doc of [`super`]).
 
-use super::codec::{Body, OwnerId, Token, Value};
+use super::codec::{unix_ms, Body, OwnerId, Token, Value};
 use super::conn::StoreError;
 use super::{pttl, refused, settled, Answer, LeadRequest, ReadAt, RedisStore};
 use crate::key::DedupKey;
@@ -28,19 +28,25 @@ impl RedisStore {
                     Body::Claim(info) => {
                         // A new claim after a freed outcome: wait for that call instead.
                         token = value.token;
+                        // A claim past its call's deadline (by the owner's clock, with a
+                        // second of leeway) holds a result Redis refused to store (full):
+                        // the call ran and is over, so nobody may run the key until the claim
+                        // ends, and waiting would not bring the answer.
+                        if info
+                            .start_ms
+                            .saturating_add(info.hold_ms)
+                            .saturating_add(1000)
+                            < unix_ms()
+                        {
+                            tracing::warn!(key = %req.key.short(), "the call for this key is over but its result is not in Redis (the write was refused): outcome unknown until the claim expires");
+                            return held_for(read_at, left);
+                        }
                         // A claim of this replica's that no local flight holds (this
                         // leader has the key's only one) is stale: its call ended and the
                         // result write failed. Its owner is as good as gone.
                         if info.owner == self.owner || !self.is_alive(&info.owner).await {
                             tracing::warn!(key = %req.key.short(), owner = %info.owner.hex(), "the replica running this key is gone: outcome unknown, key held until the claim expires");
-                            return Answer {
-                                outcome: Outcome::Unknown(Held {
-                                    status: 502,
-                                    until: read_at + pttl(left),
-                                }),
-                                retention: Retention { ttl: pttl(left) },
-                                how: Disposition::Collapsed,
-                            };
+                            return held_for(read_at, left);
                         }
                     }
                     _ if req.keyed && value.fingerprint != req.fingerprint => {
@@ -76,6 +82,7 @@ impl RedisStore {
     async fn read(&self, key: &DedupKey) -> Result<Option<(Value, i64)>, StoreError> {
         let started = Instant::now();
         let k = self.names.record(key);
+        let k_name = k.clone();
         let script = &self.peek;
         let r = self
             .link
@@ -89,12 +96,15 @@ impl RedisStore {
             .and_then(|v| match v.as_slice() {
                 [] => Ok(None),
                 [redis::Value::BulkString(b), redis::Value::Int(ms)] => {
-                    Ok(Some((Value::decode(b)?, *ms)))
+                    Ok(Some((Value::decode(b, &self.mac, k_name.as_bytes())?, *ms)))
                 }
                 _ => Err(StoreError::Reply),
             });
         self.metrics
             .observe("peek", if r.is_ok() { "ok" } else { "error" }, started);
+        if let Err(StoreError::Codec(c)) = &r {
+            tracing::error!(key = %key.short(), error = %c, "redis store: a record in Redis fails its authentication; it is not used (a store error)");
+        }
         r
     }
 
@@ -122,6 +132,18 @@ impl RedisStore {
                 true
             }
         }
+    }
+}
+
+/// Outcome unknown, held for the claim's remaining life (`left_ms` as read at `read_at`).
+fn held_for(read_at: tokio::time::Instant, left_ms: i64) -> Answer {
+    Answer {
+        outcome: Outcome::Unknown(Held {
+            status: 502,
+            until: read_at + pttl(left_ms),
+        }),
+        retention: Retention { ttl: pttl(left_ms) },
+        how: Disposition::Collapsed,
     }
 }
 

@@ -17,6 +17,7 @@
 //! | `x-echo: 1` | body = request body |
 //! | `x-content-type: t` | content type |
 //! | `x-set-cookie: v` | adds `set-cookie: v` (repeat the header for several, in order) |
+//! | `x-header: name: v` | adds the response header `name: v` (repeat for several, in order) |
 //! | `x-connection-close: 1` | answer with `connection: close` and close |
 //! | `x-chunks: N` | how many pieces `chunked`/`slow-body` split the body into (default 4) |
 //! | `x-chunk-ms: N` | pause between pieces for `slow-body` (default 100) |
@@ -669,6 +670,7 @@ struct Spec {
     echo: bool,
     content_type: Option<Vec<u8>>,
     set_cookie: Vec<Vec<u8>>,
+    extra_headers: Vec<(String, Vec<u8>)>,
     close: bool,
     chunks: usize,
     chunk_pause: Duration,
@@ -704,6 +706,18 @@ impl Spec {
                 .header_values("x-set-cookie")
                 .into_iter()
                 .map(<[u8]>::to_vec)
+                .collect(),
+            extra_headers: req
+                .header_values("x-header")
+                .into_iter()
+                .map(|v| {
+                    let text = String::from_utf8_lossy(v);
+                    let (name, value) = text.split_once(':').unwrap_or((&text, ""));
+                    (
+                        name.trim().to_ascii_lowercase(),
+                        value.trim().as_bytes().to_vec(),
+                    )
+                })
                 .collect(),
             close: req.wants_close()
                 || req
@@ -862,6 +876,7 @@ async fn handle_request(
     for cookie in &spec.set_cookie {
         fields.push(("set-cookie".into(), cookie.clone()));
     }
+    fields.extend(spec.extra_headers.iter().cloned());
 
     if spec.fault == Some(Fault::ResetMidBody) {
         let head = response_head(spec.status, &fields, Some(body.len()), false);

@@ -27,6 +27,19 @@ pub fn client() -> reqwest::Client {
         .expect("build reqwest client")
 }
 
+/// Like [`client`], from the local address `source` (any 127.0.0.0/8 address is local on
+/// Linux): another client address as idem counts them.
+pub fn client_from(source: std::net::IpAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .local_address(source)
+        .pool_max_idle_per_host(1024)
+        .timeout(RAW_TIMEOUT)
+        .build()
+        .expect("build reqwest client")
+}
+
 /// Like [`client`] but giving up on a request after `timeout`: an impatient client.
 pub fn client_with_timeout(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()

@@ -24,7 +24,7 @@ pub use self::redis::{value_kind, RedisCluster, RedisSentinel, RedisServer, TlsF
 pub use appserver::{AppServer, AppServerKind, Execution, KEEP_ALIVE, POST_RESPONSE_WORK};
 pub use backend::{free_addr, free_port, pattern, Backend, Counts, Gate, RecordedRequest, Row};
 pub use client::{
-    chunked_body, client, client_with_timeout, h2c_client, http_request, raw_request,
+    chunked_body, client, client_from, client_with_timeout, h2c_client, http_request, raw_request,
     send_and_abort, send_expecting_continue, RawConn, RawError, RawResponse,
 };
 pub use config::{config_for, Config, Route};

@@ -364,6 +364,37 @@ impl RedisServer {
         cmd.query_async(&mut conn).await
     }
 
+    /// `SET key value PX px_ms` with a binary value (a record written behind idem's back).
+    pub async fn set_raw(&self, key: &str, value: &[u8], px_ms: u64) {
+        let mut conn = self
+            .client()
+            .expect("redis client")
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to redis on {}: {e}", self.port));
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("PX")
+            .arg(px_ms)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+    }
+
+    /// `used_memory` of `INFO memory`, in bytes.
+    pub async fn used_memory(&self) -> u64 {
+        let info = match self.command(&["INFO", "memory"]).await.expect("INFO") {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => panic!("INFO memory: {other:?}"),
+        };
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory in INFO memory")
+    }
+
     /// The `idem:{...}` keys this node holds, with their values (claims and records; not
     /// the liveness keys).
     pub async fn idem_entries(&self) -> Vec<(String, Vec<u8>)> {
