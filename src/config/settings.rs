@@ -92,6 +92,16 @@ pub struct Settings {
     pub(crate) max_waiters: usize,
     /// Access log format.
     pub log_format: LogFormat,
+    /// The access log's `path` carries the query string (off: it may carry secrets).
+    pub(crate) log_query: bool,
+    /// The request id header (`X-Request-Id`): kept from the client when usable, generated
+    /// otherwise, sent upstream and back (`crate::observe::request_id`).
+    pub(crate) request_id_header: http::HeaderName,
+    /// After SIGTERM, how long the listeners keep accepting (with `/readyz` answering 503)
+    /// before they close and the drain starts: time for load balancers to stop sending.
+    pub(crate) shutdown_delay: Duration,
+    /// OpenTelemetry traces over OTLP/HTTP; `None` means off.
+    pub(crate) tracing: Option<TracingSettings>,
     /// Peers whose forwarding headers are believed (`crate::http::forward`).
     pub(crate) trusted_proxies: TrustedProxies,
     /// Every proxy listener expects a PROXY protocol (v1 or v2) header first, whose source
@@ -124,6 +134,17 @@ pub(crate) struct Reloaded {
     pub(crate) settings: Settings,
     /// Settings fixed at start-up that the file changes: their running values were kept.
     pub(crate) restart_needed: Vec<&'static str>,
+}
+
+/// `[tracing]`, resolved (only when `otlp_endpoint` is set).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TracingSettings {
+    /// Where spans are sent: the full OTLP/HTTP traces URL (`http://host:4318/v1/traces`).
+    pub(crate) otlp_endpoint: String,
+    /// The `service.name` resource attribute.
+    pub(crate) service_name: String,
+    /// Share of traces started here that are kept (a parent's decision is followed).
+    pub(crate) sample_ratio: f64,
 }
 
 /// `[upstream]`, resolved.
@@ -287,6 +308,7 @@ impl Settings {
         settings.threads = running.threads;
         settings.work_stealing = running.work_stealing;
         settings.log_format = running.log_format;
+        settings.tracing = running.tracing.clone();
         settings.proxy_protocol = running.proxy_protocol;
         settings.metrics_listen = running.metrics_listen.clone();
         settings.admin_listen = running.admin_listen.clone();
@@ -316,6 +338,7 @@ impl Settings {
             ("server.work_stealing", a.work_stealing == b.work_stealing),
             ("server.grace_period", a.grace_period == b.grace_period),
             ("server.log_format", a.log_format == b.log_format),
+            ("tracing", a.tracing == b.tracing),
             (
                 "server.proxy_protocol",
                 a.proxy_protocol == b.proxy_protocol,

@@ -110,16 +110,22 @@ pub(crate) async fn read(
 /// Forwards a request whose body idem has partly consumed (`prefix`: a keyless chunked body
 /// over `max_body` on a fingerprint route), streaming the rest of the body up and the
 /// response down. Not deduplicated and not detached: a pass-through that Pingora's proxy
-/// path can no longer perform. Returns the status.
+/// path can no longer perform. `tag` goes upstream with the request (a generated request
+/// id, the `traceparent`), `response_tag` back with the response. Returns the status.
 pub(crate) async fn forward_consumed(
     session: &mut Session,
     upstream: &Upstream,
     prefix: Bytes,
     from: Peer,
+    tag: &[(http::HeaderName, http::HeaderValue)],
+    response_tag: Option<(&http::HeaderName, &http::HeaderValue)>,
 ) -> Result<u16> {
     let (mut s, peer) = upstream.connect_any().await?;
     let mut req = forwarded_request(session.req_header(), from)?;
     req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    for (name, value) in tag {
+        req.insert_header(name.clone(), value.clone())?;
+    }
     s.write_request_header(Box::new(req)).await?;
     s.write_request_body(prefix, false).await?;
     while let Some(chunk) = session.read_request_body().await? {
@@ -129,6 +135,9 @@ pub(crate) async fn forward_consumed(
     read_final_header(&mut s).await?;
     let mut h = stream_header(s.response_header().expect("header read"));
     append_cache_status(&mut h, CACHE_STATUS_BYPASS)?;
+    if let Some((name, value)) = response_tag {
+        h.insert_header(name.clone(), value.clone())?;
+    }
     // An HTTP/1.0 request never gets here (without chunked coding its body length is
     // declared), but every writer of a response of unknown length applies the rule.
     framing::apply(session, &mut h);

@@ -2,10 +2,13 @@
 
 mod support;
 
+mod access_log;
 mod app_servers;
 mod dedup;
+mod drain;
 mod failures;
 mod forwarding;
+mod kubernetes;
 mod observability;
 mod operations;
 mod passthrough_ops;
@@ -14,6 +17,7 @@ mod redis_operations;
 mod redis_replicas;
 mod reliability;
 mod startup;
+mod traces;
 
 /// The backend is the yardstick for every idem test, so it is tested on its
 /// own first: if these fail, idem test failures mean nothing.

@@ -5,7 +5,8 @@
 //! Packed, a stored entry costs its bytes plus 16 (BENCHMARKS.md, "stored entry").
 //!
 //! ```text
-//! status u16 LE | header count u32 LE
+//! status u16 LE | origin (request id, span; `Origin::encode`, 2 bytes when none)
+//! | header count u32 LE
 //! | per header: sensitive u8 (0/1) | name length u16 LE | name | value length u32 LE | value
 //! | body (the rest)
 //! ```
@@ -15,6 +16,7 @@
 //! large enough for that to matter.
 
 use crate::message::StoredResponse;
+use crate::observe::request_id::Origin;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use std::sync::Arc;
@@ -35,9 +37,10 @@ impl std::fmt::Debug for Packed {
 }
 
 impl Packed {
-    /// Packs status, headers and body (the completion time is kept by the caller).
+    /// Packs status, origin, headers and body (the completion time is kept by the caller).
     pub(crate) fn pack(r: &StoredResponse) -> Packed {
         let size = 6
+            + r.origin.as_ref().map_or(2, Origin::encoded_len)
             + r.headers
                 .iter()
                 .map(|(n, v)| 7 + n.as_str().len() + v.len())
@@ -45,6 +48,11 @@ impl Packed {
             + r.body.len();
         let mut buf = Vec::with_capacity(size);
         buf.extend_from_slice(&r.status.to_le_bytes());
+        match &r.origin {
+            Some(o) => o.encode(&mut buf),
+            // An empty id and no span: what `Origin::decode` refuses, read back as none.
+            None => buf.extend_from_slice(&[0, 0]),
+        }
         buf.extend_from_slice(&(r.headers.len() as u32).to_le_bytes());
         for (name, value) in &r.headers {
             buf.push(u8::from(value.is_sensitive()));
@@ -75,6 +83,17 @@ impl Packed {
             s
         };
         let status = u16::from_le_bytes(take(2).try_into().unwrap_or_default());
+        // Packed by `pack` above: an origin, or the two bytes of none.
+        let origin = match Origin::decode(&b[2..]) {
+            Some((o, used)) => {
+                take(used);
+                Some(o)
+            }
+            None => {
+                take(2);
+                None
+            }
+        };
         let count = u32::from_le_bytes(take(4).try_into().unwrap_or_default()) as usize;
         let mut headers = Vec::with_capacity(count);
         for _ in 0..count {
@@ -102,6 +121,7 @@ impl Packed {
             headers,
             body,
             completed_at,
+            origin,
         }
     }
 }
@@ -120,6 +140,30 @@ mod tests {
     use super::*;
     use http::header;
 
+    #[test]
+    fn the_leaders_origin_is_kept_with_the_response() {
+        use crate::observe::request_id::{RequestId, SpanRef};
+        let mut r = response(Bytes::from_static(b"ok"));
+        for span in [
+            None,
+            Some(SpanRef {
+                trace_id: [1; 16],
+                span_id: [2; 8],
+            }),
+        ] {
+            let origin = Origin {
+                request_id: RequestId::generate(),
+                span,
+            };
+            r.origin = Some(origin.clone());
+            let p = Packed::pack(&r);
+            let back = p.unpack(r.completed_at);
+            assert_eq!(back.origin, Some(origin));
+            assert_eq!(back.headers, r.headers);
+            assert_eq!(back.body, r.body);
+        }
+    }
+
     fn response(body: Bytes) -> StoredResponse {
         let mut cookie = HeaderValue::from_static("a=1");
         cookie.set_sensitive(true);
@@ -136,6 +180,7 @@ mod tests {
             ],
             body,
             completed_at: Instant::now(),
+            origin: None,
         }
     }
 
@@ -150,9 +195,10 @@ mod tests {
             let p = Packed::pack(&r);
             assert_eq!(
                 p.len(),
-                6 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
+                6 + 2 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
             );
             let back = p.unpack(r.completed_at);
+            assert_eq!(back.origin, None);
             assert_eq!(back.status, 201);
             assert_eq!(back.headers, r.headers);
             let sensitive: Vec<bool> = back.headers.iter().map(|(_, v)| v.is_sensitive()).collect();

@@ -15,6 +15,7 @@ fn resp(body: &'static [u8], now: Instant) -> Record {
         headers: vec![],
         body: Bytes::from_static(body),
         completed_at: now,
+        origin: None,
     }))
 }
 
@@ -203,7 +204,8 @@ async fn max_bytes_evicts_least_recently_used() {
 #[test]
 fn a_slot_is_120_bytes() {
     assert_eq!(std::mem::size_of::<Slot>(), 120);
-    // The packed response: its bytes plus the Arc's two counters, one allocation.
+    // The packed response: its bytes plus the Arc's two counters, one allocation; a record
+    // without an origin (the leading request's id) spends 2 bytes on saying so.
     let r = StoredResponse {
         status: 200,
         headers: vec![(
@@ -212,8 +214,9 @@ fn a_slot_is_120_bytes() {
         )],
         body: Bytes::from_static(b"ok\n"),
         completed_at: Instant::now(),
+        origin: None,
     };
-    assert_eq!(Packed::pack(&r).len(), 6 + 7 + 12 + 10 + 3);
+    assert_eq!(Packed::pack(&r).len(), 6 + 2 + 7 + 12 + 10 + 3);
 }
 
 /// Walks every structure of the slab and checks it against the counts.
