@@ -5,9 +5,11 @@
 //! A connection first passes `http::first_bytes` (the PROXY protocol header when
 //! configured, `http::proxy_protocol`, then HTTP/1 or h2c). Then, per request, read top to
 //! bottom in `http::proxy` (`request_filter`):
-//! 0. The head as idem treats it (`http::normalize`), the peer's trust and the client
-//!    address through trusted hops (`http::client_addr`); the forwarding headers every
-//!    forwarded request carries follow from them (`http::forward`).
+//! 0. The request id (`observe::request_id`: the client's `X-Request-Id` when usable, else
+//!    a UUIDv7) and, with traces on, the request's span (`observe::trace`); the head as
+//!    idem treats it (`http::normalize`), the peer's trust and the client address through
+//!    trusted hops (`http::client_addr`); the forwarding headers every forwarded request
+//!    carries follow from them (`http::forward`).
 //! 1. Route (`config::route`) and admission from the head alone (`http::admission`):
 //!    pass-through requests go to Pingora's streamed proxy path untouched.
 //! 2. The body is read whole and hashed (`http::body`); scope and fingerprint come from the
@@ -17,6 +19,8 @@
 //!    `store::redis`); identical ones wait for it; later ones replay what the store kept
 //!    (`store::memory`); misuse and lack of room are refused.
 //! 4. Every outcome becomes one `http::reply::Reply`, written by one writer.
+//! 5. Once, at the end (`logging`): the metrics, the access line and the span end.
+//!    Waiters and replays name the request that led their call (its id, its span).
 //!
 //! # Lifecycle of a key
 //! absent -> in flight (one leader, waiters) -> stored | not-replayable | held (outcome
@@ -45,11 +49,13 @@
 //! │   ├── ShadowTable         keys seen on shadow routes (dedup::shadow)
 //! │   ├── RedisStore          claims, fenced results, waits across replicas, purges
 //! │   │                       (store::redis; one node, Cluster or Sentinel, TLS)
-//! │   └── Metrics             Prometheus registry (observe::metrics)
+//! │   ├── Metrics             Prometheus registry, process collector (observe::metrics)
+//! │   └── Traces              OTLP span exporter and tracer, when on (observe::trace)
 //! ├── HealthApp               /metrics /healthz /readyz (admin::health)
 //! ├── AdminApp                /flights /held /store, purge on every replica (admin::keys),
-//! │                           loopback only
-//! └── Housekeeping, Signals   listening line, sweep, SIGTERM/SIGHUP/SIGINT (server)
+//! │                           loopback only; both served until the exit (server::until_exit)
+//! └── Housekeeping, Signals   listening line, sweep, SIGTERM (drain, shutdown_delay),
+//!                             SIGHUP, SIGINT (server)
 //! ```
 
 #![forbid(unsafe_code)]

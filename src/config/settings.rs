@@ -505,6 +505,90 @@ mod tests {
     }
 
     #[test]
+    fn observability_keys_default_off_and_reload_except_tracing() {
+        let s = load("").unwrap();
+        assert!(!s.log_query);
+        assert_eq!(s.request_id_header, "x-request-id");
+        assert_eq!(s.shutdown_delay, Duration::ZERO);
+        assert_eq!(s.tracing, None);
+        let set = load(
+            "[server]\nlog_query = true\nrequest_id_header = \"X-Correlation-Id\"\nshutdown_delay = \"10s\"\n",
+        )
+        .unwrap();
+        assert!(set.log_query);
+        assert_eq!(set.request_id_header, "x-correlation-id");
+        assert_eq!(set.shutdown_delay, Duration::from_secs(10));
+        assert!(
+            set.restart_only_changes(&s).is_empty(),
+            "applied by a reload"
+        );
+        let traced = load(
+            "[tracing]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\nsample_ratio = 0.25\n",
+        )
+        .unwrap();
+        assert_eq!(
+            traced.tracing,
+            Some(TracingSettings {
+                otlp_endpoint: "http://127.0.0.1:4318/v1/traces".into(),
+                service_name: "idem".into(),
+                sample_ratio: 0.25,
+            })
+        );
+        assert_eq!(traced.restart_only_changes(&s), vec!["tracing"]);
+    }
+
+    #[test]
+    fn bad_observability_keys_name_the_value_at_fault() {
+        for (text, at, message) in [
+            (
+                "[server]\nrequest_id_header = \"a b\"\n",
+                (2, 21),
+                "server.request_id_header: \"a b\" is not a valid header name",
+            ),
+            (
+                "[server]\nrequest_id_header = \"Cookie\"\n",
+                (2, 21),
+                "server.request_id_header: cookie carries framing, routing or credentials",
+            ),
+            (
+                "[server]\nrequest_id_header = \"Content-Length\"\n",
+                (2, 21),
+                "server.request_id_header: content-length carries framing",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"https://collector:4318/v1/traces\"\n",
+                (2, 17),
+                "tracing.otlp_endpoint: \"https://collector:4318/v1/traces\" is not an http:// URL",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"collector:4318\"\n",
+                (2, 17),
+                "tracing.otlp_endpoint: \"collector:4318\" is not an http:// URL",
+            ),
+            (
+                "[tracing]\nservice_name = \"idem\"\n",
+                (2, 16),
+                "tracing.otlp_endpoint: is required by the other [tracing] keys",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://c:4318/v1/traces\"\nsample_ratio = 1.5\n",
+                (3, 16),
+                "tracing.sample_ratio: 1.5 is not between 0 and 1",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://c:4318/v1/traces\"\nservice_name = \"\"\n",
+                (3, 16),
+                "tracing.service_name: must not be empty",
+            ),
+            ("[server]\nshutdown_delay = \"soon\"\n", (2, 18), ""),
+        ] {
+            let e = load(text).unwrap_err();
+            assert_eq!((e.line, e.column), (Some(at.0), Some(at.1)), "{text}: {e}");
+            assert!(e.message.starts_with(message), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn proxy_protocol_is_off_by_default_and_restart_only() {
         assert!(!load("").unwrap().proxy_protocol);
         let on = load("[server]\nproxy_protocol = true\n").unwrap();

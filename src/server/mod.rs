@@ -10,7 +10,7 @@
 //! keep the proxy listeners open for `[server] shutdown_delay`, then stop them; Pingora then
 //! waits up to `grace_period`. idem exits as soon as no request is being processed and no
 //! flight is running, instead of sleeping the whole period, after sending the spans still
-//! queued. The metrics and admin listeners serve until the exit ([`until_exit`]). SIGINT
+//! queued. The metrics and admin listeners serve until the exit (`until_exit`). SIGINT
 //! exits at once. SIGHUP reloads the configuration file ([`crate::config::live`]): one log line
 //! says it was reloaded, or why it was refused (file:line) and that the running configuration
 //! stays; another names the changed settings that need a restart.

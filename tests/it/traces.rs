@@ -268,3 +268,27 @@ async fn spans_link_waiters_and_replays_to_the_leader_and_its_upstream_call() {
         assert_eq!(s.links[0].span_id, lead.span_id, "{id}");
     }
 }
+
+/// A collector that is not there costs spans, never requests: they are answered as usual,
+/// and the failed export is logged (once per batch).
+#[tokio::test]
+async fn a_collector_that_is_down_costs_spans_not_requests() {
+    let b = Backend::start().await;
+    let nobody = free_addr();
+    let config = Config::new(b.addr()).set(
+        "tracing.otlp_endpoint",
+        format!("http://{nobody}/v1/traces"),
+    );
+    let idem = Idem::builder()
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start(&config.to_string())
+        .await;
+    let http = client();
+    let r = http.get(idem.url("/a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    idem.wait_stderr("BatchSpanProcessor.ExportError").await;
+    // Still serving while exports fail.
+    let r = http.get(idem.url("/b")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(b.total().started, 2);
+}
