@@ -400,3 +400,71 @@ async fn a_client_timeout_is_one_info_line_and_never_an_error() {
         );
     }
 }
+
+/// A pass-through that fails upstream is one WARN line naming the request and the backend
+/// (and its access line); an attempt retried on another backend that answers is no line at
+/// all at INFO. Pingora's own ERROR and WARN lines for them are not written.
+#[tokio::test]
+async fn an_upstream_failure_is_one_warn_and_a_retry_is_silent() {
+    let b = Backend::start().await;
+    let refused = free_addr();
+    let config = Config::with_backends(&[refused, b.addr()])
+        .set("upstream.health_check", "none")
+        .to_string();
+    let idem = Idem::start(&config).await;
+    let http = client();
+    // Round robin: the refusing backend is tried first at least once, then the other.
+    for id in ["rr-1", "rr-2"] {
+        let r = http
+            .get(idem.url("/rr"))
+            .header("x-request-id", id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        r.bytes().await.unwrap();
+        idem.wait_stderr(&format!("request_id={id}")).await;
+    }
+    let metrics = scrape(&idem).await;
+    let failed = format!("idem_backend_requests_total{{backend=\"{refused}\",class=\"failed\"}}");
+    let answered = format!(
+        "idem_backend_requests_total{{backend=\"{}\",class=\"2xx\"}}",
+        b.addr()
+    );
+    assert!(
+        sample(&metrics, &failed).is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    assert_eq!(sample(&metrics, &answered), Some(2.0), "{metrics}");
+    let stderr = idem.stderr_text();
+    assert!(
+        !stderr.contains(" WARN ") && !stderr.contains(" ERROR "),
+        "{stderr}"
+    );
+
+    // Only the refusing backend: the request fails, said once.
+    let config = Config::with_backends(&[refused])
+        .set("upstream.health_check", "none")
+        .to_string();
+    let idem = Idem::start(&config).await;
+    let r = http
+        .get(idem.url("/down"))
+        .header("x-request-id", "down-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(header(&r, "x-request-id"), "down-1");
+    idem.wait_stderr("request_id=down-1 bytes_received").await;
+    let stderr = idem.stderr_text();
+    let warns: Vec<&str> = stderr.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert_eq!(warns.len(), 1, "{stderr}");
+    assert!(
+        warns[0].contains("pass-through failed: upstream-unreachable")
+            && warns[0].contains("request_id=\"down-1\"")
+            && warns[0].contains(&format!("backend=\"{refused}\"")),
+        "{}",
+        warns[0]
+    );
+    assert!(!stderr.contains(" ERROR "), "{stderr}");
+}
