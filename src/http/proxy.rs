@@ -192,6 +192,7 @@ impl Idem {
                 let forwarded = Box::pin(body::forward_consumed(
                     session,
                     &self.upstream,
+                    &self.metrics,
                     prefix,
                     ctx.peer,
                     &tag,
@@ -737,10 +738,8 @@ impl ProxyHttp for Idem {
         ctx.attempts.answered(&self.metrics, ctx.status);
         ctx.upstream_endpoint = ctx.attempts.current().cloned();
         if let Some((name, id)) = response_tag(ctx) {
-            // Apps that echo the id send the same value: nothing to replace then.
-            if resp.headers.get(name) != Some(id) {
-                resp.insert_header(name.clone(), id.clone())?;
-            }
+            // Replaces what the app sent under that name (apps that echo it send the same).
+            resp.insert_header(name.clone(), id.clone())?;
         }
         if ctx.mark_bypass {
             reply::append_cache_status(resp, reply::CACHE_STATUS_BYPASS)?;

@@ -229,7 +229,8 @@ async fn write_stored(
     // No case map: every name here is an `http::HeaderName` or a lowercase literal, which
     // Pingora writes the same way with or without one (standard names titled, others as
     // they are), and keeping the second map in step was a fifth of a replay's own cost.
-    let mut h = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 4))?;
+    // Room for the five headers added below: growing the map is most of an insert's cost.
+    let mut h = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 5))?;
     let replayed = !matches!(how, Disposition::Leader { .. });
     for (name, value) in &resp.headers {
         if replayed && audience == Audience::Anonymous && name == header::SET_COOKIE {

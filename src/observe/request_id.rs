@@ -125,56 +125,80 @@ pub(crate) struct Origin {
 impl Origin {
     /// Bytes [`Origin::encode`] writes.
     pub(crate) fn encoded_len(&self) -> usize {
-        1 + self.request_id.as_bytes().len() + 1 + if self.span.is_some() { 24 } else { 0 }
+        let id = match uuid_bytes(&self.request_id) {
+            Some(_) => 16,
+            None => 1 + self.request_id.as_bytes().len(),
+        };
+        1 + id + if self.span.is_some() { 24 } else { 0 }
     }
 
-    /// `id length u8 | id | span flag u8 (0/1) | [trace id 16 | span id 8]`.
+    /// `form u8` (bit 2 always set, so that a 0 can say "none"; bit 0: a UUID in 16 bytes,
+    /// else a length byte and the id's bytes; bit 1: a span follows) `| id | [trace id 16 |
+    /// span id 8]`. A stored record keeps one per entry: a generated id (a UUID) takes 17
+    /// bytes rather than 37.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        let id = self.request_id.as_bytes();
-        // At most MAX_LEN (200) bytes: a kept id is bounded, a generated one is 36.
-        out.push(id.len() as u8);
-        out.extend_from_slice(id);
-        match &self.span {
-            Some(s) => {
-                out.push(1);
-                out.extend_from_slice(&s.trace_id);
-                out.extend_from_slice(&s.span_id);
+        let uuid = uuid_bytes(&self.request_id);
+        let form = ORIGIN | u8::from(uuid.is_some()) | if self.span.is_some() { SPAN } else { 0 };
+        out.push(form);
+        match uuid {
+            Some(b) => out.extend_from_slice(&b),
+            None => {
+                let id = self.request_id.as_bytes();
+                // At most MAX_LEN (200) bytes: a kept id is bounded.
+                out.push(id.len() as u8);
+                out.extend_from_slice(id);
             }
-            None => out.push(0),
+        }
+        if let Some(s) = &self.span {
+            out.extend_from_slice(&s.trace_id);
+            out.extend_from_slice(&s.span_id);
         }
     }
 
     /// Reads what [`Origin::encode`] wrote at the start of `b`: the origin and the bytes it
     /// took; `None` if `b` does not start with one.
     pub(crate) fn decode(b: &[u8]) -> Option<(Origin, usize)> {
-        let len = *b.first()? as usize;
-        let request_id = RequestId::from_stored(b.get(1..1 + len)?)?;
-        let at = 1 + len;
-        match b.get(at)? {
-            0 => Some((
-                Origin {
-                    request_id,
-                    span: None,
-                },
-                at + 1,
-            )),
-            1 => {
-                let ids = b.get(at + 1..at + 25)?;
-                let span = SpanRef {
-                    trace_id: ids[..16].try_into().ok()?,
-                    span_id: ids[16..].try_into().ok()?,
-                };
-                Some((
-                    Origin {
-                        request_id,
-                        span: Some(span),
-                    },
-                    at + 25,
-                ))
-            }
-            _ => None,
+        let form = *b.first()?;
+        if form & ORIGIN == 0 || form & !(ORIGIN | UUID | SPAN) != 0 {
+            return None;
         }
+        let (request_id, mut at) = if form & UUID != 0 {
+            let raw: [u8; 16] = b.get(1..17)?.try_into().ok()?;
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            uuid::Uuid::from_bytes(raw)
+                .hyphenated()
+                .encode_lower(&mut text);
+            (RequestId::from_stored(&text)?, 17)
+        } else {
+            let len = *b.get(1)? as usize;
+            (RequestId::from_stored(b.get(2..2 + len)?)?, 2 + len)
+        };
+        let span = if form & SPAN != 0 {
+            let ids = b.get(at..at + 24)?;
+            at += 24;
+            Some(SpanRef {
+                trace_id: ids[..16].try_into().ok()?,
+                span_id: ids[16..].try_into().ok()?,
+            })
+        } else {
+            None
+        };
+        Some((Origin { request_id, span }, at))
     }
+}
+
+const UUID: u8 = 1;
+const SPAN: u8 = 2;
+const ORIGIN: u8 = 4;
+
+/// The 16 bytes of an id that is a UUID written as idem writes one (lowercase, hyphenated),
+/// so that it reads back identical.
+fn uuid_bytes(id: &RequestId) -> Option<[u8; 16]> {
+    let text = id.as_str();
+    let uuid = uuid::Uuid::try_parse(text).ok()?;
+    let mut again = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    (uuid.hyphenated().encode_lower(&mut again).as_bytes() == text.as_bytes())
+        .then(|| *uuid.as_bytes())
 }
 
 #[cfg(test)]
@@ -248,31 +272,51 @@ mod tests {
 
     #[test]
     fn origins_round_trip_with_and_without_a_span() {
-        let request_id = RequestId::generate();
-        for span in [
-            None,
-            Some(SpanRef {
-                trace_id: [7; 16],
-                span_id: [9; 8],
-            }),
+        let text = |s: &str| RequestId::from_stored(s.as_bytes()).unwrap();
+        for (request_id, id_bytes) in [
+            (RequestId::generate(), 16),
+            // A client's UUID in idem's own form is kept in 16 bytes too.
+            (text("0192c1d4-6f4e-7a31-9c1b-52e8d3f0a9b7"), 16),
+            // Any other form, byte for byte.
+            (text("0192C1D4-6F4E-7A31-9C1B-52E8D3F0A9B7"), 37),
+            (text("{0192c1d4-6f4e-7a31-9c1b-52e8d3f0a9b7}"), 39),
+            (text("req-7"), 6),
+            (text(&"x".repeat(MAX_LEN)), 1 + MAX_LEN),
         ] {
-            let o = Origin {
-                request_id: request_id.clone(),
-                span,
-            };
-            let mut buf = Vec::new();
-            o.encode(&mut buf);
-            assert_eq!(buf.len(), o.encoded_len());
-            buf.extend_from_slice(b"rest");
-            let (back, used) = Origin::decode(&buf).unwrap();
-            assert_eq!(back, o);
-            assert_eq!(&buf[used..], b"rest");
+            for span in [
+                None,
+                Some(SpanRef {
+                    trace_id: [7; 16],
+                    span_id: [9; 8],
+                }),
+            ] {
+                let o = Origin {
+                    request_id: request_id.clone(),
+                    span,
+                };
+                let mut buf = Vec::new();
+                o.encode(&mut buf);
+                let span_bytes = if span.is_some() { 24 } else { 0 };
+                assert_eq!(buf.len(), 1 + id_bytes + span_bytes, "{request_id}");
+                assert_eq!(buf.len(), o.encoded_len());
+                buf.extend_from_slice(b"rest");
+                let (back, used) = Origin::decode(&buf).unwrap();
+                assert_eq!(back, o);
+                assert_eq!(&buf[used..], b"rest");
+            }
         }
         // Truncated or foreign bytes are refused, never a panic.
-        assert!(Origin::decode(&[]).is_none());
-        assert!(Origin::decode(&[5, b'a']).is_none());
-        assert!(Origin::decode(&[1, b'a', 2]).is_none());
-        assert!(Origin::decode(&[1, b' ', 0]).is_none());
-        assert!(Origin::decode(&[1, b'a', 1, 0]).is_none());
+        for bytes in [
+            &[][..],
+            &[0, 1, b'a'],
+            &[4, 5, b'a'],
+            &[4, 1, b' '],
+            &[4, 0],
+            &[5, 0, 1],
+            &[6, 1, b'a', 0],
+            &[12, 1, b'a'],
+        ] {
+            assert!(Origin::decode(bytes).is_none(), "{bytes:?}");
+        }
     }
 }

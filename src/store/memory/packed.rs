@@ -5,7 +5,7 @@
 //! Packed, a stored entry costs its bytes plus 16 (BENCHMARKS.md, "stored entry").
 //!
 //! ```text
-//! status u16 LE | origin (request id, span; `Origin::encode`, 2 bytes when none)
+//! status u16 LE | origin (the leading request's id and span, `Origin::encode`; 1 byte: none)
 //! | header count u32 LE
 //! | per header: sensitive u8 (0/1) | name length u16 LE | name | value length u32 LE | value
 //! | body (the rest)
@@ -40,7 +40,7 @@ impl Packed {
     /// Packs status, origin, headers and body (the completion time is kept by the caller).
     pub(crate) fn pack(r: &StoredResponse) -> Packed {
         let size = 6
-            + r.origin.as_ref().map_or(2, Origin::encoded_len)
+            + r.origin.as_ref().map_or(1, Origin::encoded_len)
             + r.headers
                 .iter()
                 .map(|(n, v)| 7 + n.as_str().len() + v.len())
@@ -50,8 +50,8 @@ impl Packed {
         buf.extend_from_slice(&r.status.to_le_bytes());
         match &r.origin {
             Some(o) => o.encode(&mut buf),
-            // An empty id and no span: what `Origin::decode` refuses, read back as none.
-            None => buf.extend_from_slice(&[0, 0]),
+            // No origin: a form byte without its "origin" bit.
+            None => buf.push(0),
         }
         buf.extend_from_slice(&(r.headers.len() as u32).to_le_bytes());
         for (name, value) in &r.headers {
@@ -83,14 +83,14 @@ impl Packed {
             s
         };
         let status = u16::from_le_bytes(take(2).try_into().unwrap_or_default());
-        // Packed by `pack` above: an origin, or the two bytes of none.
+        // Packed by `pack` above: an origin, or the one byte of none.
         let origin = match Origin::decode(&b[2..]) {
             Some((o, used)) => {
                 take(used);
                 Some(o)
             }
             None => {
-                take(2);
+                take(1);
                 None
             }
         };
@@ -195,7 +195,7 @@ mod tests {
             let p = Packed::pack(&r);
             assert_eq!(
                 p.len(),
-                6 + 2 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
+                6 + 1 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
             );
             let back = p.unpack(r.completed_at);
             assert_eq!(back.origin, None);

@@ -205,7 +205,7 @@ async fn max_bytes_evicts_least_recently_used() {
 fn a_slot_is_120_bytes() {
     assert_eq!(std::mem::size_of::<Slot>(), 120);
     // The packed response: its bytes plus the Arc's two counters, one allocation; a record
-    // without an origin (the leading request's id) spends 2 bytes on saying so.
+    // without an origin (the leading request's id) spends a byte on saying so.
     let r = StoredResponse {
         status: 200,
         headers: vec![(
@@ -216,7 +216,7 @@ fn a_slot_is_120_bytes() {
         completed_at: Instant::now(),
         origin: None,
     };
-    assert_eq!(Packed::pack(&r).len(), 6 + 2 + 7 + 12 + 10 + 3);
+    assert_eq!(Packed::pack(&r).len(), 6 + 1 + 7 + 12 + 10 + 3);
 }
 
 /// Walks every structure of the slab and checks it against the counts.
