@@ -5,9 +5,11 @@
 //! A connection first passes `http::first_bytes` (the PROXY protocol header when
 //! configured, `http::proxy_protocol`, then HTTP/1 or h2c). Then, per request, read top to
 //! bottom in `http::proxy` (`request_filter`):
-//! 0. The head as idem treats it (`http::normalize`: the path in normal form, `path`), the
-//!    peer's trust and the client address through trusted hops (`http::client_addr`); the
-//!    forwarding headers every forwarded request carries follow from them (`http::forward`).
+//! 0. The request id (`observe::request_id`: the client's `X-Request-Id` when usable, else
+//!    a UUIDv7) and, with traces on, the request's span (`observe::trace`); the head as
+//!    idem treats it (`http::normalize`: the path in normal form, `path`), the peer's trust
+//!    and the client address through trusted hops (`http::client_addr`); the forwarding
+//!    headers every forwarded request carries follow from them (`http::forward`).
 //! 1. Route (`config::route`, on segment boundaries of the normal form) and admission from
 //!    the head alone (`http::admission`): pass-through requests go to Pingora's streamed
 //!    proxy path untouched.
@@ -21,6 +23,8 @@
 //!    (`store::memory`); misuse and lack of room are refused.
 //! 4. Every outcome becomes one `http::reply::Reply`, written by one writer (which keeps
 //!    credentials and private answers with their client, and framing out of stored data).
+//! 5. Once, at the end (`logging`): the metrics, the access line and the span end.
+//!    Waiters and replays name the request that led their call (its id, its span).
 //!
 //! # Lifecycle of a key
 //! absent -> in flight (one leader, waiters) -> stored | not-replayable | held (outcome
@@ -50,11 +54,14 @@
 //! │   ├── ShadowTable         keys seen on shadow routes (dedup::shadow)
 //! │   ├── RedisStore          claims, fenced results, waits across replicas, purges
 //! │   │                       (store::redis; one node, Cluster or Sentinel, TLS)
-//! │   └── Metrics             Prometheus registry (observe::metrics)
+//! │   ├── Metrics             Prometheus registry, process collector (observe::metrics)
+//! │   └── Traces              OTLP span exporter and tracer, when on (observe::trace)
 //! ├── HealthApp               /metrics /healthz /readyz (admin::health)
 //! ├── AdminApp                /flights /held /store, purge on every replica (admin::keys),
-//! │                           loopback only, behind admin::guard (Host, Origin, token)
-//! └── Housekeeping, Signals   listening line, sweep, SIGTERM/SIGHUP/SIGINT (server)
+//! │                           loopback only, behind admin::guard (Host, Origin, token);
+//! │                           both served until the exit (server::until_exit)
+//! └── Housekeeping, Signals   listening line, sweep, SIGTERM (drain, shutdown_delay),
+//!                             SIGHUP, SIGINT (server)
 //! ```
 
 #![forbid(unsafe_code)]

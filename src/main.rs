@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => {
-            init_logging(settings.log_format);
+            idem::server::init_logging(settings.log_format);
             for w in settings.warnings() {
                 tracing::warn!("configuration: {w}");
             }
@@ -81,18 +81,5 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-fn init_logging(format: idem::config::file::LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("IDEM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        idem::config::file::LogFormat::Json => builder.json().init(),
-        idem::config::file::LogFormat::Text => builder.init(),
     }
 }

@@ -3,6 +3,7 @@
 //! (RFC 9110 7.6.1): which headers describe one connection and never cross the proxy nor
 //! enter the store, for requests forwarded and responses stored or streamed.
 
+use crate::observe::request_id::Origin;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::HeaderValue;
@@ -20,6 +21,9 @@ pub(crate) struct StoredResponse {
     pub(crate) body: Bytes,
     /// When the upstream call completed; `Age` is counted from here.
     pub(crate) completed_at: Instant,
+    /// The request that led the call, named in the access lines of its waiters and replays;
+    /// `None` for a record another replica wrote (the Redis record does not carry it).
+    pub(crate) origin: Option<Origin>,
 }
 
 impl StoredResponse {
@@ -158,6 +162,7 @@ pub(crate) fn stored_response(h: &ResponseHeader, body: Bytes) -> StoredResponse
         headers,
         body,
         completed_at: Instant::now(),
+        origin: None,
     }
 }
 

@@ -1,7 +1,9 @@
-//! The metrics listener: `/metrics`, `/healthz` (process up), `/readyz` (listeners bound,
-//! at least one healthy backend, and, with the Redis store under `on_store_error =
-//! "fail-closed"`, Redis usable). A 503 from `/readyz` names the first unmet condition in
-//! one line; Redis' is the reason its last connection attempt failed.
+//! The metrics listener: `/metrics`, `/healthz` (process up), `/readyz` (not draining,
+//! listeners bound, at least one healthy backend, and, with the Redis store under
+//! `on_store_error = "fail-closed"`, Redis usable). A 503 from `/readyz` names the first
+//! unmet condition in one line; Redis' is the reason its last connection attempt failed.
+//! The listener serves until the process exits, through a drain too (`crate::server`):
+//! from SIGTERM on, `/readyz` answers `503 draining` while `/metrics` shows what is left.
 
 use crate::dedup::coordinator::Coordinator;
 use crate::observe::metrics::{Gauges, Metrics};
@@ -10,7 +12,7 @@ use crate::store::redis::RedisStore;
 use crate::upstream::Upstream;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The metrics listener's app.
@@ -28,6 +30,12 @@ pub(crate) struct HealthApp {
     /// Readiness: the Redis store is usable; set only under fail-closed, where a Redis that
     /// cannot be used answers every deduplicated request 503.
     pub(crate) redis_gate: Option<Arc<RedisStore>>,
+    /// Set by SIGTERM: not ready any more.
+    pub(crate) draining: Arc<AtomicBool>,
+    /// Requests being processed.
+    pub(crate) active: Arc<AtomicUsize>,
+    /// How many backends the configuration names (the `idem_backend_up` series).
+    pub(crate) backends: usize,
 }
 
 impl HealthApp {
@@ -42,6 +50,17 @@ impl HealthApp {
             bytes: s.bytes.load(Ordering::Relaxed),
             evicted_capacity: s.evicted_capacity.load(Ordering::Relaxed),
             evicted_expired: s.evicted_expired.load(Ordering::Relaxed),
+            active_requests: self.active.load(Ordering::Relaxed),
+            draining: self.draining.load(Ordering::Relaxed),
+            backends_up: {
+                let mut up = vec![false; self.backends];
+                for e in self.upstream.endpoints().iter() {
+                    if let Some(slot) = up.get_mut(e.backend) {
+                        *slot |= e.is_up();
+                    }
+                }
+                up
+            },
         }
     }
 }
@@ -58,7 +77,9 @@ impl ServeHttp for HealthApp {
             ),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
-                if !self.ready.load(Ordering::Relaxed) {
+                if self.draining.load(Ordering::Relaxed) {
+                    (503, "text/plain", b"draining\n".to_vec())
+                } else if !self.ready.load(Ordering::Relaxed) {
                     (503, "text/plain", b"listeners not bound\n".to_vec())
                 } else if !self.upstream.any_healthy() {
                     (503, "text/plain", b"no healthy backend\n".to_vec())

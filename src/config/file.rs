@@ -39,6 +39,8 @@ pub(crate) struct RawConfig {
     pub(crate) dedup: RawPolicy,
     #[serde(default, rename = "route")]
     pub(crate) routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub(crate) tracing: RawTracing,
 }
 
 /// `[server]`
@@ -60,6 +62,9 @@ pub(crate) struct RawServer {
     /// Each entry keeps its own place, so an error points at the entry at fault.
     pub(crate) trusted_proxies: Opt<Vec<Spanned<String>>>,
     pub(crate) proxy_protocol: Opt<bool>,
+    pub(crate) log_query: Opt<bool>,
+    pub(crate) request_id_header: Opt<String>,
+    pub(crate) shutdown_delay: Opt<Dur>,
 }
 
 /// `[upstream]`
@@ -83,6 +88,15 @@ pub(crate) struct RawUpstream {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawMetrics {
     pub(crate) listen: Opt<String>,
+}
+
+/// `[tracing]`: OpenTelemetry traces over OTLP/HTTP, off unless `otlp_endpoint` is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTracing {
+    pub(crate) otlp_endpoint: Opt<String>,
+    pub(crate) service_name: Opt<String>,
+    pub(crate) sample_ratio: Opt<f64>,
 }
 
 /// `[admin]`: off unless `listen` is set; loopback only.

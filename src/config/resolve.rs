@@ -14,7 +14,7 @@ use crate::config::file::{
 };
 use crate::config::route::{RoutePolicy, StatusSet};
 use crate::config::settings::{
-    HealthCheckSettings, Secret, Settings, StoreSettings, UpstreamSettings,
+    HealthCheckSettings, Secret, Settings, StoreSettings, TracingSettings, UpstreamSettings,
 };
 use crate::config::store::store;
 use crate::config::trusted::TrustedProxies;
@@ -234,6 +234,8 @@ pub(crate) fn resolve(
 
     let store = store(&raw.store, env, &mut warnings)?;
     let store = fixed.map_or(store, |f| f.store.clone());
+    let request_id_header = request_id_header(&server.request_id_header)?;
+    let tracing = tracing(&raw)?;
 
     let dedup = &raw.dedup;
     let secret = dedup
@@ -338,6 +340,10 @@ pub(crate) fn resolve(
         max_body_buffer,
         max_body_buffer_per_client,
         log_format: or(&server.log_format, LogFormat::Text),
+        log_query: or(&server.log_query, false),
+        request_id_header,
+        shutdown_delay: dur(&server.shutdown_delay, Duration::ZERO),
+        tracing,
         trusted_proxies,
         proxy_protocol: or(&server.proxy_protocol, false),
         upstream,
@@ -398,6 +404,94 @@ fn admin_token(raw: &RawAdmin, env: &Env) -> Result<Option<Secret<String>>, Inva
         ));
     }
     Ok(Some(Secret(token)))
+}
+
+/// `[server] request_id_header`: any valid name but those that frame, route or
+/// authenticate a request (idem writes this header into requests, responses and the log).
+fn request_id_header(raw: &Opt<String>) -> Result<http::HeaderName, Invalid> {
+    let Some(h) = raw else {
+        return Ok(http::HeaderName::from_static("x-request-id"));
+    };
+    let name = http::HeaderName::from_bytes(h.get_ref().as_bytes()).map_err(|_| {
+        invalid(
+            "server.request_id_header",
+            Some(h.span()),
+            format!("{:?} is not a valid header name", h.get_ref()),
+        )
+    })?;
+    let reserved = crate::message::is_hop_by_hop(&name)
+        || [
+            http::header::HOST,
+            http::header::AUTHORIZATION,
+            http::header::COOKIE,
+            http::header::SET_COOKIE,
+        ]
+        .contains(&name);
+    if reserved {
+        return Err(invalid(
+            "server.request_id_header",
+            Some(h.span()),
+            format!("{name} carries framing, routing or credentials; name a header of its own, like \"X-Request-Id\""),
+        ));
+    }
+    Ok(name)
+}
+
+/// `[tracing]`: on when `otlp_endpoint` is set. Only `http://` endpoints: the exporter is
+/// built without TLS, so a collector elsewhere is reached through a local agent (the usual
+/// OpenTelemetry Collector deployment) rather than over the network from idem.
+fn tracing(raw: &RawConfig) -> Result<Option<TracingSettings>, Invalid> {
+    let t = &raw.tracing;
+    let Some(endpoint) = &t.otlp_endpoint else {
+        if let Some(other) = t
+            .service_name
+            .as_ref()
+            .map(Spanned::span)
+            .or(at(&t.sample_ratio))
+        {
+            return Err(invalid(
+                "tracing.otlp_endpoint",
+                Some(other),
+                "is required by the other [tracing] keys: the full OTLP/HTTP traces URL, e.g. \"http://127.0.0.1:4318/v1/traces\"",
+            ));
+        }
+        return Ok(None);
+    };
+    let uri = endpoint.get_ref().parse::<http::Uri>().ok();
+    let ok = uri
+        .as_ref()
+        .is_some_and(|u| u.scheme_str() == Some("http") && u.host().is_some_and(|h| !h.is_empty()));
+    if !ok {
+        return Err(invalid(
+            "tracing.otlp_endpoint",
+            Some(endpoint.span()),
+            format!(
+                "{:?} is not an http:// URL; write the full OTLP/HTTP traces URL of a collector, e.g. \"http://127.0.0.1:4318/v1/traces\" (https is not supported: send to a local collector agent)",
+                endpoint.get_ref()
+            ),
+        ));
+    }
+    let service_name = or(&t.service_name, "idem".to_string());
+    if service_name.is_empty() {
+        return Err(invalid(
+            "tracing.service_name",
+            at(&t.service_name),
+            "must not be empty",
+        ));
+    }
+    let sample_ratio = or(&t.sample_ratio, 1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(invalid(
+            "tracing.sample_ratio",
+            at(&t.sample_ratio),
+            format!("{sample_ratio} is not between 0 and 1"),
+        ));
+    }
+    Ok(Some(TracingSettings {
+        otlp_endpoint: endpoint.get_ref().clone(),
+        service_name,
+        sample_ratio,
+    }))
 }
 
 /// `[server] trusted_proxies`; an error points at the entry at fault.

@@ -98,6 +98,16 @@ pub struct Settings {
     pub(crate) max_body_buffer_per_client: u64,
     /// Access log format.
     pub log_format: LogFormat,
+    /// The access log's `path` carries the query string (off: it may carry secrets).
+    pub(crate) log_query: bool,
+    /// The request id header (`X-Request-Id`): kept from the client when usable, generated
+    /// otherwise, sent upstream and back (`crate::observe::request_id`).
+    pub(crate) request_id_header: http::HeaderName,
+    /// After SIGTERM, how long the listeners keep accepting (with `/readyz` answering 503)
+    /// before they close and the drain starts: time for load balancers to stop sending.
+    pub(crate) shutdown_delay: Duration,
+    /// OpenTelemetry traces over OTLP/HTTP; `None` means off.
+    pub(crate) tracing: Option<TracingSettings>,
     /// Peers whose forwarding headers are believed (`crate::http::forward`).
     pub(crate) trusted_proxies: TrustedProxies,
     /// Every proxy listener expects a PROXY protocol (v1 or v2) header first, whose source
@@ -133,6 +143,17 @@ pub(crate) struct Reloaded {
     pub(crate) settings: Settings,
     /// Settings fixed at start-up that the file changes: their running values were kept.
     pub(crate) restart_needed: Vec<&'static str>,
+}
+
+/// `[tracing]`, resolved (only when `otlp_endpoint` is set).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TracingSettings {
+    /// Where spans are sent: the full OTLP/HTTP traces URL (`http://host:4318/v1/traces`).
+    pub(crate) otlp_endpoint: String,
+    /// The `service.name` resource attribute.
+    pub(crate) service_name: String,
+    /// Share of traces started here that are kept (a parent's decision is followed).
+    pub(crate) sample_ratio: f64,
 }
 
 /// `[upstream]`, resolved.
@@ -302,6 +323,7 @@ impl Settings {
         settings.threads = running.threads;
         settings.work_stealing = running.work_stealing;
         settings.log_format = running.log_format;
+        settings.tracing = running.tracing.clone();
         settings.proxy_protocol = running.proxy_protocol;
         settings.metrics_listen = running.metrics_listen.clone();
         settings.admin_listen = running.admin_listen.clone();
@@ -332,6 +354,7 @@ impl Settings {
             ("server.work_stealing", a.work_stealing == b.work_stealing),
             ("server.grace_period", a.grace_period == b.grace_period),
             ("server.log_format", a.log_format == b.log_format),
+            ("tracing", a.tracing == b.tracing),
             (
                 "server.proxy_protocol",
                 a.proxy_protocol == b.proxy_protocol,
@@ -513,6 +536,90 @@ mod tests {
         assert!(e.message.starts_with("server.trusted_proxies: "), "{e}");
         let e = load("[server]\ntrusted_proxies = \"10.0.0.0/8\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn observability_keys_default_off_and_reload_except_tracing() {
+        let s = load("").unwrap();
+        assert!(!s.log_query);
+        assert_eq!(s.request_id_header, "x-request-id");
+        assert_eq!(s.shutdown_delay, Duration::ZERO);
+        assert_eq!(s.tracing, None);
+        let set = load(
+            "[server]\nlog_query = true\nrequest_id_header = \"X-Correlation-Id\"\nshutdown_delay = \"10s\"\n",
+        )
+        .unwrap();
+        assert!(set.log_query);
+        assert_eq!(set.request_id_header, "x-correlation-id");
+        assert_eq!(set.shutdown_delay, Duration::from_secs(10));
+        assert!(
+            set.restart_only_changes(&s).is_empty(),
+            "applied by a reload"
+        );
+        let traced = load(
+            "[tracing]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\nsample_ratio = 0.25\n",
+        )
+        .unwrap();
+        assert_eq!(
+            traced.tracing,
+            Some(TracingSettings {
+                otlp_endpoint: "http://127.0.0.1:4318/v1/traces".into(),
+                service_name: "idem".into(),
+                sample_ratio: 0.25,
+            })
+        );
+        assert_eq!(traced.restart_only_changes(&s), vec!["tracing"]);
+    }
+
+    #[test]
+    fn bad_observability_keys_name_the_value_at_fault() {
+        for (text, at, message) in [
+            (
+                "[server]\nrequest_id_header = \"a b\"\n",
+                (2, 21),
+                "server.request_id_header: \"a b\" is not a valid header name",
+            ),
+            (
+                "[server]\nrequest_id_header = \"Cookie\"\n",
+                (2, 21),
+                "server.request_id_header: cookie carries framing, routing or credentials",
+            ),
+            (
+                "[server]\nrequest_id_header = \"Content-Length\"\n",
+                (2, 21),
+                "server.request_id_header: content-length carries framing",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"https://collector:4318/v1/traces\"\n",
+                (2, 17),
+                "tracing.otlp_endpoint: \"https://collector:4318/v1/traces\" is not an http:// URL",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"collector:4318\"\n",
+                (2, 17),
+                "tracing.otlp_endpoint: \"collector:4318\" is not an http:// URL",
+            ),
+            (
+                "[tracing]\nservice_name = \"idem\"\n",
+                (2, 16),
+                "tracing.otlp_endpoint: is required by the other [tracing] keys",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://c:4318/v1/traces\"\nsample_ratio = 1.5\n",
+                (3, 16),
+                "tracing.sample_ratio: 1.5 is not between 0 and 1",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://c:4318/v1/traces\"\nservice_name = \"\"\n",
+                (3, 16),
+                "tracing.service_name: must not be empty",
+            ),
+            ("[server]\nshutdown_delay = \"soon\"\n", (2, 18), ""),
+        ] {
+            let e = load(text).unwrap_err();
+            assert_eq!((e.line, e.column), (Some(at.0), Some(at.1)), "{text}: {e}");
+            assert!(e.message.starts_with(message), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::config::file::OnConcurrent;
 use crate::config::route::RouteId;
 use crate::key::{DedupKey, Fingerprint};
 use crate::message::StoredResponse;
+use crate::observe::request_id::Origin;
 use crate::outcome::{Held, Outcome, Refusal, Retention};
 use crate::owner::{ClientId, Owner};
 use crate::store::memory::{Found, MemoryStore, Record, SharedRef};
@@ -61,7 +62,7 @@ pub(crate) enum Joined {
 
 /// What a request brings to [`Coordinator::join`].
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct JoinRequest {
+pub(crate) struct JoinRequest<'a> {
     /// The dedup key.
     pub(crate) key: DedupKey,
     /// The request's fingerprint.
@@ -81,6 +82,8 @@ pub(crate) struct JoinRequest {
     pub(crate) route: RouteId,
     /// Who asks: its scope and client, for the store's quotas and the waiter caps.
     pub(crate) owner: Owner,
+    /// The request, as its waiters will name it if it leads.
+    pub(crate) origin: Option<&'a Origin>,
 }
 
 struct Flight {
@@ -92,6 +95,8 @@ struct Flight {
     /// value must be kept even when no waiter is subscribed yet.
     state: watch::Sender<Option<Outcome>>,
     waiters: AtomicUsize,
+    /// The leading request, for its waiters' access lines and spans.
+    origin: Option<Origin>,
 }
 
 /// Coordinates flights over the store.
@@ -216,7 +221,7 @@ impl Coordinator {
     }
 
     /// Decides what a request for `req.key` does. Never blocks on I/O.
-    pub(crate) fn join(self: &Arc<Self>, req: JoinRequest) -> Joined {
+    pub(crate) fn join(self: &Arc<Self>, req: JoinRequest<'_>) -> Joined {
         let now = Instant::now();
         match self.flights.entry(req.key) {
             Entry::Occupied(e) => {
@@ -269,6 +274,7 @@ impl Coordinator {
                     owner: req.owner,
                     state: watch::Sender::new(None),
                     waiters: AtomicUsize::new(0),
+                    origin: req.origin.cloned(),
                 });
                 v.insert(flight.clone());
                 Joined::Leader(LeaderPermit {
@@ -397,6 +403,11 @@ impl std::fmt::Debug for Waiter {
 }
 
 impl Waiter {
+    /// The request that leads the call this waiter waits for.
+    pub(crate) fn origin(&self) -> Option<&Origin> {
+        self.flight.origin.as_ref()
+    }
+
     /// Waits up to `timeout` for the leader's outcome; `None` on timeout.
     ///
     /// # Cancel safety
@@ -435,7 +446,7 @@ mod tests {
         Coordinator::new(MemoryStore::new(Limits::bounds(max_entries, 1 << 20)), 1000)
     }
 
-    fn req(k: u8, fp: u8, keyed: bool) -> JoinRequest {
+    fn req(k: u8, fp: u8, keyed: bool) -> JoinRequest<'static> {
         JoinRequest {
             key: DedupKey([k; 32]),
             fingerprint: Fingerprint([fp; 32]),
@@ -446,6 +457,7 @@ mod tests {
             hold_for: HOLD,
             route: RouteId(0),
             owner: Owner::default(),
+            origin: None,
         }
     }
 
@@ -455,6 +467,7 @@ mod tests {
             headers: vec![],
             body: Bytes::from_static(body.as_bytes()),
             completed_at: Instant::now(),
+            origin: None,
         })
     }
 
@@ -519,6 +532,30 @@ mod tests {
         // The retention ends 60s after completion.
         tokio::time::sleep(Duration::from_secs(61)).await;
         let _again = leader(c.join(req(1, 1, true)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_name_the_request_that_leads_their_call() {
+        use crate::observe::request_id::RequestId;
+        let c = coordinator(10);
+        let origin = Origin {
+            request_id: RequestId::generate(),
+            span: None,
+        };
+        let mut r = req(1, 1, true);
+        r.origin = Some(&origin);
+        let _p = leader(c.join(r));
+        let other = Origin {
+            request_id: RequestId::generate(),
+            span: None,
+        };
+        r.origin = Some(&other);
+        let w = waiter(c.join(r));
+        assert_eq!(
+            w.origin(),
+            Some(&origin),
+            "the leader's, not the waiter's own"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,14 +20,22 @@
 //! Every path through the call ends in one place, [`run`]'s settle-then-deliver: the rule
 //! that outranks convenience (never a second call while the first may run) is enforced by
 //! what is settled there, so it is written once.
+//!
+//! The call is traced as a child of the leader's request span when traces are on (its
+//! `traceparent` goes upstream), and its stored response keeps the leader's [`Origin`] for
+//! the replays that name it. When the leader's client has left by the time the outcome is
+//! known, the plan's `on_detached` writes the access line that says how the call ended.
 
 use crate::config::route::{RouteId, StatusSet};
 use crate::dedup::coordinator::LeaderPermit;
 use crate::key::DedupKey;
 use crate::message::{is_storable, stored_response, stream_header, BodyBuf};
 use crate::observe::metrics::Metrics;
+use crate::observe::request_id::Origin;
+use crate::observe::trace::Traces;
 use crate::outcome::{Disposition, Held, Outcome, Retention};
 use crate::store::redis::{Claimed, Lead, LeadRequest, RedisStore};
+use crate::upstream::backends::Endpoint;
 use crate::upstream::{CallError, Exchange, Upstream};
 use bytes::Bytes;
 use http::header;
@@ -55,7 +63,17 @@ pub(crate) struct Plan {
     pub(crate) route: RouteId,
     /// The Redis store's step (with `store.kind = "redis"`), `None` with the memory store.
     pub(crate) shared: Option<SharedPlan>,
+    /// The leading request, kept with its stored response.
+    pub(crate) origin: Origin,
+    /// Traces on: the tracer and the leader's request span, the parent of the call's.
+    pub(crate) trace: Option<(Arc<Traces>, opentelemetry::trace::SpanContext)>,
+    /// What to do when the outcome is known and the leader's client has left (the access
+    /// line of a detached completion); `None` when nothing is to be done.
+    pub(crate) on_detached: Option<OnDetached>,
 }
+
+/// Called with the reply nobody received and the call's report.
+pub(crate) type OnDetached = Box<dyn FnOnce(&LeaderReply, &CallReport) + Send + Sync>;
 
 /// What the shared step needs (Redis mode).
 pub(crate) struct SharedPlan {
@@ -90,12 +108,14 @@ pub(crate) enum Chunk {
 }
 
 /// What the access log reports about the call, delivered with the leader's reply.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct CallReport {
     /// From the start of the call to its response header (or to its failure).
     pub(crate) upstream: Duration,
     /// Waiters attached when the outcome was settled: they receive it too.
     pub(crate) waiters_served: usize,
+    /// The backend that answered (`None` when none did).
+    pub(crate) endpoint: Option<Arc<Endpoint>>,
 }
 
 /// Starts the detached call; the returned receiver yields the leader client's answer.
@@ -162,22 +182,42 @@ async fn run(
                 let report = CallReport {
                     upstream: Duration::ZERO,
                     waiters_served: served,
+                    endpoint: None,
                 };
                 let r = LeaderReply::Settled(a.outcome, a.how);
-                deliver(&metrics, plan.route, reply, r, report);
+                deliver(&metrics, &mut plan, reply, r, report);
                 return;
             }
         }
     }
     let key = leader.permit.key();
     let started = std::time::Instant::now();
+    let span = plan.trace.as_ref().map(|(traces, parent)| {
+        let span = traces.call(parent, plan.request.method.as_str());
+        // The app's spans hang below the call's, whatever the client sent.
+        let _ = plan
+            .request
+            .insert_header("traceparent", span.traceparent());
+        span
+    });
     let hold = |status| leader.permit.hold(status);
     let body = std::mem::take(&mut plan.body);
     // Boxed so that `run` stays small (see `spawn`).
-    let (called, took) = Box::pin(call(&upstream, &metrics, &plan, body, key, hold, started)).await;
+    let (called, took, endpoint) =
+        Box::pin(call(&upstream, &metrics, &plan, body, key, hold, started)).await;
+    if let Some(span) = span {
+        let status = match &called {
+            Called::Settled(Outcome::Response { response, .. }) => Some(response.status),
+            Called::Stream { header, .. } => Some(header.status.as_u16()),
+            Called::Settled(Outcome::Unknown(h)) if endpoint.is_some() => Some(h.status),
+            Called::Settled(_) => None,
+        };
+        span.end(endpoint.as_ref().map(|e| e.label.clone()), status);
+    }
     let report = |waiters_served| CallReport {
         upstream: took,
         waiters_served,
+        endpoint: endpoint.clone(),
     };
     match called {
         Called::Settled(outcome) => {
@@ -186,7 +226,7 @@ async fn run(
             };
             let served = leader.settle(outcome.clone(), plan.retention).await;
             let r = LeaderReply::Settled(outcome, how);
-            deliver(&metrics, plan.route, reply, r, report(served));
+            deliver(&metrics, &mut plan, reply, r, report(served));
         }
         Called::Stream {
             header,
@@ -204,7 +244,7 @@ async fn run(
             let served = leader.settle(Outcome::NotReplayable, plan.retention).await;
             let (tx, rx) = mpsc::channel(16);
             let r = LeaderReply::Stream { header, body: rx };
-            deliver(&metrics, plan.route, reply, r, report(served));
+            deliver(&metrics, &mut plan, reply, r, report(served));
             if !read.is_empty() {
                 let _ = tx.send(Chunk::Data(read)).await;
             }
@@ -214,7 +254,8 @@ async fn run(
 }
 
 /// Makes the call and reads what it returns, up to the point where its outcome is known.
-/// Returns it with the time to the response header (or to the failure).
+/// Returns it with the time to the response header (or to the failure) and the backend
+/// that answered.
 async fn call(
     upstream: &Upstream,
     metrics: &Metrics,
@@ -223,36 +264,45 @@ async fn call(
     key: DedupKey,
     hold: impl Fn(u16) -> Held,
     started: std::time::Instant,
-) -> (Called, Duration) {
+) -> (Called, Duration, Option<Arc<Endpoint>>) {
     let key = key.short();
+    let request_id = plan.origin.request_id.as_str();
     let sent = timeout_at(plan.deadline, upstream.send(&plan.request, body)).await;
     let mut ex = match sent {
         Ok(Ok(exchange)) => exchange,
         Ok(Err(CallError::NotSent(reason))) => {
-            tracing::warn!(key, %reason, "upstream unreachable: request not sent, key freed");
+            tracing::warn!(key, request_id, %reason, "upstream unreachable: request not sent, key freed");
             metrics.upstream_failed(plan.route, started.elapsed());
-            return (Called::Settled(Outcome::Unreachable), started.elapsed());
+            return (
+                Called::Settled(Outcome::Unreachable),
+                started.elapsed(),
+                None,
+            );
         }
         Ok(Err(CallError::Unknown { status, reason })) => {
-            tracing::warn!(key, status, %reason, "upstream outcome unknown: key held");
+            tracing::warn!(key, request_id, status, %reason, "upstream outcome unknown: key held");
             metrics.upstream_failed(plan.route, started.elapsed());
             return (
                 Called::Settled(Outcome::Unknown(hold(status))),
                 started.elapsed(),
+                None,
             );
         }
         Err(_elapsed) => {
             tracing::warn!(
                 key,
+                request_id,
                 "upstream deadline passed before the response header: key held"
             );
             metrics.upstream_failed(plan.route, started.elapsed());
             return (
                 Called::Settled(Outcome::Unknown(hold(504))),
                 started.elapsed(),
+                None,
             );
         }
     };
+    let endpoint = Some(ex.endpoint().clone());
     let took = started.elapsed();
     let status = ex.header().status.as_u16();
     metrics.upstream_answered(plan.route, status, took);
@@ -264,7 +314,11 @@ async fn call(
             "upstream answered {status}: outcome unknown, key held"
         );
         ex.abort().await;
-        return (Called::Settled(Outcome::Unknown(hold(status))), took);
+        return (
+            Called::Settled(Outcome::Unknown(hold(status))),
+            took,
+            endpoint,
+        );
     }
     let declared = ex
         .header()
@@ -285,11 +339,13 @@ async fn call(
                     continue;
                 }
                 Ok(Ok(None)) => {
-                    let response = Arc::new(stored_response(ex.header(), body.freeze()));
+                    let mut response = stored_response(ex.header(), body.freeze());
+                    response.origin = Some(plan.origin.clone());
+                    let response = Arc::new(response);
                     let stored = plan.store_statuses.contains(status);
                     upstream.release(ex).await;
                     let o = Outcome::Response { response, stored };
-                    return (Called::Settled(o), took);
+                    return (Called::Settled(o), took, endpoint);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(key, error = %e, "upstream response cut off: key held");
@@ -304,7 +360,7 @@ async fn call(
                 }
             };
             ex.abort().await;
-            return (Called::Settled(Outcome::Unknown(held)), took);
+            return (Called::Settled(Outcome::Unknown(held)), took, endpoint);
         }
     }
     let header = Box::new(stream_header(ex.header()));
@@ -316,6 +372,7 @@ async fn call(
             exchange: Box::new(ex),
         },
         took,
+        endpoint,
     )
 }
 
@@ -349,13 +406,16 @@ async fn pump(
 
 fn deliver(
     metrics: &Metrics,
-    route: RouteId,
+    plan: &mut Plan,
     reply: oneshot::Sender<(LeaderReply, CallReport)>,
     r: LeaderReply,
     report: CallReport,
 ) {
-    if reply.send((r, report)).is_err() {
+    if let Err((r, report)) = reply.send((r, report)) {
         // The leader's client left before the answer: the reason idem exists.
-        metrics.detached_completion(route);
+        metrics.detached_completion(plan.route);
+        if let Some(f) = plan.on_detached.take() {
+            f(&r, &report);
+        }
     }
 }

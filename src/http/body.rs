@@ -10,6 +10,7 @@ use crate::http::framing;
 use crate::http::reply::{append_cache_status, CACHE_STATUS_BYPASS};
 use crate::key::{Fingerprint, FingerprintHasher};
 use crate::message::{stream_header, BodyBuf};
+use crate::observe::metrics::Metrics;
 use crate::upstream::{read_final_header, Upstream};
 use bytes::Bytes;
 use http::header;
@@ -158,25 +159,41 @@ pub(crate) fn is_malformed(e: &pingora::Error) -> bool {
 /// Forwards a request whose body idem has partly consumed (`prefix`: a keyless chunked body
 /// over `max_body` on a fingerprint route), streaming the rest of the body up and the
 /// response down. Not deduplicated and not detached: a pass-through that Pingora's proxy
-/// path can no longer perform. Returns the status.
+/// path can no longer perform. `tag` goes upstream with the request (a generated request
+/// id, the `traceparent`), `response_tag` back with the response. The call is counted for
+/// its backend once a connection is made (a connect failure here is not). Returns the status.
 pub(crate) async fn forward_consumed(
     session: &mut Session,
     upstream: &Upstream,
+    metrics: &Metrics,
     prefix: Bytes,
     from: Peer,
+    tag: &[(http::HeaderName, http::HeaderValue)],
+    response_tag: Option<(&http::HeaderName, &http::HeaderValue)>,
 ) -> Result<u16> {
+    let started = std::time::Instant::now();
     let (mut s, peer) = upstream.connect_any().await?;
     let mut req = forwarded_request(session.req_header(), from)?;
     req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    for (name, value) in tag {
+        req.insert_header(name.clone(), value.clone())?;
+    }
     s.write_request_header(Box::new(req)).await?;
     s.write_request_body(prefix, false).await?;
     while let Some(chunk) = session.read_request_body().await? {
         s.write_request_body(chunk, false).await?;
     }
     s.finish_request_body().await?;
-    read_final_header(&mut s).await?;
+    if let Err(e) = read_final_header(&mut s).await {
+        metrics.backend_failed(peer.backend, started.elapsed());
+        return Err(e);
+    }
     let mut h = stream_header(s.response_header().expect("header read"));
+    metrics.backend_answered(peer.backend, h.status.as_u16(), started.elapsed());
     append_cache_status(&mut h, CACHE_STATUS_BYPASS)?;
+    if let Some((name, value)) = response_tag {
+        h.insert_header(name.clone(), value.clone())?;
+    }
     // An HTTP/1.0 request never gets here (without chunked coding its body length is
     // declared), but every writer of a response of unknown length applies the rule.
     framing::apply(session, &mut h);

@@ -13,6 +13,9 @@
 //! it that long; a failure says it did not, which shortens how long idem pools connections
 //! to that backend (`upstream::reuse`).
 //!
+//! Every attempt is counted for its backend (`idem_backend_requests_total`): its response
+//! class, or `failed` when it got no response header.
+//!
 //! Failures are answered by idem, as problem+json, never 500: 502 `upstream-unreachable`
 //! (nothing was sent: no backend answered the connect, or none resolves), 504
 //! `upstream-timeout`, 502 `upstream-failed` (the backend failed after receiving the
@@ -20,6 +23,7 @@
 //! outcome `error`.
 
 use crate::http::problem::Problem;
+use crate::observe::metrics::Metrics;
 use crate::upstream::backends::Endpoint;
 use crate::upstream::{Resend, Upstream};
 use pingora::proxy::Session;
@@ -42,6 +46,8 @@ pub(crate) struct Attempts {
     conn: Option<(i32, Option<Duration>)>,
     /// Any attempt made: a later one re-sends the body from the start.
     started: bool,
+    /// When the attempt in progress chose its backend; `None` once it is counted.
+    attempt_started: Option<Instant>,
 }
 
 impl Attempts {
@@ -72,6 +78,7 @@ impl Attempts {
         };
         self.started = true;
         self.conn = None;
+        self.attempt_started = Some(Instant::now());
         let peer = upstream.pass_through_peer(&e, resend);
         self.current = Some(e);
         Ok(peer)
@@ -88,8 +95,21 @@ impl Attempts {
         self.conn = Some((fd, idle));
     }
 
+    /// The backend of the attempt in progress (or the last one).
+    pub(crate) fn current(&self) -> Option<&Arc<Endpoint>> {
+        self.current.as_ref()
+    }
+
+    /// Counts the attempt in progress as failed, once.
+    fn count_failed(&mut self, metrics: &Metrics) {
+        if let (Some(current), Some(at)) = (&self.current, self.attempt_started.take()) {
+            metrics.backend_failed(current.backend, at.elapsed());
+        }
+    }
+
     /// A connect failed: the next backend, if any is left.
-    pub(crate) fn connect_failed(&mut self, upstream: &Upstream, e: &mut Error) {
+    pub(crate) fn connect_failed(&mut self, upstream: &Upstream, metrics: &Metrics, e: &mut Error) {
+        self.count_failed(metrics);
         if let Some(current) = &self.current {
             self.tried.push(current.id);
         }
@@ -100,7 +120,16 @@ impl Attempts {
 
     /// An attempt failed after its connection was made: retried on a new connection to the
     /// same backend when that is safe (see the module doc).
-    pub(crate) fn failed(&mut self, session: &Session, e: &mut Error, reused: bool) {
+    pub(crate) fn failed(
+        &mut self,
+        session: &Session,
+        metrics: &Metrics,
+        e: &mut Error,
+        reused: bool,
+    ) {
+        // After a response header the attempt was counted answered: a body cut off later
+        // is the request's error, not another call.
+        self.count_failed(metrics);
         if let (Some(current), Some((_, Some(idle)))) = (&self.current, self.conn) {
             crate::upstream::log_learned(
                 &current.label,
@@ -119,8 +148,14 @@ impl Attempts {
         }
     }
 
-    /// The response header arrived on the attempt's connection.
-    pub(crate) fn answered(&self) {
+    /// The response header (`status`) arrived on the attempt's connection.
+    pub(crate) fn answered(&mut self, metrics: &Metrics, status: u16) {
+        // An interim 100 is not the answer; a 101 (an upgrade) is.
+        if status >= 200 || status == 101 {
+            if let (Some(current), Some(at)) = (&self.current, self.attempt_started.take()) {
+                metrics.backend_answered(current.backend, status, at.elapsed());
+            }
+        }
         if let (Some(current), Some((_, Some(idle)))) = (&self.current, self.conn) {
             crate::upstream::log_learned(&current.label, current.reuse.survived(idle));
         }

@@ -167,6 +167,14 @@ impl Problem {
         self.info().status
     }
 
+    /// Whether the backend side failed (rather than the client or idem's own rules).
+    pub(crate) fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            Problem::UpstreamUnreachable | Problem::UpstreamTimeout | Problem::UpstreamFailed
+        )
+    }
+
     /// The last segment of the `type` URI.
     pub(crate) fn kind(&self) -> &'static str {
         self.info().kind

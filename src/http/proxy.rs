@@ -18,7 +18,18 @@
 //!    a [`Reply`].
 //! 5. Write the reply ([`Idem::reply`], the one writer) and return `Ok(true)`.
 //!
-//! Metrics and the access log are recorded once, in `logging`, from what [`Ctx`] kept.
+//! Metrics, the access log and the request's span are recorded once, in `logging`, from
+//! what [`Ctx`] kept. Every request has an id from step 0 on
+//! ([`crate::observe::request_id`]): sent upstream on every path (pass-through, a leader's
+//! call, a body idem forwards itself) and returned on every answer; a waiter or a replay
+//! also keeps the id (and span) of the request that led its call.
+//!
+//! Logs: a client that leaves is ordinary here. Its request's access line says so
+//! (`status=499`, `client_left=true`) and Pingora's own error line for it is suppressed
+//! (`suppress_error_log`); a pass-through that fails upstream gets one WARN naming the
+//! backend; a retried attempt is a DEBUG line (`suppress_proxy_warn_log`). During a drain
+//! (SIGTERM) every answer closes its HTTP/1 connection, so that keep-alive clients move to
+//! another replica while the listeners still accept (`[server] shutdown_delay`).
 //!
 //! Each request takes the configuration snapshot in force when it starts ([`Ctx::config`])
 //! and keeps it to its end, whatever a reload does meanwhile. Shadow routes take the
@@ -49,19 +60,22 @@ use crate::key::{DedupKey, KeyDeriver};
 use crate::message::is_storable;
 use crate::observe::access_log;
 use crate::observe::metrics::{Answered, Lookup, Metrics};
+use crate::observe::request_id::{Origin, RequestId, Source};
+use crate::observe::trace::{RequestSpan, SpanEnd, Traces};
 use crate::outcome::{Disposition, Refusal};
 use crate::owner::{ClientId, Owner};
 use crate::store::redis::{LeadRequest, RedisStore};
+use crate::upstream::backends::Endpoint;
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header;
+use http::{header, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,6 +100,10 @@ pub(crate) struct Idem {
     pub(crate) redis: Option<Arc<RedisStore>>,
     /// Request bodies held in memory.
     pub(crate) body_budget: Arc<BodyBudget>,
+    /// OpenTelemetry traces; `None` when off.
+    pub(crate) traces: Option<Arc<Traces>>,
+    /// Set by SIGTERM: answers close their connection.
+    pub(crate) draining: Arc<AtomicBool>,
 }
 
 /// Per-request state.
@@ -116,8 +134,21 @@ pub(crate) struct Ctx {
     /// The hop the request came from and whether it is trusted, for the forwarding headers.
     peer: Peer,
     /// The client address through trusted hops ([`client_addr`]): the access log's
-    /// `client`, and what per-client limits count.
+    /// `client_addr`, and what per-client limits count.
     pub(crate) client: Option<IpAddr>,
+    /// The request's id; `None` only before step 0.
+    request_id: Option<RequestId>,
+    /// idem made the id: it is added to the request forwarded upstream.
+    request_id_generated: bool,
+    /// Waiters and replays: the id of the request that led their call.
+    leader_request_id: Option<RequestId>,
+    /// The backend the request (or its leader's call) went to.
+    upstream_endpoint: Option<Arc<Endpoint>>,
+    /// The client went away before its answer was complete.
+    client_left: bool,
+    /// The request's server span, when traces are on; boxed: an SDK span is ~290 bytes,
+    /// which every request's context (and the futures that move it) would carry.
+    span: Option<Box<RequestSpan>>,
     _active: ActiveGuard,
 }
 
@@ -188,17 +219,22 @@ impl Idem {
                 ctx.answered = Answered::TooLarge;
                 // Boxed: a rare path with a large future (a whole upstream exchange) that would
                 // otherwise size every deduplicated request's future, waiters' included.
+                let tag = self.upstream_tag(ctx, settings);
                 let forwarded = Box::pin(body::forward_consumed(
                     session,
                     &self.upstream,
+                    &self.metrics,
                     prefix,
                     ctx.peer,
+                    &tag,
+                    response_tag(ctx),
                 ));
                 ctx.status = forwarded.await?;
                 return Ok(true);
             }
             Err(e) => {
                 self.metrics.client_abort();
+                ctx.client_left = true;
                 return Err(e);
             }
         };
@@ -214,6 +250,10 @@ impl Idem {
         };
         ctx.key = Some(key);
         let hold_for = settings.upstream.total_timeout;
+        let origin = Origin {
+            request_id: ctx.request_id.clone().unwrap_or_else(RequestId::generate),
+            span: ctx.span.as_deref().map(RequestSpan::span_ref),
+        };
         let joined = self.coordinator.join(JoinRequest {
             key,
             fingerprint,
@@ -227,6 +267,7 @@ impl Idem {
                 scope: scope.id(),
                 client,
             },
+            origin: Some(&origin),
         });
         self.metrics.lookup(lookup_result(&joined));
         // Only a leader sends the body; everyone else lets go of it before waiting.
@@ -236,8 +277,19 @@ impl Idem {
                 let body = body.take().unwrap_or_default();
                 // Its client may leave before the answer: the request still led the call.
                 ctx.answered = Answered::Leader;
-                let request =
+                let mut request =
                     forward::upstream_request(session.req_header(), ctx.peer, body.len())?;
+                if ctx.request_id_generated {
+                    request.insert_header(
+                        settings.request_id_header.clone(),
+                        origin.request_id.header_value().clone(),
+                    )?;
+                }
+                let trace = self
+                    .traces
+                    .clone()
+                    .zip(ctx.span.as_deref().map(RequestSpan::context));
+                let on_detached = self.on_detached(ctx, key);
                 let plan = Plan {
                     request,
                     body,
@@ -256,17 +308,24 @@ impl Idem {
                             wait_timeout: route.wait_timeout,
                         },
                     }),
+                    origin,
+                    trace,
+                    on_detached,
                 };
                 let reply =
                     leader::spawn(permit, self.upstream.clone(), self.metrics.clone(), plan);
                 let reply = tokio::select! {
                     r = reply => r,
-                    e = client_gone(session) => return Err(e),
+                    e = client_gone(session) => {
+                        ctx.client_left = true;
+                        return Err(e);
+                    }
                 };
                 match reply {
                     Ok((reply, report)) => {
                         ctx.upstream = Some(report.upstream);
                         ctx.waiters_served = Some(report.waiters_served);
+                        ctx.upstream_endpoint = report.endpoint;
                         match reply {
                             LeaderReply::Settled(outcome, how) => Reply::settled(outcome, how),
                             LeaderReply::Stream { header, body } => Reply::Stream { header, body },
@@ -281,9 +340,15 @@ impl Idem {
             }
             Joined::Waiter(waiter) => {
                 ctx.answered = Answered::Collapsed;
+                if let Some(o) = waiter.origin() {
+                    ctx.follow(o);
+                }
                 let outcome = tokio::select! {
                     o = waiter.wait(route.wait_timeout) => o,
-                    e = client_gone(session) => return Err(e),
+                    e = client_gone(session) => {
+                        ctx.client_left = true;
+                        return Err(e);
+                    }
                 };
                 match outcome {
                     Some(o) => Reply::settled(o, Disposition::Collapsed),
@@ -291,6 +356,9 @@ impl Idem {
                 }
             }
             Joined::Replay { response, expires } => {
+                if let Some(o) = &response.origin {
+                    ctx.follow(o);
+                }
                 let ttl = expires
                     .saturating_duration_since(tokio::time::Instant::now())
                     .as_secs();
@@ -322,9 +390,74 @@ impl Idem {
         let written = reply.written();
         ctx.status = written.status;
         ctx.answered = written.answered;
-        reply.write(session, audience).await?;
+        let tag = response_tag(ctx);
+        reply.write(session, audience, tag).await?;
         Ok(true)
     }
+
+    /// What a request idem forwards itself carries besides the client's headers: the
+    /// request id idem made, and the request span as the app's parent.
+    fn upstream_tag(&self, ctx: &Ctx, settings: &Settings) -> Vec<(HeaderName, HeaderValue)> {
+        let mut tag = Vec::new();
+        if let (true, Some(id)) = (ctx.request_id_generated, &ctx.request_id) {
+            tag.push((
+                settings.request_id_header.clone(),
+                id.header_value().clone(),
+            ));
+        }
+        if let Some(span) = &ctx.span {
+            tag.push((HeaderName::from_static("traceparent"), span.traceparent()));
+        }
+        tag
+    }
+
+    /// The access line of a leader's call that completes after its client left; `None`
+    /// when access lines are off.
+    fn on_detached(&self, ctx: &Ctx, key: DedupKey) -> Option<leader::OnDetached> {
+        if !access_log::enabled() {
+            return None;
+        }
+        let route = self.metrics.route_name(ctx.route);
+        let request_id = ctx.request_id.clone()?;
+        let started = ctx.started;
+        Some(Box::new(
+            move |reply: &LeaderReply, report: &leader::CallReport| {
+                let status = match reply {
+                    LeaderReply::Settled(outcome, how) => {
+                        Reply::settled(outcome.clone(), *how).written().status
+                    }
+                    LeaderReply::Stream { header, .. } => header.status.as_u16(),
+                };
+                access_log::detached(&access_log::Detached {
+                    route: &route,
+                    request_id: &request_id,
+                    key: &key,
+                    status,
+                    upstream_addr: report.endpoint.as_ref().map(|e| &e.peer._address),
+                    took: started.elapsed(),
+                    upstream: report.upstream,
+                    waiters_served: report.waiters_served,
+                });
+            },
+        ))
+    }
+}
+
+impl Ctx {
+    /// This request was answered from another's call (waiter, replay): name that one.
+    fn follow(&mut self, origin: &Origin) {
+        self.leader_request_id = Some(origin.request_id.clone());
+        if let (Some(span), Some(leader)) = (&mut self.span, &origin.span) {
+            span.link(leader);
+        }
+    }
+}
+
+/// The request id a response carries back, under the configured name.
+fn response_tag(ctx: &Ctx) -> Option<(&HeaderName, &HeaderValue)> {
+    ctx.request_id
+        .as_ref()
+        .map(|id| (&ctx.config.settings.request_id_header, id.header_value()))
 }
 
 /// The lookup a join amounts to, for `idem_store_operations_total{op="lookup"}`.
@@ -385,6 +518,12 @@ impl ProxyHttp for Idem {
             shadow: None,
             peer: Peer::default(),
             client: None,
+            request_id: None,
+            request_id_generated: false,
+            leader_request_id: None,
+            upstream_endpoint: None,
+            client_left: false,
+            span: None,
             _active: ActiveGuard(self.active.clone()),
         }
     }
@@ -398,7 +537,9 @@ impl ProxyHttp for Idem {
         // request in the eyes of a proxy in front of idem).
         let config = ctx.config.clone();
         let settings = &config.settings;
-        if !session.is_process_shutting_down() && session.get_keepalive().is_some() {
+        if self.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        } else if !session.is_process_shutting_down() && session.get_keepalive().is_some() {
             session.set_keepalive(Some(settings.keepalive_timeout.as_secs().max(1)));
         }
         // Requests pipelined on an HTTP/1.1 connection are read one after the other, each
@@ -406,6 +547,14 @@ impl ProxyHttp for Idem {
         // the connection after the first and drops the rest. Carried to the connection's
         // next requests by Pingora; set on every request because it costs a store.
         session.set_pipelining_enabled(true);
+        let req = session.req_header();
+        let (id, source) = RequestId::of(&req.headers, &settings.request_id_header);
+        ctx.request_id_generated = source == Source::Generated;
+        ctx.request_id = Some(id);
+        if let Some(traces) = &self.traces {
+            let span = traces.request(req.method.as_str(), req.uri.path(), &req.headers);
+            ctx.span = Some(Box::new(span));
+        }
         normalize::request_head(session.req_header_mut()).map_err(|e| e.into_down())?;
         let peer = session
             .client_addr()
@@ -527,7 +676,8 @@ impl ProxyHttp for Idem {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.attempts.connect_failed(&self.upstream, &mut e);
+        ctx.attempts
+            .connect_failed(&self.upstream, &self.metrics, &mut e);
         e
     }
 
@@ -540,7 +690,8 @@ impl ProxyHttp for Idem {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        ctx.attempts.failed(session, &mut e, client_reused);
+        ctx.attempts
+            .failed(session, &self.metrics, &mut e, client_reused);
         e
     }
 
@@ -548,21 +699,50 @@ impl ProxyHttp for Idem {
         &self,
         _session: &Session,
         ctx: &Ctx,
-        _error: &Error,
+        error: &Error,
         context: ProxyWarnLogContext,
     ) -> bool {
-        // A pooled connection the backend had closed, retried on a new one: expected, and
-        // logged at debug by idem instead.
-        context == ProxyWarnLogContext::UpstreamRetry && ctx.attempts.retrying_on_new_connection()
+        // A retry is expected (a pooled connection the backend had closed, a backend that
+        // refused): counted per backend and logged at debug by idem instead.
+        if context == ProxyWarnLogContext::UpstreamRetry {
+            let next = if ctx.attempts.retrying_on_new_connection() {
+                "on a new connection"
+            } else {
+                "on the next backend"
+            };
+            tracing::debug!(
+                request_id = ctx.request_id.as_ref().map(RequestId::as_str),
+                backend = ctx.attempts.current().map(|b| b.label.as_str()),
+                error = %error,
+                "pass-through attempt failed; trying again {next}"
+            );
+        }
+        true
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error) -> bool {
+        // idem writes its own line for every final error (`fail_to_proxy`) and the access
+        // line says how the request ended.
+        true
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let Some(problem) = pass_through::problem(e) else {
+            ctx.client_left = true;
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
             };
         };
+        if problem.is_upstream() {
+            tracing::warn!(
+                request_id = ctx.request_id.as_ref().map(RequestId::as_str),
+                backend = ctx.attempts.current().map(|b| b.label.as_str()),
+                error = %e,
+                "pass-through failed: {}",
+                problem.kind()
+            );
+        }
         let status = problem.status();
         if session.response_written().is_none() {
             ctx.answered = Answered::Error;
@@ -571,7 +751,7 @@ impl ProxyHttp for Idem {
             // The connection may hold the rest of a body nobody read.
             session.set_keepalive(None);
             if let Err(err) = Reply::Problem(problem)
-                .write(session, Audience::NOBODY)
+                .write(session, Audience::NOBODY, response_tag(ctx))
                 .await
             {
                 tracing::debug!(error = %err, "could not write the error answer: the client is gone");
@@ -591,7 +771,17 @@ impl ProxyHttp for Idem {
     ) -> Result<()> {
         // idem answered any `100-continue` itself (`body::continue_if_expected`).
         upstream_request.remove_header(&header::EXPECT);
-        forward::set_forwarding_headers(upstream_request, ctx.peer)
+        forward::set_forwarding_headers(upstream_request, ctx.peer)?;
+        if let (true, Some(id)) = (ctx.request_id_generated, &ctx.request_id) {
+            upstream_request.insert_header(
+                ctx.config.settings.request_id_header.clone(),
+                id.header_value().clone(),
+            )?;
+        }
+        if let Some(span) = &ctx.span {
+            upstream_request.insert_header("traceparent", span.traceparent())?;
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -603,7 +793,12 @@ impl ProxyHttp for Idem {
         framing::apply(session, resp);
         ctx.status = resp.status.as_u16();
         ctx.upstream = ctx.upstream_started.map(|t| t.elapsed());
-        ctx.attempts.answered();
+        ctx.attempts.answered(&self.metrics, ctx.status);
+        ctx.upstream_endpoint = ctx.attempts.current().cloned();
+        if let Some((name, id)) = response_tag(ctx) {
+            // Replaces what the app sent under that name (apps that echo it send the same).
+            resp.insert_header(name.clone(), id.clone())?;
+        }
         if ctx.mark_bypass {
             reply::append_cache_status(resp, reply::CACHE_STATUS_BYPASS)?;
         }
@@ -637,21 +832,47 @@ impl ProxyHttp for Idem {
             shadow.finish(&self.shadow, e);
         }
         let took = ctx.started.elapsed();
-        self.metrics.request(ctx.route, ctx.answered, took);
+        // The client left unless something told the client how the request ended.
+        ctx.client_left |= e.is_some_and(|e| pass_through::problem(e).is_none());
+        let answered = session.response_written().map(|h| h.status.as_u16());
+        self.metrics
+            .request(ctx.route, ctx.answered, answered, took);
+        if !access_log::enabled() && ctx.span.is_none() {
+            return;
+        }
+        let route = self.metrics.route_name(ctx.route);
         access_log::write(
             session,
             e,
             &access_log::Entry {
-                format: ctx.config.settings.log_format,
-                route: &self.metrics.route_name(ctx.route),
+                route: &route,
                 client: ctx.client,
+                log_query: ctx.config.settings.log_query,
                 fallback_status: ctx.status,
                 answered: ctx.answered,
+                request_id: ctx.request_id.as_ref(),
+                leader_request_id: ctx.leader_request_id.as_ref(),
                 key: ctx.key.as_ref(),
+                upstream_addr: ctx.upstream_endpoint.as_ref().map(|e| &e.peer._address),
                 took,
                 upstream: ctx.upstream,
                 waiters_served: ctx.waiters_served,
+                client_left: ctx.client_left,
             },
         );
+        if let Some(span) = ctx.span.take() {
+            let key = ctx.key.as_ref().map(DedupKey::short);
+            span.end(&SpanEnd {
+                method: session.req_header().method.as_str(),
+                route: &route,
+                outcome: ctx.answered.as_str(),
+                status: answered,
+                request_id: ctx.request_id.as_ref().map_or("-", RequestId::as_str),
+                leader_request_id: ctx.leader_request_id.as_ref().map(RequestId::as_str),
+                key: key.as_deref(),
+                client: ctx.client,
+                client_left: ctx.client_left,
+            });
+        }
     }
 }

@@ -19,7 +19,9 @@
 //!   dropped on the way out ([`crate::message::is_hop_by_hop`]), `Content-Length` is
 //!   recomputed from the body, Pingora regenerates `Date` and `Connection`, and idem adds
 //!   `Age`, `Cache-Status` (RFC 9211, member `idem`) and `Idempotent-Replayed: true`;
-//! * the status and the metric outcome of the request follow from the reply written.
+//! * the status and the metric outcome of the request follow from the reply written;
+//! * every reply carries the request's own id (`X-Request-Id`), replacing the one a stored
+//!   response may hold from its leader.
 
 use crate::dedup::leader::Chunk;
 use crate::http::framing;
@@ -153,15 +155,21 @@ impl Reply {
         }
     }
 
-    /// Writes the reply (see the module doc). An `Err` means the client connection broke
-    /// (or a stream was cut off upstream) and must not be reused.
-    pub(crate) async fn write(self, session: &mut Session, audience: Audience<'_>) -> Result<()> {
+    /// Writes the reply (see the module doc), with `tag` (the request id header) among its
+    /// headers. An `Err` means the client connection broke (or a stream was cut off
+    /// upstream) and must not be reused.
+    pub(crate) async fn write(
+        self,
+        session: &mut Session,
+        audience: Audience<'_>,
+        tag: Option<(&http::HeaderName, &http::HeaderValue)>,
+    ) -> Result<()> {
         match self {
             Reply::Response { response, how } => {
-                write_stored(session, &response, how, audience).await
+                write_stored(session, &response, how, audience, tag).await
             }
-            Reply::Stream { header, body } => write_stream(session, header, body).await,
-            Reply::Problem(p) => write_problem(session, p).await,
+            Reply::Stream { header, body } => write_stream(session, header, body, tag).await,
+            Reply::Problem(p) => write_problem(session, p, tag).await,
         }
     }
 }
@@ -253,16 +261,29 @@ pub(crate) fn headers_for<'r>(
         .filter(move |(name, _)| !is_hop_by_hop(name) && !withheld(name))
 }
 
+/// Sets the request id header, replacing what a stored response carried (the leader's).
+fn set_tag(
+    h: &mut ResponseHeader,
+    tag: Option<(&http::HeaderName, &http::HeaderValue)>,
+) -> Result<()> {
+    if let Some((name, value)) = tag {
+        h.insert_header(name.clone(), value.clone())?;
+    }
+    Ok(())
+}
+
 async fn write_stored(
     session: &mut Session,
     resp: &StoredResponse,
     how: Disposition,
     audience: Audience<'_>,
+    tag: Option<(&http::HeaderName, &http::HeaderValue)>,
 ) -> Result<()> {
     // No case map: every name here is an `http::HeaderName` or a lowercase literal, which
     // Pingora writes the same way with or without one (standard names titled, others as
     // they are), and keeping the second map in step was a fifth of a replay's own cost.
-    let mut h = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 4))?;
+    // Room for the five headers added below: growing the map is most of an insert's cost.
+    let mut h = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 5))?;
     let replayed = !matches!(how, Disposition::Leader { .. });
     for (name, value) in headers_for(resp, how, audience) {
         h.append_header(name.clone(), value.clone())?;
@@ -278,6 +299,7 @@ async fn write_stored(
         h.insert_header(header::AGE, http::HeaderValue::from(age))?;
     }
     append_cache_status(&mut h, &cache_status(how))?;
+    set_tag(&mut h, tag)?;
     h.set_content_length(resp.body.len())?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session
@@ -297,8 +319,10 @@ async fn write_stream(
     session: &mut Session,
     mut header: Box<ResponseHeader>,
     mut body: mpsc::Receiver<Chunk>,
+    tag: Option<(&http::HeaderName, &http::HeaderValue)>,
 ) -> Result<()> {
     append_cache_status(&mut header, "idem; fwd=uri-miss")?;
+    set_tag(&mut header, tag)?;
     framing::apply(session, &mut header);
     session.write_response_header(header, false).await?;
     while let Some(chunk) = body.recv().await {
@@ -317,7 +341,11 @@ async fn write_stream(
 }
 
 /// Writes a problem+json answer. Keep-alive is kept unless the request body may be unread.
-async fn write_problem(session: &mut Session, p: Problem) -> Result<()> {
+async fn write_problem(
+    session: &mut Session,
+    p: Problem,
+    tag: Option<(&http::HeaderName, &http::HeaderValue)>,
+) -> Result<()> {
     let body = Bytes::from(p.body());
     let mut h = ResponseHeader::build_no_case(p.status(), Some(5))?;
     h.insert_header(header::CONTENT_TYPE, "application/problem+json")?;
@@ -325,6 +353,7 @@ async fn write_problem(session: &mut Session, p: Problem) -> Result<()> {
         h.insert_header(header::RETRY_AFTER, secs.to_string())?;
     }
     append_cache_status(&mut h, &format!("idem; fwd=request; detail={}", p.kind()))?;
+    set_tag(&mut h, tag)?;
     h.set_content_length(body.len())?;
     if matches!(p, Problem::TooLarge | Problem::BodyTimeout) {
         // The rest of the body is not worth draining to keep this connection.
@@ -388,6 +417,7 @@ mod tests {
                     .collect(),
                 body: Bytes::new(),
                 completed_at: Instant::now(),
+                origin: None,
             };
             let audience = Audience { identified, credentials: &CREDENTIALS };
             let out: Vec<HeaderName> =
@@ -414,6 +444,7 @@ mod tests {
             headers: vec![(header::CACHE_CONTROL, HeaderValue::from_static(cc))],
             body: Bytes::new(),
             completed_at: Instant::now(),
+            origin: None,
         };
         for private in [
             "private",
@@ -437,6 +468,7 @@ mod tests {
                 .unwrap_or_default(),
             body: Bytes::new(),
             completed_at: Instant::now(),
+            origin: None,
         }
     }
 

@@ -2,16 +2,20 @@
 //!
 //! One [`Metrics`] value owns a private registry; methods are named for events. Labels are
 //! bounded: route names come from the config and outcomes from [`Answered`], never keys or
-//! paths. Every route x outcome series is created at start-up so that rates and ratios are
-//! defined from the first scrape. Gauges that mirror state (in flight, waiters, store size)
-//! are read from their owners at scrape time rather than updated on every request.
+//! paths; backends are the configured `upstream.backends` entries (a name that resolves to
+//! several addresses is one series), fixed at start-up. Every route x outcome, route x
+//! class and backend x class series is created at start-up so that rates and ratios are
+//! defined from the first scrape. Gauges that mirror state (in flight, waiters, store size,
+//! backend health, draining) are read from their owners at scrape time rather than updated
+//! on every request. The registry also holds the prometheus crate's `process_*` collector
+//! (CPU, resident memory, open descriptors, start time; Linux).
 
 use crate::config::route::RouteId;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// How idem answered one request: the `outcome` label.
@@ -100,6 +104,22 @@ impl ShadowKind {
 
 const UPSTREAM_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
 
+/// The `class` label of `idem_responses_total`: every status idem answers with.
+const RESPONSE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The `class` label of `idem_backend_requests_total`: a response class, or no response.
+const BACKEND_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "failed"];
+const BACKEND_FAILED: usize = 5;
+
+/// The index of `status`'s class in [`RESPONSE_CLASSES`] (and [`BACKEND_CLASSES`]); `None`
+/// outside 100..=599.
+fn class_index(status: u16) -> Option<usize> {
+    match status {
+        100..=599 => Some(usize::from(status / 100 - 1)),
+        _ => None,
+    }
+}
+
 /// The result of looking a key up when a request joins: the `result` label of
 /// `idem_store_operations_total{op="lookup"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +160,7 @@ impl Lookup {
 }
 
 /// State read from its owners at scrape time (flights, waiters, the store).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Gauges {
     /// Keys with a leader running.
     pub(crate) inflight: usize,
@@ -156,12 +176,27 @@ pub(crate) struct Gauges {
     pub(crate) evicted_capacity: u64,
     /// Records expired since start.
     pub(crate) evicted_expired: u64,
+    /// Requests being processed (the drain waits for them).
+    pub(crate) active_requests: usize,
+    /// SIGTERM received: the process is draining.
+    pub(crate) draining: bool,
+    /// Whether each configured backend (in `register_backends` order) has an address that
+    /// passed its last health check.
+    pub(crate) backends_up: Vec<bool>,
 }
 
-/// One route's request series, indexed by `Answered as usize` (the order of [`Answered::ALL`]).
+/// One route's request series, indexed by `Answered as usize` (the order of [`Answered::ALL`]),
+/// and its answers by class (the order of [`RESPONSE_CLASSES`]).
 struct RequestSeries {
     count: [IntCounter; 11],
     duration: [Histogram; 11],
+    responses: [IntCounter; 5],
+}
+
+/// One backend's series: calls by class (the order of [`BACKEND_CLASSES`]) and latency.
+struct BackendSeries {
+    count: [IntCounter; 6],
+    duration: Histogram,
 }
 
 /// All of idem's metric families.
@@ -199,6 +234,15 @@ pub(crate) struct Metrics {
     admin_refusals: IntCounterVec,
     /// Bytes of request bodies held now (`http::body_budget` keeps it current).
     pub(crate) body_buffer: IntGauge,
+    responses: IntCounterVec,
+    backend_requests: IntCounterVec,
+    backend_duration: HistogramVec,
+    backend_up: IntGaugeVec,
+    /// The series of each backend by its index in the configuration; set once at start-up.
+    backend_series: OnceLock<Vec<BackendSeries>>,
+    backend_names: OnceLock<Vec<String>>,
+    draining: IntGauge,
+    active_requests: IntGauge,
 }
 
 impl Metrics {
@@ -230,6 +274,20 @@ impl Metrics {
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
             h
+        };
+        // Linux only (procfs); elsewhere the family is absent rather than wrong.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
         };
         let client_aborts = IntCounter::new(
             "idem_client_aborts_total",
@@ -315,6 +373,36 @@ impl Metrics {
                 "idem_body_buffer_bytes",
                 "Bytes of request bodies idem holds now (read for dedup, or waiting to be sent upstream).",
             ),
+            responses: counter(
+                "idem_responses_total",
+                "Answers idem gave, pass-through included, by route and status class.",
+                &["route", "class"],
+            ),
+            backend_requests: counter(
+                "idem_backend_requests_total",
+                "Calls to each configured backend (pass-through attempts and leader calls), by response class or failed.",
+                &["backend", "class"],
+            ),
+            backend_duration: histogram(
+                "idem_backend_duration_seconds",
+                "Time from choosing a backend to its response header (or the failure).",
+                &["backend"],
+            ),
+            backend_up: gauge_vec(
+                "idem_backend_up",
+                "1 when an address of the configured backend passed its last health check.",
+                &["backend"],
+            ),
+            backend_series: OnceLock::new(),
+            backend_names: OnceLock::new(),
+            draining: gauge(
+                "idem_draining",
+                "1 from SIGTERM on: the process is draining and /readyz answers 503.",
+            ),
+            active_requests: gauge(
+                "idem_active_requests",
+                "Requests being processed (a drain waits for them and for flights).",
+            ),
             lookups: Vec::new(),
             routes: parking_lot::RwLock::new(Vec::new()),
             request_series: parking_lot::RwLock::new(Vec::new()),
@@ -353,6 +441,8 @@ impl Metrics {
                         .map(|o| self.requests.with_label_values(&[name, o.as_str()])),
                     duration: Answered::ALL
                         .map(|o| self.request_duration.with_label_values(&[name, o.as_str()])),
+                    responses: RESPONSE_CLASSES
+                        .map(|c| self.responses.with_label_values(&[name, c])),
                 });
                 routes.push(Arc::from(name.as_str()));
                 RouteId(routes.len() - 1)
@@ -396,14 +486,58 @@ impl Metrics {
             .unwrap_or_else(|| Arc::from("default"))
     }
 
-    /// One request answered.
-    pub(crate) fn request(&self, route: RouteId, outcome: Answered, took: Duration) {
+    /// Creates the series of the configured backends, by their index in `names` (the
+    /// `upstream.backends` entries, fixed at start-up). Later calls change nothing.
+    pub(crate) fn register_backends(&self, names: &[String]) {
+        let series = names
+            .iter()
+            .map(|name| {
+                self.backend_up.with_label_values(&[name]);
+                BackendSeries {
+                    count: BACKEND_CLASSES
+                        .map(|c| self.backend_requests.with_label_values(&[name, c])),
+                    duration: self.backend_duration.with_label_values(&[name]),
+                }
+            })
+            .collect();
+        let _ = self.backend_series.set(series);
+        let _ = self.backend_names.set(names.to_vec());
+    }
+
+    /// One request done: its outcome, and `status` when idem gave an answer (`None` when
+    /// the client left before one).
+    pub(crate) fn request(
+        &self,
+        route: RouteId,
+        outcome: Answered,
+        status: Option<u16>,
+        took: Duration,
+    ) {
         let series = self.request_series.read();
         // Ids are issued by `register_routes` only, which creates the series first.
         if let Some(s) = series.get(route.0) {
             let i = outcome as usize;
             s.count[i].inc();
             s.duration[i].observe(took.as_secs_f64());
+            if let Some(c) = status.and_then(class_index) {
+                s.responses[c].inc();
+            }
+        }
+    }
+
+    /// A backend (by its index in the configuration) answered with `status` after `took`.
+    pub(crate) fn backend_answered(&self, backend: usize, status: u16, took: Duration) {
+        if let Some(s) = self.backend_series.get().and_then(|b| b.get(backend)) {
+            s.count[class_index(status).unwrap_or(4)].inc();
+            s.duration.observe(took.as_secs_f64());
+        }
+    }
+
+    /// A call to a backend failed without a response header after `took`.
+    pub(crate) fn backend_failed(&self, backend: usize, took: Duration) {
+        if let Some(s) = self.backend_series.get().and_then(|b| b.get(backend)) {
+            s.count[BACKEND_FAILED].inc();
+            s.duration.observe(took.as_secs_f64());
         }
     }
 
@@ -489,6 +623,16 @@ impl Metrics {
         self.held.set(clamp(gauges.held));
         self.store_entries.set(clamp(gauges.entries));
         self.store_bytes.set(clamp(gauges.bytes));
+        self.active_requests
+            .set(clamp(gauges.active_requests as u64));
+        self.draining.set(i64::from(gauges.draining));
+        if let Some(names) = self.backend_names.get() {
+            for (name, up) in names.iter().zip(&gauges.backends_up) {
+                self.backend_up
+                    .with_label_values(&[name])
+                    .set(i64::from(*up));
+            }
+        }
         for (reason, total) in [
             ("capacity", gauges.evicted_capacity),
             ("expired", gauges.evicted_expired),
@@ -523,10 +667,23 @@ mod tests {
         let m = Metrics::new();
         let ids = m.register_routes(&["default".into(), "api".into()]);
         assert_eq!(ids, [RouteId(0), RouteId(1)]);
-        m.request(RouteId(1), Answered::Replayed, Duration::from_millis(3));
+        m.request(
+            RouteId(1),
+            Answered::Replayed,
+            Some(201),
+            Duration::from_millis(3),
+        );
+        m.request(RouteId(1), Answered::Leader, None, Duration::from_millis(3));
+        m.request(RouteId(1), Answered::Bypass, Some(101), Duration::ZERO);
         let c = |r: &str, o: &str| m.requests.with_label_values(&[r, o]).get();
         assert_eq!(c("api", "replayed"), 1);
-        assert_eq!(c("api", "leader"), 0);
+        assert_eq!(c("api", "leader"), 1);
+        let class = |c: &str| m.responses.with_label_values(&["api", c]).get();
+        assert_eq!(
+            RESPONSE_CLASSES.map(class),
+            [1, 1, 0, 0, 0],
+            "a request without an answer (its client left) has no class"
+        );
         // A reload that keeps a name keeps its id and its series.
         assert_eq!(
             m.register_routes(&["api".into(), "new".into()]),
@@ -534,5 +691,55 @@ mod tests {
         );
         let h = m.request_duration.with_label_values(&["api", "replayed"]);
         assert_eq!(h.get_sample_count(), 1);
+    }
+
+    #[test]
+    fn statuses_map_to_their_class_and_nothing_else() {
+        assert_eq!(class_index(100), Some(0));
+        assert_eq!(class_index(204), Some(1));
+        assert_eq!(class_index(399), Some(2));
+        assert_eq!(class_index(499), Some(3));
+        assert_eq!(class_index(599), Some(4));
+        assert_eq!(class_index(0), None);
+        assert_eq!(class_index(99), None);
+        assert_eq!(class_index(600), None);
+    }
+
+    #[test]
+    fn backends_count_by_configured_index_and_publish_health() {
+        let m = Metrics::new();
+        m.register_backends(&["127.0.0.1:8000".into(), "app:8000".into()]);
+        m.backend_answered(1, 503, Duration::from_millis(2));
+        m.backend_answered(1, 200, Duration::from_millis(2));
+        m.backend_failed(0, Duration::from_millis(2));
+        // An index the configuration never had is ignored, not a panic.
+        m.backend_failed(7, Duration::ZERO);
+        let c = |b: &str, class: &str| m.backend_requests.with_label_values(&[b, class]).get();
+        assert_eq!(
+            BACKEND_CLASSES.map(|k| c("app:8000", k)),
+            [0, 1, 0, 0, 1, 0]
+        );
+        assert_eq!(
+            BACKEND_CLASSES.map(|k| c("127.0.0.1:8000", k)),
+            [0, 0, 0, 0, 0, 1]
+        );
+        let text = String::from_utf8(m.render(&Gauges {
+            backends_up: vec![true, false],
+            draining: true,
+            active_requests: 3,
+            ..Gauges::default()
+        }))
+        .unwrap();
+        for line in [
+            "idem_backend_up{backend=\"127.0.0.1:8000\"} 1",
+            "idem_backend_up{backend=\"app:8000\"} 0",
+            "idem_draining 1",
+            "idem_active_requests 3",
+            "idem_backend_duration_seconds_count{backend=\"app:8000\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
     }
 }

@@ -5,15 +5,19 @@
 //! `[metrics] listen`, the admin app on `[admin] listen` when set, the backend health check,
 //! and a housekeeping task that sweeps expired records and announces the bound addresses.
 //!
-//! Shutdown: SIGTERM (and SIGQUIT, since idem does not hand sockets to a successor) stop the
-//! listeners; Pingora then waits up to `grace_period`. idem exits as soon as no request is
-//! being processed and no flight is running, instead of sleeping the whole period. SIGINT
+//! Shutdown: SIGTERM (and SIGQUIT, since idem does not hand sockets to a successor) mark the
+//! process draining (`/readyz` 503, `idem_draining` 1, answers close their connections),
+//! keep the proxy listeners open for `[server] shutdown_delay`, then stop them; Pingora then
+//! waits up to `grace_period`. idem exits as soon as no request is being processed and no
+//! flight is running, instead of sleeping the whole period, after sending the spans still
+//! queued. The metrics and admin listeners serve until the exit (`until_exit`). SIGINT
 //! exits at once. SIGHUP reloads the configuration file ([`crate::config::live`]): one log line
 //! says it was reloaded, or why it was refused (file:line) and that the running configuration
 //! stays; another names the changed settings that need a restart.
 
 mod announce;
 mod signals;
+mod until_exit;
 
 use crate::admin::health::HealthApp;
 use crate::admin::keys::AdminApp;
@@ -28,6 +32,7 @@ use crate::http::first_bytes::FirstBytesDeadline;
 use crate::http::proxy::Idem;
 use crate::key::KeyDeriver;
 use crate::observe::metrics::Metrics;
+use crate::observe::trace::Traces;
 use crate::store::memory::{Limits, MemoryStore};
 use crate::store::redis::metrics::StoreMetrics;
 use crate::store::redis::{RedisSettings, RedisStore};
@@ -47,6 +52,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use tokio::sync::Notify;
+use until_exit::UntilExit;
 
 /// Errors that stop idem from starting.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,15 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The OTLP exporter could not be built.
+    #[error("{0}")]
+    Tracing(String),
+}
+
+/// Installs the process log (`IDEM_LOG`, `[server] log_format`) and the bridge that brings
+/// Pingora's lines into it at the levels idem gives them.
+pub fn init_logging(format: crate::config::file::LogFormat) {
+    crate::observe::logging::init(format);
 }
 
 /// Runs idem with `settings`, read from `config_path` (re-read on SIGHUP), until it is told
@@ -69,8 +84,16 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         .iter()
         .map(concrete)
         .collect::<Result<_, _>>()?;
-    let metrics_listen = concrete(&settings.metrics_listen)?;
-    let admin_listen = settings.admin_listen.as_ref().map(concrete).transpose()?;
+    let (metrics_listen, metrics_socket) = held(&settings.metrics_listen)?;
+    let admin = settings.admin_listen.as_ref().map(held).transpose()?;
+    let admin_listen = admin.as_ref().map(|(b, _)| b.clone());
+    // Before any runtime: the exporter's blocking HTTP client must not start inside one.
+    let traces = settings
+        .tracing
+        .as_ref()
+        .map(Traces::start)
+        .transpose()
+        .map_err(StartError::Tracing)?;
 
     let mut conf = ServerConf {
         threads: settings.threads,
@@ -84,7 +107,19 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 
-    let upstream = Arc::new(Upstream::new(&settings.upstream, &server.configuration));
+    let metrics = Metrics::new();
+    let backend_names: Vec<String> = settings
+        .upstream
+        .backends
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    metrics.register_backends(&backend_names);
+    let upstream = Arc::new(Upstream::new(
+        &settings.upstream,
+        &server.configuration,
+        metrics.clone(),
+    ));
     let unix_socket_mode = settings.unix_socket_mode;
     let health = background_service(
         "backends",
@@ -103,7 +138,6 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     });
     let store_stats = store.stats();
     let coordinator = Coordinator::new(store, settings.max_waiters);
-    let metrics = Metrics::new();
     metrics.register_problems(&crate::http::problem::KINDS);
     metrics.set_bounds(
         settings.store.max_entries,
@@ -114,6 +148,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     let settings_fail_closed = settings.store.on_store_error == OnStoreError::FailClosed;
     let active = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
     let signals_installed = Arc::new(Notify::new());
 
     let keys = KeyDeriver::new(settings.secret.as_deref());
@@ -133,6 +168,8 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         shadow,
         redis: redis.clone(),
         body_budget: Arc::new(BodyBudget::with_gauge(metrics.body_buffer.clone())),
+        traces: traces.clone(),
+        draining: draining.clone(),
     };
     // Two Pingora apps over the same state: `first_bytes.rs` tells HTTP/1 from h2c and hands
     // each connection to the app for it.
@@ -158,34 +195,42 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         });
     }
 
-    let admin_service = admin_listen.as_ref().map(|addr| {
-        let mut service = Service::new(
-            "admin".to_string(),
-            HttpServer::new_app(AdminApp {
-                coordinator: coordinator.clone(),
-                metrics: metrics.clone(),
-                redis: redis.clone(),
-                token: admin_token.clone(),
-            }),
-        );
-        service.add_tcp(&addr.to_string());
-        service
+    let admin_service = admin.map(|(_, socket)| {
+        background_service(
+            "admin",
+            UntilExit::new(
+                "admin",
+                socket,
+                HttpServer::new_app(AdminApp {
+                    coordinator: coordinator.clone(),
+                    metrics: metrics.clone(),
+                    redis: redis.clone(),
+                    token: admin_token.clone(),
+                }),
+            ),
+        )
     });
 
-    let mut metrics_service = Service::new(
-        "metrics".to_string(),
-        HttpServer::new_app(HealthApp {
-            metrics: metrics.clone(),
-            coordinator: coordinator.clone(),
-            store: store_stats,
-            ready: ready.clone(),
-            upstream,
-            // Under fail-closed a Redis that cannot be used means 503 for every deduplicated
-            // request: this replica is not ready. Under fail-open it still serves.
-            redis_gate: redis.clone().filter(|_| settings_fail_closed),
-        }),
+    let metrics_service = background_service(
+        "metrics",
+        UntilExit::new(
+            "metrics",
+            metrics_socket,
+            HttpServer::new_app(HealthApp {
+                metrics: metrics.clone(),
+                coordinator: coordinator.clone(),
+                store: store_stats,
+                ready: ready.clone(),
+                upstream,
+                // Under fail-closed a Redis that cannot be used means 503 for every
+                // deduplicated request: this replica is not ready. Under fail-open it serves.
+                redis_gate: redis.clone().filter(|_| settings_fail_closed),
+                draining: draining.clone(),
+                active: active.clone(),
+                backends: backend_names.len(),
+            }),
+        ),
     );
-    metrics_service.add_tcp(&metrics_listen.to_string());
 
     let housekeeping = background_service(
         "housekeeping",
@@ -222,13 +267,14 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     server.add_service(health);
     server.add_service(housekeeping);
 
-    spawn_drain_watcher(&server, active, coordinator.clone());
+    spawn_drain_watcher(&server, active, coordinator.clone(), traces);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             installed: signals_installed,
             live,
             metrics,
             coordinator: coordinator.clone(),
+            draining,
         }),
     });
     std::process::exit(0)
@@ -346,17 +392,36 @@ impl std::fmt::Display for Bound {
     }
 }
 
+/// Binds a listener idem serves itself (metrics, admin) and keeps it: the announced address
+/// is the socket held (port 0 resolved), with no window for another process to take it.
+fn held(addr: &Address) -> Result<(Bound, TcpListener), StartError> {
+    let (l, bound) = bind(addr)?;
+    match (l, bound) {
+        (Some(l), bound) => Ok((bound, l)),
+        (None, _) => Err(StartError::Bind {
+            addr: addr.to_string(),
+            source: std::io::Error::other("not a TCP address"),
+        }),
+    }
+}
+
 /// Resolves a listen address and makes sure this process can bind it now: a port taken by
 /// another process stops the start with its address (as nginx does), rather than Pingora
 /// retrying it for ever. Port 0 is replaced by a free port found by binding it, so that
 /// the announced address is the one Pingora listens on.
 fn concrete(addr: &Address) -> Result<Bound, StartError> {
+    // Bound and closed at once: Pingora binds it again right after.
+    bind(addr).map(|(_, bound)| bound)
+}
+
+/// Resolves `addr` and binds it (a TCP address; a Unix socket is only named).
+fn bind(addr: &Address) -> Result<(Option<TcpListener>, Bound), StartError> {
     let err = |source| StartError::Bind {
         addr: addr.to_string(),
         source,
     };
     let (host, port) = match addr {
-        Address::Unix(path) => return Ok(Bound::Unix(path.clone())),
+        Address::Unix(path) => return Ok((None, Bound::Unix(path.clone()))),
         Address::Tcp { host, port } => (host, *port),
     };
     let a = (host.as_str(), port)
@@ -369,9 +434,9 @@ fn concrete(addr: &Address) -> Result<Bound, StartError> {
         })?
         .next()
         .ok_or_else(|| err(std::io::Error::other("does not resolve to any address")))?;
-    // Bound and closed at once: Pingora binds it again right after.
     let l = TcpListener::bind(a).map_err(err)?;
-    l.local_addr().map(Bound::Tcp).map_err(err)
+    let bound = l.local_addr().map(Bound::Tcp).map_err(err)?;
+    Ok((Some(l), bound))
 }
 
 /// Resolves names and checks backends in the background.

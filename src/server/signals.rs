@@ -1,24 +1,31 @@
 //! Signals: SIGTERM and SIGQUIT drain (idem does not hand its sockets to a successor),
 //! SIGINT exits at once, SIGHUP reloads the configuration file.
 //!
-//! Drain: Pingora stops the listeners and waits up to `grace_period`; idem exits as soon as
-//! no request is being processed and no flight is running, instead of sleeping the whole
-//! period. Reload: one log line says the file was reloaded, or why it was refused
-//! (file:line) and that the running configuration stays; another names the changed
+//! Drain: from the signal on the process is draining (`/readyz` answers 503, answers close
+//! their connections), and the proxy listeners keep accepting for `[server] shutdown_delay`
+//! (the time a load balancer or Kubernetes' endpoints take to stop sending here; a second
+//! SIGTERM cuts it short, SIGINT still exits at once). Then Pingora stops the listeners and
+//! waits up to `grace_period`; idem exits as soon as no request is being processed and no
+//! flight is running, instead of sleeping the whole period, and says every few seconds
+//! what it still waits for. Reload: one log line says the file was reloaded, or why it was
+//! refused (file:line) and that the running configuration stays; another names the changed
 //! settings that need a restart.
 
 use crate::config::live::{Live, Snapshot};
 use crate::dedup::coordinator::Coordinator;
 use crate::observe::metrics::Metrics;
+use crate::observe::trace::Traces;
 use async_trait::async_trait;
 use pingora::server::{ExecutionPhase, Server, ShutdownSignal, ShutdownSignalWatch};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
 /// How often a draining process checks whether anything is left.
 const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(50);
+/// How often a draining process says what it still waits for.
+const DRAIN_REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// idem's signal policy (see the module doc).
 pub(crate) struct Signals {
@@ -30,6 +37,8 @@ pub(crate) struct Signals {
     pub(crate) metrics: Arc<Metrics>,
     /// Takes the reloaded `max_waiters`.
     pub(crate) coordinator: Arc<Coordinator>,
+    /// Set on SIGTERM/SIGQUIT.
+    pub(crate) draining: Arc<AtomicBool>,
 }
 
 impl Signals {
@@ -70,15 +79,9 @@ impl ShutdownSignalWatch for Signals {
         let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
         self.installed.notify_one();
         loop {
-            tokio::select! {
-                _ = term.recv() => {
-                    tracing::info!("SIGTERM: draining");
-                    return ShutdownSignal::GracefulTerminate;
-                }
-                _ = quit.recv() => {
-                    tracing::info!("SIGQUIT: draining (idem does not hand its sockets over)");
-                    return ShutdownSignal::GracefulTerminate;
-                }
+            let signal = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = quit.recv() => "SIGQUIT",
                 _ = int.recv() => {
                     // Exit here rather than through Pingora's fast shutdown: with single-thread
                     // runtimes (`work_stealing = false`), a listener whose runtime is being torn
@@ -88,30 +91,68 @@ impl ShutdownSignalWatch for Signals {
                     tracing::info!("SIGINT: exiting at once");
                     std::process::exit(0);
                 }
-                _ = hup.recv() => self.reload(),
+                _ = hup.recv() => {
+                    self.reload();
+                    continue;
+                }
+            };
+            self.draining.store(true, Ordering::Relaxed);
+            let delay = self.live.load().settings.shutdown_delay;
+            if delay.is_zero() {
+                tracing::info!("{signal}: draining; the listeners close now");
+            } else {
+                tracing::info!(
+                    "{signal}: draining; /readyz answers 503 and the listeners close in {}",
+                    humantime::format_duration(delay)
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = term.recv() => tracing::info!("SIGTERM again: the listeners close now"),
+                    _ = int.recv() => {
+                        tracing::info!("SIGINT: exiting at once");
+                        std::process::exit(0);
+                    }
+                }
             }
+            return ShutdownSignal::GracefulTerminate;
         }
     }
 }
 
-/// Exits the process once a graceful shutdown has nothing left to drain.
+/// Exits the process once a graceful shutdown has nothing left to drain (after sending the
+/// spans still queued).
 pub(crate) fn spawn_drain_watcher(
     server: &Server,
     active: Arc<AtomicUsize>,
     coordinator: Arc<Coordinator>,
+    traces: Option<Arc<Traces>>,
 ) {
     let mut phases = server.watch_execution_phase();
     std::thread::spawn(move || loop {
         match phases.blocking_recv() {
-            Ok(ExecutionPhase::ShutdownGracePeriod) => loop {
-                let requests = active.load(Ordering::Acquire);
-                let flights = coordinator.counts().inflight;
-                if requests == 0 && flights == 0 {
-                    tracing::info!("graceful shutdown: nothing left in flight, exiting");
-                    std::process::exit(0);
+            Ok(ExecutionPhase::ShutdownGracePeriod) => {
+                let mut report = std::time::Instant::now() + DRAIN_REPORT_EVERY;
+                loop {
+                    let requests = active.load(Ordering::Acquire);
+                    let flights = coordinator.counts().inflight;
+                    if requests == 0 && flights == 0 {
+                        tracing::info!("graceful shutdown: nothing left in flight, exiting");
+                        if let Some(t) = &traces {
+                            t.flush();
+                        }
+                        std::process::exit(0);
+                    }
+                    if std::time::Instant::now() >= report {
+                        tracing::info!(
+                            requests,
+                            flights,
+                            "graceful shutdown: waiting for requests and flights in progress"
+                        );
+                        report += DRAIN_REPORT_EVERY;
+                    }
+                    std::thread::sleep(DRAIN_CHECK_EVERY);
                 }
-                std::thread::sleep(DRAIN_CHECK_EVERY);
-            },
+            }
             Ok(_) => {}
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

@@ -456,6 +456,7 @@ impl Harness {
                     hold_for: HOLD,
                     route: RouteId(0),
                     owner: owner(key),
+                    origin: None,
                 });
                 prop_assert_eq!(actual(&joined), expect, "join of key {} fp {}", key, fp);
                 match joined {
@@ -511,6 +512,7 @@ impl Harness {
                             headers: vec![],
                             body: Bytes::from_static(b"answer"),
                             completed_at: now,
+                            origin: None,
                         }),
                         stored: kind == Kind::Stored,
                     },

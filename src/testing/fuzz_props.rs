@@ -219,6 +219,7 @@ pub fn accept_encoding(value: &[u8], coding: &[u8]) {
         headers: vec![],
         body: bytes::Bytes::new(),
         completed_at: tokio::time::Instant::now(),
+        origin: None,
     };
     assert!(crate::http::reply::readable_by(&resp, Some(&accept)));
     if let Ok(c) = http::HeaderValue::from_bytes(coding) {

@@ -30,6 +30,8 @@ use std::time::Instant;
 pub(crate) struct Endpoint {
     /// Unique for the process (a re-resolved address keeps its endpoint and id).
     pub(crate) id: u64,
+    /// The index of the configured backend it was resolved from: its metrics series.
+    pub(crate) backend: usize,
     /// How logs name it: the configured address, and the resolved one when they differ.
     pub(crate) label: String,
     /// The peer template: address and timeouts (no pool settings).
@@ -133,6 +135,11 @@ impl Backends {
         self.endpoints.load().len()
     }
 
+    /// Every endpoint now.
+    pub(crate) fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
     /// Resolves names again and checks health, forever (the caller runs it as a background
     /// task and drops it at shutdown).
     pub(crate) async fn maintain(self: Arc<Self>, connector: Arc<TransportConnector>) {
@@ -158,7 +165,7 @@ impl Backends {
     /// Puts a resolution in force: endpoints that persist keep their state.
     fn apply(&self, found: Vec<Result<Vec<pingora::protocols::l4::socket::SocketAddr>, String>>) {
         let mut targets = self.targets.lock();
-        for (t, found) in targets.iter_mut().zip(found) {
+        for (backend, (t, found)) in targets.iter_mut().zip(found).enumerate() {
             match found {
                 Ok(addrs) => {
                     if let Some(why) = t.unresolved.take() {
@@ -171,7 +178,7 @@ impl Backends {
                                 .iter()
                                 .find(|e| e.peer._address == addr)
                                 .cloned()
-                                .unwrap_or_else(|| self.endpoint(&t.address, addr))
+                                .unwrap_or_else(|| self.endpoint(backend, &t.address, addr))
                         })
                         .collect();
                     let before: Vec<u64> = t.endpoints.iter().map(|e| e.id).collect();
@@ -210,6 +217,7 @@ impl Backends {
 
     fn endpoint(
         &self,
+        backend: usize,
         configured: &Address,
         addr: pingora::protocols::l4::socket::SocketAddr,
     ) -> Arc<Endpoint> {
@@ -237,6 +245,7 @@ impl Backends {
         peer.options.write_timeout = Some(s.read_timeout);
         Arc::new(Endpoint {
             id: self.ids.fetch_add(1, Ordering::Relaxed),
+            backend,
             label,
             peer,
             health: AtomicU8::new(match s.health_check {

@@ -23,6 +23,7 @@ mod pool;
 pub(crate) mod reuse;
 
 use crate::config::settings::UpstreamSettings;
+use crate::observe::metrics::Metrics;
 use backends::{Backends, Endpoint};
 use bytes::Bytes;
 use pingora::connectors::{ConnectorOptions, TransportConnector};
@@ -78,12 +79,19 @@ pub(crate) struct Upstream {
     connector: Arc<TransportConnector>,
     settings: UpstreamSettings,
     new_groups: AtomicU64,
+    /// Per-backend calls (`idem_backend_*`), for the calls idem makes itself.
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
     /// Resolves the backends (blocking: before serving) and prepares the connector.
-    pub(crate) fn new(settings: &UpstreamSettings, conf: &ServerConf) -> Upstream {
+    pub(crate) fn new(
+        settings: &UpstreamSettings,
+        conf: &ServerConf,
+        metrics: Arc<Metrics>,
+    ) -> Upstream {
         Upstream {
+            metrics,
             backends: Backends::resolve(settings),
             connector: Arc::new(TransportConnector::new(Some(
                 ConnectorOptions::from_server_conf(conf),
@@ -111,6 +119,11 @@ impl Upstream {
     /// Whether any backend passed its last health check.
     pub(crate) fn any_healthy(&self) -> bool {
         self.backends.any_up()
+    }
+
+    /// Every backend endpoint now.
+    pub(crate) fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.backends.endpoints()
     }
 
     /// The peer Pingora's proxy path connects to for a pass-through request to `e` (see
@@ -183,9 +196,11 @@ impl Upstream {
             let Some(e) = again.take().or_else(|| self.select(&tried)) else {
                 break;
             };
+            let started = Instant::now();
             let mut conn = match self.connect(&e, fresh).await {
                 Ok(c) => c,
                 Err(err) => {
+                    self.metrics.backend_failed(e.backend, started.elapsed());
                     last = format!("{}: {}", e.label, err);
                     tried.push(e.id);
                     continue;
@@ -204,13 +219,17 @@ impl Upstream {
                         self.learned(&e, e.reuse.closed(idle, Instant::now()));
                         again = Some(e);
                     }
-                    None => tried.push(e.id),
+                    None => {
+                        self.metrics.backend_failed(e.backend, started.elapsed());
+                        tried.push(e.id);
+                    }
                 }
                 continue;
             }
             // From here on the app may have the complete request.
             drop(body);
             if let Err(err) = read_final_header(&mut conn.session).await {
+                self.metrics.backend_failed(e.backend, started.elapsed());
                 conn.session.shutdown().await;
                 if let Some(idle) = conn.idle {
                     tracing::warn!(
@@ -222,6 +241,12 @@ impl Upstream {
                 }
                 return Err(unknown(&e, &err));
             }
+            let status = conn
+                .session
+                .response_header()
+                .map_or(0, |h| h.status.as_u16());
+            self.metrics
+                .backend_answered(e.backend, status, started.elapsed());
             return Ok(Exchange {
                 session: conn.session,
                 endpoint: e,
@@ -313,6 +338,11 @@ pub(crate) struct Exchange {
 }
 
 impl Exchange {
+    /// The backend that answered.
+    pub(crate) fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
     /// The response header.
     pub(crate) fn header(&self) -> &ResponseHeader {
         self.session

@@ -668,8 +668,10 @@ async fn the_access_log_names_the_client_derived_through_trusted_hops() {
         let request = http_request("GET", path, &[("x-forwarded-for", xff)], b"");
         let resp = send_from(idem.addr(), source, &request).await;
         assert_eq!(resp.status, 200, "{path}: {resp:#?}");
-        idem.wait_stderr(&format!("GET {path} client={logged} route=fwd"))
-            .await;
+        idem.wait_stderr(&format!(
+            "method=GET path={path} client_addr={logged} route=fwd"
+        ))
+        .await;
         let req = only_request(&b, path).await;
         assert_eq!(lines(&req, "x-forwarded-for"), vec![forwarded], "{path}");
     }
@@ -685,8 +687,10 @@ async fn the_access_log_names_the_client_derived_through_trusted_hops() {
     );
     let resp = raw_request(idem.addr(), &post).await;
     assert_eq!(resp.status, 200, "{resp:#?}");
-    idem.wait_stderr("POST /fwd/keyed client=203.0.113.7 route=fwd status=200 outcome=leader")
-        .await;
+    idem.wait_stderr(
+        "method=POST path=/fwd/keyed client_addr=203.0.113.7 route=fwd status=200 outcome=leader",
+    )
+    .await;
 }
 
 /// On a `proxy_protocol` listener, a connection that does not start with a PROXY header

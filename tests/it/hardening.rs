@@ -1107,11 +1107,11 @@ async fn the_admin_listener_refuses_browsers_and_other_host_names() {
     post(&http, &idem, "/charge", Some("c-1"), &[], b"{}")
         .await
         .leader(1);
-    idem.wait_stderr("POST /charge").await;
+    idem.wait_stderr("method=POST path=/charge").await;
     let key = idem
         .stderr_text()
         .lines()
-        .find(|l| l.contains("POST /charge"))
+        .find(|l| l.contains("method=POST path=/charge"))
         .and_then(|l| l.split("key=").nth(1))
         .map(|k| k[..12].to_string())
         .expect("the key in the access log");

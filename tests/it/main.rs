@@ -2,12 +2,15 @@
 
 mod support;
 
+mod access_log;
 mod app_servers;
 mod dedup;
 mod docs;
+mod drain;
 mod failures;
 mod forwarding;
 mod hardening;
+mod kubernetes;
 mod observability;
 mod operations;
 mod passthrough_ops;
@@ -16,6 +19,7 @@ mod redis_operations;
 mod redis_replicas;
 mod reliability;
 mod startup;
+mod traces;
 
 /// The backend is the yardstick for every idem test, so it is tested on its
 /// own first: if these fail, idem test failures mean nothing.

@@ -89,10 +89,11 @@ fn one_call(seen: &[RawResponse], call: &str) {
 /// The `key=` of idem's access log lines for `path` (the dedup key's first 12 hex digits),
 /// once there is one (the line is written after the response).
 async fn logged_keys(idem: &Idem, path: &str) -> Vec<String> {
-    idem.wait_stderr(&format!(" {path} client=")).await;
+    idem.wait_stderr(&format!(" path={path} client_addr="))
+        .await;
     idem.stderr_text()
         .lines()
-        .filter(|l| l.contains("idem::access") && l.contains(&format!(" {path} ")))
+        .filter(|l| l.contains("idem::access") && l.contains(&format!(" path={path} ")))
         .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("key=")))
         .filter(|k| *k != "-")
         .map(str::to_string)

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! flags u8 (bit 0: a shared reference follows) | [shared reference, 16 bytes]
-//! | status u16 LE | header count u32 LE
+//! | status u16 LE | origin (the leading request's id and span, `Origin::encode`; 1 byte: none)
+//! | header count u32 LE
 //! | per header: sensitive u8 (0/1) | name length u16 LE | name | value length u32 LE | value
 //! | body (the rest)
 //! ```
@@ -19,6 +20,7 @@
 
 use super::SharedRef;
 use crate::message::StoredResponse;
+use crate::observe::request_id::Origin;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use std::sync::Arc;
@@ -42,13 +44,14 @@ impl std::fmt::Debug for Packed {
 }
 
 impl Packed {
-    /// Packs status, headers and body (the completion time is kept by the caller), and the
-    /// shared reference if any.
+    /// Packs status, origin, headers and body (the completion time is kept by the
+    /// caller), and the shared reference if any.
     pub(crate) fn pack(r: &StoredResponse, shared: Option<SharedRef>) -> Packed {
         let reference = if shared.is_some() { 16 } else { 0 };
         let size = 1
             + reference
             + 6
+            + r.origin.as_ref().map_or(1, Origin::encoded_len)
             + r.headers
                 .iter()
                 .map(|(n, v)| 7 + n.as_str().len() + v.len())
@@ -63,6 +66,11 @@ impl Packed {
             None => buf.push(0),
         }
         buf.extend_from_slice(&r.status.to_le_bytes());
+        match &r.origin {
+            Some(o) => o.encode(&mut buf),
+            // No origin: a form byte without its "origin" bit.
+            None => buf.push(0),
+        }
         buf.extend_from_slice(&(r.headers.len() as u32).to_le_bytes());
         for (name, value) in &r.headers {
             buf.push(u8::from(value.is_sensitive()));
@@ -103,13 +111,19 @@ impl Packed {
     /// The response again, completed at `completed_at`.
     pub(crate) fn unpack(&self, completed_at: Instant) -> StoredResponse {
         let b = &self.0[..];
-        let mut at = if b[0] & SHARED == 0 { 1 } else { 17 };
+        let start = if b[0] & SHARED == 0 { 1 } else { 17 };
+        let status = u16::from_le_bytes([b[start], b[start + 1]]);
+        // Packed by `pack` above: an origin, or the one byte of none.
+        let (origin, used) = match Origin::decode(&b[start + 2..]) {
+            Some((o, used)) => (Some(o), used),
+            None => (None, 1),
+        };
+        let mut at = start + 2 + used;
         let mut take = |n: usize| {
             let s = &b[at..at + n];
             at += n;
             s
         };
-        let status = u16::from_le_bytes(take(2).try_into().unwrap_or_default());
         let count = u32::from_le_bytes(take(4).try_into().unwrap_or_default()) as usize;
         let mut headers = Vec::with_capacity(count);
         for _ in 0..count {
@@ -137,6 +151,7 @@ impl Packed {
             headers,
             body,
             completed_at,
+            origin,
         }
     }
 }
@@ -155,6 +170,35 @@ mod tests {
     use super::*;
     use http::header;
 
+    #[test]
+    fn the_leaders_origin_is_kept_with_the_response() {
+        use crate::observe::request_id::{RequestId, SpanRef};
+        let mut r = response(Bytes::from_static(b"ok"));
+        for span in [
+            None,
+            Some(SpanRef {
+                trace_id: [1; 16],
+                span_id: [2; 8],
+            }),
+        ] {
+            let origin = Origin {
+                request_id: RequestId::generate(),
+                span,
+            };
+            r.origin = Some(origin.clone());
+            // With and without the shared reference in front of the status.
+            for shared in [None, Some(SharedRef([9; 16]))] {
+                let p = Packed::pack(&r, shared);
+                assert_eq!(p.shared_ref(), shared);
+                let back = p.unpack(r.completed_at);
+                assert_eq!(back.status, r.status);
+                assert_eq!(back.origin, Some(origin.clone()));
+                assert_eq!(back.headers, r.headers);
+                assert_eq!(back.body, r.body);
+            }
+        }
+    }
+
     fn response(body: Bytes) -> StoredResponse {
         let mut cookie = HeaderValue::from_static("a=1");
         cookie.set_sensitive(true);
@@ -171,6 +215,7 @@ mod tests {
             ],
             body,
             completed_at: Instant::now(),
+            origin: None,
         }
     }
 
@@ -185,7 +230,7 @@ mod tests {
             let p = Packed::pack(&r, None);
             assert_eq!(
                 p.len(),
-                1 + 6 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
+                1 + 6 + 1 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
             );
             assert_eq!(p.shared_ref(), None);
             let shared = Packed::pack(&r, Some(SharedRef([7; 16])));
@@ -194,6 +239,7 @@ mod tests {
             assert_eq!(shared.unpack(r.completed_at).headers, r.headers);
             assert_eq!(shared.unpack(r.completed_at).body, r.body);
             let back = p.unpack(r.completed_at);
+            assert_eq!(back.origin, None);
             assert_eq!(back.status, 201);
             assert_eq!(back.headers, r.headers);
             let sensitive: Vec<bool> = back.headers.iter().map(|(_, v)| v.is_sensitive()).collect();

@@ -18,6 +18,7 @@ fn resp(body: &'static [u8], now: Instant) -> Record {
         headers: vec![],
         body: Bytes::from_static(body),
         completed_at: now,
+        origin: None,
     }))
 }
 
@@ -301,6 +302,7 @@ async fn room_comes_from_the_heaviest_client_first() {
         headers: vec![],
         body: Bytes::from(vec![b'x'; 1000]),
         completed_at: now,
+        origin: None,
     }));
     let s = MemoryStore::new(Limits {
         scope_keys: 1000,
@@ -421,7 +423,8 @@ async fn evicted_shared_records_are_told_with_their_reference() {
 #[test]
 fn a_slot_is_120_bytes() {
     assert_eq!(std::mem::size_of::<Slot>(), 120);
-    // The packed response: its bytes plus the Arc's two counters, one allocation.
+    // The packed response: its bytes plus the Arc's two counters, one allocation; a record
+    // without an origin (the leading request's id) spends a byte on saying so.
     let r = StoredResponse {
         status: 200,
         headers: vec![(
@@ -430,8 +433,9 @@ fn a_slot_is_120_bytes() {
         )],
         body: Bytes::from_static(b"ok\n"),
         completed_at: Instant::now(),
+        origin: None,
     };
-    assert_eq!(Packed::pack(&r, None).len(), 1 + 6 + 7 + 12 + 10 + 3);
+    assert_eq!(Packed::pack(&r, None).len(), 1 + 6 + 1 + 7 + 12 + 10 + 3);
 }
 
 /// Walks every structure of the slab and checks it against the counts.

@@ -163,6 +163,7 @@ impl StoredBytes {
             headers: self.headers,
             body: self.body,
             completed_at: now.checked_sub(age).unwrap_or(now),
+            origin: None,
         }
     }
 }
@@ -488,6 +489,7 @@ mod tests {
             headers: vec![],
             body: Bytes::new(),
             completed_at: now,
+            origin: None,
         };
         let back = StoredBytes::from_response(&r).into_response();
         assert!(back.completed_at <= tokio::time::Instant::now());
