@@ -57,6 +57,27 @@ pub(crate) struct RawServer {
     /// Each entry keeps its own place, so an error points at the entry at fault.
     pub(crate) trusted_proxies: Opt<Vec<Spanned<String>>>,
     pub(crate) proxy_protocol: Opt<bool>,
+    /// `[server.tls]`: the TLS listeners.
+    pub(crate) tls: Opt<RawServerTls>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServerTls {
+    pub(crate) listen: Opt<OneOrMany>,
+    pub(crate) cert: Opt<String>,
+    pub(crate) key: Opt<String>,
+    /// `[[server.tls.certs]]`: more pairs, chosen by the name the client asks for (SNI).
+    pub(crate) certs: Opt<Vec<RawCertPair>>,
+}
+
+/// One `[[server.tls.certs]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertPair {
+    pub(crate) cert: Spanned<String>,
+    pub(crate) key: Spanned<String>,
 }
 
 /// `[upstream]`
@@ -73,6 +94,11 @@ pub(crate) struct RawUpstream {
     pub(crate) health_check_host: Opt<String>,
     pub(crate) health_check_interval: Opt<Dur>,
     pub(crate) resolve_interval: Opt<Dur>,
+    pub(crate) tls_ca: Opt<String>,
+    pub(crate) tls_client_cert: Opt<String>,
+    pub(crate) tls_client_key: Opt<String>,
+    pub(crate) tls_verify: Opt<bool>,
+    pub(crate) tls_server_name: Opt<String>,
 }
 
 /// `[metrics]`

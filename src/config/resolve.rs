@@ -6,7 +6,7 @@
 //! error names the key as `section.key` and carries the place of the value that is wrong
 //! (or, for a missing key, of the value that requires it).
 
-use crate::config::address::{Address, Port};
+use crate::config::address::{Address, Backend, Port};
 use crate::config::defaults;
 use crate::config::file::{
     Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, RawConfig, RawRoute,
@@ -17,6 +17,7 @@ use crate::config::settings::{
     HealthCheckSettings, Secret, Settings, StoreSettings, UpstreamSettings,
 };
 use crate::config::store::store;
+use crate::config::tls::{server_tls, upstream_tls, RawUpstreamTls};
 use crate::config::trusted::TrustedProxies;
 use http::Method;
 use std::ops::Range;
@@ -190,7 +191,8 @@ pub(crate) fn resolve(
 
     let trusted_proxies = trusted_proxies(&server.trusted_proxies)?;
 
-    let upstream = upstream(&raw)?;
+    let tls = server_tls(&server.tls, env, &mut warnings)?;
+    let upstream = upstream(&raw, env, &mut warnings)?;
     // A reload keeps these (restart-only) before anything is derived from them.
     let upstream = fixed.map_or(upstream, |f| f.upstream.clone());
     let grace_period = fixed.map_or(dur(&server.grace_period, defaults::GRACE_PERIOD), |f| {
@@ -290,6 +292,7 @@ pub(crate) fn resolve(
         log_format: or(&server.log_format, LogFormat::Text),
         trusted_proxies,
         proxy_protocol: or(&server.proxy_protocol, false),
+        tls,
         upstream,
         metrics_listen,
         admin_listen,
@@ -321,7 +324,11 @@ fn trusted_proxies(raw: &Opt<Vec<Spanned<String>>>) -> Result<TrustedProxies, In
     Ok(TrustedProxies::new(nets))
 }
 
-fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
+fn upstream(
+    raw: &RawConfig,
+    env: &Env,
+    warnings: &mut Vec<Invalid>,
+) -> Result<UpstreamSettings, Invalid> {
     let up = &raw.upstream;
     let backends = or(&up.backends, vec![defaults::BACKEND.to_string()]);
     if backends.is_empty() {
@@ -333,9 +340,22 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
     }
     let backends = backends
         .iter()
-        .map(|b| Address::parse(b, Port::Required))
+        .map(|b| Backend::parse(b))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|m| invalid("upstream.backends", at(&up.backends), m))?;
+    let tls = upstream_tls(
+        "upstream",
+        RawUpstreamTls {
+            ca: &up.tls_ca,
+            client_cert: &up.tls_client_cert,
+            client_key: &up.tls_client_key,
+            verify: &up.tls_verify,
+            server_name: &up.tls_server_name,
+        },
+        backends.iter().any(|b| b.tls),
+        env,
+        warnings,
+    )?;
     if let Some(p) = &up.health_check_path {
         if !p.get_ref().starts_with('/') {
             return Err(invalid(
@@ -347,6 +367,7 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
     }
     let settings = UpstreamSettings {
         backends,
+        tls,
         connect_timeout: dur(&up.connect_timeout, defaults::CONNECT_TIMEOUT),
         read_timeout: dur(&up.read_timeout, defaults::READ_TIMEOUT),
         total_timeout: dur(&up.total_timeout, defaults::TOTAL_TIMEOUT),

@@ -5,10 +5,11 @@
 //! line and what to do, so `idem check` and a failed start read alike. After this point no
 //! field is optional "to be filled later".
 
-use crate::config::address::Address;
+use crate::config::address::{Address, Backend};
 use crate::config::file::{LogFormat, OnStoreError, RawConfig, StoreKind};
 use crate::config::resolve::{resolve, Env, Invalid};
 use crate::config::route::RoutePolicy;
+use crate::config::tls::{ServerTls, UpstreamTls};
 use crate::config::trusted::TrustedProxies;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -97,6 +98,8 @@ pub struct Settings {
     /// Every proxy listener expects a PROXY protocol (v1 or v2) header first, whose source
     /// address becomes the peer (`crate::http::proxy_protocol`).
     pub(crate) proxy_protocol: bool,
+    /// `[server.tls]`: TLS listeners and their certificates (reloaded by SIGHUP).
+    pub(crate) tls: Option<ServerTls>,
     /// Upstream backends and timeouts.
     pub(crate) upstream: UpstreamSettings,
     /// Metrics, health and readiness listener (TCP).
@@ -131,7 +134,9 @@ pub(crate) struct Reloaded {
 pub(crate) struct UpstreamSettings {
     /// Each backend (`host:port` or a Unix socket), tried round robin; a name may resolve to
     /// several addresses, each a backend of its own.
-    pub(crate) backends: Vec<Address>,
+    pub(crate) backends: Vec<Backend>,
+    /// How idem speaks TLS to the `https://` backends; `None` when there are none.
+    pub(crate) tls: Option<UpstreamTls>,
     /// TCP connect deadline per attempt.
     pub(crate) connect_timeout: Duration,
     /// Per-read deadline on the upstream connection.
@@ -288,6 +293,15 @@ impl Settings {
         settings.work_stealing = running.work_stealing;
         settings.log_format = running.log_format;
         settings.proxy_protocol = running.proxy_protocol;
+        // The TLS listeners are bound at start; their certificates are what a reload
+        // renews (for new connections).
+        settings.tls = match (&running.tls, settings.tls.take()) {
+            (Some(r), Some(f)) => Some(ServerTls {
+                listen: r.listen.clone(),
+                certs: f.certs,
+            }),
+            (r, _) => r.clone(),
+        };
         settings.metrics_listen = running.metrics_listen.clone();
         settings.admin_listen = running.admin_listen.clone();
         settings.secret = running.secret.clone();
@@ -319,6 +333,10 @@ impl Settings {
             (
                 "server.proxy_protocol",
                 a.proxy_protocol == b.proxy_protocol,
+            ),
+            (
+                "server.tls.listen",
+                a.tls.as_ref().map(|t| &t.listen) == b.tls.as_ref().map(|t| &t.listen),
             ),
             ("upstream.backends", u.backends == v.backends),
             (

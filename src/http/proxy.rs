@@ -364,7 +364,8 @@ impl ProxyHttp for Idem {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        ctx.peer = Peer::of(peer, &settings.trusted_proxies);
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        ctx.peer = Peer::of(peer, &settings.trusted_proxies, tls);
         ctx.client = client_addr::client_addr(
             ctx.peer,
             session

@@ -1,7 +1,8 @@
 //! Process assembly: builds the Pingora server from [`Settings`], runs it, and handles
 //! signals.
 //!
-//! Services: the proxy (h1 + h2c) on each `[server] listen` address, the metrics app on
+//! Services: the proxy (h1 + h2c) on each `[server] listen` address, the TLS proxy (h2 and
+//! HTTP/1.1 by ALPN, `crate::http::tls`) on each `[server.tls] listen` address, the metrics app on
 //! `[metrics] listen`, the admin app on `[admin] listen` when set, the backend health check,
 //! and a housekeeping task that sweeps expired records and announces the bound addresses.
 //!
@@ -68,6 +69,12 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         .iter()
         .map(concrete)
         .collect::<Result<_, _>>()?;
+    let tls_listen: Vec<Bound> = settings
+        .tls
+        .iter()
+        .flat_map(|t| t.listen.iter())
+        .map(concrete)
+        .collect::<Result<_, _>>()?;
     let metrics_listen = concrete(&settings.metrics_listen)?;
     let admin_listen = settings.admin_listen.as_ref().map(concrete).transpose()?;
 
@@ -130,6 +137,22 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     // Two Pingora apps over the same state: `first_bytes.rs` tells HTTP/1 from h2c and hands
     // each connection to the app for it.
     let http1 = pingora::proxy::http_proxy(&server.configuration, idem.clone());
+    let tls_proxy = (!tls_listen.is_empty()).then(|| {
+        let http1 = pingora::proxy::http_proxy(&server.configuration, idem.clone());
+        let h2c = pingora::proxy::http_proxy(&server.configuration, idem.clone());
+        let mut service = Service::new(
+            "proxy-tls".to_string(),
+            FirstBytesDeadline::new(http1, h2c, live.clone(), proxy_protocol)
+                .with_tls(crate::http::tls::acceptor(live.clone())),
+        );
+        for a in &tls_listen {
+            let buffer = L4BufferSettings::default().read(0);
+            if let Bound::Tcp(addr) = a {
+                service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffer));
+            }
+        }
+        service
+    });
     let mut h2c = pingora::proxy::http_proxy(&server.configuration, idem);
     let mut options = HttpServerOptions::default();
     options.h2c = true;
@@ -188,16 +211,29 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
             listeners: listen
                 .iter()
                 .cloned()
+                .chain(tls_listen.iter().cloned())
                 .chain([metrics_listen.clone()])
                 .chain(admin_listen.clone())
                 .collect(),
             announce: format!(
-                "listening proxy={} metrics={metrics_listen}{}",
+                "listening proxy={}{} metrics={metrics_listen}{}",
                 listen
                     .iter()
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
                     .join(","),
+                if tls_listen.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " tls={}",
+                        tls_listen
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                },
                 admin_listen
                     .as_ref()
                     .map(|a| format!(" admin={a}"))
@@ -207,6 +243,9 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     );
 
     server.add_service(proxy);
+    if let Some(tls) = tls_proxy {
+        server.add_service(tls);
+    }
     server.add_service(metrics_service);
     if let Some(admin) = admin_service {
         server.add_service(admin);
@@ -292,6 +331,13 @@ pub fn preflight(settings: &Settings) -> Preflight {
         .listen
         .iter()
         .map(|a| ("server.listen", a))
+        .chain(
+            settings
+                .tls
+                .iter()
+                .flat_map(|t| t.listen.iter())
+                .map(|a| ("server.tls.listen", a)),
+        )
         .chain([("metrics.listen", &settings.metrics_listen)])
         .chain(settings.admin_listen.iter().map(|a| ("admin.listen", a)));
     for (key, a) in listeners {
@@ -300,7 +346,7 @@ pub fn preflight(settings: &Settings) -> Preflight {
         }
     }
     for b in &settings.upstream.backends {
-        if !resolves(b) {
+        if !resolves(&b.address) {
             p.warnings.push(format!(
                 "upstream.backends: {b} does not resolve (yet): idem starts with it down and resolves it again every {}",
                 humantime::format_duration(settings.upstream.resolve_interval)

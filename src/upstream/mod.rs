@@ -21,6 +21,7 @@
 pub(crate) mod backends;
 mod pool;
 pub(crate) mod reuse;
+mod tls;
 
 use crate::config::settings::UpstreamSettings;
 use backends::{Backends, Endpoint};

@@ -14,6 +14,7 @@ mod redis_operations;
 mod redis_replicas;
 mod reliability;
 mod startup;
+mod tls;
 
 /// The backend is the yardstick for every idem test, so it is tested on its
 /// own first: if these fail, idem test failures mean nothing.
