@@ -3,7 +3,8 @@
 //!
 //! # Life of a request
 //! A connection first passes `http::first_bytes` (the PROXY protocol header when
-//! configured, `http::proxy_protocol`, then HTTP/1 or h2c). Then, per request, read top to
+//! configured, `http::proxy_protocol`, then HTTP/1 or h2c; on a TLS listener the handshake,
+//! `http::tls`, and ALPN instead). Then, per request, read top to
 //! bottom in `http::proxy` (`request_filter`):
 //! 0. The head as idem treats it (`http::normalize`), the peer's trust and the client
 //!    address through trusted hops (`http::client_addr`); the forwarding headers every
@@ -40,8 +41,8 @@
 //! │   ├── KeyDeriver          keyed blake3 (key)
 //! │   ├── Coordinator         flights: DashMap<DedupKey, Flight> (dedup::coordinator)
 //! │   │   └── MemoryStore     bounded slab + expiry (store::memory)
-//! │   ├── Upstream            backends (resolved, health checked), idle pools, reuse records
-//! │   │                       (upstream: backends, pool, reuse)
+//! │   ├── Upstream            backends (resolved, health checked; TLS peers for https://),
+//! │   │                       idle pools, reuse records (upstream: backends, tls, pool, reuse)
 //! │   ├── ShadowTable         keys seen on shadow routes (dedup::shadow)
 //! │   ├── RedisStore          claims, fenced results, waits across replicas, purges
 //! │   │                       (store::redis; one node, Cluster or Sentinel, TLS)

@@ -1,5 +1,7 @@
 //! The backends and the connections to them: for calls idem makes itself (leaders, bodies it
-//! forwards), and the peers it hands Pingora's proxy path for pass-through.
+//! forwards), and the peers it hands Pingora's proxy path for pass-through. `https://`
+//! backends get TLS peers ([`tls`]): the handshake is part of the connect, so its failure
+//! is a connect failure (nothing sent).
 //!
 //! Failure classes follow DESIGN section 4 and decide whether a key may be freed:
 //! * [`CallError::NotSent`]: no backend received a complete request (connect refused or timed

@@ -55,8 +55,12 @@ pub struct TlsFiles {
 impl TlsFiles {
     pub fn generate() -> TlsFiles {
         let pki = Pki::new();
+        // Cluster nodes present their server certificate as clients too (the cluster bus).
         pki.ca("ca")
-            .leaf(Leaf::server("server", "ca", 1))
+            .leaf(Leaf {
+                usage: "serverAuth,clientAuth",
+                ..Leaf::server("server", "ca", 1)
+            })
             .leaf(Leaf {
                 name: "client",
                 ca: "ca",
