@@ -29,6 +29,9 @@ pub(crate) struct RawConfig {
     pub(crate) server: RawServer,
     #[serde(default)]
     pub(crate) upstream: RawUpstream,
+    /// `[upstreams.NAME]`: named upstream groups, chosen per route.
+    #[serde(default)]
+    pub(crate) upstreams: std::collections::BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
     pub(crate) metrics: RawMetrics,
     #[serde(default)]
@@ -99,6 +102,7 @@ pub(crate) struct RawUpstream {
     pub(crate) tls_client_key: Opt<String>,
     pub(crate) tls_verify: Opt<bool>,
     pub(crate) tls_server_name: Opt<String>,
+    pub(crate) protocol: Opt<Protocol>,
 }
 
 /// `[metrics]`
@@ -163,6 +167,9 @@ macro_rules! policy_keys {
         pub(crate) struct RawRoute {
             pub(crate) name: Opt<String>,
             pub(crate) path_prefix: Spanned<String>,
+            /// The named upstream group (`[upstreams.NAME]`); route-only: `[dedup]` is the
+            /// default route, whose group is `[upstream]` itself.
+            pub(crate) upstream: Opt<String>,
             $(pub(crate) $key: Opt<$ty>,)*
         }
 
@@ -304,6 +311,19 @@ pub(crate) enum OnStoreError {
     FailOpen,
     /// Answer 503 `store-unavailable`.
     FailClosed,
+}
+
+/// What an upstream group speaks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Protocol {
+    /// HTTP/2 for gRPC requests (`content-type: application/grpc*`), HTTP/1.1 otherwise.
+    Auto,
+    /// HTTP/1.1 for everything.
+    Http1,
+    /// HTTP/2 for everything: with prior knowledge (h2c) to cleartext backends, by ALPN to
+    /// `https://` ones.
+    H2c,
 }
 
 /// How backends are health checked.

@@ -100,8 +100,11 @@ pub struct Settings {
     pub(crate) proxy_protocol: bool,
     /// `[server.tls]`: TLS listeners and their certificates (reloaded by SIGHUP).
     pub(crate) tls: Option<ServerTls>,
-    /// Upstream backends and timeouts.
+    /// Upstream backends and timeouts: the default group.
     pub(crate) upstream: UpstreamSettings,
+    /// `[upstreams.NAME]`: the named groups, in name order (a route's `upstream` index
+    /// `i + 1` is `groups[i]`).
+    pub(crate) groups: Vec<(String, UpstreamSettings)>,
     /// Metrics, health and readiness listener (TCP).
     pub(crate) metrics_listen: Address,
     /// Admin listener (flights, held keys, store summary, purge); `None` means off.
@@ -137,6 +140,8 @@ pub(crate) struct UpstreamSettings {
     pub(crate) backends: Vec<Backend>,
     /// How idem speaks TLS to the `https://` backends; `None` when there are none.
     pub(crate) tls: Option<UpstreamTls>,
+    /// HTTP/1.1, h2c (h2 over TLS), or by request (gRPC over HTTP/2).
+    pub(crate) protocol: crate::config::file::Protocol,
     /// TCP connect deadline per attempt.
     pub(crate) connect_timeout: Duration,
     /// Per-read deadline on the upstream connection.
@@ -376,6 +381,7 @@ impl Settings {
         // Whatever else `[upstream]` and `[store]` hold is fixed at start-up too.
         for (section, same) in [
             ("upstream", a.upstream == b.upstream),
+            ("upstreams", a.groups == b.groups),
             ("store", a.store == b.store),
         ] {
             if !same && !changed.iter().any(|c| c.split('.').next() == Some(section)) {

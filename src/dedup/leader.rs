@@ -13,8 +13,8 @@
 //! before it is settled locally, so a local client never sees a response that another
 //! replica could still miss because of a write still on its way.
 //!
-//! Responses that cannot be stored (over `max_response_body`, `text/event-stream`, gRPC)
-//! are streamed to the leader's client and read to the end regardless; the key settles as
+//! Responses that cannot be stored (over `max_response_body`, `text/event-stream`, gRPC or
+//! declared trailers over HTTP/1) are streamed to the leader's client and read to the end regardless; the key settles as
 //! not-replayable as soon as that is known, so waiters are answered at once.
 //!
 //! Every path through the call ends in one place, [`run`]'s settle-then-deliver: the rule
@@ -270,7 +270,8 @@ async fn call(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = BodyBuf::with_hint(0);
-    if is_storable(ex.header()) && declared.is_none_or(|n| n <= plan.max_response_body) {
+    if is_storable(ex.header(), ex.is_h2()) && declared.is_none_or(|n| n <= plan.max_response_body)
+    {
         loop {
             let held = match timeout_at(plan.deadline, ex.read_body()).await {
                 Ok(Ok(Some(chunk))) => {
@@ -282,7 +283,29 @@ async fn call(
                     continue;
                 }
                 Ok(Ok(None)) => {
-                    let response = Arc::new(stored_response(ex.header(), body.freeze()));
+                    // gRPC's status comes after the body: a call whose trailers are cut off
+                    // has no outcome to replay.
+                    let trailers = match timeout_at(plan.deadline, ex.read_trailers()).await {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            tracing::warn!(key, error = %e, "upstream trailers cut off: key held");
+                            ex.abort().await;
+                            return (Called::Settled(Outcome::Unknown(hold(502))), took);
+                        }
+                        Err(_elapsed) => {
+                            tracing::warn!(
+                                key,
+                                "upstream deadline passed while reading the trailers: key held"
+                            );
+                            ex.abort().await;
+                            return (Called::Settled(Outcome::Unknown(hold(504))), took);
+                        }
+                    };
+                    let response = Arc::new(stored_response(
+                        ex.header(),
+                        body.freeze(),
+                        trailers.as_ref(),
+                    ));
                     let stored = plan.store_statuses.contains(status);
                     upstream.release(ex).await;
                     let o = Outcome::Response { response, stored };

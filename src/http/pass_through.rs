@@ -42,6 +42,8 @@ pub(crate) struct Attempts {
     conn: Option<(i32, Option<Duration>)>,
     /// Any attempt made: a later one re-sends the body from the start.
     started: bool,
+    /// The attempts go over HTTP/2 (`upstream::h2`): no reuse window, nothing learned.
+    h2: bool,
 }
 
 impl Attempts {
@@ -72,13 +74,17 @@ impl Attempts {
         };
         self.started = true;
         self.conn = None;
-        let peer = upstream.pass_through_peer(&e, resend);
+        self.h2 = upstream.speaks_h2(session.req_header());
+        let peer = upstream.pass_through_peer(&e, resend, self.h2);
         self.current = Some(e);
         Ok(peer)
     }
 
     /// The connection Pingora took for the attempt.
     pub(crate) fn connected(&mut self, reused: bool, fd: i32) {
+        if self.h2 {
+            return;
+        }
         let idle = self
             .current
             .as_ref()
@@ -101,6 +107,14 @@ impl Attempts {
     /// An attempt failed after its connection was made: retried on a new connection to the
     /// same backend when that is safe (see the module doc).
     pub(crate) fn failed(&mut self, session: &Session, e: &mut Error, reused: bool) {
+        if self.h2 {
+            // Pingora marks a stream the backend did not process (REFUSED_STREAM, or above
+            // a GOAWAY's last stream) as retryable; anything else may have run.
+            if !matches!(e.retry, RetryType::Decided(true)) {
+                e.set_retry(false);
+            }
+            return;
+        }
         if let (Some(current), Some((_, Some(idle)))) = (&self.current, self.conn) {
             crate::upstream::log_learned(
                 &current.label,
@@ -131,6 +145,11 @@ impl Attempts {
         if let (Some(current), Some((fd, _))) = (&self.current, self.conn) {
             current.released.lock().insert(fd, Instant::now());
         }
+    }
+
+    /// Whether the attempts go over HTTP/2.
+    pub(crate) fn is_h2(&self) -> bool {
+        self.h2
     }
 
     /// Whether the attempt in progress is being retried on a new connection (Pingora's own

@@ -69,8 +69,9 @@ pub(crate) struct Idem {
     pub(crate) keys: KeyDeriver,
     /// Flights and the store.
     pub(crate) coordinator: Arc<Coordinator>,
-    /// Backends and the connection pool for detached calls.
-    pub(crate) upstream: Arc<Upstream>,
+    /// The upstream groups: `[upstream]` first, then `[upstreams.NAME]` in name order (a
+    /// route's `upstream` indexes this).
+    pub(crate) groups: Arc<[Arc<Upstream>]>,
     /// Metric families.
     pub(crate) metrics: Arc<Metrics>,
     /// Requests being processed, for the SIGTERM drain.
@@ -93,6 +94,8 @@ pub(crate) struct Ctx {
     mark_bypass: bool,
     /// Pass-through: the attempts on backends and connections.
     attempts: Attempts,
+    /// The route's upstream group (index into [`Idem::groups`]).
+    group: usize,
     /// Short key hash for the access log.
     key: Option<DedupKey>,
     /// The status idem wrote itself, or the upstream's on pass-through; the access log's
@@ -160,7 +163,7 @@ impl Idem {
                 // otherwise size every deduplicated request's future, waiters' included.
                 let forwarded = Box::pin(body::forward_consumed(
                     session,
-                    &self.upstream,
+                    &self.groups[ctx.group],
                     prefix,
                     ctx.peer,
                 ));
@@ -220,8 +223,12 @@ impl Idem {
                         },
                     }),
                 };
-                let reply =
-                    leader::spawn(permit, self.upstream.clone(), self.metrics.clone(), plan);
+                let reply = leader::spawn(
+                    permit,
+                    self.groups[ctx.group].clone(),
+                    self.metrics.clone(),
+                    plan,
+                );
                 let reply = tokio::select! {
                     r = reply => r,
                     e = client_gone(session) => return Err(e),
@@ -330,6 +337,7 @@ impl ProxyHttp for Idem {
             answered: Answered::Bypass,
             mark_bypass: false,
             attempts: Attempts::default(),
+            group: 0,
             key: None,
             status: 0,
             upstream_started: None,
@@ -379,6 +387,7 @@ impl ProxyHttp for Idem {
         let matched = config.route(session.req_header().uri.path());
         let route = matched.policy;
         ctx.route = matched.id;
+        ctx.group = route.upstream;
         let req = session.req_header();
         match admit(route, &req.method, &req.headers) {
             Admission::PassThrough(bypass) => {
@@ -448,7 +457,7 @@ impl ProxyHttp for Idem {
             let route = ctx.config.route(req.uri.path()).policy;
             shadow.restart(key_inputs::fingerprint(&self.keys, req, route));
         }
-        let peer = ctx.attempts.next_peer(&self.upstream, session)?;
+        let peer = ctx.attempts.next_peer(&self.groups[ctx.group], session)?;
         ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(Box::new(peer))
     }
@@ -473,7 +482,7 @@ impl ProxyHttp for Idem {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.attempts.connect_failed(&self.upstream, &mut e);
+        ctx.attempts.connect_failed(&self.groups[ctx.group], &mut e);
         e
     }
 
@@ -554,7 +563,8 @@ impl ProxyHttp for Idem {
         }
         if let Some(shadow) = &mut ctx.shadow {
             if !resp.status.is_informational() {
-                shadow.response_header(resp.status.as_u16(), is_storable(resp));
+                let h2 = ctx.attempts.is_h2();
+                shadow.response_header(resp.status.as_u16(), is_storable(resp, h2));
             }
         }
         Ok(())

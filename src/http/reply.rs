@@ -230,12 +230,28 @@ async fn write_stored(
     append_cache_status(&mut h, &cache_status(how))?;
     h.set_content_length(resp.body.len())?;
     let head_only = session.req_header().method == http::Method::HEAD;
+    // Trailers reach HTTP/2 clients (gRPC's status is one); HTTP/1 has no place for them
+    // here (the body is sent with a length).
+    let trailers = !head_only && !resp.trailers.is_empty() && session.is_http2();
     session
-        .write_response_header(Box::new(h), head_only || resp.body.is_empty())
+        .write_response_header(
+            Box::new(h),
+            head_only || (resp.body.is_empty() && !trailers),
+        )
         .await?;
     if !head_only && !resp.body.is_empty() {
         session
-            .write_response_body(Some(resp.body.clone()), true)
+            .write_response_body(Some(resp.body.clone()), !trailers)
+            .await?;
+    }
+    if trailers {
+        let mut map = http::HeaderMap::with_capacity(resp.trailers.len());
+        for (n, v) in &resp.trailers {
+            map.append(n.clone(), v.clone());
+        }
+        session
+            .downstream_session
+            .write_response_trailers(map)
             .await?;
     }
     Ok(())
@@ -297,6 +313,7 @@ mod tests {
                 .map(|c| vec![(header::CONTENT_ENCODING, HeaderValue::from_static(c))])
                 .unwrap_or_default(),
             body: Bytes::new(),
+            trailers: Vec::new(),
             completed_at: Instant::now(),
         }
     }

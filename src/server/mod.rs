@@ -91,11 +91,20 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     server.bootstrap();
 
     let upstream = Arc::new(Upstream::new(&settings.upstream, &server.configuration));
+    // `[upstream]` first: a route's group index counts from it.
+    let groups: Arc<[Arc<Upstream>]> = std::iter::once(upstream.clone())
+        .chain(
+            settings
+                .groups
+                .iter()
+                .map(|(_, g)| Arc::new(Upstream::new(g, &server.configuration))),
+        )
+        .collect();
     let unix_socket_mode = settings.unix_socket_mode;
     let health = background_service(
         "backends",
         Maintain {
-            upstream: upstream.clone(),
+            groups: groups.clone(),
         },
     );
 
@@ -128,7 +137,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         keys,
         config: live.clone(),
         coordinator: coordinator.clone(),
-        upstream: upstream.clone(),
+        groups,
         metrics: metrics.clone(),
         active: active.clone(),
         shadow,
@@ -345,12 +354,20 @@ pub fn preflight(settings: &Settings) -> Preflight {
             p.errors.push(format!("{key}: {a} does not resolve"));
         }
     }
-    for b in &settings.upstream.backends {
-        if !resolves(&b.address) {
-            p.warnings.push(format!(
-                "upstream.backends: {b} does not resolve (yet): idem starts with it down and resolves it again every {}",
-                humantime::format_duration(settings.upstream.resolve_interval)
-            ));
+    let groups = std::iter::once(("upstream".to_string(), &settings.upstream)).chain(
+        settings
+            .groups
+            .iter()
+            .map(|(name, g)| (format!("upstreams.{name}"), g)),
+    );
+    for (section, group) in groups {
+        for b in &group.backends {
+            if !resolves(&b.address) {
+                p.warnings.push(format!(
+                    "{section}.backends: {b} does not resolve (yet): idem starts with it down and resolves it again every {}",
+                    humantime::format_duration(group.resolve_interval)
+                ));
+            }
         }
     }
     p
@@ -402,16 +419,17 @@ fn concrete(addr: &Address) -> Result<Bound, StartError> {
     l.local_addr().map(Bound::Tcp).map_err(err)
 }
 
-/// Resolves names and checks backends in the background.
+/// Resolves names and checks backends of every group in the background.
 struct Maintain {
-    upstream: Arc<Upstream>,
+    groups: Arc<[Arc<Upstream>]>,
 }
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for Maintain {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let all = futures::future::join_all(self.groups.iter().map(|g| g.maintain()));
         tokio::select! {
-            _ = self.upstream.maintain() => {}
+            _ = all => {}
             _ = shutdown.changed() => {}
         }
     }

@@ -21,10 +21,12 @@
 //! the app may have run the request.
 
 pub(crate) mod backends;
+mod h2;
 mod pool;
 pub(crate) mod reuse;
 mod tls;
 
+use crate::config::file::Protocol;
 use crate::config::settings::UpstreamSettings;
 use backends::{Backends, Endpoint};
 use bytes::Bytes;
@@ -81,6 +83,8 @@ pub(crate) struct Upstream {
     connector: Arc<TransportConnector>,
     settings: UpstreamSettings,
     new_groups: AtomicU64,
+    /// HTTP/2 connections for idem's own calls (multiplexed; see [`h2`]).
+    h2: pingora::connectors::http::v2::Connector,
 }
 
 impl Upstream {
@@ -93,6 +97,19 @@ impl Upstream {
             ))),
             settings: settings.clone(),
             new_groups: AtomicU64::new(GROUP_NEW),
+            h2: pingora::connectors::http::v2::Connector::new(Some(
+                ConnectorOptions::from_server_conf(conf),
+            )),
+        }
+    }
+
+    /// Whether `req` goes to this group's backends over HTTP/2 (`protocol`: always with
+    /// `h2c`, never with `http1`, for gRPC requests with `auto`).
+    pub(crate) fn speaks_h2(&self, req: &RequestHeader) -> bool {
+        match self.settings.protocol {
+            Protocol::Http1 => false,
+            Protocol::H2c => true,
+            Protocol::Auto => h2::is_grpc(req),
         }
     }
 
@@ -118,10 +135,15 @@ impl Upstream {
 
     /// The peer Pingora's proxy path connects to for a pass-through request to `e` (see
     /// [`Resend`] and the module doc).
-    pub(crate) fn pass_through_peer(&self, e: &Endpoint, resend: Resend) -> HttpPeer {
+    pub(crate) fn pass_through_peer(&self, e: &Endpoint, resend: Resend, h2: bool) -> HttpPeer {
         let now = Instant::now();
         let cap = self.settings.pool_idle_timeout;
         let mut peer = e.peer.clone();
+        if h2 {
+            // One multiplexed connection per backend, kept idle up to the cap: what a
+            // stream may be refused for is said by the protocol (see [`h2`]).
+            return h2::peer(peer, cap);
+        }
         let pooled = match resend {
             // A backend known to close after responses: pooling would only make retries.
             Resend::Allowed => Some((GROUP_ANY_AGE, e.reuse.keep_for(cap, now)))
@@ -176,6 +198,9 @@ impl Upstream {
         req: &RequestHeader,
         body: &Bytes,
     ) -> Result<Exchange, CallError> {
+        if self.speaks_h2(req) {
+            return self.send_h2(req, body).await;
+        }
         let mut tried: Vec<u64> = Vec::new();
         let mut last = String::from("no backend resolves");
         // A pooled connection that failed during the write: the same backend again, new.
@@ -226,6 +251,7 @@ impl Upstream {
             return Ok(Exchange {
                 session: conn.session,
                 endpoint: e,
+                h2_peer: None,
             });
         }
         Err(CallError::NotSent(last))
@@ -273,8 +299,18 @@ impl Upstream {
 
     /// Returns a fully read exchange's connection to its pool.
     pub(crate) async fn release(&self, ex: Exchange) {
-        let Exchange { session, endpoint } = ex;
-        self.release_session(session, &endpoint).await;
+        let Exchange {
+            session,
+            endpoint,
+            h2_peer,
+        } = ex;
+        match (session, h2_peer) {
+            (ClientSession::H2(s), Some(peer)) => {
+                self.h2
+                    .release_http_session(s, &*peer, Some(self.settings.pool_idle_timeout))
+            }
+            (session, _) => self.release_session(session, &endpoint).await,
+        }
     }
 
     fn learned(&self, e: &Endpoint, l: Learned) {
@@ -311,6 +347,8 @@ struct Conn {
 pub(crate) struct Exchange {
     session: ClientSession,
     endpoint: Arc<Endpoint>,
+    /// The peer of an HTTP/2 exchange, whose connection returns to the h2 pool by it.
+    h2_peer: Option<Box<HttpPeer>>,
 }
 
 impl Exchange {
@@ -329,13 +367,29 @@ impl Exchange {
         }
     }
 
-    /// Closes the connection without returning it to the pool.
+    /// The trailers after the body (HTTP/2 only; `None` over HTTP/1 or when there are none).
+    pub(crate) async fn read_trailers(&mut self) -> Result<Option<http::HeaderMap>, CallError> {
+        match &mut self.session {
+            ClientSession::H2(s) => s
+                .read_trailers()
+                .await
+                .map_err(|e| unknown(&self.endpoint, &e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the exchange is HTTP/2 (its trailers can be read and kept).
+    pub(crate) fn is_h2(&self) -> bool {
+        matches!(self.session, ClientSession::H2(_))
+    }
+
+    /// Closes the connection (an HTTP/2 stream: resets it) without returning it to the pool.
     pub(crate) async fn abort(mut self) {
         self.session.shutdown().await;
     }
 }
 
-async fn write_request(
+pub(super) async fn write_request(
     s: &mut ClientSession,
     req: &RequestHeader,
     body: &Bytes,
@@ -362,7 +416,7 @@ pub(crate) async fn read_final_header(s: &mut ClientSession) -> pingora::Result<
     }
 }
 
-fn unknown(e: &Endpoint, err: &Error) -> CallError {
+pub(super) fn unknown(e: &Endpoint, err: &Error) -> CallError {
     let status = match err.etype() {
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
         _ => 502,

@@ -6,6 +6,7 @@ mod app_servers;
 mod dedup;
 mod failures;
 mod forwarding;
+mod grpc;
 mod observability;
 mod operations;
 mod passthrough_ops;

@@ -14,6 +14,7 @@ fn resp(body: &'static [u8], now: Instant) -> Record {
         status: 200,
         headers: vec![],
         body: Bytes::from_static(body),
+        trailers: Vec::new(),
         completed_at: now,
     }))
 }
@@ -211,6 +212,7 @@ fn a_slot_is_120_bytes() {
             HeaderValue::from_static("text/plain"),
         )],
         body: Bytes::from_static(b"ok\n"),
+        trailers: Vec::new(),
         completed_at: Instant::now(),
     };
     assert_eq!(Packed::pack(&r).len(), 6 + 7 + 12 + 10 + 3);
