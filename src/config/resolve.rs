@@ -203,10 +203,14 @@ pub(crate) fn resolve(
                 format!("{name:?} is not a group name: use letters, digits, '-' and '_'"),
             ));
         }
-        groups.push((
-            name.clone(),
-            group(&section, g.get_ref(), Some(&upstream), env, &mut warnings)?,
-        ));
+        // A key that is missing is said at the group's table.
+        let settings = group(&section, g.get_ref(), Some(&upstream), env, &mut warnings).map_err(
+            |mut e| {
+                e.span = e.span.or(Some(g.span()));
+                e
+            },
+        )?;
+        groups.push((name.clone(), settings));
     }
     // A reload keeps these (restart-only) before anything is derived from them.
     let upstream = fixed.map_or(upstream, |f| f.upstream.clone());

@@ -743,4 +743,79 @@ mod tests {
             assert_eq!((e.line, e.column), (Some(line), Some(col)), "{text}: {e}");
         }
     }
+
+    #[test]
+    fn named_upstream_groups_inherit_timeouts_and_routes_pick_them_by_name() {
+        use crate::config::file::Protocol;
+        let s = load(
+            "[upstream]\nread_timeout = \"20s\"\n[upstreams.grpc]\nbackends = [\"127.0.0.1:9000\"]\nprotocol = \"h2c\"\n[upstreams.other]\nbackends = [\"https://app.internal\"]\nread_timeout = \"5s\"\n[[route]]\npath_prefix = \"/a\"\nupstream = \"other\"\n[[route]]\npath_prefix = \"/b\"\nupstream = \"grpc\"\n[[route]]\npath_prefix = \"/c\"\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = s.groups.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["grpc", "other"]);
+        let (grpc, other) = (&s.groups[0].1, &s.groups[1].1);
+        assert_eq!(grpc.protocol, Protocol::H2c);
+        assert_eq!(s.upstream.protocol, Protocol::Auto);
+        assert_eq!(grpc.read_timeout, Duration::from_secs(20), "inherited");
+        assert_eq!(other.read_timeout, Duration::from_secs(5), "its own");
+        assert_eq!(grpc.total_timeout, s.upstream.total_timeout);
+        assert!(
+            other.tls.as_ref().is_some_and(|t| t.verify),
+            "https:// gets TLS"
+        );
+        assert!(grpc.tls.is_none());
+        let groups: Vec<usize> = s.routes.iter().map(|r| r.upstream).collect();
+        assert_eq!(groups, [2, 1, 0]);
+        assert_eq!(s.default_route.upstream, 0);
+        let without = load("[upstream]\nread_timeout = \"20s\"\n").unwrap();
+        assert_eq!(s.restart_only_changes(&without), vec!["upstreams"]);
+
+        for (text, key, line, col, what) in [
+            (
+                "[upstreams.g]\nbackends = [\"a:1\"]\n[[route]]\npath_prefix = \"/a\"\nupstream = \"h\"\n",
+                "route[0].upstream",
+                5,
+                12,
+                "the groups are g",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/a\"\nupstream = \"h\"\n",
+                "route[0].upstream",
+                3,
+                12,
+                "there is no [upstreams.h]",
+            ),
+            (
+                "[upstreams.g]\nbackends = [\"a:1\"]\ntotal_timeout = \"5s\"\n",
+                "upstreams.g.total_timeout",
+                3,
+                17,
+                "[upstream] only",
+            ),
+            (
+                "[upstreams.g]\nprotocol = \"h2c\"\n",
+                "upstreams.g.backends",
+                1,
+                1,
+                "at least one backend",
+            ),
+            (
+                "[upstreams.g]\nbackends = [\"a:1\"]\ntls_ca = \"ca.pem\"\n",
+                "upstreams.g.tls_ca",
+                3,
+                10,
+                "https://",
+            ),
+        ] {
+            let e = load(text).unwrap_err();
+            assert!(e.message.starts_with(&format!("{key}: ")), "{text}: {e}");
+            assert!(e.message.contains(what), "{text}: {e}");
+            assert_eq!((e.line, e.column), (Some(line), Some(col)), "{text}: {e}");
+        }
+        // A group is chosen per route: `[dedup]` (the default route's policy) has none.
+        let e = load("[dedup]\nupstream = \"g\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        let e = load("[upstream]\nprotocol = \"h3\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
 }

@@ -377,3 +377,54 @@ async fn a_call_that_never_reached_the_backend_is_not_held() {
     assert_eq!(server.lines(), vec!["Unary start 1 d-1", "Unary done 1"]);
     drop(reserved);
 }
+
+/// An `https://` group speaking h2 by ALPN (nginx with TLS and `grpc_pass` in front of the
+/// server, verified against `tls_ca`): keyed calls are deduplicated and replayed exactly
+/// there too.
+#[tokio::test]
+async fn an_https_group_speaks_h2_by_alpn_and_replays_exactly() {
+    let server = GrpcServer::start().await;
+    let pki = Pki::new();
+    pki.ca("ca").leaf(Leaf::server("edge", "ca", 3001));
+    let nginx = Nginx::start_listening(
+        &format!(
+            "        ssl_certificate {};
+        ssl_certificate_key {};
+        location / {{ grpc_pass grpc://{}; }}",
+            pki.path("edge.pem").display(),
+            pki.path("edge.key").display(),
+            server.addr()
+        ),
+        " ssl http2",
+    )
+    .await;
+    let http = Backend::start().await;
+    let config = Config::new(http.addr())
+        .set(
+            "upstreams.grpc.backends",
+            vec![format!("https://{}", nginx.addr())],
+        )
+        .set(
+            "upstreams.grpc.tls_ca",
+            pki.path("ca.pem").display().to_string(),
+        )
+        .route(grpc_route().set("upstream", "grpc"));
+    let idem = Idem::start(&config.to_string()).await;
+    let call =
+        json!({"method": "Unary", "request": "tls", "metadata": [["idempotency-key", "h2-tls-1"]]});
+    let results = grpc_calls(idem.addr(), json!([call, call])).await;
+    assert_eq!(results[0]["code"], "OK", "{}", results[0]);
+    assert_eq!(results[0]["responses"], json!(["echo:tls#1"]));
+    assert_eq!(results[0]["trailing_metadata"], trailers(1));
+    for field in ["code", "responses", "trailing_metadata"] {
+        assert_eq!(results[1][field], results[0][field], "{field}");
+    }
+    assert!(md(&results[1], "initial_metadata", "cache-status")
+        .unwrap_or_default()
+        .starts_with("idem; hit"));
+    assert_eq!(
+        server.lines(),
+        vec!["Unary start 1 h2-tls-1", "Unary done 1"]
+    );
+    assert_eq!(http.total().started, 0);
+}

@@ -42,7 +42,8 @@ impl Nginx {
         Nginx::start_listening(server_body, " ssl").await
     }
 
-    async fn start_listening(server_body: &str, listen_params: &str) -> Nginx {
+    /// The same with `listen ...<listen_params>` (e.g. " ssl http2").
+    pub async fn start_listening(server_body: &str, listen_params: &str) -> Nginx {
         require_tool(BIN, "-v", "nginx");
         let dir = TempDir::new();
         let listener = Inherited::new();
