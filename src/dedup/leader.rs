@@ -84,6 +84,8 @@ pub(crate) enum LeaderReply {
 pub(crate) enum Chunk {
     /// The next bytes.
     Data(Bytes),
+    /// The trailers after the last bytes (an HTTP/2 response: gRPC's status).
+    Trailers(Box<http::HeaderMap>),
     /// The upstream body was cut off: the client connection must be aborted, so the client
     /// sees a truncated response, never a complete one.
     CutOff,
@@ -354,7 +356,19 @@ async fn pump(
                 let _ = tx.send(Chunk::Data(chunk)).await;
             }
             Ok(Ok(None)) => {
-                upstream.release(ex).await;
+                match timeout_at(plan.deadline, ex.read_trailers()).await {
+                    Ok(Ok(trailers)) => {
+                        if let Some(t) = trailers {
+                            let _ = tx.send(Chunk::Trailers(Box::new(t))).await;
+                        }
+                        upstream.release(ex).await;
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::warn!(key = %key.short(), "streamed upstream response cut off before its trailers");
+                        let _ = tx.send(Chunk::CutOff).await;
+                        ex.abort().await;
+                    }
+                }
                 return;
             }
             Ok(Err(_)) | Err(_) => {

@@ -270,6 +270,14 @@ async fn write_stream(
     while let Some(chunk) = body.recv().await {
         match chunk {
             Chunk::Data(bytes) => session.write_response_body(Some(bytes), false).await?,
+            // The last thing sent (HTTP/2 only): it ends the stream.
+            Chunk::Trailers(map) => {
+                session
+                    .downstream_session
+                    .write_response_trailers(*map)
+                    .await?;
+                return Ok(());
+            }
             Chunk::CutOff => {
                 return Err(Error::explain(
                     ErrorType::ReadError,

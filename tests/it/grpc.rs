@@ -428,3 +428,21 @@ async fn an_https_group_speaks_h2_by_alpn_and_replays_exactly() {
     );
     assert_eq!(http.total().started, 0);
 }
+
+/// A keyed call whose response is over `max_response_body` is streamed to its client with
+/// its trailers (the status is in them) and not kept: the retry with the same key is refused
+/// (HTTP 409 not-replayable, which gRPC reports as UNKNOWN), never executed again.
+#[tokio::test]
+async fn a_response_too_large_to_keep_streams_with_its_trailers_and_is_not_run_again() {
+    let server = GrpcServer::start().await;
+    let config = Config::new(server.addr()).route(grpc_route().set("max_response_body", "8"));
+    let idem = Idem::start(&config.to_string()).await;
+    let call =
+        json!({"method": "Unary", "request": "big", "metadata": [["idempotency-key", "s-1"]]});
+    let results = grpc_calls(idem.addr(), json!([call, call])).await;
+    assert_eq!(results[0]["code"], "OK", "{}", results[0]);
+    assert_eq!(results[0]["responses"], json!(["echo:big#1"]));
+    assert_eq!(results[0]["trailing_metadata"], trailers(1));
+    assert_eq!(results[1]["code"], "UNKNOWN", "{}", results[1]);
+    assert_eq!(server.lines(), vec!["Unary start 1 s-1", "Unary done 1"]);
+}
