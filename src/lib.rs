@@ -41,8 +41,10 @@
 //! │   ├── KeyDeriver          keyed blake3 (key)
 //! │   ├── Coordinator         flights: DashMap<DedupKey, Flight> (dedup::coordinator)
 //! │   │   └── MemoryStore     bounded slab + expiry (store::memory)
-//! │   ├── Upstream            backends (resolved, health checked; TLS peers for https://),
-//! │   │                       idle pools, reuse records (upstream: backends, tls, pool, reuse)
+//! │   ├── [Upstream]          one per group ([upstream], [upstreams.NAME]; a route picks
+//! │   │                       one): backends (resolved, health checked; TLS peers for
+//! │   │                       https://), idle pools, reuse records, HTTP/2 connections
+//! │   │                       (upstream: backends, tls, h2, pool, reuse)
 //! │   ├── ShadowTable         keys seen on shadow routes (dedup::shadow)
 //! │   ├── RedisStore          claims, fenced results, waits across replicas, purges
 //! │   │                       (store::redis; one node, Cluster or Sentinel, TLS)
