@@ -509,3 +509,30 @@ async fn idem_check_names_tls_file_problems() {
         "{err}"
     );
 }
+
+/// Without `tls_ca`, a backend is verified against the system's roots; the tests stand in
+/// for them with `SSL_CERT_FILE` (which the system-roots loader honours): the private CA
+/// is then trusted, and a certificate from another CA still is not.
+#[tokio::test]
+async fn without_tls_ca_the_system_roots_decide() {
+    let app = Backend::start().await;
+    let pki = edge_pki();
+    pki.ca("rogue").leaf(Leaf::server("impostor", "rogue", 67));
+    let good = tls_backend(&pki, "edge", app.addr(), "").await;
+    let bad = tls_backend(&pki, "impostor", app.addr(), "").await;
+    let config = Config::new(app.addr())
+        .set("upstream.backends", vec![https_backend(good.addr())])
+        .set("upstream.health_check", "none")
+        .set("upstreams.rogue.backends", vec![https_backend(bad.addr())])
+        .route(Route::new("rogue", "/rogue/", "keyed").set("upstream", "rogue"));
+    let idem = Idem::builder()
+        .env("SSL_CERT_FILE", pki.path("ca.pem"))
+        .start(&config.to_string())
+        .await;
+    let r = raw_request(idem.addr(), &keyed_post("/ok", "roots-1")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = raw_request(idem.addr(), &keyed_post("/rogue/x", "roots-2")).await;
+    assert_problem(&r, 502, "upstream-unreachable");
+    assert_eq!(app.counts("/ok").started, 1);
+    assert_eq!(app.counts("/rogue/x").started, 0);
+}
