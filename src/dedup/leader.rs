@@ -287,7 +287,13 @@ async fn call(
                 Ok(Ok(None)) => {
                     // gRPC's status comes after the body: a call whose trailers are cut off
                     // has no outcome to replay.
-                    let trailers = match timeout_at(plan.deadline, ex.read_trailers()).await {
+                    // Boxed and HTTP/2 only: the rare path must not size the common one.
+                    let trailers = if !ex.is_h2() {
+                        Ok(Ok(None))
+                    } else {
+                        Box::pin(timeout_at(plan.deadline, ex.read_trailers())).await
+                    };
+                    let trailers = match trailers {
                         Ok(Ok(t)) => t,
                         Ok(Err(e)) => {
                             tracing::warn!(key, error = %e, "upstream trailers cut off: key held");
@@ -356,7 +362,12 @@ async fn pump(
                 let _ = tx.send(Chunk::Data(chunk)).await;
             }
             Ok(Ok(None)) => {
-                match timeout_at(plan.deadline, ex.read_trailers()).await {
+                let trailers = if !ex.is_h2() {
+                    Ok(Ok(None))
+                } else {
+                    Box::pin(timeout_at(plan.deadline, ex.read_trailers())).await
+                };
+                match trailers {
                     Ok(Ok(trailers)) => {
                         if let Some(t) = trailers {
                             let _ = tx.send(Chunk::Trailers(Box::new(t))).await;

@@ -126,6 +126,56 @@ async fn read_first_bytes(stream: &mut TcpStream) -> std::io::Result<Protocol> {
     Ok(protocol)
 }
 
+impl<H1, H2> FirstBytesDeadline<H1, H2>
+where
+    H1: ServerApp + Send + Sync + 'static,
+{
+    /// A TLS listener's connection: the PROXY header if required, then the handshake, both
+    /// within `deadline`; then HTTP/2 or HTTP/1.1 as ALPN says.
+    async fn serve_tls(
+        self: &Arc<Self>,
+        acceptor: &Acceptor,
+        mut tcp: Box<TcpStream>,
+        deadline: std::time::Duration,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let handshake = async {
+            if self.proxy_protocol {
+                proxy_protocol::accept(&mut tcp)
+                    .await
+                    .map_err(Unread::Proxy)?;
+            }
+            acceptor
+                .tls_handshake(*tcp)
+                .await
+                .map_err(|e| Unread::Tls(e.to_string()))
+        };
+        let tls = match tokio::time::timeout(deadline, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(Unread::Tls(why))) => {
+                tracing::debug!(reason = %why, "closing a client connection whose TLS handshake failed");
+                return None;
+            }
+            Ok(Err(Unread::Proxy(why))) => {
+                tracing::debug!(
+                    reason = %why,
+                    "closing a client connection without a valid PROXY protocol header"
+                );
+                return None;
+            }
+            Ok(Err(Unread::Io)) => return None,
+            Err(_) => {
+                tracing::debug!(
+                    ?deadline,
+                    "closing a client connection that did not complete its TLS handshake within keepalive_timeout"
+                );
+                return None;
+            }
+        };
+        self.http1.process_new(Box::new(tls), shutdown).await
+    }
+}
+
 #[async_trait]
 impl<H1, H2> ServerApp for FirstBytesDeadline<H1, H2>
 where
@@ -153,40 +203,8 @@ where
         let mut tcp: Box<TcpStream> = stream.into_any().downcast().ok()?;
         let deadline = self.live.load().settings.keepalive_timeout;
         if let Some(acceptor) = &self.tls {
-            let handshake = async {
-                if self.proxy_protocol {
-                    proxy_protocol::accept(&mut tcp)
-                        .await
-                        .map_err(Unread::Proxy)?;
-                }
-                acceptor
-                    .tls_handshake(*tcp)
-                    .await
-                    .map_err(|e| Unread::Tls(e.to_string()))
-            };
-            let tls = match tokio::time::timeout(deadline, handshake).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(Unread::Tls(why))) => {
-                    tracing::debug!(reason = %why, "closing a client connection whose TLS handshake failed");
-                    return None;
-                }
-                Ok(Err(Unread::Proxy(why))) => {
-                    tracing::debug!(
-                        reason = %why,
-                        "closing a client connection without a valid PROXY protocol header"
-                    );
-                    return None;
-                }
-                Ok(Err(Unread::Io)) => return None,
-                Err(_) => {
-                    tracing::debug!(
-                        ?deadline,
-                        "closing a client connection that did not complete its TLS handshake within keepalive_timeout"
-                    );
-                    return None;
-                }
-            };
-            return self.http1.process_new(Box::new(tls), shutdown).await;
+            // Boxed: the handshake's future must not size the cleartext connections' one.
+            return Box::pin(self.serve_tls(acceptor, tcp, deadline, shutdown)).await;
         }
         let first = async {
             if self.proxy_protocol {

@@ -249,10 +249,8 @@ async fn write_stored(
         for (n, v) in &resp.trailers {
             map.append(n.clone(), v.clone());
         }
-        session
-            .downstream_session
-            .write_response_trailers(map)
-            .await?;
+        // Boxed: rare, and its future must not size every replay's.
+        Box::pin(session.downstream_session.write_response_trailers(map)).await?;
     }
     Ok(())
 }
@@ -272,10 +270,7 @@ async fn write_stream(
             Chunk::Data(bytes) => session.write_response_body(Some(bytes), false).await?,
             // The last thing sent (HTTP/2 only): it ends the stream.
             Chunk::Trailers(map) => {
-                session
-                    .downstream_session
-                    .write_response_trailers(*map)
-                    .await?;
+                Box::pin(session.downstream_session.write_response_trailers(*map)).await?;
                 return Ok(());
             }
             Chunk::CutOff => {

@@ -179,7 +179,10 @@ impl Upstream {
                 });
             }
         }
-        let stream = self.connector.new_stream(&e.peer).await?;
+        // Boxed: with TLS compiled in, Pingora's connect future carries a whole handshake,
+        // and inline it would size every call's future (tokio copies it on each state
+        // change; +10 k instructions per leader call, measured).
+        let stream = Box::pin(self.connector.new_stream(&e.peer)).await?;
         let session = ClientSession::H1(H1Session::new_with_options(stream, &e.peer));
         Ok(Conn {
             session,
@@ -199,7 +202,9 @@ impl Upstream {
         body: &Bytes,
     ) -> Result<Exchange, CallError> {
         if self.speaks_h2(req) {
-            return self.send_h2(req, body).await;
+            // Boxed: Pingora's h2 connector futures are large, and inline they would size
+            // every HTTP/1 call's future too (copied by tokio on every state change).
+            return Box::pin(self.send_h2(req, body)).await;
         }
         let mut tried: Vec<u64> = Vec::new();
         let mut last = String::from("no backend resolves");
