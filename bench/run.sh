@@ -29,6 +29,11 @@
 #        idem POST      POST with a fresh Idempotency-Key per request (every request a leader)
 #        idem replay    POST with one key and body (every request after the first a replay)
 #        idem POST redis, idem replay redis: the same with the Redis store (when installed)
+#        nginx TLS GET, idem TLS GET   GET over TLS on kept-alive connections (nginx
+#                       `listen ssl` and an idem with `[server.tls]`, the same ECDSA P-256
+#                       certificate made with openssl; when nginx and openssl are installed)
+#        nginx TLS new, idem TLS new   GET with `Connection: close`: one full handshake per
+#                       request (req/s = handshakes/s)
 #   3. the coalescing burst (`burst coalesce`): BURST_N identical concurrent keyless POSTs
 #      against a gated backend: backend executions, peak RSS, memory per waiter;
 #   4. the stored-entry cost (`burst entries`): RSS slope per stored entry minus its accounted
@@ -87,11 +92,26 @@ trap 'exit 130' INT TERM
 # Allow many connections for the burst (as far as the hard limit goes).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-mapfile -t PORTS < <("$BURST" free-ports 13)
+mapfile -t PORTS < <("$BURST" free-ports 17)
 BACKEND_PORT=${PORTS[0]} NGINX_PORT=${PORTS[1]}
 IDEM_PORT=${PORTS[2]} IDEM_METRICS=${PORTS[3]} IDEM_LOG_PORT=${PORTS[4]} IDEM_LOG_METRICS=${PORTS[5]}
 BARE_PORT=${PORTS[6]} REDIS_PORT=${PORTS[7]} IDEM_REDIS_PORT=${PORTS[8]} IDEM_REDIS_METRICS=${PORTS[9]}
 BASE_PORT=${PORTS[10]} BASE_METRICS=${PORTS[11]} BARE_RESPOND_PORT=${PORTS[12]}
+NGINX_TLS_PORT=${PORTS[13]} IDEM_TLS_PORT=${PORTS[14]} IDEM_TLS_PLAIN=${PORTS[15]} IDEM_TLS_METRICS=${PORTS[16]}
+HAVE_TLS=0
+if [ "$HAVE_NGINX" = 1 ] && command -v openssl >/dev/null; then
+  HAVE_TLS=1
+  mkdir -p "$TMP/tls"
+  (
+    cd "$TMP/tls"
+    ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    openssl req -x509 -days 2 -subj "/CN=idem bench CA" "${ec[@]}" -keyout ca.key -out ca.pem
+    openssl req -subj /CN=localhost "${ec[@]}" -keyout leaf.key -out leaf.csr
+    echo "subjectAltName=IP:127.0.0.1,DNS:localhost" >leaf.ext
+    openssl x509 -req -days 2 -in leaf.csr -CA ca.pem -CAkey ca.key -set_serial 1 -extfile leaf.ext -out leaf.pem
+    cat leaf.pem ca.pem >chain.pem
+  ) >/dev/null 2>&1
+fi
 
 wait_port() {
   for _ in $(seq 1 200); do
@@ -126,12 +146,17 @@ http {
 EOF
 }
 
+if [ "$HAVE_TLS" = 1 ]; then
+  # nginx's defaults for an HTTPS site: TLS 1.2 and 1.3, session tickets on, no shared cache.
+  TLS_SERVER="server { listen 127.0.0.1:$NGINX_TLS_PORT ssl; ssl_certificate $TMP/tls/chain.pem; ssl_certificate_key $TMP/tls/leaf.key; ssl_protocols TLSv1.2 TLSv1.3; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+fi
 if [ "$HAVE_NGINX" = 1 ]; then
   nginx_conf backend "server { listen 127.0.0.1:$BACKEND_PORT; location / { default_type text/plain; return 200 \"ok\\n\"; } }"
   nginx -p "$TMP/backend" -c "$TMP/backend/nginx.conf" -e "$TMP/backend/error.log" &
   PIDS+=($!)
   nginx_conf proxy "upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
-  server { listen 127.0.0.1:$NGINX_PORT; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  server { listen 127.0.0.1:$NGINX_PORT; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }
+  ${TLS_SERVER:-}"
   nginx -p "$TMP/proxy" -c "$TMP/proxy/nginx.conf" -e "$TMP/proxy/error.log" &
   PIDS+=($!)
   BACKEND_KIND="nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') return 200, 2 workers"
@@ -179,6 +204,16 @@ secret = \"benchmark secret, not a real one\""
   PIDS+=($!)
   wait_port "$IDEM_REDIS_PORT"
 fi
+if [ "$HAVE_TLS" = 1 ]; then
+  idem_conf "$TMP/idem-tls.toml" "$IDEM_TLS_PLAIN" "$IDEM_TLS_METRICS" \
+    "[server.tls]
+listen = \"127.0.0.1:$IDEM_TLS_PORT\"
+cert = \"$TMP/tls/chain.pem\"
+key = \"$TMP/tls/leaf.key\""
+  IDEM_LOG=warn "$IDEM" --config "$TMP/idem-tls.toml" >"$TMP/idem-tls.out" 2>"$TMP/idem-tls.err" &
+  PIDS+=($!)
+  wait_port "$IDEM_TLS_PORT"
+fi
 if [ -n "${BASELINE:-}" ]; then
   idem_conf "$TMP/idem-base.toml" "$BASE_PORT" "$BASE_METRICS"
   IDEM_LOG=warn "$BASELINE" --config "$TMP/idem-base.toml" >"$TMP/idem-base.out" 2>"$TMP/idem-base.err" &
@@ -210,6 +245,14 @@ if [ -n "${BASELINE:-}" ]; then
     "base GET|http://127.0.0.1:$BASE_PORT/|get.lua"
     "base POST|http://127.0.0.1:$BASE_PORT/orders|post_fresh.lua"
     "base replay|http://127.0.0.1:$BASE_PORT/orders|post_replay.lua"
+  )
+fi
+if [ "$HAVE_TLS" = 1 ]; then
+  SCENARIOS+=(
+    "nginx TLS GET|https://127.0.0.1:$NGINX_TLS_PORT/|get.lua"
+    "idem TLS GET|https://127.0.0.1:$IDEM_TLS_PORT/|get.lua"
+    "nginx TLS new|https://127.0.0.1:$NGINX_TLS_PORT/|get_close.lua"
+    "idem TLS new|https://127.0.0.1:$IDEM_TLS_PORT/|get_close.lua"
   )
 fi
 if [ "$HAVE_REDIS" = 1 ]; then
@@ -285,19 +328,24 @@ mib() { if [ -n "$1" ]; then awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   ng_get=$(median "nginx GET" rps); ng_get99=$(median "nginx GET" p99_us)
   ng_post=$(median "nginx POST" rps); ng_post99=$(median "nginx POST" p99_us)
-  for name in "backend" "nginx GET" "pingora GET" "idem GET" "idem GET+log" "nginx POST" "pingora respond" "idem POST" "idem replay" "idem POST redis" "idem replay redis" "base GET" "base POST" "base replay"; do
+  ng_tls=$(median "nginx TLS GET" rps); ng_tls99=$(median "nginx TLS GET" p99_us)
+  ng_new=$(median "nginx TLS new" rps); ng_new99=$(median "nginx TLS new" p99_us)
+  for name in "backend" "nginx GET" "pingora GET" "idem GET" "idem GET+log" "nginx POST" "pingora respond" "idem POST" "idem replay" "idem POST redis" "idem replay redis" "base GET" "base POST" "base replay" "nginx TLS GET" "idem TLS GET" "nginx TLS new" "idem TLS new"; do
     rps=$(median "$name" rps)
     [ -z "$rps" ] && continue
     case $name in
       "pingora GET" | "idem GET" | "idem GET+log" | "base GET") vs=$(ratio "$rps" "$ng_get") vs99=$(ratio "$(median "$name" p99_us)" "$ng_get99") ;;
       "idem POST"* | "idem replay"* | "base POST" | "base replay" | "pingora respond") vs=$(ratio "$rps" "$ng_post") vs99=$(ratio "$(median "$name" p99_us)" "$ng_post99") ;;
+      "idem TLS GET") vs=$(ratio "$rps" "$ng_tls") vs99=$(ratio "$(median "$name" p99_us)" "$ng_tls99") ;;
+      "idem TLS new") vs=$(ratio "$rps" "$ng_new") vs99=$(ratio "$(median "$name" p99_us)" "$ng_new99") ;;
       *) vs="" vs99="" ;;
     esac
     echo "| $name | $rps | $(ms "$(median "$name" p50_us)") | $(ms "$(median "$name" p99_us)") | ${vs:+${vs}x} | ${vs99:+${vs99}x} | $(median "$name" non2xx) | $(median "$name" errors) |"
   done
   [ "$HAVE_REDIS" = 1 ] || echo "| idem redis | not available (redis-server not installed) | | | | | | |"
   echo
-  echo "Ratios: req/s of idem / req/s of nginx (GET rows against nginx GET, POST rows against nginx POST); p99 of idem / p99 of nginx (lower is better)."
+  echo "Ratios: req/s of idem / req/s of nginx (GET rows against nginx GET, POST rows against nginx POST, TLS rows against the same nginx TLS row); p99 of idem / p99 of nginx (lower is better)."
+  [ "$HAVE_TLS" = 1 ] && echo "TLS rows: one ECDSA P-256 certificate (leaf and CA in the chain) for both servers; \"new\" rows close the connection after every response (one full handshake per request)."
   if [ -s "$BURST_OUT" ]; then
     n=$(kv "$BURST_OUT" n)
     m=$(kv "$BURST_OUT" m)

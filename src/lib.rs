@@ -3,7 +3,8 @@
 //!
 //! # Life of a request
 //! A connection first passes `http::first_bytes` (the PROXY protocol header when
-//! configured, `http::proxy_protocol`, then HTTP/1 or h2c). Then, per request, read top to
+//! configured, `http::proxy_protocol`, then HTTP/1 or h2c; on a TLS listener the handshake,
+//! `http::tls`, and ALPN instead). Then, per request, read top to
 //! bottom in `http::proxy` (`request_filter`):
 //! 0. The request id (`observe::request_id`: the client's `X-Request-Id` when usable, else
 //!    a UUIDv7) and, with traces on, the request's span (`observe::trace`); the head as
@@ -49,8 +50,10 @@
 //! │   ├── KeyDeriver          keyed blake3 (key)
 //! │   ├── Coordinator         flights: DashMap<DedupKey, Flight> (dedup::coordinator)
 //! │   │   └── MemoryStore     bounded slab + expiry (store::memory)
-//! │   ├── Upstream            backends (resolved, health checked), idle pools, reuse records
-//! │   │                       (upstream: backends, pool, reuse)
+//! │   ├── [Upstream]          one per group ([upstream], [upstreams.NAME]; a route picks
+//! │   │                       one): backends (resolved, health checked; TLS peers for
+//! │   │                       https://), idle pools, reuse records, HTTP/2 connections
+//! │   │                       (upstream: backends, tls, h2, pool, reuse)
 //! │   ├── ShadowTable         keys seen on shadow routes (dedup::shadow)
 //! │   ├── RedisStore          claims, fenced results, waits across replicas, purges
 //! │   │                       (store::redis; one node, Cluster or Sentinel, TLS)

@@ -19,6 +19,9 @@ pub(crate) struct StoredResponse {
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// The whole body.
     pub(crate) body: Bytes,
+    /// Trailer fields after the body (gRPC's `grpc-status`, ...), in upstream order; only
+    /// HTTP/2 exchanges carry them, and they are replayed to HTTP/2 clients.
+    pub(crate) trailers: Vec<(HeaderName, HeaderValue)>,
     /// When the upstream call completed; `Age` is counted from here.
     pub(crate) completed_at: Instant,
     /// The request that led the call, named in the access lines of its waiters and replays;
@@ -32,6 +35,7 @@ impl StoredResponse {
         let headers: usize = self
             .headers
             .iter()
+            .chain(self.trailers.iter())
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum();
         (16 + headers + self.body.len()) as u64
@@ -69,16 +73,16 @@ pub(crate) fn connection_nominated(headers: &http::HeaderMap) -> Vec<HeaderName>
 }
 
 /// Event streams, gRPC and responses with trailers are not replayable as a stored body.
-pub(crate) fn is_storable(h: &ResponseHeader) -> bool {
+pub(crate) fn is_storable(h: &ResponseHeader, h2: bool) -> bool {
     let ct = h
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
+    // Over HTTP/2 the trailers are read and kept (gRPC); HTTP/1 trailers are not.
     !(ct.starts_with("text/event-stream")
-        || ct.starts_with("application/grpc")
-        || h.headers.contains_key(header::TRAILER))
+        || (!h2 && (ct.starts_with("application/grpc") || h.headers.contains_key(header::TRAILER))))
 }
 
 /// A body read in chunks. A body that arrives in one chunk is kept as that chunk (no copy);
@@ -129,7 +133,11 @@ impl BodyBuf {
     }
 }
 
-pub(crate) fn stored_response(h: &ResponseHeader, body: Bytes) -> StoredResponse {
+pub(crate) fn stored_response(
+    h: &ResponseHeader,
+    body: Bytes,
+    trailers: Option<&http::HeaderMap>,
+) -> StoredResponse {
     let nominated = connection_nominated(&h.headers);
     let kept = || {
         h.headers
@@ -161,6 +169,11 @@ pub(crate) fn stored_response(h: &ResponseHeader, body: Bytes) -> StoredResponse
         status: h.status.as_u16(),
         headers,
         body,
+        trailers: trailers
+            .iter()
+            .flat_map(|t| t.iter())
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect(),
         completed_at: Instant::now(),
         origin: None,
     }
@@ -225,7 +238,7 @@ mod tests {
         let mut secret = http::HeaderValue::from_static("token");
         secret.set_sensitive(true);
         h.append_header("x-secret", secret).unwrap();
-        let r = stored_response(&h, Bytes::from_static(b"ok"));
+        let r = stored_response(&h, Bytes::from_static(b"ok"), None);
         let got: Vec<(&str, &[u8])> = r
             .headers
             .iter()

@@ -25,8 +25,10 @@ pub(crate) struct HealthApp {
     pub(crate) store: Arc<StoreStats>,
     /// Readiness: set once listeners are bound.
     pub(crate) ready: Arc<AtomicBool>,
-    /// Readiness: at least one backend healthy.
-    pub(crate) upstream: Arc<Upstream>,
+    /// Readiness: at least one backend healthy, in any group (a group that is down on one
+    /// replica is down on all of them: taking the replica out would not serve its routes,
+    /// and would stop serving the others; `idem_backend_up` says which).
+    pub(crate) groups: Arc<[Arc<Upstream>]>,
     /// Readiness: the Redis store is usable; set only under fail-closed, where a Redis that
     /// cannot be used answers every deduplicated request 503.
     pub(crate) redis_gate: Option<Arc<RedisStore>>,
@@ -54,9 +56,11 @@ impl HealthApp {
             draining: self.draining.load(Ordering::Relaxed),
             backends_up: {
                 let mut up = vec![false; self.backends];
-                for e in self.upstream.endpoints().iter() {
-                    if let Some(slot) = up.get_mut(e.backend) {
-                        *slot |= e.is_up();
+                for g in self.groups.iter() {
+                    for e in g.endpoints().iter() {
+                        if let Some(slot) = up.get_mut(e.backend) {
+                            *slot |= e.is_up();
+                        }
                     }
                 }
                 up
@@ -81,7 +85,7 @@ impl ServeHttp for HealthApp {
                     (503, "text/plain", b"draining\n".to_vec())
                 } else if !self.ready.load(Ordering::Relaxed) {
                     (503, "text/plain", b"listeners not bound\n".to_vec())
-                } else if !self.upstream.any_healthy() {
+                } else if !self.groups.iter().any(|g| g.any_healthy()) {
                     (503, "text/plain", b"no healthy backend\n".to_vec())
                 } else if let Some(Err(why)) = self.redis_gate.as_ref().map(|s| s.health()) {
                     // One line, whatever the error text holds.

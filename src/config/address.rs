@@ -1,5 +1,6 @@
 //! Addresses as written in proxy.toml: `host:port` (an IP literal, `[IPv6]:port`, or a DNS
-//! name) or `unix:/absolute/path` for a Unix-domain socket.
+//! name) or `unix:/absolute/path` for a Unix-domain socket; a backend may also be written
+//! as an origin, `https://host[:port]` (TLS, port 443 by default) or `http://host[:port]`.
 //!
 //! Only the form is checked here. Whether a name resolves is a question for start-up and
 //! `idem check`: a backend whose name does not resolve yet starts as down and is resolved
@@ -103,6 +104,72 @@ impl fmt::Display for Address {
     }
 }
 
+/// A backend as written in `[upstream] backends`: where it is, and whether idem speaks TLS
+/// to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Backend {
+    /// Its address.
+    pub(crate) address: Address,
+    /// `https://`: TLS, the certificate verified against the host as written.
+    pub(crate) tls: bool,
+}
+
+impl Backend {
+    /// Parses `host:port`, `unix:/path`, `https://host[:port]` or `http://host[:port]`.
+    pub(crate) fn parse(text: &str) -> Result<Backend, String> {
+        let origin = [("https://", true, 443), ("http://", false, 80)]
+            .into_iter()
+            .find_map(|(scheme, tls, port)| Some((text.strip_prefix(scheme)?, tls, port)));
+        let Some((rest, tls, default_port)) = origin else {
+            if text.contains("://") {
+                return Err(format!(
+                    "{text:?}: write a backend as \"host:port\", \"https://host:port\" or \"unix:/run/app.sock\""
+                ));
+            }
+            return Address::parse(text, Port::Required).map(|address| Backend {
+                address,
+                tls: false,
+            });
+        };
+        if rest.contains('/') || rest.contains('@') || rest.starts_with("unix:") {
+            return Err(format!(
+                "{text:?}: a backend origin is a scheme, a host and a port, without a path or credentials, like \"https://app.internal:443\""
+            ));
+        }
+        // Without a port: the scheme's (a bare IPv6 literal must be bracketed).
+        let has_port = match rest.strip_prefix('[') {
+            Some(v6) => v6.contains("]:"),
+            None => rest.contains(':'),
+        };
+        let with_port = if has_port {
+            rest.to_string()
+        } else {
+            format!("{rest}:{default_port}")
+        };
+        let address = Address::parse(&with_port, Port::Required)
+            .map_err(|e| e.replace(&format!("{with_port:?}"), &format!("{text:?}")))?;
+        Ok(Backend { address, tls })
+    }
+
+    /// The host as written (what a TLS backend's certificate must name), for TCP backends.
+    pub(crate) fn host(&self) -> Option<&str> {
+        match &self.address {
+            Address::Tcp { host, .. } => Some(host),
+            Address::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tls {
+            write!(f, "https://{}", self.address)
+        } else {
+            write!(f, "{}", self.address)
+        }
+    }
+}
+
 /// RFC 1123 host name: dot-separated labels of letters, digits and hyphens.
 fn is_dns_name(host: &str) -> bool {
     host.len() <= 253
@@ -148,6 +215,33 @@ mod tests {
         assert!(err("app:0", Port::Required).contains("port 0"));
         assert!(err("a b:80", Port::Required).contains("is not an address"));
         assert!(err("[::1:80", Port::Required).contains("is not an address"));
+    }
+
+    #[test]
+    fn backends_take_an_origin_with_a_scheme() {
+        let b = |t: &str| Backend::parse(t).map(|b| (b.to_string(), b.tls));
+        assert_eq!(
+            b("https://app.internal"),
+            Ok(("https://app.internal:443".into(), true))
+        );
+        assert_eq!(
+            b("https://10.0.0.5:8443"),
+            Ok(("https://10.0.0.5:8443".into(), true))
+        );
+        assert_eq!(b("https://[::1]"), Ok(("https://[::1]:443".into(), true)));
+        assert_eq!(b("http://app"), Ok(("app:80".into(), false)));
+        assert_eq!(b("127.0.0.1:8000"), Ok(("127.0.0.1:8000".into(), false)));
+        assert_eq!(
+            b("unix:/run/app.sock"),
+            Ok(("unix:/run/app.sock".into(), false))
+        );
+        let err = |t: &str| Backend::parse(t).unwrap_err();
+        assert!(err("https://app/api").contains("without a path"));
+        assert!(err("https://u:p@app").contains("without a path"));
+        assert!(err("https://unix:/run/a.sock").contains("without a path"));
+        assert!(err("ftp://app:21").contains("https://host:port"));
+        assert!(err("https://app:0").contains("port 0"));
+        assert!(err("https://a b").contains("\"https://a b\""));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub(crate) struct RawConfig {
     pub(crate) server: RawServer,
     #[serde(default)]
     pub(crate) upstream: RawUpstream,
+    /// `[upstreams.NAME]`: named upstream groups, chosen per route.
+    #[serde(default)]
+    pub(crate) upstreams: std::collections::BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
     pub(crate) metrics: RawMetrics,
     #[serde(default)]
@@ -65,6 +68,27 @@ pub(crate) struct RawServer {
     pub(crate) log_query: Opt<bool>,
     pub(crate) request_id_header: Opt<String>,
     pub(crate) shutdown_delay: Opt<Dur>,
+    /// `[server.tls]`: the TLS listeners.
+    pub(crate) tls: Opt<RawServerTls>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServerTls {
+    pub(crate) listen: Opt<OneOrMany>,
+    pub(crate) cert: Opt<String>,
+    pub(crate) key: Opt<String>,
+    /// `[[server.tls.certs]]`: more pairs, chosen by the name the client asks for (SNI).
+    pub(crate) certs: Opt<Vec<RawCertPair>>,
+}
+
+/// One `[[server.tls.certs]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertPair {
+    pub(crate) cert: Spanned<String>,
+    pub(crate) key: Spanned<String>,
 }
 
 /// `[upstream]`
@@ -81,6 +105,12 @@ pub(crate) struct RawUpstream {
     pub(crate) health_check_host: Opt<String>,
     pub(crate) health_check_interval: Opt<Dur>,
     pub(crate) resolve_interval: Opt<Dur>,
+    pub(crate) tls_ca: Opt<String>,
+    pub(crate) tls_client_cert: Opt<String>,
+    pub(crate) tls_client_key: Opt<String>,
+    pub(crate) tls_verify: Opt<bool>,
+    pub(crate) tls_server_name: Opt<String>,
+    pub(crate) protocol: Opt<Protocol>,
 }
 
 /// `[metrics]`
@@ -159,6 +189,9 @@ macro_rules! policy_keys {
         pub(crate) struct RawRoute {
             pub(crate) name: Opt<String>,
             pub(crate) path_prefix: Spanned<String>,
+            /// The named upstream group (`[upstreams.NAME]`); route-only: `[dedup]` is the
+            /// default route, whose group is `[upstream]` itself.
+            pub(crate) upstream: Opt<String>,
             $(pub(crate) $key: Opt<$ty>,)*
         }
 
@@ -302,6 +335,19 @@ pub(crate) enum OnStoreError {
     FailOpen,
     /// Answer 503 `store-unavailable`.
     FailClosed,
+}
+
+/// What an upstream group speaks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Protocol {
+    /// HTTP/2 for gRPC requests (`content-type: application/grpc*`), HTTP/1.1 otherwise.
+    Auto,
+    /// HTTP/1.1 for everything.
+    Http1,
+    /// HTTP/2 for everything: with prior knowledge (h2c) to cleartext backends, by ALPN to
+    /// `https://` ones.
+    H2c,
 }
 
 /// How backends are health checked.

@@ -9,4 +9,5 @@ pub(crate) mod resolve;
 pub(crate) mod route;
 pub mod settings;
 pub(crate) mod store;
+pub(crate) mod tls;
 pub(crate) mod trusted;

@@ -6,17 +6,18 @@
 //! error names the key as `section.key` and carries the place of the value that is wrong
 //! (or, for a missing key, of the value that requires it).
 
-use crate::config::address::{Address, Port};
+use crate::config::address::{Address, Backend, Port};
 use crate::config::defaults;
 use crate::config::file::{
-    Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, RawAdmin, RawConfig,
-    RawRoute, Size, StoreKind,
+    Dur, HealthCheckKind, LogFormat, Mode, OnConcurrent, Opt, PolicyKeys, Protocol, RawAdmin,
+    RawConfig, RawRoute, RawUpstream, Size, StoreKind,
 };
 use crate::config::route::{RoutePolicy, StatusSet};
 use crate::config::settings::{
     HealthCheckSettings, Secret, Settings, StoreSettings, TracingSettings, UpstreamSettings,
 };
 use crate::config::store::store;
+use crate::config::tls::{server_tls, upstream_tls, RawUpstreamTls};
 use crate::config::trusted::TrustedProxies;
 use http::Method;
 use std::ops::Range;
@@ -190,9 +191,30 @@ pub(crate) fn resolve(
 
     let trusted_proxies = trusted_proxies(&server.trusted_proxies)?;
 
-    let upstream = upstream(&raw)?;
+    let tls = server_tls(&server.tls, env, &mut warnings)?;
+    let upstream = group("upstream", &raw.upstream, None, env, &mut warnings)?;
+    let mut groups = Vec::with_capacity(raw.upstreams.len());
+    for (name, g) in &raw.upstreams {
+        let section = format!("upstreams.{name}");
+        if !is_group_name(name) {
+            return Err(invalid(
+                &section,
+                Some(g.span()),
+                format!("{name:?} is not a group name: use letters, digits, '-' and '_'"),
+            ));
+        }
+        // A key that is missing is said at the group's table.
+        let settings = group(&section, g.get_ref(), Some(&upstream), env, &mut warnings).map_err(
+            |mut e| {
+                e.span = e.span.or(Some(g.span()));
+                e
+            },
+        )?;
+        groups.push((name.clone(), settings));
+    }
     // A reload keeps these (restart-only) before anything is derived from them.
     let upstream = fixed.map_or(upstream, |f| f.upstream.clone());
+    let groups = fixed.map_or(groups, |f| f.groups.clone());
     let grace_period = fixed.map_or(dur(&server.grace_period, defaults::GRACE_PERIOD), |f| {
         f.grace_period
     });
@@ -297,7 +319,7 @@ pub(crate) fn resolve(
     let mut routes: Vec<RoutePolicy> = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.iter().enumerate() {
         let section = format!("route[{i}]");
-        let p = route(&base, &section, r, &limits)?;
+        let p = route(&base, &section, r, &limits, &groups)?;
         if routes.iter().any(|o| o.path_prefix == p.path_prefix) {
             return Err(invalid(
                 format!("{section}.path_prefix"),
@@ -346,7 +368,9 @@ pub(crate) fn resolve(
         tracing,
         trusted_proxies,
         proxy_protocol: or(&server.proxy_protocol, false),
+        tls,
         upstream,
+        groups,
         metrics_listen,
         admin_listen,
         admin_token: admin_token(&raw.admin, env)?,
@@ -513,37 +537,73 @@ fn trusted_proxies(raw: &Opt<Vec<Spanned<String>>>) -> Result<TrustedProxies, In
     Ok(TrustedProxies::new(nets))
 }
 
-fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
-    let up = &raw.upstream;
-    let backends = or(&up.backends, vec![defaults::BACKEND.to_string()]);
+/// One upstream group: `[upstream]` (`base` is `None`: unset keys take the built-in
+/// defaults) or `[upstreams.NAME]` (`base` is `[upstream]`: unset timeouts and health-check
+/// keys are inherited; backends, protocol and the `tls_*` keys are the group's own, and
+/// `total_timeout` is `[upstream]`'s alone, being how long any unknown outcome is held).
+fn group(
+    section: &str,
+    up: &RawUpstream,
+    base: Option<&UpstreamSettings>,
+    env: &Env,
+    warnings: &mut Vec<Invalid>,
+) -> Result<UpstreamSettings, Invalid> {
+    let key = |k: &str| format!("{section}.{k}");
+    let backends = match (base, &up.backends) {
+        (_, Some(b)) => b.get_ref().clone(),
+        (None, None) => vec![defaults::BACKEND.to_string()],
+        (Some(_), None) => Vec::new(),
+    };
     if backends.is_empty() {
         return Err(invalid(
-            "upstream.backends",
+            key("backends"),
             at(&up.backends),
             "needs at least one backend",
         ));
     }
+    if let (Some(_), Some(t)) = (base, &up.total_timeout) {
+        return Err(invalid(
+            key("total_timeout"),
+            Some(t.span()),
+            "is set in [upstream] only: it is how long any unknown outcome is held, and the grace period covers it",
+        ));
+    }
+    let inherit = |v: &Opt<Dur>, pick: fn(&UpstreamSettings) -> Duration, d: Duration| {
+        dur(v, base.map_or(d, pick))
+    };
     let backends = backends
         .iter()
-        .map(|b| Address::parse(b, Port::Required))
+        .map(|b| Backend::parse(b))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|m| invalid("upstream.backends", at(&up.backends), m))?;
+        .map_err(|m| invalid(key("backends"), at(&up.backends), m))?;
+    let tls = upstream_tls(
+        section,
+        RawUpstreamTls {
+            ca: &up.tls_ca,
+            client_cert: &up.tls_client_cert,
+            client_key: &up.tls_client_key,
+            verify: &up.tls_verify,
+            server_name: &up.tls_server_name,
+        },
+        backends.iter().any(|b| b.tls),
+        env,
+        warnings,
+    )?;
     if let Some(p) = &up.health_check_path {
         if !p.get_ref().starts_with('/') {
             return Err(invalid(
-                "upstream.health_check_path",
+                key("health_check_path"),
                 Some(p.span()),
                 "must start with '/'",
             ));
         }
     }
-    let settings = UpstreamSettings {
-        backends,
-        connect_timeout: dur(&up.connect_timeout, defaults::CONNECT_TIMEOUT),
-        read_timeout: dur(&up.read_timeout, defaults::READ_TIMEOUT),
-        total_timeout: dur(&up.total_timeout, defaults::TOTAL_TIMEOUT),
-        pool_idle_timeout: dur(&up.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT),
-        health_check: match or(&up.health_check, HealthCheckKind::Tcp) {
+    let health_kind = up.health_check.as_ref().map(|h| *h.get_ref());
+    let health_check = match (health_kind, base) {
+        (None, Some(b)) if up.health_check_path.is_none() && up.health_check_host.is_none() => {
+            b.health_check.clone()
+        }
+        (kind, _) => match kind.unwrap_or(HealthCheckKind::Tcp) {
             HealthCheckKind::None => HealthCheckSettings::None,
             HealthCheckKind::Tcp => HealthCheckSettings::Tcp,
             HealthCheckKind::Http => HealthCheckSettings::Http {
@@ -551,26 +611,56 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
                 host: up.health_check_host.as_ref().map(|h| h.get_ref().clone()),
             },
         },
-        health_check_interval: dur(&up.health_check_interval, defaults::HEALTH_CHECK_INTERVAL),
-        resolve_interval: dur(&up.resolve_interval, defaults::RESOLVE_INTERVAL),
+    };
+    let settings = UpstreamSettings {
+        backends,
+        tls,
+        protocol: or(&up.protocol, Protocol::Auto),
+        connect_timeout: inherit(
+            &up.connect_timeout,
+            |b| b.connect_timeout,
+            defaults::CONNECT_TIMEOUT,
+        ),
+        read_timeout: inherit(&up.read_timeout, |b| b.read_timeout, defaults::READ_TIMEOUT),
+        total_timeout: inherit(
+            &up.total_timeout,
+            |b| b.total_timeout,
+            defaults::TOTAL_TIMEOUT,
+        ),
+        pool_idle_timeout: inherit(
+            &up.pool_idle_timeout,
+            |b| b.pool_idle_timeout,
+            defaults::POOL_IDLE_TIMEOUT,
+        ),
+        health_check,
+        health_check_interval: inherit(
+            &up.health_check_interval,
+            |b| b.health_check_interval,
+            defaults::HEALTH_CHECK_INTERVAL,
+        ),
+        resolve_interval: inherit(
+            &up.resolve_interval,
+            |b| b.resolve_interval,
+            defaults::RESOLVE_INTERVAL,
+        ),
     };
     if let Some(h) = &up.health_check_host {
         if http::HeaderValue::from_str(h.get_ref()).is_err() || h.get_ref().is_empty() {
             return Err(invalid(
-                "upstream.health_check_host",
+                key("health_check_host"),
                 Some(h.span()),
                 "must be a host name as sent in a Host header, like \"app.internal\"",
             ));
         }
         if or(&up.health_check, HealthCheckKind::Tcp) != HealthCheckKind::Http {
             return Err(invalid(
-                "upstream.health_check_host",
+                key("health_check_host"),
                 Some(h.span()),
                 "is only used with health_check = \"http\"",
             ));
         }
     }
-    for (key, value, d) in [
+    for (name, value, d) in [
         (
             "connect_timeout",
             &up.connect_timeout,
@@ -591,7 +681,7 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
     ] {
         if d.is_zero() {
             return Err(invalid(
-                format!("upstream.{key}"),
+                format!("{section}.{name}"),
                 at(value),
                 "must be above zero",
             ));
@@ -599,7 +689,7 @@ fn upstream(raw: &RawConfig) -> Result<UpstreamSettings, Invalid> {
     }
     if settings.total_timeout < settings.connect_timeout {
         return Err(invalid(
-            "upstream.total_timeout",
+            key("total_timeout"),
             at(&up.total_timeout).or_else(|| at(&up.connect_timeout)),
             "must be at least connect_timeout",
         ));
@@ -643,6 +733,7 @@ fn builtin_policy(upstream: &UpstreamSettings) -> RoutePolicy {
         max_body: defaults::MAX_BODY,
         max_response_body: defaults::MAX_RESPONSE_BODY,
         store_statuses: StatusSet::parse(&statuses).expect("default statuses are valid"),
+        upstream: 0,
     }
 }
 
@@ -660,6 +751,7 @@ fn route(
     section: &str,
     r: &RawRoute,
     store: &Bounds<'_>,
+    groups: &[(String, UpstreamSettings)],
 ) -> Result<RoutePolicy, Invalid> {
     let prefix = r.path_prefix.get_ref();
     if !prefix.starts_with('/') {
@@ -686,6 +778,24 @@ fn route(
     let mut p = policy(base, section, r.keys(), store)?;
     p.name = or(&r.name, prefix.clone());
     p.path_prefix = prefix.clone();
+    if let Some(u) = &r.upstream {
+        let name = u.get_ref();
+        p.upstream = 1 + groups.iter().position(|(n, _)| n == name).ok_or_else(|| {
+            let known: Vec<&str> = groups.iter().map(|(n, _)| n.as_str()).collect();
+            invalid(
+                format!("{section}.upstream"),
+                Some(u.span()),
+                if known.is_empty() {
+                    format!("{name:?} is not an upstream group: there is no [upstreams.{name}]")
+                } else {
+                    format!(
+                        "{name:?} is not an upstream group; the groups are {}",
+                        known.join(", ")
+                    )
+                },
+            )
+        })?;
+    }
     Ok(p)
 }
 
@@ -743,6 +853,7 @@ fn policy(
                 .map_err(|m| invalid(key("store_statuses"), Some(s.span()), m))?,
             None => base.store_statuses,
         },
+        upstream: base.upstream,
     };
     if p.ttl.is_zero() {
         return Err(invalid(key("ttl"), at(&keys.ttl), "must be above zero"));
@@ -888,6 +999,15 @@ fn methods(items: &Spanned<Vec<String>>) -> Result<Vec<Method>, (Option<Range<us
                 .map_err(|_| (span.clone(), format!("{m:?} is not an HTTP method")))
         })
         .collect()
+}
+
+/// Letters, digits, `-` and `_`: a group name appears in logs and in `route.upstream`.
+fn is_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A listener of idem's own besides the proxy's: TCP only.

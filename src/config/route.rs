@@ -83,6 +83,9 @@ pub(crate) struct RoutePolicy {
     pub(crate) max_response_body: u64,
     /// Which response statuses are stored.
     pub(crate) store_statuses: StatusSet,
+    /// The upstream group: 0 is `[upstream]`, `i + 1` the i-th `[upstreams.NAME]` in name
+    /// order (`Settings::groups`).
+    pub(crate) upstream: usize,
 }
 
 impl RoutePolicy {

@@ -5,10 +5,11 @@
 //! line and what to do, so `idem check` and a failed start read alike. After this point no
 //! field is optional "to be filled later".
 
-use crate::config::address::Address;
+use crate::config::address::{Address, Backend};
 use crate::config::file::{LogFormat, OnStoreError, RawConfig, StoreKind};
 use crate::config::resolve::{resolve, Env, Invalid};
 use crate::config::route::RoutePolicy;
+use crate::config::tls::{ServerTls, UpstreamTls};
 use crate::config::trusted::TrustedProxies;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -113,8 +114,13 @@ pub struct Settings {
     /// Every proxy listener expects a PROXY protocol (v1 or v2) header first, whose source
     /// address becomes the peer (`crate::http::proxy_protocol`).
     pub(crate) proxy_protocol: bool,
-    /// Upstream backends and timeouts.
+    /// `[server.tls]`: TLS listeners and their certificates (reloaded by SIGHUP).
+    pub(crate) tls: Option<ServerTls>,
+    /// Upstream backends and timeouts: the default group.
     pub(crate) upstream: UpstreamSettings,
+    /// `[upstreams.NAME]`: the named groups, in name order (a route's `upstream` index
+    /// `i + 1` is `groups[i]`).
+    pub(crate) groups: Vec<(String, UpstreamSettings)>,
     /// Metrics, health and readiness listener (TCP).
     pub(crate) metrics_listen: Address,
     /// Admin listener (flights, held keys, store summary, purge); `None` means off.
@@ -161,7 +167,11 @@ pub(crate) struct TracingSettings {
 pub(crate) struct UpstreamSettings {
     /// Each backend (`host:port` or a Unix socket), tried round robin; a name may resolve to
     /// several addresses, each a backend of its own.
-    pub(crate) backends: Vec<Address>,
+    pub(crate) backends: Vec<Backend>,
+    /// How idem speaks TLS to the `https://` backends; `None` when there are none.
+    pub(crate) tls: Option<UpstreamTls>,
+    /// HTTP/1.1, h2c (h2 over TLS), or by request (gRPC over HTTP/2).
+    pub(crate) protocol: crate::config::file::Protocol,
     /// TCP connect deadline per attempt.
     pub(crate) connect_timeout: Duration,
     /// Per-read deadline on the upstream connection.
@@ -325,6 +335,15 @@ impl Settings {
         settings.log_format = running.log_format;
         settings.tracing = running.tracing.clone();
         settings.proxy_protocol = running.proxy_protocol;
+        // The TLS listeners are bound at start; their certificates are what a reload
+        // renews (for new connections).
+        settings.tls = match (&running.tls, settings.tls.take()) {
+            (Some(r), Some(f)) => Some(ServerTls {
+                listen: r.listen.clone(),
+                certs: f.certs,
+            }),
+            (r, _) => r.clone(),
+        };
         settings.metrics_listen = running.metrics_listen.clone();
         settings.admin_listen = running.admin_listen.clone();
         settings.admin_token = running.admin_token.clone();
@@ -358,6 +377,10 @@ impl Settings {
             (
                 "server.proxy_protocol",
                 a.proxy_protocol == b.proxy_protocol,
+            ),
+            (
+                "server.tls.listen",
+                a.tls.as_ref().map(|t| &t.listen) == b.tls.as_ref().map(|t| &t.listen),
             ),
             ("upstream.backends", u.backends == v.backends),
             (
@@ -415,6 +438,7 @@ impl Settings {
         // Whatever else `[upstream]` and `[store]` hold is fixed at start-up too.
         for (section, same) in [
             ("upstream", a.upstream == b.upstream),
+            ("upstreams", a.groups == b.groups),
             ("store", a.store == b.store),
         ] {
             if !same && !changed.iter().any(|c| c.split('.').next() == Some(section)) {
@@ -972,5 +996,80 @@ mod tests {
             assert!(e.message.contains(what), "{text}: {e}");
             assert_eq!((e.line, e.column), (Some(line), Some(col)), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn named_upstream_groups_inherit_timeouts_and_routes_pick_them_by_name() {
+        use crate::config::file::Protocol;
+        let s = load(
+            "[upstream]\nread_timeout = \"20s\"\n[upstreams.grpc]\nbackends = [\"127.0.0.1:9000\"]\nprotocol = \"h2c\"\n[upstreams.other]\nbackends = [\"https://app.internal\"]\nread_timeout = \"5s\"\n[[route]]\npath_prefix = \"/a\"\nupstream = \"other\"\n[[route]]\npath_prefix = \"/b\"\nupstream = \"grpc\"\n[[route]]\npath_prefix = \"/c\"\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = s.groups.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["grpc", "other"]);
+        let (grpc, other) = (&s.groups[0].1, &s.groups[1].1);
+        assert_eq!(grpc.protocol, Protocol::H2c);
+        assert_eq!(s.upstream.protocol, Protocol::Auto);
+        assert_eq!(grpc.read_timeout, Duration::from_secs(20), "inherited");
+        assert_eq!(other.read_timeout, Duration::from_secs(5), "its own");
+        assert_eq!(grpc.total_timeout, s.upstream.total_timeout);
+        assert!(
+            other.tls.as_ref().is_some_and(|t| t.verify),
+            "https:// gets TLS"
+        );
+        assert!(grpc.tls.is_none());
+        let groups: Vec<usize> = s.routes.iter().map(|r| r.upstream).collect();
+        assert_eq!(groups, [2, 1, 0]);
+        assert_eq!(s.default_route.upstream, 0);
+        let without = load("[upstream]\nread_timeout = \"20s\"\n").unwrap();
+        assert_eq!(s.restart_only_changes(&without), vec!["upstreams"]);
+
+        for (text, key, line, col, what) in [
+            (
+                "[upstreams.g]\nbackends = [\"a:1\"]\n[[route]]\npath_prefix = \"/a\"\nupstream = \"h\"\n",
+                "route[0].upstream",
+                5,
+                12,
+                "the groups are g",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/a\"\nupstream = \"h\"\n",
+                "route[0].upstream",
+                3,
+                12,
+                "there is no [upstreams.h]",
+            ),
+            (
+                "[upstreams.g]\nbackends = [\"a:1\"]\ntotal_timeout = \"5s\"\n",
+                "upstreams.g.total_timeout",
+                3,
+                17,
+                "[upstream] only",
+            ),
+            (
+                "[upstreams.g]\nprotocol = \"h2c\"\n",
+                "upstreams.g.backends",
+                1,
+                1,
+                "at least one backend",
+            ),
+            (
+                "[upstreams.g]\nbackends = [\"a:1\"]\ntls_ca = \"ca.pem\"\n",
+                "upstreams.g.tls_ca",
+                3,
+                10,
+                "https://",
+            ),
+        ] {
+            let e = load(text).unwrap_err();
+            assert!(e.message.starts_with(&format!("{key}: ")), "{text}: {e}");
+            assert!(e.message.contains(what), "{text}: {e}");
+            assert_eq!((e.line, e.column), (Some(line), Some(col)), "{text}: {e}");
+        }
+        // A group is chosen per route: `[dedup]` (the default route's policy) has none.
+        let e = load("[dedup]\nupstream = \"g\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        let e = load("[upstream]\nprotocol = \"h3\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
     }
 }

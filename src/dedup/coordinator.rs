@@ -466,6 +466,7 @@ mod tests {
             status,
             headers: vec![],
             body: Bytes::from_static(body.as_bytes()),
+            trailers: Vec::new(),
             completed_at: Instant::now(),
             origin: None,
         })

@@ -13,8 +13,8 @@
 //! before it is settled locally, so a local client never sees a response that another
 //! replica could still miss because of a write still on its way.
 //!
-//! Responses that cannot be stored (over `max_response_body`, `text/event-stream`, gRPC)
-//! are streamed to the leader's client and read to the end regardless; the key settles as
+//! Responses that cannot be stored (over `max_response_body`, `text/event-stream`, gRPC or
+//! declared trailers over HTTP/1) are streamed to the leader's client and read to the end regardless; the key settles as
 //! not-replayable as soon as that is known, so waiters are answered at once.
 //!
 //! Every path through the call ends in one place, [`run`]'s settle-then-deliver: the rule
@@ -102,6 +102,8 @@ pub(crate) enum LeaderReply {
 pub(crate) enum Chunk {
     /// The next bytes.
     Data(Bytes),
+    /// The trailers after the last bytes (an HTTP/2 response: gRPC's status).
+    Trailers(Box<http::HeaderMap>),
     /// The upstream body was cut off: the client connection must be aborted, so the client
     /// sees a truncated response, never a complete one.
     CutOff,
@@ -327,7 +329,8 @@ async fn call(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = BodyBuf::with_hint(0);
-    if is_storable(ex.header()) && declared.is_none_or(|n| n <= plan.max_response_body) {
+    if is_storable(ex.header(), ex.is_h2()) && declared.is_none_or(|n| n <= plan.max_response_body)
+    {
         loop {
             let held = match timeout_at(plan.deadline, ex.read_body()).await {
                 Ok(Ok(Some(chunk))) => {
@@ -339,7 +342,32 @@ async fn call(
                     continue;
                 }
                 Ok(Ok(None)) => {
-                    let mut response = stored_response(ex.header(), body.freeze());
+                    // gRPC's status comes after the body: a call whose trailers are cut off
+                    // has no outcome to replay.
+                    // Boxed and HTTP/2 only: the rare path must not size the common one.
+                    let trailers = if !ex.is_h2() {
+                        Ok(Ok(None))
+                    } else {
+                        Box::pin(timeout_at(plan.deadline, ex.read_trailers())).await
+                    };
+                    let trailers = match trailers {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            tracing::warn!(key, error = %e, "upstream trailers cut off: key held");
+                            ex.abort().await;
+                            return (Called::Settled(Outcome::Unknown(hold(502))), took, endpoint);
+                        }
+                        Err(_elapsed) => {
+                            tracing::warn!(
+                                key,
+                                "upstream deadline passed while reading the trailers: key held"
+                            );
+                            ex.abort().await;
+                            return (Called::Settled(Outcome::Unknown(hold(504))), took, endpoint);
+                        }
+                    };
+                    let mut response =
+                        stored_response(ex.header(), body.freeze(), trailers.as_ref());
                     response.origin = Some(plan.origin.clone());
                     let response = Arc::new(response);
                     let stored = plan.store_statuses.contains(status);
@@ -391,7 +419,24 @@ async fn pump(
                 let _ = tx.send(Chunk::Data(chunk)).await;
             }
             Ok(Ok(None)) => {
-                upstream.release(ex).await;
+                let trailers = if !ex.is_h2() {
+                    Ok(Ok(None))
+                } else {
+                    Box::pin(timeout_at(plan.deadline, ex.read_trailers())).await
+                };
+                match trailers {
+                    Ok(Ok(trailers)) => {
+                        if let Some(t) = trailers {
+                            let _ = tx.send(Chunk::Trailers(Box::new(t))).await;
+                        }
+                        upstream.release(ex).await;
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::warn!(key = %key.short(), "streamed upstream response cut off before its trailers");
+                        let _ = tx.send(Chunk::CutOff).await;
+                        ex.abort().await;
+                    }
+                }
                 return;
             }
             Ok(Err(_)) | Err(_) => {

@@ -27,16 +27,19 @@ pub(crate) struct Peer {
     pub(crate) addr: Option<IpAddr>,
     /// Whether its forwarding headers are believed.
     pub(crate) trusted: bool,
+    /// Whether the request came over TLS (a `[server.tls]` listener): `https` as idem saw it.
+    pub(crate) tls: bool,
 }
 
 impl Peer {
     /// The peer at `addr` under `trusted`. An IPv4-mapped IPv6 address (a dual-stack
     /// listener's view of an IPv4 client) is the IPv4 address it carries, for the trust
     /// decision and in every header idem writes.
-    pub(crate) fn of(addr: Option<IpAddr>, trusted: &TrustedProxies) -> Peer {
+    pub(crate) fn of(addr: Option<IpAddr>, trusted: &TrustedProxies, tls: bool) -> Peer {
         let addr = addr.map(|a| a.to_canonical());
         Peer {
             addr,
+            tls,
             trusted: match addr {
                 Some(a) => trusted.contains(a),
                 None => trusted.trusts_local(),
@@ -110,7 +113,7 @@ mod tests {
 
     /// The client of a request from `peer` with `lines` of `X-Forwarded-For`.
     fn client(t: &TrustedProxies, peer: Option<&str>, lines: &[&str]) -> Option<IpAddr> {
-        let peer = Peer::of(peer.map(ip), t);
+        let peer = Peer::of(peer.map(ip), t, false);
         client_addr(peer, lines.iter().map(|l| l.as_bytes()), t)
     }
 
@@ -189,16 +192,17 @@ mod tests {
     #[test]
     fn peers_are_canonical_and_unix_peers_trusted_as_loopback() {
         let t = trusted(&["127.0.0.0/8"]);
-        let p = Peer::of(Some(ip("::ffff:127.0.0.1")), &t);
+        let p = Peer::of(Some(ip("::ffff:127.0.0.1")), &t, false);
         assert_eq!(
             p,
             Peer {
                 addr: Some(ip("127.0.0.1")),
-                trusted: true
+                trusted: true,
+                tls: false
             }
         );
-        assert!(Peer::of(None, &t).trusted);
-        assert!(!Peer::of(None, &trusted(&[])).trusted);
+        assert!(Peer::of(None, &t, false).trusted);
+        assert!(!Peer::of(None, &trusted(&[]), false).trusted);
         // A trusted Unix-socket peer: the walk starts at the first entry.
         assert_eq!(
             client(&t, None, &["198.51.100.1"]),

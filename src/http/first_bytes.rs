@@ -18,11 +18,20 @@
 //!
 //! With `[server] proxy_protocol = true`, the PROXY protocol header comes first and is read
 //! within the same deadline ([`crate::http::proxy_protocol`]); the sniffing starts after it.
+//!
+//! On a TLS listener (`[server.tls]`) the TLS handshake takes the place of the sniffing
+//! ([`crate::http::tls`]): after the PROXY header, if any, it must complete within the same
+//! deadline, and ALPN then says HTTP/2 or HTTP/1.1 (the HTTP/1 app serves both: Pingora
+//! reads the negotiated protocol). idem runs the handshake itself rather than letting
+//! Pingora's listener do it: Pingora would log every failed handshake (a scanner, a client
+//! that distrusts the certificate) at ERROR and wait 60 s for a silent one. Here a failed
+//! or late handshake closes the connection with one debug line.
 
 use crate::config::live::Live;
 use crate::http::proxy_protocol;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
 use pingora::protocols::l4::stream::Stream as TcpStream;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
@@ -60,6 +69,8 @@ pub(crate) struct FirstBytesDeadline<H1, H2> {
     live: Arc<Live>,
     /// Fixed at start-up, like the listeners themselves.
     proxy_protocol: bool,
+    /// A TLS listener's handshake; `None` on cleartext listeners.
+    tls: Option<Acceptor>,
 }
 
 impl<H1, H2> FirstBytesDeadline<H1, H2> {
@@ -76,7 +87,14 @@ impl<H1, H2> FirstBytesDeadline<H1, H2> {
             h2c: Arc::new(h2c),
             live,
             proxy_protocol,
+            tls: None,
         }
+    }
+
+    /// The same for TLS listeners: each connection's handshake comes first.
+    pub(crate) fn with_tls(mut self, acceptor: Acceptor) -> FirstBytesDeadline<H1, H2> {
+        self.tls = Some(acceptor);
+        self
     }
 }
 
@@ -86,6 +104,8 @@ enum Unread {
     Io,
     /// No valid PROXY protocol header on a listener that requires one.
     Proxy(String),
+    /// The TLS handshake failed.
+    Tls(String),
 }
 
 /// Reads until [`sniff`] decides, then puts the bytes back.
@@ -106,6 +126,56 @@ async fn read_first_bytes(stream: &mut TcpStream) -> std::io::Result<Protocol> {
     Ok(protocol)
 }
 
+impl<H1, H2> FirstBytesDeadline<H1, H2>
+where
+    H1: ServerApp + Send + Sync + 'static,
+{
+    /// A TLS listener's connection: the PROXY header if required, then the handshake, both
+    /// within `deadline`; then HTTP/2 or HTTP/1.1 as ALPN says.
+    async fn serve_tls(
+        self: &Arc<Self>,
+        acceptor: &Acceptor,
+        mut tcp: Box<TcpStream>,
+        deadline: std::time::Duration,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let handshake = async {
+            if self.proxy_protocol {
+                proxy_protocol::accept(&mut tcp)
+                    .await
+                    .map_err(Unread::Proxy)?;
+            }
+            acceptor
+                .tls_handshake(*tcp)
+                .await
+                .map_err(|e| Unread::Tls(e.to_string()))
+        };
+        let tls = match tokio::time::timeout(deadline, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(Unread::Tls(why))) => {
+                tracing::debug!(reason = %why, "closing a client connection whose TLS handshake failed");
+                return None;
+            }
+            Ok(Err(Unread::Proxy(why))) => {
+                tracing::debug!(
+                    reason = %why,
+                    "closing a client connection without a valid PROXY protocol header"
+                );
+                return None;
+            }
+            Ok(Err(Unread::Io)) => return None,
+            Err(_) => {
+                tracing::debug!(
+                    ?deadline,
+                    "closing a client connection that did not complete its TLS handshake within keepalive_timeout"
+                );
+                return None;
+            }
+        };
+        self.http1.process_new(Box::new(tls), shutdown).await
+    }
+}
+
 #[async_trait]
 impl<H1, H2> ServerApp for FirstBytesDeadline<H1, H2>
 where
@@ -119,6 +189,10 @@ where
     ) -> Option<Stream> {
         // idem's listeners give plain (L4) streams; anything else keeps Pingora's own
         // detection, except where a PROXY header is required and could not be read.
+        // A TLS stream handed back for another round was set up here already.
+        if self.tls.is_some() && stream.get_ssl_digest().is_some() {
+            return self.http1.process_new(stream, shutdown).await;
+        }
         if !(*stream).as_any().is::<TcpStream>() {
             if self.proxy_protocol {
                 tracing::warn!("closing a connection that is not a plain stream: its PROXY protocol header cannot be read");
@@ -128,6 +202,10 @@ where
         }
         let mut tcp: Box<TcpStream> = stream.into_any().downcast().ok()?;
         let deadline = self.live.load().settings.keepalive_timeout;
+        if let Some(acceptor) = &self.tls {
+            // Boxed: the handshake's future must not size the cleartext connections' one.
+            return Box::pin(self.serve_tls(acceptor, tcp, deadline, shutdown)).await;
+        }
         let first = async {
             if self.proxy_protocol {
                 proxy_protocol::accept(&mut tcp)
@@ -140,7 +218,7 @@ where
             Ok(Ok(p)) => p,
             // Closed or reset before sending a request: nothing to answer.
             Ok(Err(Unread::Io)) => return None,
-            Ok(Err(Unread::Proxy(why))) => {
+            Ok(Err(Unread::Proxy(why) | Unread::Tls(why))) => {
                 tracing::debug!(
                     reason = %why,
                     "closing a client connection without a valid PROXY protocol header"

@@ -11,17 +11,17 @@
 //! * `X-Forwarded-For`: every line, in order, joined into one with `", "`, and the peer's
 //!   address appended (a Unix-socket peer has none to append).
 //! * `X-Forwarded-Proto`, `-Host`, `-Port`: kept as sent. A missing `X-Forwarded-Proto` is
-//!   set to `http`, what idem saw (as idem always did). A missing `-Host` or `-Port` stays
+//!   set to what idem saw: `https` on a TLS listener, `http` otherwise. A missing `-Host` or `-Port` stays
 //!   missing: filling it from idem's own view would mix two hops' answers (behind nginx,
 //!   `Host` is often idem's own address, not the one the client asked for).
 //! * `Forwarded` (RFC 7239): every line joined, and `for=<peer>` appended (IPv6 quoted and
 //!   bracketed, `for="[2001:db8::1]"`).
 //!
 //! From **any other** peer, its claims are replaced with what idem saw:
-//! `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: http` (idem's listeners are cleartext), and
-//! `X-Forwarded-Host` / `-Port`, when it sent either, become the `Host` the request carried
-//! (or its h2 `:authority`) and that authority's port, 80 when it names none (the port the
-//! client addressed). A `Forwarded` it sent becomes `for=<peer>`.
+//! `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: https` on a TLS listener and `http`
+//! otherwise, and `X-Forwarded-Host` / `-Port`, when it sent either, become the `Host` the
+//! request carried (or its h2 `:authority`) and that authority's port, the scheme's (443 or
+//! 80) when it names none (the port the client addressed). A `Forwarded` it sent becomes `for=<peer>`.
 //!
 //! Decisions: idem adds `X-Forwarded-Host`, `-Port` and `Forwarded` only where a request
 //! carried them (a claim to keep or to replace). idem forwards `Host` unchanged, so the
@@ -106,13 +106,18 @@ pub(crate) fn set_forwarding_headers(req: &mut RequestHeader, peer: Peer) -> pin
             req.remove_header(&header::FORWARDED);
         }
     }
+    let (proto, default_port) = if peer.tls {
+        ("https", "443")
+    } else {
+        ("http", "80")
+    };
     if peer.trusted {
         if !req.headers.contains_key(X_FORWARDED_PROTO) {
-            req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
+            req.insert_header("x-forwarded-proto", HeaderValue::from_static(proto))?;
         }
         return Ok(());
     }
-    req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
+    req.insert_header("x-forwarded-proto", HeaderValue::from_static(proto))?;
     if !req.headers.contains_key(X_FORWARDED_HOST) && !req.headers.contains_key(X_FORWARDED_PORT) {
         return Ok(());
     }
@@ -126,7 +131,7 @@ pub(crate) fn set_forwarding_headers(req: &mut RequestHeader, peer: Peer) -> pin
             let port = match authority_port(host.as_bytes()) {
                 // A few bytes, copied: `HeaderValue` cannot share a slice of another one.
                 Some(p) => HeaderValue::from_bytes(p).map_err(invalid("x-forwarded-port"))?,
-                None => HeaderValue::from_static("80"),
+                None => HeaderValue::from_static(default_port),
             };
             req.insert_header("x-forwarded-host", host)?;
             req.insert_header("x-forwarded-port", port)?;
@@ -250,6 +255,7 @@ mod tests {
         let peer = Peer {
             addr: peer.map(|p| p.parse().unwrap()),
             trusted,
+            tls: false,
         };
         set_forwarding_headers(&mut req, peer).unwrap();
         let names = [
@@ -414,6 +420,7 @@ mod tests {
         let peer = Peer {
             addr: Some("203.0.113.9".parse().unwrap()),
             trusted: false,
+            tls: false,
         };
         let out = upstream_request(&req, peer, 3).unwrap();
         let mut got: Vec<String> = out
@@ -434,5 +441,42 @@ mod tests {
             ]
         );
         assert_eq!(out.uri, "/p?q=1");
+    }
+
+    #[test]
+    fn a_request_over_tls_is_https_as_idem_saw_it() {
+        let over_tls = |headers: &[(&str, &str)], trusted: bool| {
+            let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+            for (n, v) in headers {
+                req.append_header(n.to_string(), *v).unwrap();
+            }
+            let peer = Peer {
+                addr: Some("203.0.113.9".parse().unwrap()),
+                trusted,
+                tls: true,
+            };
+            set_forwarding_headers(&mut req, peer).unwrap();
+            ["x-forwarded-proto", "x-forwarded-port"]
+                .map(|n| req.headers.get(n).map(|v| v.to_str().unwrap().to_string()))
+        };
+        let s = |v: &str| Some(v.to_string());
+        // An untrusted peer's claims give way to what idem saw, the scheme's port included.
+        assert_eq!(
+            over_tls(
+                &[
+                    ("host", "shop.example"),
+                    ("x-forwarded-proto", "http"),
+                    ("x-forwarded-port", "80")
+                ],
+                false
+            ),
+            [s("https"), s("443")]
+        );
+        // A trusted proxy that said nothing: https; one that spoke: its word.
+        assert_eq!(over_tls(&[], true), [s("https"), None]);
+        assert_eq!(
+            over_tls(&[("x-forwarded-proto", "http")], true),
+            [s("http"), None]
+        );
     }
 }

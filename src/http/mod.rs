@@ -14,3 +14,4 @@ pub(crate) mod problem;
 pub(crate) mod proxy;
 pub(crate) mod proxy_protocol;
 pub(crate) mod reply;
+pub(crate) mod tls;

@@ -48,6 +48,8 @@ pub(crate) struct Attempts {
     started: bool,
     /// When the attempt in progress chose its backend; `None` once it is counted.
     attempt_started: Option<Instant>,
+    /// The attempts go over HTTP/2 (`upstream::h2`): no reuse window, nothing learned.
+    h2: bool,
 }
 
 impl Attempts {
@@ -79,13 +81,17 @@ impl Attempts {
         self.started = true;
         self.conn = None;
         self.attempt_started = Some(Instant::now());
-        let peer = upstream.pass_through_peer(&e, resend);
+        self.h2 = upstream.speaks_h2(session.req_header());
+        let peer = upstream.pass_through_peer(&e, resend, self.h2);
         self.current = Some(e);
         Ok(peer)
     }
 
     /// The connection Pingora took for the attempt.
     pub(crate) fn connected(&mut self, reused: bool, fd: i32) {
+        if self.h2 {
+            return;
+        }
         let idle = self
             .current
             .as_ref()
@@ -130,6 +136,14 @@ impl Attempts {
         // After a response header the attempt was counted answered: a body cut off later
         // is the request's error, not another call.
         self.count_failed(metrics);
+        if self.h2 {
+            // Pingora marks a stream the backend did not process (REFUSED_STREAM, or above
+            // a GOAWAY's last stream) as retryable; anything else may have run.
+            if !matches!(e.retry, RetryType::Decided(true)) {
+                e.set_retry(false);
+            }
+            return;
+        }
         if let (Some(current), Some((_, Some(idle)))) = (&self.current, self.conn) {
             crate::upstream::log_learned(
                 &current.label,
@@ -166,6 +180,11 @@ impl Attempts {
         if let (Some(current), Some((fd, _))) = (&self.current, self.conn) {
             current.released.lock().insert(fd, Instant::now());
         }
+    }
+
+    /// Whether the attempts go over HTTP/2.
+    pub(crate) fn is_h2(&self) -> bool {
+        self.h2
     }
 
     /// Whether the attempt in progress is being retried on a new connection (Pingora's own

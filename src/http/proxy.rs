@@ -88,8 +88,9 @@ pub(crate) struct Idem {
     pub(crate) keys: KeyDeriver,
     /// Flights and the store.
     pub(crate) coordinator: Arc<Coordinator>,
-    /// Backends and the connection pool for detached calls.
-    pub(crate) upstream: Arc<Upstream>,
+    /// The upstream groups: `[upstream]` first, then `[upstreams.NAME]` in name order (a
+    /// route's `upstream` indexes this).
+    pub(crate) groups: Arc<[Arc<Upstream>]>,
     /// Metric families.
     pub(crate) metrics: Arc<Metrics>,
     /// Requests being processed, for the SIGTERM drain.
@@ -118,6 +119,8 @@ pub(crate) struct Ctx {
     mark_bypass: bool,
     /// Pass-through: the attempts on backends and connections.
     attempts: Attempts,
+    /// The route's upstream group (index into [`Idem::groups`]).
+    group: usize,
     /// Short key hash for the access log.
     key: Option<DedupKey>,
     /// The status idem wrote itself, or the upstream's on pass-through; the access log's
@@ -222,7 +225,7 @@ impl Idem {
                 let tag = self.upstream_tag(ctx, settings);
                 let forwarded = Box::pin(body::forward_consumed(
                     session,
-                    &self.upstream,
+                    &self.groups[ctx.group],
                     &self.metrics,
                     prefix,
                     ctx.peer,
@@ -312,8 +315,12 @@ impl Idem {
                     trace,
                     on_detached,
                 };
-                let reply =
-                    leader::spawn(permit, self.upstream.clone(), self.metrics.clone(), plan);
+                let reply = leader::spawn(
+                    permit,
+                    self.groups[ctx.group].clone(),
+                    self.metrics.clone(),
+                    plan,
+                );
                 let reply = tokio::select! {
                     r = reply => r,
                     e = client_gone(session) => {
@@ -510,6 +517,7 @@ impl ProxyHttp for Idem {
             answered: Answered::Bypass,
             mark_bypass: false,
             attempts: Attempts::default(),
+            group: 0,
             key: None,
             status: 0,
             upstream_started: None,
@@ -560,7 +568,8 @@ impl ProxyHttp for Idem {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        ctx.peer = Peer::of(peer, &settings.trusted_proxies);
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        ctx.peer = Peer::of(peer, &settings.trusted_proxies, tls);
         ctx.client = client_addr::client_addr(
             ctx.peer,
             session
@@ -575,6 +584,7 @@ impl ProxyHttp for Idem {
         let matched = config.route(session.req_header().uri.path());
         let route = matched.policy;
         ctx.route = matched.id;
+        ctx.group = route.upstream;
         let req = session.req_header();
         let admission = match ambiguous {
             // The same route either way: nothing to decide.
@@ -651,7 +661,7 @@ impl ProxyHttp for Idem {
             let route = ctx.config.route(req.uri.path()).policy;
             shadow.restart(key_inputs::fingerprint(&self.keys, req, route));
         }
-        let peer = ctx.attempts.next_peer(&self.upstream, session)?;
+        let peer = ctx.attempts.next_peer(&self.groups[ctx.group], session)?;
         ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(Box::new(peer))
     }
@@ -677,7 +687,7 @@ impl ProxyHttp for Idem {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.attempts
-            .connect_failed(&self.upstream, &self.metrics, &mut e);
+            .connect_failed(&self.groups[ctx.group], &self.metrics, &mut e);
         e
     }
 
@@ -804,7 +814,8 @@ impl ProxyHttp for Idem {
         }
         if let Some(shadow) = &mut ctx.shadow {
             if !resp.status.is_informational() {
-                shadow.response_header(resp.status.as_u16(), is_storable(resp));
+                let h2 = ctx.attempts.is_h2();
+                shadow.response_header(resp.status.as_u16(), is_storable(resp, h2));
             }
         }
         Ok(())

@@ -302,13 +302,27 @@ async fn write_stored(
     set_tag(&mut h, tag)?;
     h.set_content_length(resp.body.len())?;
     let head_only = session.req_header().method == http::Method::HEAD;
+    // Trailers reach HTTP/2 clients (gRPC's status is one); HTTP/1 has no place for them
+    // here (the body is sent with a length).
+    let trailers = !head_only && !resp.trailers.is_empty() && session.is_http2();
     session
-        .write_response_header(Box::new(h), head_only || resp.body.is_empty())
+        .write_response_header(
+            Box::new(h),
+            head_only || (resp.body.is_empty() && !trailers),
+        )
         .await?;
     if !head_only && !resp.body.is_empty() {
         session
-            .write_response_body(Some(resp.body.clone()), true)
+            .write_response_body(Some(resp.body.clone()), !trailers)
             .await?;
+    }
+    if trailers {
+        let mut map = http::HeaderMap::with_capacity(resp.trailers.len());
+        for (n, v) in &resp.trailers {
+            map.append(n.clone(), v.clone());
+        }
+        // Boxed: rare, and its future must not size every replay's.
+        Box::pin(session.downstream_session.write_response_trailers(map)).await?;
     }
     Ok(())
 }
@@ -328,6 +342,11 @@ async fn write_stream(
     while let Some(chunk) = body.recv().await {
         match chunk {
             Chunk::Data(bytes) => session.write_response_body(Some(bytes), false).await?,
+            // The last thing sent (HTTP/2 only): it ends the stream.
+            Chunk::Trailers(map) => {
+                Box::pin(session.downstream_session.write_response_trailers(*map)).await?;
+                return Ok(());
+            }
             Chunk::CutOff => {
                 return Err(Error::explain(
                     ErrorType::ReadError,
@@ -416,6 +435,7 @@ mod tests {
                     .map(|n| (n.clone(), HeaderValue::from_static("v")))
                     .collect(),
                 body: Bytes::new(),
+                trailers: Vec::new(),
                 completed_at: Instant::now(),
                 origin: None,
             };
@@ -443,6 +463,7 @@ mod tests {
             status: 200,
             headers: vec![(header::CACHE_CONTROL, HeaderValue::from_static(cc))],
             body: Bytes::new(),
+            trailers: Vec::new(),
             completed_at: Instant::now(),
             origin: None,
         };
@@ -467,6 +488,7 @@ mod tests {
                 .map(|c| vec![(header::CONTENT_ENCODING, HeaderValue::from_static(c))])
                 .unwrap_or_default(),
             body: Bytes::new(),
+            trailers: Vec::new(),
             completed_at: Instant::now(),
             origin: None,
         }

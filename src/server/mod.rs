@@ -1,7 +1,8 @@
 //! Process assembly: builds the Pingora server from [`Settings`], runs it, and handles
 //! signals.
 //!
-//! Services: the proxy (h1 + h2c) on each `[server] listen` address, the metrics app on
+//! Services: the proxy (h1 + h2c) on each `[server] listen` address, the TLS proxy (h2 and
+//! HTTP/1.1 by ALPN, `crate::http::tls`) on each `[server.tls] listen` address, the metrics app on
 //! `[metrics] listen`, the admin app on `[admin] listen` when set, the backend health check,
 //! and a housekeeping task that sweeps expired records and announces the bound addresses.
 //!
@@ -84,6 +85,12 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         .iter()
         .map(concrete)
         .collect::<Result<_, _>>()?;
+    let tls_listen: Vec<Bound> = settings
+        .tls
+        .iter()
+        .flat_map(|t| t.listen.iter())
+        .map(concrete)
+        .collect::<Result<_, _>>()?;
     let (metrics_listen, metrics_socket) = held(&settings.metrics_listen)?;
     let admin = settings.admin_listen.as_ref().map(held).transpose()?;
     let admin_listen = admin.as_ref().map(|(b, _)| b.clone());
@@ -104,27 +111,41 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     };
     // Keep-alive pool sized for many concurrent leaders.
     conf.upstream_keepalive_pool_size = conf.upstream_keepalive_pool_size.max(1024);
+    // Pingora builds the TLS client configuration of every connector when the connector is
+    // made, reading the system's roots each time (about 35 M instructions, several ms, for
+    // each of the half-dozen connectors idem has). Only backends verified against the
+    // system roots need them; otherwise the shared configuration trusts nothing, and every
+    // https:// peer brings its own `tls_ca` (`upstream::tls`).
+    if !uses_system_roots(&settings) {
+        conf.ca_file = Some("/dev/null".to_string());
+    }
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 
     let metrics = Metrics::new();
-    let backend_names: Vec<String> = settings
-        .upstream
-        .backends
-        .iter()
-        .map(|b| b.to_string())
+    // Every group's backends, `[upstream]`'s first: an endpoint's metrics series is its
+    // configured backend's index in this list.
+    let mut backend_names: Vec<String> = Vec::new();
+    let mut group = |g: &crate::config::settings::UpstreamSettings| {
+        let first = backend_names.len();
+        backend_names.extend(g.backends.iter().map(|b| b.to_string()));
+        Arc::new(Upstream::new(
+            g,
+            &server.configuration,
+            metrics.clone(),
+            first,
+        ))
+    };
+    // `[upstream]` first: a route's group index counts from it.
+    let groups: Arc<[Arc<Upstream>]> = std::iter::once(group(&settings.upstream))
+        .chain(settings.groups.iter().map(|(_, g)| group(g)))
         .collect();
     metrics.register_backends(&backend_names);
-    let upstream = Arc::new(Upstream::new(
-        &settings.upstream,
-        &server.configuration,
-        metrics.clone(),
-    ));
     let unix_socket_mode = settings.unix_socket_mode;
     let health = background_service(
         "backends",
         Maintain {
-            upstream: upstream.clone(),
+            groups: groups.clone(),
         },
     );
 
@@ -162,7 +183,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         keys,
         config: live.clone(),
         coordinator: coordinator.clone(),
-        upstream: upstream.clone(),
+        groups: groups.clone(),
         metrics: metrics.clone(),
         active: active.clone(),
         shadow,
@@ -174,6 +195,22 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     // Two Pingora apps over the same state: `first_bytes.rs` tells HTTP/1 from h2c and hands
     // each connection to the app for it.
     let http1 = pingora::proxy::http_proxy(&server.configuration, idem.clone());
+    let tls_proxy = (!tls_listen.is_empty()).then(|| {
+        let http1 = pingora::proxy::http_proxy(&server.configuration, idem.clone());
+        let h2c = pingora::proxy::http_proxy(&server.configuration, idem.clone());
+        let mut service = Service::new(
+            "proxy-tls".to_string(),
+            FirstBytesDeadline::new(http1, h2c, live.clone(), proxy_protocol)
+                .with_tls(crate::http::tls::acceptor(live.clone())),
+        );
+        for a in &tls_listen {
+            let buffer = L4BufferSettings::default().read(0);
+            if let Bound::Tcp(addr) = a {
+                service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffer));
+            }
+        }
+        service
+    });
     let mut h2c = pingora::proxy::http_proxy(&server.configuration, idem);
     let mut options = HttpServerOptions::default();
     options.h2c = true;
@@ -221,7 +258,7 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
                 coordinator: coordinator.clone(),
                 store: store_stats,
                 ready: ready.clone(),
-                upstream,
+                groups: groups.clone(),
                 // Under fail-closed a Redis that cannot be used means 503 for every
                 // deduplicated request: this replica is not ready. Under fail-open it serves.
                 redis_gate: redis.clone().filter(|_| settings_fail_closed),
@@ -241,16 +278,29 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
             listeners: listen
                 .iter()
                 .cloned()
+                .chain(tls_listen.iter().cloned())
                 .chain([metrics_listen.clone()])
                 .chain(admin_listen.clone())
                 .collect(),
             announce: format!(
-                "listening proxy={} metrics={metrics_listen}{}",
+                "listening proxy={}{} metrics={metrics_listen}{}",
                 listen
                     .iter()
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
                     .join(","),
+                if tls_listen.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " tls={}",
+                        tls_listen
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                },
                 admin_listen
                     .as_ref()
                     .map(|a| format!(" admin={a}"))
@@ -260,6 +310,9 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     );
 
     server.add_service(proxy);
+    if let Some(tls) = tls_proxy {
+        server.add_service(tls);
+    }
     server.add_service(metrics_service);
     if let Some(admin) = admin_service {
         server.add_service(admin);
@@ -278,6 +331,13 @@ pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
         }),
     });
     std::process::exit(0)
+}
+
+/// Whether some `https://` backend is verified against the system's roots (no `tls_ca`).
+fn uses_system_roots(settings: &Settings) -> bool {
+    std::iter::once(&settings.upstream)
+        .chain(settings.groups.iter().map(|(_, g)| g))
+        .any(|g| g.backends.iter().any(|b| b.tls) && g.tls.as_ref().is_some_and(|t| t.ca.is_none()))
 }
 
 /// Starts the Redis store when `store.kind = "redis"`, waiting briefly for its first
@@ -356,6 +416,13 @@ pub fn preflight(settings: &Settings) -> Preflight {
         .listen
         .iter()
         .map(|a| ("server.listen", a))
+        .chain(
+            settings
+                .tls
+                .iter()
+                .flat_map(|t| t.listen.iter())
+                .map(|a| ("server.tls.listen", a)),
+        )
         .chain([("metrics.listen", &settings.metrics_listen)])
         .chain(settings.admin_listen.iter().map(|a| ("admin.listen", a)));
     for (key, a) in listeners {
@@ -363,12 +430,20 @@ pub fn preflight(settings: &Settings) -> Preflight {
             p.errors.push(format!("{key}: {a} does not resolve"));
         }
     }
-    for b in &settings.upstream.backends {
-        if !resolves(b) {
-            p.warnings.push(format!(
-                "upstream.backends: {b} does not resolve (yet): idem starts with it down and resolves it again every {}",
-                humantime::format_duration(settings.upstream.resolve_interval)
-            ));
+    let groups = std::iter::once(("upstream".to_string(), &settings.upstream)).chain(
+        settings
+            .groups
+            .iter()
+            .map(|(name, g)| (format!("upstreams.{name}"), g)),
+    );
+    for (section, group) in groups {
+        for b in &group.backends {
+            if !resolves(&b.address) {
+                p.warnings.push(format!(
+                    "{section}.backends: {b} does not resolve (yet): idem starts with it down and resolves it again every {}",
+                    humantime::format_duration(group.resolve_interval)
+                ));
+            }
         }
     }
     p
@@ -439,16 +514,17 @@ fn bind(addr: &Address) -> Result<(Option<TcpListener>, Bound), StartError> {
     Ok((Some(l), bound))
 }
 
-/// Resolves names and checks backends in the background.
+/// Resolves names and checks backends of every group in the background.
 struct Maintain {
-    upstream: Arc<Upstream>,
+    groups: Arc<[Arc<Upstream>]>,
 }
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for Maintain {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let all = futures::future::join_all(self.groups.iter().map(|g| g.maintain()));
         tokio::select! {
-            _ = self.upstream.maintain() => {}
+            _ = all => {}
             _ = shutdown.changed() => {}
         }
     }

@@ -47,6 +47,8 @@ impl Signals {
         match self.live.read() {
             Ok(reloaded) => {
                 let s = reloaded.settings;
+                // Said again on each reload: a certificate about to expire, say.
+                let s_warnings = s.warnings.clone();
                 let names: Vec<String> = s.all_routes().map(|r| r.name.clone()).collect();
                 let ids = self.metrics.register_routes(&names);
                 self.coordinator.set_max_waiters(s.max_waiters);
@@ -55,6 +57,9 @@ impl Signals {
                 self.live.store(Snapshot::new(s, ids));
                 let restart_needed = reloaded.restart_needed;
                 tracing::info!("SIGHUP: configuration reloaded from {file}");
+                for w in s_warnings {
+                    tracing::warn!("configuration: {w}");
+                }
                 if !restart_needed.is_empty() {
                     tracing::warn!(
                         "SIGHUP: {} changed in {file}; these settings take effect only at start-up, so the running values are kept until a restart",

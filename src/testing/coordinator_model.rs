@@ -511,6 +511,7 @@ impl Harness {
                             status: if kind == Kind::Stored { 200 } else { 500 },
                             headers: vec![],
                             body: Bytes::from_static(b"answer"),
+                            trailers: Vec::new(),
                             completed_at: now,
                             origin: None,
                         }),

@@ -218,6 +218,7 @@ pub fn accept_encoding(value: &[u8], coding: &[u8]) {
         status: 200,
         headers: vec![],
         body: bytes::Bytes::new(),
+        trailers: Vec::new(),
         completed_at: tokio::time::Instant::now(),
         origin: None,
     };

@@ -14,7 +14,7 @@
 
 use super::pool::Pool;
 use super::reuse::Reuse;
-use crate::config::address::Address;
+use crate::config::address::{Address, Backend};
 use crate::config::settings::{HealthCheckSettings, UpstreamSettings};
 use arc_swap::ArcSwap;
 use pingora::connectors::TransportConnector;
@@ -66,7 +66,7 @@ impl Endpoint {
 
 /// One configured backend and what it resolves to.
 struct Target {
-    address: Address,
+    backend: Backend,
     endpoints: Vec<Arc<Endpoint>>,
     /// Why the last resolution failed, to log only changes.
     unresolved: Option<String>,
@@ -80,20 +80,22 @@ pub(crate) struct Backends {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     next: AtomicUsize,
     ids: AtomicU64,
+    /// The metrics index of the first configured backend (see [`Endpoint::backend`]).
+    first_backend: usize,
 }
 
 impl Backends {
     /// Resolves every configured backend once (blocking: call before serving); names that
     /// do not resolve start with no endpoint and a WARN line.
-    pub(crate) fn resolve(settings: &UpstreamSettings) -> Arc<Backends> {
+    pub(crate) fn resolve(settings: &UpstreamSettings, first_backend: usize) -> Arc<Backends> {
         let backends = Arc::new(Backends {
             settings: settings.clone(),
             targets: parking_lot::Mutex::new(
                 settings
                     .backends
                     .iter()
-                    .map(|a| Target {
-                        address: a.clone(),
+                    .map(|b| Target {
+                        backend: b.clone(),
                         endpoints: Vec::new(),
                         unresolved: None,
                     })
@@ -102,8 +104,13 @@ impl Backends {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
+            first_backend,
         });
-        let found: Vec<_> = settings.backends.iter().map(lookup_blocking).collect();
+        let found: Vec<_> = settings
+            .backends
+            .iter()
+            .map(|b| lookup_blocking(&b.address))
+            .collect();
         backends.apply(found);
         backends
     }
@@ -150,7 +157,7 @@ impl Backends {
         loop {
             tokio::select! {
                 _ = resolve.tick() => {
-                    let addresses: Vec<Address> = self.targets.lock().iter().map(|t| t.address.clone()).collect();
+                    let addresses: Vec<Address> = self.targets.lock().iter().map(|t| t.backend.address.clone()).collect();
                     let mut found = Vec::with_capacity(addresses.len());
                     for a in &addresses {
                         found.push(lookup(a).await);
@@ -169,7 +176,7 @@ impl Backends {
             match found {
                 Ok(addrs) => {
                     if let Some(why) = t.unresolved.take() {
-                        tracing::info!(backend = %t.address, "backend resolves again (it did not: {why})");
+                        tracing::info!(backend = %t.backend, "backend resolves again (it did not: {why})");
                     }
                     let endpoints: Vec<Arc<Endpoint>> = addrs
                         .into_iter()
@@ -178,18 +185,20 @@ impl Backends {
                                 .iter()
                                 .find(|e| e.peer._address == addr)
                                 .cloned()
-                                .unwrap_or_else(|| self.endpoint(backend, &t.address, addr))
+                                .unwrap_or_else(|| {
+                                    self.endpoint(self.first_backend + backend, &t.backend, addr)
+                                })
                         })
                         .collect();
                     let before: Vec<u64> = t.endpoints.iter().map(|e| e.id).collect();
                     let after: Vec<u64> = endpoints.iter().map(|e| e.id).collect();
-                    if before != after && !matches!(t.address, Address::Unix(_)) {
+                    if before != after && !matches!(t.backend.address, Address::Unix(_)) {
                         let list: Vec<String> = endpoints
                             .iter()
                             .map(|e| e.peer._address.to_string())
                             .collect();
-                        if !before.is_empty() || t.address.to_string() != list.join(", ") {
-                            tracing::info!(backend = %t.address, "backend resolves to {}", list.join(", "));
+                        if !before.is_empty() || t.backend.address.to_string() != list.join(", ") {
+                            tracing::info!(backend = %t.backend, "backend resolves to {}", list.join(", "));
                         }
                     }
                     t.endpoints = endpoints;
@@ -197,7 +206,7 @@ impl Backends {
                 Err(why) => {
                     if t.unresolved.as_deref() != Some(why.as_str()) {
                         tracing::warn!(
-                            backend = %t.address,
+                            backend = %t.backend,
                             "backend does not resolve: {why}; it gets no requests until it does (resolved again every {})",
                             humantime::format_duration(self.settings.resolve_interval)
                         );
@@ -218,11 +227,11 @@ impl Backends {
     fn endpoint(
         &self,
         backend: usize,
-        configured: &Address,
+        configured: &Backend,
         addr: pingora::protocols::l4::socket::SocketAddr,
     ) -> Arc<Endpoint> {
         let s = &self.settings;
-        let label = match configured {
+        let label = match &configured.address {
             Address::Tcp { host, .. } if host.parse::<std::net::IpAddr>().is_err() => {
                 format!("{configured} ({addr})")
             }
@@ -230,10 +239,14 @@ impl Backends {
         };
         let mut peer = match &addr {
             pingora::protocols::l4::socket::SocketAddr::Inet(a) => {
-                HttpPeer::new(*a, false, String::new())
+                let tls = s.tls.as_ref().filter(|_| configured.tls);
+                match tls {
+                    Some(tls) => super::tls::peer(*a, configured, tls),
+                    None => HttpPeer::new(*a, false, String::new()),
+                }
             }
             pingora::protocols::l4::socket::SocketAddr::Unix(_) => {
-                let path = match configured {
+                let path = match &configured.address {
                     Address::Unix(p) => p.to_string_lossy().to_string(),
                     _ => String::new(),
                 };
@@ -287,8 +300,13 @@ impl Backends {
     }
 }
 
-/// A Pingora error in a few words: its kind and its innermost cause.
+/// A Pingora error in a few words: its kind and its innermost cause (for a TLS handshake,
+/// what the handshake said: the connector puts the socket's local address, which changes
+/// on every attempt, innermost).
 fn describe(e: &pingora::Error) -> String {
+    if let Some(why) = super::tls::handshake_error(e) {
+        return format!("{} ({why})", e.etype().as_str());
+    }
     let root = e.root_cause().to_string();
     if root.is_empty() || root == e.etype().as_str() {
         e.etype().as_str().to_string()

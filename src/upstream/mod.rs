@@ -1,5 +1,7 @@
 //! The backends and the connections to them: for calls idem makes itself (leaders, bodies it
-//! forwards), and the peers it hands Pingora's proxy path for pass-through.
+//! forwards), and the peers it hands Pingora's proxy path for pass-through. `https://`
+//! backends get TLS peers ([`tls`]): the handshake is part of the connect, so its failure
+//! is a connect failure (nothing sent).
 //!
 //! Failure classes follow DESIGN section 4 and decide whether a key may be freed:
 //! * [`CallError::NotSent`]: no backend received a complete request (connect refused or timed
@@ -19,9 +21,12 @@
 //! the app may have run the request.
 
 pub(crate) mod backends;
+mod h2;
 mod pool;
 pub(crate) mod reuse;
+mod tls;
 
+use crate::config::file::Protocol;
 use crate::config::settings::UpstreamSettings;
 use crate::observe::metrics::Metrics;
 use backends::{Backends, Endpoint};
@@ -81,23 +86,41 @@ pub(crate) struct Upstream {
     new_groups: AtomicU64,
     /// Per-backend calls (`idem_backend_*`), for the calls idem makes itself.
     metrics: Arc<Metrics>,
+    /// HTTP/2 connections for idem's own calls (multiplexed; see [`h2`]).
+    h2: pingora::connectors::http::v2::Connector,
 }
 
 impl Upstream {
     /// Resolves the backends (blocking: before serving) and prepares the connector.
+    /// `first_backend`: the metrics index of this group's first configured backend (the
+    /// groups' backends are numbered one after the other, `[upstream]`'s first).
     pub(crate) fn new(
         settings: &UpstreamSettings,
         conf: &ServerConf,
         metrics: Arc<Metrics>,
+        first_backend: usize,
     ) -> Upstream {
         Upstream {
             metrics,
-            backends: Backends::resolve(settings),
+            backends: Backends::resolve(settings, first_backend),
             connector: Arc::new(TransportConnector::new(Some(
                 ConnectorOptions::from_server_conf(conf),
             ))),
             settings: settings.clone(),
             new_groups: AtomicU64::new(GROUP_NEW),
+            h2: pingora::connectors::http::v2::Connector::new(Some(
+                ConnectorOptions::from_server_conf(conf),
+            )),
+        }
+    }
+
+    /// Whether `req` goes to this group's backends over HTTP/2 (`protocol`: always with
+    /// `h2c`, never with `http1`, for gRPC requests with `auto`).
+    pub(crate) fn speaks_h2(&self, req: &RequestHeader) -> bool {
+        match self.settings.protocol {
+            Protocol::Http1 => false,
+            Protocol::H2c => true,
+            Protocol::Auto => h2::is_grpc(req),
         }
     }
 
@@ -128,10 +151,15 @@ impl Upstream {
 
     /// The peer Pingora's proxy path connects to for a pass-through request to `e` (see
     /// [`Resend`] and the module doc).
-    pub(crate) fn pass_through_peer(&self, e: &Endpoint, resend: Resend) -> HttpPeer {
+    pub(crate) fn pass_through_peer(&self, e: &Endpoint, resend: Resend, h2: bool) -> HttpPeer {
         let now = Instant::now();
         let cap = self.settings.pool_idle_timeout;
         let mut peer = e.peer.clone();
+        if h2 {
+            // One multiplexed connection per backend, kept idle up to the cap: what a
+            // stream may be refused for is said by the protocol (see [`h2`]).
+            return h2::peer(peer, cap);
+        }
         let pooled = match resend {
             // A backend known to close after responses: pooling would only make retries.
             Resend::Allowed => Some((GROUP_ANY_AGE, e.reuse.keep_for(cap, now)))
@@ -167,7 +195,10 @@ impl Upstream {
                 });
             }
         }
-        let stream = self.connector.new_stream(&e.peer).await?;
+        // Boxed: with TLS compiled in, Pingora's connect future carries a whole handshake,
+        // and inline it would size every call's future (tokio copies it on each state
+        // change; +10 k instructions per leader call, measured).
+        let stream = Box::pin(self.connector.new_stream(&e.peer)).await?;
         let session = ClientSession::H1(H1Session::new_with_options(stream, &e.peer));
         Ok(Conn {
             session,
@@ -187,6 +218,11 @@ impl Upstream {
         req: &RequestHeader,
         body: Bytes,
     ) -> Result<Exchange, CallError> {
+        if self.speaks_h2(req) {
+            // Boxed: Pingora's h2 connector futures are large, and inline they would size
+            // every HTTP/1 call's future too (copied by tokio on every state change).
+            return Box::pin(self.send_h2(req, body)).await;
+        }
         let mut tried: Vec<u64> = Vec::new();
         let mut last = String::from("no backend resolves");
         // A pooled connection that failed during the write: the same backend again, new.
@@ -250,6 +286,7 @@ impl Upstream {
             return Ok(Exchange {
                 session: conn.session,
                 endpoint: e,
+                h2_peer: None,
             });
         }
         Err(CallError::NotSent(last))
@@ -297,8 +334,18 @@ impl Upstream {
 
     /// Returns a fully read exchange's connection to its pool.
     pub(crate) async fn release(&self, ex: Exchange) {
-        let Exchange { session, endpoint } = ex;
-        self.release_session(session, &endpoint).await;
+        let Exchange {
+            session,
+            endpoint,
+            h2_peer,
+        } = ex;
+        match (session, h2_peer) {
+            (ClientSession::H2(s), Some(peer)) => {
+                self.h2
+                    .release_http_session(s, &*peer, Some(self.settings.pool_idle_timeout))
+            }
+            (session, _) => self.release_session(session, &endpoint).await,
+        }
     }
 
     fn learned(&self, e: &Endpoint, l: Learned) {
@@ -335,6 +382,8 @@ struct Conn {
 pub(crate) struct Exchange {
     session: ClientSession,
     endpoint: Arc<Endpoint>,
+    /// The peer of an HTTP/2 exchange, whose connection returns to the h2 pool by it.
+    h2_peer: Option<Box<HttpPeer>>,
 }
 
 impl Exchange {
@@ -358,13 +407,29 @@ impl Exchange {
         }
     }
 
-    /// Closes the connection without returning it to the pool.
+    /// The trailers after the body (HTTP/2 only; `None` over HTTP/1 or when there are none).
+    pub(crate) async fn read_trailers(&mut self) -> Result<Option<http::HeaderMap>, CallError> {
+        match &mut self.session {
+            ClientSession::H2(s) => s
+                .read_trailers()
+                .await
+                .map_err(|e| unknown(&self.endpoint, &e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the exchange is HTTP/2 (its trailers can be read and kept).
+    pub(crate) fn is_h2(&self) -> bool {
+        matches!(self.session, ClientSession::H2(_))
+    }
+
+    /// Closes the connection (an HTTP/2 stream: resets it) without returning it to the pool.
     pub(crate) async fn abort(mut self) {
         self.session.shutdown().await;
     }
 }
 
-async fn write_request(
+pub(super) async fn write_request(
     s: &mut ClientSession,
     req: &RequestHeader,
     body: &Bytes,
@@ -391,7 +456,7 @@ pub(crate) async fn read_final_header(s: &mut ClientSession) -> pingora::Result<
     }
 }
 
-fn unknown(e: &Endpoint, err: &Error) -> CallError {
+pub(super) fn unknown(e: &Endpoint, err: &Error) -> CallError {
     let status = match err.etype() {
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
         _ => 502,

@@ -26,6 +26,11 @@
 //! Requests that may be sent again (idempotent methods, or bytes that provably did not
 //! leave) do not need the window: they are retried on a new connection if a pooled one
 //! fails before any response byte.
+//!
+//! HTTP/1 only. An HTTP/2 backend says which streams it did not process (`GOAWAY`'s last
+//! stream id, `REFUSED_STREAM`), so HTTP/2 connections are reused freely and those streams
+//! are "not sent"; any other failure after the request was written is outcome unknown
+//! (`super::h2`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -3,7 +3,9 @@
 //! (`# in http { }` or `# in server { }`: one site's `server` block), and every
 //! `toml` block passes `idem check` on its own (every key of proxy.toml is optional, so a
 //! fragment is a whole file). A `toml` block that is not a proxy.toml says so on its info
-//! line: ```` ```toml not-proxy.toml ````.
+//! line: ```` ```toml not-proxy.toml ````. The certificate and key files a snippet names
+//! (`/etc/...pem`, `...key`) do not exist here: `idem check` reads them, so they are
+//! swapped for a certificate and key made with `openssl` for the test.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -139,6 +141,42 @@ async fn every_nginx_snippet_passes_nginx_t_where_it_says_to_paste_it() {
     }
 }
 
+/// `text` with every quoted absolute path to a file that does not exist here and names a
+/// certificate (`.pem`, `.crt`) or key (`.key`) replaced by the test's own.
+fn with_test_certificates(text: &str, pki: &tls::Pki) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("\"/") {
+        out.push_str(&rest[..=i]);
+        rest = &rest[i + 1..];
+        let end = rest.find('"').unwrap_or(rest.len());
+        let path = &rest[..end];
+        let swap = if Path::new(path).exists() {
+            None
+        } else if path.ends_with(".key") {
+            Some(pki.path("leaf.key"))
+        } else if path.ends_with(".pem") || path.ends_with(".crt") {
+            // A key in PEM (`privkey.pem`, `key.pem`) is a key.
+            if path.rsplit('/').next().is_some_and(|f| f.contains("key")) {
+                Some(pki.path("leaf.key"))
+            } else if path.rsplit('/').next().is_some_and(|f| f.contains("ca")) {
+                Some(pki.path("ca.pem"))
+            } else {
+                Some(pki.path("leaf.pem"))
+            }
+        } else {
+            None
+        };
+        match swap {
+            Some(p) => out.push_str(&p.to_string_lossy()),
+            None => out.push_str(path),
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[tokio::test]
 async fn every_proxy_toml_snippet_passes_idem_check() {
     let snippets: Vec<Block> = blocks("toml")
@@ -146,8 +184,11 @@ async fn every_proxy_toml_snippet_passes_idem_check() {
         .filter(|b| !b.info.contains("not-proxy.toml"))
         .collect();
     assert!(snippets.len() >= 3, "README.md has proxy.toml snippets");
+    let pki = tls::Pki::new();
+    pki.ca("ca").leaf(tls::Leaf::server("leaf", "ca", 1));
     for b in snippets {
-        let (code, stdout, stderr) = Idem::check(&b.text).await;
+        let text = with_test_certificates(&b.text, &pki);
+        let (code, stdout, stderr) = Idem::check(&text).await;
         assert_eq!(
             code, 0,
             "{}: idem check refuses the snippet:\n{stderr}{stdout}\n--- snippet ---\n{}",

@@ -9,6 +9,7 @@ mod docs;
 mod drain;
 mod failures;
 mod forwarding;
+mod grpc;
 mod hardening;
 mod kubernetes;
 mod observability;
@@ -19,6 +20,7 @@ mod redis_operations;
 mod redis_replicas;
 mod reliability;
 mod startup;
+mod tls;
 mod traces;
 
 /// The backend is the yardstick for every idem test, so it is tested on its

@@ -1176,3 +1176,43 @@ async fn alert_rules_use_only_metrics_idem_exports() {
     let unknown: Vec<_> = referenced.difference(&exported).collect();
     assert!(unknown.is_empty(), "not exported by idem: {unknown:?}");
 }
+
+/// Named groups' backends have their own `idem_backend_*` series: a route's calls count on
+/// its group's backend (pass-through and leader calls alike), never on `[upstream]`'s.
+#[tokio::test]
+async fn each_groups_backends_count_their_own_calls() {
+    let main = Backend::start().await;
+    let other = Backend::start().await;
+    let config = Config::new(main.addr())
+        .set("upstreams.other.backends", vec![other.addr().to_string()])
+        .route(Route::new("other", "/other/", "keyed").set("upstream", "other"));
+    let idem = Idem::start(&config.to_string()).await;
+    let http = client();
+    let r = http.get(idem.url("/x")).send().await.unwrap();
+    assert_eq!(status_of(r).await, 200);
+    for path in ["/other/a", "/other/b"] {
+        let r = http.get(idem.url(path)).send().await.unwrap();
+        assert_eq!(status_of(r).await, 200);
+    }
+    let r = post(&http, idem.url("/other/pay"), Some("k-1"), "x", &[]).await;
+    assert_eq!(status_of(r).await, 200);
+    assert_eq!(main.counts("/x").completed, 1);
+    for path in ["/other/a", "/other/b", "/other/pay"] {
+        assert_eq!(other.counts(path).completed, 1, "{path}");
+        assert_eq!(main.counts(path).started, 0, "{path}");
+    }
+    let (main, other) = (main.addr().to_string(), other.addr().to_string());
+    let mut want = one(
+        "idem_backend_requests_total",
+        &[("backend", &main), ("class", "2xx")],
+        1.0,
+    );
+    want.extend(one(
+        "idem_backend_requests_total",
+        &[("backend", &other), ("class", "2xx")],
+        3.0,
+    ));
+    want.extend(one("idem_backend_up", &[("backend", &main)], 1.0));
+    want.extend(one("idem_backend_up", &[("backend", &other)], 1.0));
+    wait_for_values(&idem, &want).await;
+}

@@ -7,8 +7,9 @@
 //! ```text
 //! flags u8 (bit 0: a shared reference follows) | [shared reference, 16 bytes]
 //! | status u16 LE | origin (the leading request's id and span, `Origin::encode`; 1 byte: none)
-//! | header count u32 LE
-//! | per header: sensitive u8 (0/1) | name length u16 LE | name | value length u32 LE | value
+//! | field count u32 LE
+//! | per field: flags u8 (1: sensitive, 2: a trailer) | name length u16 LE | name
+//!   | value length u32 LE | value
 //! | body (the rest)
 //! ```
 //!
@@ -54,6 +55,7 @@ impl Packed {
             + r.origin.as_ref().map_or(1, Origin::encoded_len)
             + r.headers
                 .iter()
+                .chain(r.trailers.iter())
                 .map(|(n, v)| 7 + n.as_str().len() + v.len())
                 .sum::<usize>()
             + r.body.len();
@@ -71,9 +73,10 @@ impl Packed {
             // No origin: a form byte without its "origin" bit.
             None => buf.push(0),
         }
-        buf.extend_from_slice(&(r.headers.len() as u32).to_le_bytes());
-        for (name, value) in &r.headers {
-            buf.push(u8::from(value.is_sensitive()));
+        buf.extend_from_slice(&((r.headers.len() + r.trailers.len()) as u32).to_le_bytes());
+        let fields = r.headers.iter().map(|f| (f, 0u8));
+        for ((name, value), trailer) in fields.chain(r.trailers.iter().map(|f| (f, 2u8))) {
+            buf.push(u8::from(value.is_sensitive()) | trailer);
             // Header names are far below 64 KiB: Pingora refuses heads larger than that.
             buf.extend_from_slice(&(name.as_str().len() as u16).to_le_bytes());
             buf.extend_from_slice(name.as_str().as_bytes());
@@ -126,8 +129,10 @@ impl Packed {
         };
         let count = u32::from_le_bytes(take(4).try_into().unwrap_or_default()) as usize;
         let mut headers = Vec::with_capacity(count);
+        let mut trailers = Vec::new();
         for _ in 0..count {
-            let sensitive = take(1)[0] == 1;
+            let flags = take(1)[0];
+            let sensitive = flags & 1 == 1;
             let name_len = u16::from_le_bytes(take(2).try_into().unwrap_or_default()) as usize;
             let name = take(name_len);
             let value_len = u32::from_le_bytes(take(4).try_into().unwrap_or_default()) as usize;
@@ -137,7 +142,11 @@ impl Packed {
                 (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
             {
                 value.set_sensitive(sensitive);
-                headers.push((name, value));
+                if flags & 2 == 2 {
+                    trailers.push((name, value));
+                } else {
+                    headers.push((name, value));
+                }
             }
         }
         let body_len = b.len() - at;
@@ -150,6 +159,7 @@ impl Packed {
             status,
             headers,
             body,
+            trailers,
             completed_at,
             origin,
         }
@@ -214,6 +224,10 @@ mod tests {
                 ),
             ],
             body,
+            trailers: vec![(
+                HeaderName::from_static("grpc-status"),
+                HeaderValue::from_static("0"),
+            )],
             completed_at: Instant::now(),
             origin: None,
         }
@@ -230,7 +244,13 @@ mod tests {
             let p = Packed::pack(&r, None);
             assert_eq!(
                 p.len(),
-                1 + 6 + 1 + (7 + 12 + 10) + 2 * (7 + 10 + 3) + (7 + 8 + 8) + r.body.len()
+                1 + 6
+                    + 1
+                    + (7 + 12 + 10)
+                    + 2 * (7 + 10 + 3)
+                    + (7 + 8 + 8)
+                    + (7 + 11 + 1)
+                    + r.body.len()
             );
             assert_eq!(p.shared_ref(), None);
             let shared = Packed::pack(&r, Some(SharedRef([7; 16])));
@@ -245,6 +265,10 @@ mod tests {
             let sensitive: Vec<bool> = back.headers.iter().map(|(_, v)| v.is_sensitive()).collect();
             assert_eq!(sensitive, [false, true, false, false]);
             assert_eq!(back.body, r.body);
+            assert_eq!(
+                back.trailers, r.trailers,
+                "trailers stay apart from headers"
+            );
             assert_eq!(back.completed_at, r.completed_at);
         }
     }

@@ -17,6 +17,7 @@ fn resp(body: &'static [u8], now: Instant) -> Record {
         status: 200,
         headers: vec![],
         body: Bytes::from_static(body),
+        trailers: Vec::new(),
         completed_at: now,
         origin: None,
     }))
@@ -301,6 +302,7 @@ async fn room_comes_from_the_heaviest_client_first() {
         status: 200,
         headers: vec![],
         body: Bytes::from(vec![b'x'; 1000]),
+        trailers: Vec::new(),
         completed_at: now,
         origin: None,
     }));
@@ -432,6 +434,7 @@ fn a_slot_is_120_bytes() {
             HeaderValue::from_static("text/plain"),
         )],
         body: Bytes::from_static(b"ok\n"),
+        trailers: Vec::new(),
         completed_at: Instant::now(),
         origin: None,
     };

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! offset  size  field
-//! 0       1     version (2)
+//! 0       1     version: 2, or 3 for a response with trailers (gRPC over HTTP/2)
 //! 1       1     kind: 'C' claim, 'S' stored response, 'N' not replayable, 'H' held,
 //!               'F' freed (the outcome of a call whose key was freed, for remote waiters)
 //! 2       32    fingerprint of the request that claimed the key (misuse detection)
@@ -17,6 +17,7 @@
 //! response = completed, unix ms (u64 LE) | status (u16 LE) | header count (u32 LE)
 //!            | per header: name length (u16 LE), name, value length (u32 LE), value
 //!            | body length (u64 LE) | body
+//!            | version 3 only: trailer count (u32 LE) | per trailer: as a header
 //! last 32 bytes: MAC
 //! ```
 //!
@@ -27,6 +28,11 @@
 //! a [`CodecError`], a store error, never replayed. Redis ACLs and TLS still matter: whoever
 //! can write Redis can delete a record (a retry then runs again) or block a key, but cannot
 //! make idem serve what they wrote.
+//!
+//! Values without trailers are written as version 2, what the first MACed release wrote and
+//! reads; a replica of that release reads a version 3 value as a store error (so during a
+//! rolling upgrade, a gRPC response stored by a new replica is a store error on an old one,
+//! under `on_store_error`, until it is upgraded too). Version 1 (no MAC) is refused.
 //!
 //! The scripts (see `scripts.rs`) read only the fixed prefix: kind at byte 1, fingerprint at
 //! 2..34, token at 34..50 (they decide nothing that serves data: a claim, a fence, a
@@ -42,6 +48,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Format version written in byte 0 (1: before the MAC).
 pub(crate) const VERSION: u8 = 2;
+/// Format version of a value whose response has trailers.
+pub(crate) const VERSION_TRAILERS: u8 = 3;
 /// Length of the fixed prefix every value starts with.
 pub(crate) const PREFIX: usize = 50;
 /// Length of the MAC every value ends with.
@@ -140,6 +148,8 @@ pub(crate) struct StoredBytes {
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// The body.
     pub(crate) body: Bytes,
+    /// Trailer fields, in order.
+    pub(crate) trailers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl StoredBytes {
@@ -151,6 +161,7 @@ impl StoredBytes {
             status: r.status,
             headers: r.headers.clone(),
             body: r.body.clone(),
+            trailers: r.trailers.clone(),
         }
     }
 
@@ -162,6 +173,7 @@ impl StoredBytes {
             status: self.status,
             headers: self.headers,
             body: self.body,
+            trailers: self.trailers,
             completed_at: now.checked_sub(age).unwrap_or(now),
             origin: None,
         }
@@ -206,7 +218,11 @@ impl Value {
     /// Serializes, authenticated for the Redis key `name`.
     pub(crate) fn encode(&self, mac: &RecordMac, name: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(PREFIX + 64 + MAC_LEN);
-        out.push(VERSION);
+        let trailers = match &self.body {
+            Body::Stored(r) | Body::Freed(Some(r)) => !r.trailers.is_empty(),
+            _ => false,
+        };
+        out.push(if trailers { VERSION_TRAILERS } else { VERSION });
         out.push(self.kind());
         out.extend_from_slice(&self.fingerprint.0);
         out.extend_from_slice(&self.token.0);
@@ -251,9 +267,11 @@ impl Value {
 
     fn parse(bytes: &[u8]) -> Result<Value, CodecError> {
         let mut r = Reader(bytes);
-        if r.u8()? != VERSION {
+        let version = r.u8()?;
+        if version != VERSION && version != VERSION_TRAILERS {
             return Err(CodecError("unknown version"));
         }
+        let trailers = version == VERSION_TRAILERS;
         let kind = r.u8()?;
         let fingerprint = Fingerprint(r.array::<32>()?);
         let token = Token(r.array::<16>()?);
@@ -263,12 +281,12 @@ impl Value {
                 start_ms: r.u64()?,
                 hold_ms: r.u64()?,
             }),
-            b'S' => Body::Stored(decode_response(&mut r)?),
+            b'S' => Body::Stored(decode_response(&mut r, trailers)?),
             b'N' => Body::NotReplayable,
             b'H' => Body::Held(r.u16()?),
             b'F' => match r.u8()? {
                 b'U' => Body::Freed(None),
-                b'R' => Body::Freed(Some(decode_response(&mut r)?)),
+                b'R' => Body::Freed(Some(decode_response(&mut r, trailers)?)),
                 _ => return Err(CodecError("unknown freed outcome")),
             },
             _ => return Err(CodecError("unknown kind")),
@@ -287,45 +305,63 @@ impl Value {
 fn encode_response(out: &mut Vec<u8>, r: &StoredBytes) {
     out.extend_from_slice(&r.completed_ms.to_le_bytes());
     out.extend_from_slice(&r.status.to_le_bytes());
-    out.extend_from_slice(&(r.headers.len() as u32).to_le_bytes());
-    for (name, value) in &r.headers {
+    encode_fields(out, &r.headers);
+    out.extend_from_slice(&(r.body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&r.body);
+    if !r.trailers.is_empty() {
+        encode_fields(out, &r.trailers);
+    }
+}
+
+fn encode_fields(out: &mut Vec<u8>, fields: &[(HeaderName, HeaderValue)]) {
+    out.extend_from_slice(&(fields.len() as u32).to_le_bytes());
+    for (name, value) in fields {
         let name = name.as_str().as_bytes();
         out.extend_from_slice(&(name.len() as u16).to_le_bytes());
         out.extend_from_slice(name);
         out.extend_from_slice(&(value.len() as u32).to_le_bytes());
         out.extend_from_slice(value.as_bytes());
     }
-    out.extend_from_slice(&(r.body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&r.body);
 }
 
-fn decode_response(r: &mut Reader<'_>) -> Result<StoredBytes, CodecError> {
-    let completed_ms = r.u64()?;
-    let status = r.u16()?;
-    if !(100..=999).contains(&status) {
-        return Err(CodecError("bad status"));
-    }
+fn decode_fields(r: &mut Reader<'_>) -> Result<Vec<(HeaderName, HeaderValue)>, CodecError> {
     let count = r.u32()? as usize;
-    // Every header takes at least 6 bytes: a count larger than that is a lie.
+    // Every field takes at least 6 bytes: a count larger than that is a lie.
     if count > r.0.len() / 6 {
         return Err(CodecError("header count exceeds the value"));
     }
-    let mut headers = Vec::with_capacity(count);
+    let mut fields = Vec::with_capacity(count);
     for _ in 0..count {
         let n = r.u16()? as usize;
         let name = HeaderName::from_bytes(r.take(n)?).map_err(|_| CodecError("bad header name"))?;
         let n = r.u32()? as usize;
         let value =
             HeaderValue::from_bytes(r.take(n)?).map_err(|_| CodecError("bad header value"))?;
-        headers.push((name, value));
+        fields.push((name, value));
     }
+    Ok(fields)
+}
+
+fn decode_response(r: &mut Reader<'_>, trailers: bool) -> Result<StoredBytes, CodecError> {
+    let completed_ms = r.u64()?;
+    let status = r.u16()?;
+    if !(100..=999).contains(&status) {
+        return Err(CodecError("bad status"));
+    }
+    let headers = decode_fields(r)?;
     let n = usize::try_from(r.u64()?).map_err(|_| CodecError("body too long"))?;
     let body = Bytes::copy_from_slice(r.take(n)?);
+    let trailers = if trailers {
+        decode_fields(r)?
+    } else {
+        Vec::new()
+    };
     Ok(StoredBytes {
         completed_ms,
         status,
         headers,
         body,
+        trailers,
     })
 }
 
@@ -392,6 +428,7 @@ mod tests {
                 ),
             ],
             body: Bytes::from_static(b"\x00\x01\xff binary \r\n\x00"),
+            trailers: Vec::new(),
         }
     }
 
@@ -458,6 +495,18 @@ mod tests {
             decode(&old),
             Err(CodecError("written by an idem before version 2 (no MAC)"))
         );
+        let mut other = remac(&encode(&all_kinds()[2]));
+        other[0] = 4;
+        let other = remac(&other);
+        assert_eq!(decode(&other), Err(CodecError("unknown version")));
+    }
+
+    /// The same value with its MAC computed again (after a test changed a byte).
+    fn remac(bytes: &[u8]) -> Vec<u8> {
+        let mut v = bytes[..bytes.len() - MAC_LEN].to_vec();
+        let tag = mac().tag(NAME, &v);
+        v.extend_from_slice(tag.as_bytes());
+        v
     }
 
     /// Finding 4 of issue 14: whoever could write Redis could make a replica replay a
@@ -482,12 +531,46 @@ mod tests {
     }
 
     #[test]
+    fn a_response_with_trailers_is_version_3_and_round_trips() {
+        let mut r = sample_response();
+        r.trailers = vec![
+            (
+                HeaderName::from_static("grpc-status"),
+                HeaderValue::from_static("3"),
+            ),
+            (
+                HeaderName::from_static("x-trailer-bin"),
+                HeaderValue::from_static("AQD/"),
+            ),
+        ];
+        for body in [Body::Stored(r.clone()), Body::Freed(Some(r.clone()))] {
+            let value = Value {
+                fingerprint: Fingerprint([7; 32]),
+                token: Token([9; 16]),
+                body,
+            };
+            let bytes = encode(&value);
+            assert_eq!(bytes[0], VERSION_TRAILERS);
+            assert_eq!(decode(&bytes).unwrap(), value);
+            for n in 0..bytes.len() {
+                assert!(decode(&bytes[..n]).is_err(), "prefix {n}");
+            }
+            // Read as version 2 (the release before), with a valid MAC, it is refused
+            // (trailing bytes), never misread.
+            let mut old = bytes.clone();
+            old[0] = VERSION;
+            assert_eq!(decode(&remac(&old)), Err(CodecError("trailing bytes")));
+        }
+    }
+
+    #[test]
     fn completion_time_survives_the_wall_clock_round_trip() {
         let now = tokio::time::Instant::now();
         let r = StoredResponse {
             status: 200,
             headers: vec![],
             body: Bytes::new(),
+            trailers: Vec::new(),
             completed_at: now,
             origin: None,
         };
@@ -510,15 +593,19 @@ mod tests {
         let response = (
             any::<u64>(),
             100u16..1000,
-            proptest::collection::vec(header, 0..6),
+            proptest::collection::vec(header.clone(), 0..6),
             proptest::collection::vec(any::<u8>(), 0..200),
+            proptest::collection::vec(header, 0..3),
         )
-            .prop_map(|(completed_ms, status, headers, body)| StoredBytes {
-                completed_ms,
-                status,
-                headers,
-                body: Bytes::from(body),
-            });
+            .prop_map(
+                |(completed_ms, status, headers, body, trailers)| StoredBytes {
+                    completed_ms,
+                    status,
+                    headers,
+                    body: Bytes::from(body),
+                    trailers,
+                },
+            );
         let body = prop_oneof![
             (any::<[u8; 16]>(), any::<u64>(), any::<u64>()).prop_map(|(o, start_ms, hold_ms)| {
                 Body::Claim(ClaimInfo {

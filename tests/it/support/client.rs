@@ -156,9 +156,9 @@ impl std::fmt::Display for RawError {
 }
 
 /// One client connection, for keep-alive, pipelining and interim-response
-/// tests where several exchanges share a socket.
-pub struct RawConn {
-    stream: TcpStream,
+/// tests where several exchanges share a socket; over TCP, or any stream (TLS).
+pub struct RawConn<S = TcpStream> {
+    stream: S,
     buf: Vec<u8>,
 }
 
@@ -194,6 +194,25 @@ impl RawConn {
             stream,
             buf: Vec::new(),
         }
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawConn<S> {
+    /// A connection over an established stream (a TLS session, say).
+    pub fn over(stream: S) -> RawConn<S> {
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The stream underneath.
+    pub fn inner(&mut self) -> &mut S {
+        &mut self.stream
     }
 
     /// Every byte until the server closes the connection (bounded), unparsed: for tests
@@ -326,10 +345,6 @@ impl RawConn {
             ),
             Err(e) => panic!("raw client: expected close: {e}"),
         }
-    }
-
-    pub fn stream(&mut self) -> &mut TcpStream {
-        &mut self.stream
     }
 
     async fn fill(&mut self, deadline: Instant) -> Result<(), RawError> {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod nginx;
 pub mod problem;
 pub mod proxy;
+pub mod tls;
 pub mod tools;
 // Private, so that `use crate::support::*` does not shadow the `redis` crate.
 mod redis;
@@ -39,6 +40,7 @@ pub use problem::{
     ReadResponse, PROBLEM_BASE,
 };
 pub use proxy::{Idem, IdemBuilder, TempDir};
+pub use tls::{curl_tls, CurlResult, Leaf, Pki, TlsClient, TlsConn};
 pub use tools::{
     app_path, python, require_tool, run_bounded, run_python, App, Inherited, Supervised,
 };

@@ -34,6 +34,16 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx with one `server { listen ...; <server_body> }`.
     pub async fn start(server_body: &str) -> Nginx {
+        Nginx::start_listening(server_body, "").await
+    }
+
+    /// The same with `listen ... ssl`: `server_body` names `ssl_certificate` and its key.
+    pub async fn start_tls(server_body: &str) -> Nginx {
+        Nginx::start_listening(server_body, " ssl").await
+    }
+
+    /// The same with `listen ...<listen_params>` (e.g. " ssl http2").
+    pub async fn start_listening(server_body: &str, listen_params: &str) -> Nginx {
         require_tool(BIN, "-v", "nginx");
         let dir = TempDir::new();
         let listener = Inherited::new();
@@ -60,7 +70,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen {addr};
+        listen {addr}{listen_params};
 {server_body}
     }}
 }}

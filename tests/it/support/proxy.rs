@@ -1,7 +1,7 @@
 //! Runs the real `idem` binary, as the tests' system under test.
 //!
 //! Contract with the binary: `idem --config FILE` prints exactly one line
-//! `listening proxy=ADDR[,ADDR...] metrics=ADDR[ admin=ADDR]` to stdout once
+//! `listening proxy=ADDR[,ADDR...][ tls=ADDR,...] metrics=ADDR[ admin=ADDR]` to stdout once
 //! its listeners are bound; `idem check --config FILE` validates a config.
 
 use std::ffi::OsString;
@@ -255,6 +255,7 @@ pub struct Idem {
     dir: TempDir,
     config_path: PathBuf,
     proxy: Vec<SocketAddr>,
+    tls: Vec<SocketAddr>,
     unix: Vec<PathBuf>,
     metrics: Option<SocketAddr>,
     admin: Option<SocketAddr>,
@@ -320,6 +321,7 @@ impl Idem {
             dir,
             config_path,
             proxy: Vec::new(),
+            tls: Vec::new(),
             unix: Vec::new(),
             metrics: None,
             admin: None,
@@ -348,6 +350,7 @@ impl Idem {
         let listening = parse_listening(&line)
             .unwrap_or_else(|e| panic!("cannot parse idem's line {line:?}: {e}"));
         idem.proxy = listening.proxy;
+        idem.tls = listening.tls;
         idem.unix = listening.unix;
         idem.metrics = listening.metrics;
         idem.admin = listening.admin;
@@ -359,6 +362,14 @@ impl Idem {
     /// The first proxy listener.
     pub fn addr(&self) -> SocketAddr {
         self.proxy[0]
+    }
+
+    /// The first TLS listener (`[server.tls] listen`).
+    pub fn tls_addr(&self) -> SocketAddr {
+        *self
+            .tls
+            .first()
+            .expect("idem's `listening` line had no tls= address (is [server.tls] set?)")
     }
 
     pub fn addrs(&self) -> &[SocketAddr] {
@@ -478,6 +489,7 @@ impl Idem {
 /// The addresses of idem's `listening` line.
 struct Listening {
     proxy: Vec<SocketAddr>,
+    tls: Vec<SocketAddr>,
     unix: Vec<PathBuf>,
     metrics: Option<SocketAddr>,
     admin: Option<SocketAddr>,
@@ -487,6 +499,7 @@ struct Listening {
 /// Unix-socket listener appears in the proxy list as `unix:/abs/path`.
 fn parse_listening(line: &str) -> Result<Listening, String> {
     let mut proxy = Vec::new();
+    let mut tls = Vec::new();
     let mut unix = Vec::new();
     let mut metrics = None;
     let mut admin = None;
@@ -500,6 +513,13 @@ fn parse_listening(line: &str) -> Result<Listening, String> {
                 proxy.push(
                     addr.parse()
                         .map_err(|e| format!("proxy address {addr:?}: {e}"))?,
+                );
+            }
+        } else if let Some(list) = token.strip_prefix("tls=") {
+            for addr in list.split(',') {
+                tls.push(
+                    addr.parse()
+                        .map_err(|e| format!("tls address {addr:?}: {e}"))?,
                 );
             }
         } else if let Some(addr) = token.strip_prefix("metrics=") {
@@ -519,6 +539,7 @@ fn parse_listening(line: &str) -> Result<Listening, String> {
     }
     Ok(Listening {
         proxy,
+        tls,
         unix,
         metrics,
         admin,

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::tls::{Leaf, Pki};
 use super::{free_port, TempDir, WAIT_TIMEOUT};
 
 const SERVER: &str = "redis-server";
@@ -45,76 +46,34 @@ fn require(bin: &str, package: &str) {
 }
 
 /// A private CA, a server certificate (127.0.0.1, localhost) and a client certificate,
-/// made with `openssl` in a temporary directory.
+/// made with `openssl` in a temporary directory (through [`Pki`], shared with the TLS
+/// listener and backend tests).
 pub struct TlsFiles {
-    dir: TempDir,
+    pki: Pki,
 }
 
 impl TlsFiles {
     pub fn generate() -> TlsFiles {
-        require("openssl", "openssl");
-        let dir = TempDir::new();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .output()
-                .expect("spawn openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?} failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=idem test CA"];
-        ca.extend(ec);
-        ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
-        run(&ca);
-        dir.write("server.ext", "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-        dir.write("client.ext", "extendedKeyUsage=clientAuth\n");
-        for (name, cn) in [("server", "127.0.0.1"), ("client", "idem")] {
-            let subj = format!("/CN={cn}");
-            let (key, csr, pem, ext) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-                format!("{name}.ext"),
-            );
-            let mut req = vec!["req", "-subj", subj.as_str()];
-            req.extend(ec);
-            req.extend(["-keyout", key.as_str(), "-out", csr.as_str()]);
-            run(&req);
-            run(&[
-                "x509",
-                "-req",
-                "-days",
-                "2",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-extfile",
-                &ext,
-                "-out",
-                &pem,
-            ]);
-        }
-        TlsFiles { dir }
+        let pki = Pki::new();
+        // Cluster nodes present their server certificate as clients too (the cluster bus).
+        pki.ca("ca")
+            .leaf(Leaf {
+                usage: "serverAuth,clientAuth",
+                ..Leaf::server("server", "ca", 1)
+            })
+            .leaf(Leaf {
+                name: "client",
+                ca: "ca",
+                serial: 2,
+                days: 2,
+                san: "DNS:idem",
+                usage: "clientAuth",
+            });
+        TlsFiles { pki }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.pki.path(name)
     }
 
     /// `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
