@@ -159,6 +159,7 @@ if [ "$HAVE_NGINX" = 1 ]; then
   ${TLS_SERVER:-}"
   nginx -p "$TMP/proxy" -c "$TMP/proxy/nginx.conf" -e "$TMP/proxy/error.log" &
   PIDS+=($!)
+  NGINX_PROXY_PID=$!
   BACKEND_KIND="nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') return 200, 2 workers"
 else
   "$BURST" backend "127.0.0.1:$BACKEND_PORT" &
@@ -182,13 +183,18 @@ EOF
 idem_conf "$TMP/idem.toml" "$IDEM_PORT" "$IDEM_METRICS"
 IDEM_LOG=warn "$IDEM" --config "$TMP/idem.toml" >"$TMP/idem.out" 2>"$TMP/idem.err" &
 PIDS+=($!)
+declare -A PROC
+PROC[idem]=$!
 idem_conf "$TMP/idem-log.toml" "$IDEM_LOG_PORT" "$IDEM_LOG_METRICS"
 IDEM_LOG=info "$IDEM" --config "$TMP/idem-log.toml" >"$TMP/idem-log.out" 2>"$TMP/idem-access.log" &
 PIDS+=($!)
+PROC[idem-log]=$!
 "$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$BACKEND_PORT" >/dev/null 2>"$TMP/bare.err" &
 PIDS+=($!)
+PROC[bare]=$!
 BARE_RESPOND=1 "$BARE" "127.0.0.1:$BARE_RESPOND_PORT" "127.0.0.1:$BACKEND_PORT" >/dev/null 2>"$TMP/bare-respond.err" &
 PIDS+=($!)
+PROC[bare-respond]=$!
 if [ "$HAVE_REDIS" = 1 ]; then
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --maxmemory-policy noeviction --dir "$TMP" >"$TMP/redis.log" 2>&1 &
@@ -202,6 +208,7 @@ url = \"redis://127.0.0.1:$REDIS_PORT\"
 secret = \"benchmark secret, not a real one\""
   IDEM_LOG=warn "$IDEM" --config "$TMP/idem-redis.toml" >"$TMP/idem-redis.out" 2>"$TMP/idem-redis.err" &
   PIDS+=($!)
+  PROC[idem-redis]=$!
   wait_port "$IDEM_REDIS_PORT"
 fi
 if [ "$HAVE_TLS" = 1 ]; then
@@ -212,12 +219,14 @@ cert = \"$TMP/tls/chain.pem\"
 key = \"$TMP/tls/leaf.key\""
   IDEM_LOG=warn "$IDEM" --config "$TMP/idem-tls.toml" >"$TMP/idem-tls.out" 2>"$TMP/idem-tls.err" &
   PIDS+=($!)
+  PROC[idem-tls]=$!
   wait_port "$IDEM_TLS_PORT"
 fi
 if [ -n "${BASELINE:-}" ]; then
   idem_conf "$TMP/idem-base.toml" "$BASE_PORT" "$BASE_METRICS"
   IDEM_LOG=warn "$BASELINE" --config "$TMP/idem-base.toml" >"$TMP/idem-base.out" 2>"$TMP/idem-base.err" &
   PIDS+=($!)
+  PROC[base]=$!
   wait_port "$BASE_PORT"
 fi
 wait_port "$IDEM_PORT"
@@ -262,6 +271,32 @@ if [ "$HAVE_REDIS" = 1 ]; then
   )
 fi
 
+# The processes that serve a scenario (nginx: its worker processes), for the kernel-side
+# counts: context switches (voluntary and not, every thread) and read/write system calls
+# (`/proc/PID/io` syscr + syscw: reads, writes, recvs, sends; not epoll_wait).
+procs_of() { # scenario name
+  case $1 in
+    "nginx"*) [ -n "${NGINX_PROXY_PID:-}" ] && cat "/proc/$NGINX_PROXY_PID/task/"*/children 2>/dev/null | tr -s " " "\n" | grep . ;;
+    "pingora GET") echo "${PROC[bare]}" ;;
+    "pingora respond") echo "${PROC[bare-respond]}" ;;
+    "idem GET+log") echo "${PROC[idem-log]}" ;;
+    *redis) echo "${PROC[idem-redis]:-}" ;;
+    "idem TLS"*) echo "${PROC[idem-tls]:-}" ;;
+    "base "*) echo "${PROC[base]:-}" ;;
+    "idem "*) echo "${PROC[idem]}" ;;
+  esac
+}
+kernel_counts() { # pids... -> "context_switches rw_syscalls"
+  local cs=0 sys=0 pid f
+  for pid in "$@"; do
+    for f in /proc/"$pid"/task/*/status; do
+      cs=$((cs + $(awk '/ctxt_switches/ { n += $2 } END { print n + 0 }' "$f" 2>/dev/null || echo 0)))
+    done
+    sys=$((sys + $(awk '/^sysc[rw]:/ { n += $2 } END { print n + 0 }' "/proc/$pid/io" 2>/dev/null || echo 0)))
+  done
+  echo "$cs $sys"
+}
+
 run_wrk() { # duration url script nonce
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$1"s -s "bench/$3" "$2" -- "$4" | grep '^RESULT' || true
 }
@@ -280,7 +315,14 @@ if [ -z "${SKIP_WRK:-}" ]; then
       if [ "$HAVE_NGINX" = 0 ] && [[ $name == nginx* ]]; then continue; fi
       nonce="r$round-$RANDOM$RANDOM"
       run_wrk 1 "$url" "$script" "warm-$nonce" >/dev/null
+      mapfile -t procs < <(procs_of "$name")
+      read -r cs0 sys0 < <(kernel_counts "${procs[@]}")
       line=$(run_wrk "$DURATION" "$url" "$script" "$nonce")
+      read -r cs1 sys1 < <(kernel_counts "${procs[@]}")
+      reqs=$(echo "$line" | sed -n 's/.* requests=\([0-9]*\).*/\1/p')
+      if [ ${#procs[@]} -gt 0 ] && [ -n "$reqs" ] && [ "$reqs" -gt 0 ]; then
+        line="$line cs_per_req_x100=$(((cs1 - cs0) * 100 / reqs)) sys_per_req_x100=$(((sys1 - sys0) * 100 / reqs))"
+      fi
       echo "bench: round $round: $name: ${line#RESULT }" >&2
       # shellcheck disable=SC2001
       printf '%s\t%s\t%s\n' "$name" "$round" "$(echo "$line" | sed 's/RESULT //')" >>"$RESULTS"
@@ -298,6 +340,7 @@ median() {
 ratio() { # a b -> a/b with 2 decimals, or -
   if [ -n "$1" ] && [ -n "$2" ] && [ "$2" != 0 ]; then awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; else echo "-"; fi
 }
+hundredths() { if [ -n "$1" ]; then awk -v v="$1" 'BEGIN { printf "%.2f", v / 100 }'; else echo "-"; fi; }
 ms() { if [ -n "$1" ]; then awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; else echo "-"; fi; }
 
 BURST_OUT=$TMP/burst.txt
@@ -324,8 +367,8 @@ mib() { if [ -n "$1" ]; then awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }
   [ "$HAVE_REDIS" = 1 ] && echo "Redis rows: $(redis-server --version | cut -d' ' -f1-3), local, no persistence."
   [ -n "${BASELINE:-}" ] && echo "base rows: $BASELINE, same configuration."
   echo
-  echo "| scenario | req/s | p50 ms | p99 ms | vs nginx (req/s) | vs nginx (p99) | non-2xx | errors |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| scenario | req/s | p50 ms | p99 ms | vs nginx (req/s) | vs nginx (p99) | ctx switches / req | r/w syscalls / req | non-2xx | errors |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   ng_get=$(median "nginx GET" rps); ng_get99=$(median "nginx GET" p99_us)
   ng_post=$(median "nginx POST" rps); ng_post99=$(median "nginx POST" p99_us)
   ng_tls=$(median "nginx TLS GET" rps); ng_tls99=$(median "nginx TLS GET" p99_us)
@@ -340,10 +383,11 @@ mib() { if [ -n "$1" ]; then awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }
       "idem TLS new") vs=$(ratio "$rps" "$ng_new") vs99=$(ratio "$(median "$name" p99_us)" "$ng_new99") ;;
       *) vs="" vs99="" ;;
     esac
-    echo "| $name | $rps | $(ms "$(median "$name" p50_us)") | $(ms "$(median "$name" p99_us)") | ${vs:+${vs}x} | ${vs99:+${vs99}x} | $(median "$name" non2xx) | $(median "$name" errors) |"
+    echo "| $name | $rps | $(ms "$(median "$name" p50_us)") | $(ms "$(median "$name" p99_us)") | ${vs:+${vs}x} | ${vs99:+${vs99}x} | $(hundredths "$(median "$name" cs_per_req_x100)") | $(hundredths "$(median "$name" sys_per_req_x100)") | $(median "$name" non2xx) | $(median "$name" errors) |"
   done
   [ "$HAVE_REDIS" = 1 ] || echo "| idem redis | not available (redis-server not installed) | | | | | | |"
   echo
+  echo "Kernel side, per request, of the serving processes only (nginx: its proxy's workers; the backend and wrk not counted): context switches (voluntary + involuntary, all threads) and read/write system calls (\`/proc/PID/io\` syscr + syscw; epoll_wait and the like are not counted)."
   echo "Ratios: req/s of idem / req/s of nginx (GET rows against nginx GET, POST rows against nginx POST, TLS rows against the same nginx TLS row); p99 of idem / p99 of nginx (lower is better)."
   [ "$HAVE_TLS" = 1 ] && echo "TLS rows: one ECDSA P-256 certificate (leaf and CA in the chain) for both servers; \"new\" rows close the connection after every response (one full handshake per request)."
   if [ -s "$BURST_OUT" ]; then

@@ -80,19 +80,30 @@ pub fn init_logging(format: crate::config::file::LogFormat) {
 /// Runs idem with `settings`, read from `config_path` (re-read on SIGHUP), until it is told
 /// to stop. Returns only on a start-up error.
 pub fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
+    // Every probe stays bound until all listeners are: two of idem's own addresses that
+    // overlap (`[::]:443`, dual-stack, beside `0.0.0.0:443`) stop the start here, naming the
+    // second, instead of Pingora failing to bind it after the listening line.
+    let mut probes = Vec::new();
+    let mut concrete = |addr: &Address| {
+        let (l, bound) = bind(addr)?;
+        probes.extend(l);
+        Ok::<_, StartError>(bound)
+    };
     let listen: Vec<Bound> = settings
         .listen
         .iter()
-        .map(concrete)
+        .map(&mut concrete)
         .collect::<Result<_, _>>()?;
     let tls_listen: Vec<Bound> = settings
         .tls
         .iter()
         .flat_map(|t| t.listen.iter())
-        .map(concrete)
+        .map(&mut concrete)
         .collect::<Result<_, _>>()?;
     let (metrics_listen, metrics_socket) = held(&settings.metrics_listen)?;
     let admin = settings.admin_listen.as_ref().map(held).transpose()?;
+    // Closed: Pingora binds these again right after.
+    drop(probes);
     let admin_listen = admin.as_ref().map(|(b, _)| b.clone());
     // Before any runtime: the exporter's blocking HTTP client must not start inside one.
     let traces = settings
@@ -480,16 +491,11 @@ fn held(addr: &Address) -> Result<(Bound, TcpListener), StartError> {
     }
 }
 
-/// Resolves a listen address and makes sure this process can bind it now: a port taken by
-/// another process stops the start with its address (as nginx does), rather than Pingora
-/// retrying it for ever. Port 0 is replaced by a free port found by binding it, so that
-/// the announced address is the one Pingora listens on.
-fn concrete(addr: &Address) -> Result<Bound, StartError> {
-    // Bound and closed at once: Pingora binds it again right after.
-    bind(addr).map(|(_, bound)| bound)
-}
-
-/// Resolves `addr` and binds it (a TCP address; a Unix socket is only named).
+/// Resolves `addr` and binds it (a TCP address; a Unix socket is only named). A listen
+/// address is bound once before Pingora binds it: a port taken by another process stops the
+/// start with its address (as nginx does), rather than Pingora retrying it for ever, and
+/// port 0 is replaced by the free port found, so that the announced address is the one
+/// Pingora listens on.
 fn bind(addr: &Address) -> Result<(Option<TcpListener>, Bound), StartError> {
     let err = |source| StartError::Bind {
         addr: addr.to_string(),

@@ -73,6 +73,10 @@ pub(crate) enum Resend {
 
 /// Pingora's pool is keyed by peer, group key included: requests that must not be lost
 /// pool apart from the others, so they never take a connection older than their window.
+/// Each thread pools apart too (`group + 2 * thread shard`): a connection is reused on the
+/// thread whose reactor its socket is registered with, where its idle watcher also runs
+/// (patches/pingora-core/0001); taken by another thread, each of its events would be a
+/// cross-thread wake-up.
 const GROUP_ANY_AGE: u64 = 0;
 const GROUP_WITHIN_WINDOW: u64 = 1;
 /// Group keys from here up are used once each: a new connection.
@@ -170,7 +174,10 @@ impl Upstream {
         };
         // A group used once is never looked up again: its connection is closed as soon as
         // it is released.
-        let (group, idle) = pooled.unwrap_or_else(|| (self.new_group(), Duration::ZERO));
+        let (group, idle) = match pooled {
+            Some((group, idle)) => (group + 2 * pool::shard() as u64, idle),
+            None => (self.new_group(), Duration::ZERO),
+        };
         peer.group_key = group;
         peer.options.idle_timeout = Some(idle);
         peer

@@ -31,10 +31,11 @@ use tokio::sync::oneshot;
 pub(crate) const MAX_IDLE: usize = 128;
 
 /// Shards per pool: threads beyond this many share shards.
-const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 16;
 
-/// This thread's shard.
-fn shard() -> usize {
+/// This thread's shard (also the thread's part of its pass-through peers' pool key:
+/// `Upstream::pass_through_peer`).
+pub(crate) fn shard() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
@@ -164,5 +165,30 @@ async fn watch(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread keeps its shard; threads started one after another get their own, so two
+    /// runtime threads never share pass-through pool keys or leader shards.
+    #[test]
+    fn each_thread_has_its_own_stable_shard() {
+        let here = shard();
+        assert_eq!(shard(), here);
+        let others: Vec<usize> = (0..3)
+            .map(|_| std::thread::spawn(|| (shard(), shard())).join().unwrap())
+            .map(|(a, b)| {
+                assert_eq!(a, b, "stable within a thread");
+                a
+            })
+            .collect();
+        let mut all = others.clone();
+        all.push(here);
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 4, "shards {here} and {others:?}");
     }
 }

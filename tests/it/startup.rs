@@ -118,3 +118,55 @@ async fn a_refused_pass_through_is_answered_as_problem_json() {
         "idem; fwd=request; detail=upstream-unreachable"
     );
 }
+
+/// Two of idem's own listeners on one address (here the cleartext and the TLS listener; on
+/// Linux also `0.0.0.0:443` beside the dual-stack `[::]:443`) stop the start naming the
+/// second, as a port held by another process does; before, the TLS listener's thread failed
+/// after the listening line had announced it, and idem ran on without it.
+#[tokio::test]
+async fn two_listeners_on_one_address_stop_idem_naming_it() {
+    let pki = tls::Pki::new();
+    pki.ca("ca").leaf(tls::Leaf::server("leaf", "ca", 1));
+    let addr = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap()
+    };
+    let b = Backend::start().await;
+    let dir = TempDir::new();
+    let config = Config::new(b.addr())
+        .set("server.listen", addr.to_string())
+        .set("server.tls.listen", addr.to_string())
+        .set(
+            "server.tls.cert",
+            pki.path("leaf.pem").to_string_lossy().to_string(),
+        )
+        .set(
+            "server.tls.key",
+            pki.path("leaf.key").to_string_lossy().to_string(),
+        )
+        .to_string();
+    let file = dir.write("proxy.toml", &config);
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&file)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("idem exited")
+    .expect("spawn idem");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "no listening line"
+    );
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("in use"),
+        "stderr: {stderr}"
+    );
+}
