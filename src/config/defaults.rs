@@ -1,4 +1,4 @@
-//! Built-in defaults, one place, quoted by README's reference.
+//! Built-in defaults, one place, quoted by docs/configuration.md.
 
 use std::time::Duration;
 /// `[server] listen`

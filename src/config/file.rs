@@ -10,7 +10,7 @@
 //! The route-policy keys, which `[dedup]` and every `[[route]]` share, are written once, in
 //! the [`policy_keys!`] invocation below, which emits both structs and [`PolicyKeys`].
 
-// Field meanings, units and defaults are documented once, in README's proxy.toml reference
+// Field meanings, units and defaults are documented once, in docs/configuration.md (the proxy.toml reference)
 // and on the resolved `Settings`; repeating them on these raw mirrors would drift.
 #![allow(missing_docs)]
 

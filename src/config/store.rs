@@ -6,7 +6,7 @@
 //! are read through [`Env`] and checked here, so `idem check` names a missing, unreadable or
 //! malformed one at its line rather than the first connection failing at run time.
 //!
-//! Password precedence (one rule, stated in README): `password_file`, else the
+//! Password precedence (one rule, stated in docs/configuration.md): `password_file`, else the
 //! `IDEM_REDIS_PASSWORD` environment variable, else a password written in the URL. The first
 //! two replace a URL's password on every node (never the sentinels', which authenticate with
 //! their own URL only, as Sentinel clients usually do). A password written in a `url` or

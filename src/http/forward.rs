@@ -46,7 +46,7 @@ const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port")
 
 /// Builds the request idem sends upstream for a buffered body: end-to-end headers, exact
 /// `Content-Length`, forwarding headers, and `Accept-Encoding: identity` so that a stored
-/// body can be replayed to any client (see README, "Content negotiation").
+/// body can be replayed to any client (see docs/semantics.md, "Keys", content negotiation).
 pub(crate) fn upstream_request(
     req: &RequestHeader,
     peer: Peer,

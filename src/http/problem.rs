@@ -13,7 +13,7 @@ use http::HeaderName;
 use std::borrow::Cow;
 use std::time::Duration;
 
-/// Base of every problem `type` URI; README lists them all.
+/// Base of every problem `type` URI; docs/semantics.md, "Problem types", lists them all.
 pub(crate) const TYPE_BASE: &str = "https://idem.dev/problems/";
 
 /// Every problem type, for the `type` label of `idem_problems_total` (series exist from

@@ -505,7 +505,7 @@ impl ProxyHttp for Idem {
 
     /// No downstream modules: Pingora's default adds a compression module that is disabled
     /// and still costs three boxed futures per request (idem never compresses: stored
-    /// bodies are identity, see README "Content negotiation").
+    /// bodies are identity, see docs/semantics.md, "Keys", content negotiation).
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {

@@ -361,7 +361,7 @@ impl Metrics {
             client_aborts,
             problems: counter(
                 "idem_problems_total",
-                "Problem answers idem wrote itself, by problem type (README: Problem types).",
+                "Problem answers idem wrote itself, by problem type (docs/semantics.md: Problem types).",
                 &["type"],
             ),
             admin_refusals: counter(

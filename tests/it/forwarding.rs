@@ -627,7 +627,7 @@ async fn nginx_reaches_idem_over_a_unix_socket_and_dedup_holds() {
 }
 
 // ---------------------------------------------------------------------------
-// idem's own decisions where the spec is silent (README, "Behind a front proxy")
+// idem's own decisions where the spec is silent (docs/semantics.md, "Behind a front proxy")
 // ---------------------------------------------------------------------------
 
 /// The access log's `client` is the address derived through trusted hops: the first

@@ -630,7 +630,7 @@ async fn oversized_heads_are_refused_and_other_clients_are_unaffected() {
 /// Clients that never finish their request head (including ones that send fewer bytes than
 /// the h2c preface idem peeks for) occupy only their own connections: the backend sees
 /// nothing and other clients are served at once. (How long such a connection is kept is
-/// Pingora's: 60 s per read; see README "Slow clients".)
+/// Pingora's: 60 s per read; see docs/semantics.md, "Hostile and broken requests".)
 #[tokio::test]
 async fn unfinished_heads_do_not_hold_up_other_clients() {
     let b = Backend::start().await;

@@ -611,7 +611,7 @@ impl Link {
         let mut primary = self.primary.lock();
         if let Some(before) = primary.as_ref().filter(|b| **b != addr) {
             self.metrics.primary_switches.inc();
-            tracing::warn!(from = %before, to = %addr, "redis store: the primary changed (Sentinel failover); claims and records not yet replicated to the new primary are lost: a retry of such a key runs again (README, Sentinel)");
+            tracing::warn!(from = %before, to = %addr, "redis store: the primary changed (Sentinel failover); claims and records not yet replicated to the new primary are lost: a retry of such a key runs again (docs/redis.md, Sentinel)");
         }
         *primary = Some(addr);
     }

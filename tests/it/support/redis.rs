@@ -1,7 +1,7 @@
 //! Real `redis-server` processes for the multi-replica tests: one node (plain, TLS-only, or
 //! with an ACL user), a three-master Redis Cluster, or a primary with a replica watched by a
 //! `redis-sentinel`, each on free loopback ports in its own temporary directory, with no
-//! persistence and `noeviction` (what README asks of production). Killed on drop.
+//! persistence and `noeviction` (what docs/redis.md asks of production). Killed on drop.
 //!
 //! TLS material is made at test time with `openssl` ([`TlsFiles::generate`]): a private CA,
 //! a server certificate for 127.0.0.1 and a client certificate; nothing is committed.
