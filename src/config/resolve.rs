@@ -715,14 +715,14 @@ fn builtin_policy(upstream: &UpstreamSettings) -> RoutePolicy {
         methods,
         scope_headers: defaults::SCOPE_HEADERS
             .iter()
-            .map(|h| h.to_string())
+            .map(|h| http::HeaderName::from_static(h))
             .collect(),
         scope_cookies: Vec::new(),
         credential_headers: credential_headers(&defaults::CREDENTIAL_HEADERS)
             .expect("default credential headers are valid"),
         fingerprint_headers: defaults::FINGERPRINT_HEADERS
             .iter()
-            .map(|h| h.to_string())
+            .map(|h| http::HeaderName::from_static(h))
             .collect(),
         ttl: defaults::TTL,
         fingerprint_ttl: defaults::FINGERPRINT_TTL,
@@ -808,13 +808,22 @@ fn policy(
 ) -> Result<RoutePolicy, Invalid> {
     let store = bounds.store;
     let key = |k: &str| format!("{section}.{k}");
-    let lower = |v: &Opt<Vec<String>>, base: &[String]| match v {
+    // Parsed once here: a request then looks each name up without parsing it again.
+    let names = |k: &str, v: &Opt<Vec<String>>, base: &[http::HeaderName]| match v {
         Some(list) => list
             .get_ref()
             .iter()
-            .map(|h| h.to_ascii_lowercase())
-            .collect(),
-        None => base.to_vec(),
+            .map(|h| {
+                http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    invalid(
+                        key(k),
+                        Some(list.span()),
+                        format!("{h:?} is not a valid header name"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>(),
+        None => Ok(base.to_vec()),
     };
     let p = RoutePolicy {
         name: base.name.clone(),
@@ -829,7 +838,7 @@ fn policy(
             Some(m) => methods(m).map_err(|(span, msg)| invalid(key("methods"), span, msg))?,
             None => base.methods.clone(),
         },
-        scope_headers: lower(&keys.scope_headers, &base.scope_headers),
+        scope_headers: names("scope_headers", &keys.scope_headers, &base.scope_headers)?,
         scope_cookies: match &keys.scope_cookies {
             Some(c) => cookie_names(c.get_ref())
                 .map_err(|m| invalid(key("scope_cookies"), Some(c.span()), m))?,
@@ -840,7 +849,11 @@ fn policy(
                 .map_err(|m| invalid(key("credential_headers"), Some(h.span()), m))?,
             None => base.credential_headers.clone(),
         },
-        fingerprint_headers: lower(&keys.fingerprint_headers, &base.fingerprint_headers),
+        fingerprint_headers: names(
+            "fingerprint_headers",
+            &keys.fingerprint_headers,
+            &base.fingerprint_headers,
+        )?,
         ttl: dur(&keys.ttl, base.ttl),
         fingerprint_ttl: dur(&keys.fingerprint_ttl, base.fingerprint_ttl),
         on_concurrent: or(&keys.on_concurrent, base.on_concurrent),

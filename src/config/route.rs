@@ -56,7 +56,7 @@ pub(crate) struct RoutePolicy {
     pub(crate) methods: Vec<Method>,
     /// Headers whose values join the authority in the scope, lowercase. Each but `cookie`
     /// identifies the caller when sent with a value (`crate::http::key_inputs`).
-    pub(crate) scope_headers: Vec<String>,
+    pub(crate) scope_headers: Vec<http::HeaderName>,
     /// Cookies (by exact name) that join the scope instead of the whole `Cookie` header;
     /// each identifies the caller when sent with a value. Empty: the whole header, if
     /// `cookie` is in `scope_headers`.
@@ -66,7 +66,7 @@ pub(crate) struct RoutePolicy {
     /// that does not identify its caller.
     pub(crate) credential_headers: Vec<http::HeaderName>,
     /// Headers whose values are part of the fingerprint, lowercase.
-    pub(crate) fingerprint_headers: Vec<String>,
+    pub(crate) fingerprint_headers: Vec<http::HeaderName>,
     /// Retention of keyed entries, from completion.
     pub(crate) ttl: Duration,
     /// Retention of fingerprint entries, from completion.

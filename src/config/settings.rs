@@ -604,6 +604,16 @@ mod tests {
                 "server.request_id_header: \"a b\" is not a valid header name",
             ),
             (
+                "[dedup]\nscope_headers = [\"Authorization\", \"x y\"]\n",
+                (2, 17),
+                "dedup.scope_headers: \"x y\" is not a valid header name",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/a/\"\nfingerprint_headers = [\"a:b\"]\n",
+                (3, 23),
+                "route[0].fingerprint_headers: \"a:b\" is not a valid header name",
+            ),
+            (
                 "[server]\nrequest_id_header = \"Cookie\"\n",
                 (2, 21),
                 "server.request_id_header: cookie carries framing, routing or credentials",

@@ -48,7 +48,7 @@ pub(crate) fn caller(keys: &KeyDeriver, req: &RequestHeader, route: &RoutePolicy
         }
         let sent: Vec<&[u8]> = req
             .headers
-            .get_all(h.as_str())
+            .get_all(h)
             .iter()
             .map(|v| v.as_bytes())
             .filter(|v| !v.trim_ascii().is_empty())
@@ -98,7 +98,7 @@ pub(crate) fn fingerprint(
             (
                 h.as_str(),
                 req.headers
-                    .get_all(h.as_str())
+                    .get_all(h)
                     .iter()
                     .map(|v| v.as_bytes())
                     .collect(),
