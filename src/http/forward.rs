@@ -65,29 +65,18 @@ pub(crate) fn upstream_request(
 /// The request head as forwarded: end-to-end headers, `Host`, forwarding headers; framing
 /// is left to the caller.
 pub(crate) fn forwarded_request(req: &RequestHeader, peer: Peer) -> pingora::Result<RequestHeader> {
-    // A clone, then the few hop-by-hop fields out: it keeps the header maps as they were
-    // built (entries, hashes, the case map), where appending every field again to a new
-    // header cost ~6,000 instructions per leader call (callgrind, BENCHMARKS.md).
-    let mut out = req.clone();
-    // The target in origin form from the URI (an HTTP/2 request's URI is absolute; any raw
-    // target bytes the client sent are not forwarded), over HTTP/1.1 whatever the client spoke.
-    if req.uri.scheme().is_some() || req.uri.authority().is_some() {
-        let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        out.set_raw_path(path.as_bytes())?;
-    } else {
-        out.set_uri(req.uri.clone());
-    }
-    out.set_version(http::Version::HTTP_11);
-    out.set_send_end_stream(true);
+    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut out = RequestHeader::build(
+        req.method.clone(),
+        path.as_bytes(),
+        Some(req.headers.len() + 5),
+    )?;
     let nominated = connection_nominated(&req.headers);
-    let hop: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name) || nominated.contains(name))
-        .cloned()
-        .collect();
-    for name in &hop {
-        out.remove_header(name);
+    for (name, value) in req.headers.iter() {
+        if is_hop_by_hop(name) || nominated.contains(name) {
+            continue;
+        }
+        out.append_header(name.clone(), value.clone())?;
     }
     if out.headers.get(header::HOST).is_none() {
         if let Some(auth) = req.uri.authority() {
