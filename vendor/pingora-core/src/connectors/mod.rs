@@ -434,7 +434,9 @@ async fn do_connect_inner<P: Peer + Send + Sync>(
         let local_addr = stream
             .get_socket_digest()
             .and_then(|digest| digest.local_addr().and_then(|addr| addr.as_inet()).copied());
-        let tls_stream = tls::connect(stream, peer, alpn_override, tls_ctx)
+        // Boxed: the handshake's future is large, and inline it would size every caller's
+        // future, a proxy's whole per-request future included, for plain TCP peers too.
+        let tls_stream = Box::pin(tls::connect(stream, peer, alpn_override, tls_ctx))
             .await
             .map_err(|e| attach_connect_local_addr(e, local_addr))?;
         Ok(Box::new(tls_stream))
