@@ -26,34 +26,8 @@ cleanup() {
   rm -rf "$TMP"
 }
 trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "kernel.sh: nothing listens on port $1" >&2
-  exit 1
-}
-nginx_conf() { # name, server block
-  local user=""
-  [ "$(id -u)" = 0 ] && user="user root;"
-  mkdir -p "$TMP/$1"
-  cat >"$TMP/$1/nginx.conf" <<EOC
-$user
-worker_processes 2;
-daemon off;
-pid $TMP/$1/nginx.pid;
-error_log $TMP/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $TMP/$1/body;
-  proxy_temp_path $TMP/$1/proxy;
-  $2
-}
-EOC
-}
+# shellcheck source=bench/common.sh
+source "$ROOT/bench/common.sh"
 mapfile -t PORTS < <("$BURST" free-ports $((2 + 2 * ${#BINS[@]})))
 BACKEND_PORT=${PORTS[0]} NGINX_PORT=${PORTS[1]}
 nginx_conf backend "server { listen 127.0.0.1:$BACKEND_PORT; location / { default_type text/plain; return 200 \"ok\\n\"; } }"

@@ -113,38 +113,8 @@ if [ "$HAVE_NGINX" = 1 ] && command -v openssl >/dev/null; then
   ) >/dev/null 2>&1
 fi
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench: nothing listens on port $1" >&2
-  exit 1
-}
-
-nginx_conf() { # name, server block
-  local user=""
-  [ "$(id -u)" = 0 ] && user="user root;"
-  mkdir -p "$TMP/$1"
-  cat >"$TMP/$1/nginx.conf" <<EOF
-$user
-worker_processes 2;
-daemon off;
-pid $TMP/$1/nginx.pid;
-error_log $TMP/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $TMP/$1/body;
-  proxy_temp_path $TMP/$1/proxy;
-  fastcgi_temp_path $TMP/$1/fastcgi;
-  uwsgi_temp_path $TMP/$1/uwsgi;
-  scgi_temp_path $TMP/$1/scgi;
-  $2
-}
-EOF
-}
+# shellcheck source=bench/common.sh
+source "$ROOT/bench/common.sh"
 
 if [ "$HAVE_TLS" = 1 ]; then
   # nginx's defaults for an HTTPS site: TLS 1.2 and 1.3, session tickets on, no shared cache.

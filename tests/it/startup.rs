@@ -8,6 +8,22 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_idem");
 
+/// Runs idem with the config `file` until it exits by itself (10 s at most).
+async fn run_to_exit(file: &std::path::Path) -> std::process::Output {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(BIN)
+            .arg("--config")
+            .arg(file)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("idem exited")
+    .expect("spawn idem")
+}
+
 /// A port in use stops idem at once with one line naming the address, like nginx's
 /// `bind() ... failed (98: Address already in use)`, and it never announces a listener.
 #[tokio::test]
@@ -21,18 +37,7 @@ async fn a_port_in_use_stops_idem_naming_the_address() {
         .to_string();
     let file = dir.write("proxy.toml", &config);
     let started = Instant::now();
-    let out = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new(BIN)
-            .arg("--config")
-            .arg(&file)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("idem exited")
-    .expect("spawn idem");
+    let out = run_to_exit(&file).await;
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
@@ -146,18 +151,7 @@ async fn two_listeners_on_one_address_stop_idem_naming_it() {
         )
         .to_string();
     let file = dir.write("proxy.toml", &config);
-    let out = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new(BIN)
-            .arg("--config")
-            .arg(&file)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("idem exited")
-    .expect("spawn idem");
+    let out = run_to_exit(&file).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     assert_eq!(
