@@ -25,25 +25,13 @@ done
 
 TMP=$(mktemp -d /tmp/idem-appbench.XXXXXX)
 PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+source "$ROOT/bench/common.sh"
+trap stop_all EXIT
 trap 'exit 130' INT TERM
 
 mapfile -t PORTS < <("$BURST" free-ports 5)
 APP=${PORTS[0]} NGX=${PORTS[1]} NGX_KA=${PORTS[2]} IDEM_PORT=${PORTS[3]} IDEM_METRICS=${PORTS[4]}
-
-wait_port() {
-  for _ in $(seq 1 400); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench: nothing listens on port $1" >&2
-  exit 1
-}
 
 APP_EXEC_LOG=$TMP/exec.log "$ROOT/.venv/bin/uwsgi" --strict --master --processes 2 \
   --http-socket "127.0.0.1:$APP" --wsgi-file "$ROOT/tests/apps/wsgi_app.py" --callable app \
@@ -86,7 +74,8 @@ listen = "127.0.0.1:$IDEM_METRICS"
 EOF
 IDEM_LOG=warn "$IDEM" --config "$TMP/idem.toml" >"$TMP/idem.out" 2>"$TMP/idem.err" &
 PIDS+=($!)
-for p in "$APP" "$NGX" "$NGX_KA" "$IDEM_PORT"; do wait_port "$p"; done
+# uWSGI takes longer to start: 20 s each.
+for p in "$APP" "$NGX" "$NGX_KA" "$IDEM_PORT"; do wait_port "$p" 400; done
 
 # wrk's summary: requests/sec, and failures = non-2xx/3xx answers + socket errors.
 run() { # url, script, connections

@@ -20,14 +20,9 @@ BURST=$ROOT/target/release/examples/burst
 for t in perf wrk nginx; do command -v $t >/dev/null || { echo "kernel.sh: $t is required" >&2; exit 1; }; done
 TMP=$(mktemp -d /tmp/idem-kernel.XXXXXX)
 PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
 # shellcheck source=bench/common.sh
 source "$ROOT/bench/common.sh"
+trap stop_all EXIT
 mapfile -t PORTS < <("$BURST" free-ports $((2 + 2 * ${#BINS[@]})))
 BACKEND_PORT=${PORTS[0]} NGINX_PORT=${PORTS[1]}
 nginx_conf backend "server { listen 127.0.0.1:$BACKEND_PORT; location / { default_type text/plain; return 200 \"ok\\n\"; } }"

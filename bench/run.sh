@@ -75,18 +75,9 @@ command -v redis-server >/dev/null && HAVE_REDIS=1
 
 TMP=$(mktemp -d /tmp/idem-bench.XXXXXX)
 PIDS=()
-cleanup() {
-  # SIGINT: a fast exit for all of them (on SIGTERM the bare Pingora proxy would drain for
-  # Pingora's default grace period, five minutes).
-  for pid in "${PIDS[@]}"; do
-    kill -INT "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+source "$ROOT/bench/common.sh"
+trap stop_all EXIT
 trap 'exit 130' INT TERM
 
 # Allow many connections for the burst (as far as the hard limit goes).
@@ -112,9 +103,6 @@ if [ "$HAVE_NGINX" = 1 ] && command -v openssl >/dev/null; then
     cat leaf.pem ca.pem >chain.pem
   ) >/dev/null 2>&1
 fi
-
-# shellcheck source=bench/common.sh
-source "$ROOT/bench/common.sh"
 
 if [ "$HAVE_TLS" = 1 ]; then
   # nginx's defaults for an HTTPS site: TLS 1.2 and 1.3, session tickets on, no shared cache.
